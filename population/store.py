@@ -1,0 +1,769 @@
+"""The run store: everything a search run keeps, under ``<storage>/<name>/``.
+
+``storage`` is a local directory or any filesystem URI fsspec resolves (``file://``, ``s3://``,
+``gs://``, ``memory://`` in tests), so the driver and the member actors of a multi-node cluster
+can share one store. They pass plain strings around (``store.storage``, ``store.name``) and each
+opens its own ``RunStore``; a ``RunStore`` also pickles as those two strings. This module imports
+no ray, and torch only inside the two checkpoint methods (``evo status`` need not pay for it).
+
+Layout::
+
+    <storage>/<name>/              RunStore.uri
+    ├── config.yaml                the resolved experiment config; written once, by create()
+    ├── state.json                 the commit pointer, the only file a commit replaces:
+    │                              {"commit": 42, "round": 12, "file": "states/000042.json",
+    │                               "sha256": "…", "bytes": 5120, "time": "2026-…Z"}
+    ├── states/
+    │   ├── 000041.json            the driver's full state at commit 41 (JSON, sorted keys)
+    │   └── 000042.json            …commit 42: written whole under a fresh name, never rewritten;
+    │                              the newest KEEP_STATES are kept
+    ├── lineage.jsonl              one JSON object per line, one per event, append-only; on resume
+    │                              the lines written after the last commit are dropped
+    ├── checkpoints/
+    │   └── m3/
+    │       └── r12.pt             torch.save of member 3's trainer state at round 12
+    ├── lock.json                  while a driver holds the run: {"pid", "host", "pid_start",
+    │                              "started", "heartbeat" (unix s), "token"}
+    └── …                          whatever else is written with write_text (reports, optuna.db …)
+
+Commit protocol. ``commit_state`` writes the state to ``states/<commit>.json``, then replaces
+``state.json`` with a small pointer holding that file's SHA-256. The commit happens when the
+pointer is replaced: a crash before that leaves the previous pointer, which names a body that is
+complete and never touched again. ``read_state`` checks the checksum, so a torn body is reported
+(``CorruptRunError``), never returned.
+
+Writes. On a local disk every file is written under a temporary name beside it
+(``<name>.tmp-<hex>``), fsynced and renamed into place with ``os.replace``: a reader sees the old
+file or the new one, never part of one. On other filesystems a file is written in one piece with
+``fs.open(path, "wb")``; an object store (S3, GCS, Azure) creates or replaces an object atomically
+when that upload completes, so there too a reader sees the old object or the new one.
+
+One writer. The driver holds ``lock()`` while it writes a run (config, state, lineage, pruning);
+member actors only write their own checkpoints, and ``evo status`` / ``evo export`` only read.
+"""
+from __future__ import annotations
+
+import contextlib
+import datetime as dt
+import hashlib
+import io
+import json
+import os
+import posixpath
+import re
+import socket
+import threading
+import time
+import uuid
+import warnings
+from collections.abc import Callable, Iterator
+from typing import IO, Any
+
+import fsspec
+import yaml
+from fsspec.implementations.local import LocalFileSystem
+
+CONFIG = "config.yaml"
+STATE = "state.json"
+STATES_DIR = "states"
+LINEAGE = "lineage.jsonl"
+CHECKPOINTS_DIR = "checkpoints"
+LOCK = "lock.json"
+
+KEEP_STATES = 3                # state bodies kept, so a reader that read state.json just before
+                               # a commit still finds the body it names
+DEFAULT_STALE_AFTER = 300.0    # seconds without a heartbeat after which a lock is abandoned
+_TMP_MARK = ".tmp-"            # temporary files are "<final name>.tmp-<hex>"
+_TMP_MAX_AGE = 3600.0          # prune_checkpoints deletes temporaries older than this (a crash's)
+_REMOTE_SETTLE = 0.2           # seconds between writing a lock on fsspec and reading it back
+
+_NAME_RE = re.compile(r"[A-Za-z0-9._-]+")
+_STATE_BODY_RE = re.compile(r"(\d+)\.json")
+
+
+class StoreError(RuntimeError):
+    """A run-store operation that cannot be done; the message is one line."""
+
+
+class RunLockedError(StoreError):
+    """Another live driver holds the run's lock (or took it over from this one)."""
+
+
+class CorruptRunError(StoreError):
+    """A file of the run cannot be read back (truncated, garbled, missing); the message names it."""
+
+
+class RunStore:
+    """One run's directory: config, committed state, lineage, checkpoints and the driver lock.
+
+    Constructing a ``RunStore`` touches nothing; ``create`` makes the run, ``lock`` makes the
+    run's directory if needed (so a driver can lock, then create).
+    """
+
+    def __init__(self, storage: str | os.PathLike[str], name: str) -> None:
+        if not isinstance(name, str) or not _NAME_RE.fullmatch(name) or set(name) == {"."}:
+            raise StoreError(
+                f"run name {name!r} is invalid: use letters, digits, '.', '_' and '-' "
+                "(and not '.' or '..')"
+            )
+        storage = os.fspath(storage)
+        if not storage:
+            raise StoreError("storage is empty: give a directory or a filesystem URI")
+        try:
+            self.fs, root = fsspec.core.url_to_fs(storage)
+        except (ValueError, ImportError) as e:
+            raise StoreError(f"storage {storage!r} cannot be opened: {_first_line(e)}") from e
+        self.name = name
+        self._local = isinstance(self.fs, LocalFileSystem)
+        root = root.rstrip("/") or "/"
+        self._root = posixpath.join(root, name)   # a path for self.fs (no protocol)
+        # storage and uri as strings that reopen the same place from any process
+        self.storage: str = root if self._local else self.fs.unstrip_protocol(root)
+        self.uri: str = self._root if self._local else self.fs.unstrip_protocol(self._root)
+        self._held: dict[str, Any] | None = None   # the lock record this object wrote, while held
+        self._lost: str | None = None               # why the lock was lost while held
+        self._beat_mutex = threading.Lock()
+        self._lineage_size_lines: tuple[int, int] | None = None   # local: (bytes, lines) last seen
+
+    def __repr__(self) -> str:
+        return f"RunStore({self.uri!r})"
+
+    def __reduce__(self) -> tuple:
+        # a store travels to Ray actors as its two strings; the lock stays with its holder
+        return (RunStore, (self.storage, self.name))
+
+    # ------------------------------------------------------------------ config
+    def exists(self) -> bool:
+        """A run exists once its config.yaml is there."""
+        return self._fresh().isfile(self._path(CONFIG))
+
+    def create(self, config: dict) -> None:
+        """Make the run: write ``config`` (the resolved config) as config.yaml.
+
+        Refuses a run that already exists. Call it while holding ``lock()``, which keeps a
+        second driver from creating the same run at the same moment.
+        """
+        if not isinstance(config, dict):
+            raise StoreError(f"config must be a dict, got {type(config).__name__}")
+        if self.exists():
+            raise StoreError(
+                f"run {self.name!r} already exists at {self.uri}; resume it or choose another name"
+            )
+        try:
+            text = yaml.safe_dump(config, sort_keys=False)
+        except yaml.YAMLError as e:
+            raise StoreError(f"config cannot be written as YAML: {_first_line(e)}") from e
+        self._write_bytes(CONFIG, text.encode())
+
+    def read_config(self) -> dict:
+        data = self._read_bytes(CONFIG)
+        if data is None:
+            raise StoreError(f"run {self.name!r} does not exist at {self.uri} (no {CONFIG})")
+        try:
+            config = yaml.safe_load(data)
+        except yaml.YAMLError as e:
+            raise CorruptRunError(f"{self._uri(CONFIG)} is not valid YAML: {_first_line(e)}") from e
+        if not isinstance(config, dict):
+            raise CorruptRunError(f"{self._uri(CONFIG)} does not hold a mapping")
+        return config
+
+    # ------------------------------------------------------------------ state
+    def commit_state(self, state: dict) -> None:
+        """Commit ``state`` (JSON: dict keys become strings) as the run's current state.
+
+        ``state["round"]`` must be a non-negative int. Atomic: a crash at any point leaves
+        either the previous commit or this one (see the module docstring).
+        """
+        self._check_not_lost()
+        rnd = state.get("round") if isinstance(state, dict) else None
+        if isinstance(rnd, bool) or not isinstance(rnd, int) or rnd < 0:
+            raise StoreError(f"state.round must be a non-negative int, got {rnd!r}")
+        try:
+            body = json.dumps(state, sort_keys=True, indent=1).encode()
+        except (TypeError, ValueError) as e:
+            raise StoreError(f"state is not JSON-serialisable: {_first_line(e)}") from e
+
+        seqs = self._state_seqs()
+        seq = (seqs[-1] if seqs else 0) + 1   # above any body a crashed commit left behind
+        rel = f"{STATES_DIR}/{seq:06d}.json"
+        self._write_bytes(rel, body)
+        pointer = {
+            "commit": seq, "round": rnd, "file": rel, "bytes": len(body),
+            "sha256": hashlib.sha256(body).hexdigest(), "time": _iso(time.time()),
+        }
+        self._write_bytes(STATE, json.dumps(pointer, sort_keys=True, indent=1).encode() + b"\n")
+
+        # housekeeping, safe because one driver writes: old bodies, and temporaries of
+        # commits that died (only commit_state writes these names)
+        for old in seqs:
+            if old <= seq - KEEP_STATES:
+                self._remove(f"{STATES_DIR}/{old:06d}.json")
+        if self._local:
+            for directory, prefix in ((STATES_DIR, ""), ("", STATE + _TMP_MARK)):
+                folder = os.path.join(self._root, directory)
+                for entry in os.listdir(folder):
+                    if _TMP_MARK in entry and entry.startswith(prefix):
+                        self._remove(posixpath.join(directory, entry) if directory else entry)
+
+    def read_state(self) -> dict | None:
+        """The last committed state, or None when no round has been committed yet."""
+        for _ in range(3):
+            raw = self._read_bytes(STATE)
+            if raw is None:
+                return None
+            pointer = self._parse_pointer(raw)
+            body = self._read_bytes(pointer["file"])
+            if body is None:
+                if self._read_bytes(STATE) != raw:
+                    continue   # a commit in between pruned the body: follow the new pointer
+                raise CorruptRunError(f"{self._uri(STATE)} names {pointer['file']}, which is missing")
+            where = self._uri(pointer["file"])
+            if hashlib.sha256(body).hexdigest() != pointer["sha256"]:
+                raise CorruptRunError(
+                    f"{where} does not match the checksum in {STATE} (truncated or edited)"
+                )
+            try:
+                state = json.loads(body)
+            except ValueError as e:
+                raise CorruptRunError(f"{where} is not valid JSON: {e}") from e
+            if not isinstance(state, dict) or state.get("round") != pointer["round"]:
+                raise CorruptRunError(f"{where} does not hold round {pointer['round']} named by {STATE}")
+            return state
+        raise CorruptRunError(f"{self._uri(STATE)} kept changing while being read")
+
+    def _parse_pointer(self, raw: bytes) -> dict:
+        where = self._uri(STATE)
+        try:
+            pointer = json.loads(raw)
+        except ValueError as e:
+            raise CorruptRunError(f"{where} is not valid JSON: {e}") from e
+        if not (
+            isinstance(pointer, dict) and isinstance(pointer.get("file"), str)
+            and isinstance(pointer.get("sha256"), str) and isinstance(pointer.get("round"), int)
+        ):
+            raise CorruptRunError(f"{where} lacks 'file', 'sha256' or 'round'")
+        try:
+            pointer["file"] = _clean_rel(pointer["file"])
+        except StoreError:
+            raise CorruptRunError(f"{where} names {pointer['file']!r}, outside the run") from None
+        return pointer
+
+    def _state_seqs(self) -> list[int]:
+        """Commit numbers of the state bodies present, ascending."""
+        try:
+            paths = self._fresh().ls(self._path(STATES_DIR), detail=False)
+        except FileNotFoundError:
+            return []
+        found = (_STATE_BODY_RE.fullmatch(posixpath.basename(p)) for p in paths)
+        return sorted(int(m.group(1)) for m in found if m)
+
+    # ------------------------------------------------------------------ lineage
+    def append_lineage(self, records: list[dict]) -> int:
+        """Append one JSON line per record; returns the number of lines now in the file.
+
+        A line torn by a crash (no final newline) is dropped first.
+        """
+        self._check_not_lost()
+        payload = b"".join(self._lineage_line(i, r) for i, r in enumerate(records))
+        if not self._local:
+            data = self._read_bytes(LINEAGE) or b""
+            data = data[: data.rfind(b"\n") + 1] + payload   # no append on object stores
+            self._write_bytes(LINEAGE, data)
+            return data.count(b"\n")
+        path = self._path(LINEAGE)
+        os.makedirs(self._root, exist_ok=True)
+        with open(path, "a+b") as f:
+            size = f.seek(0, os.SEEK_END)
+            known = self._lineage_size_lines
+            if known is None or known[0] != size:   # count once, then trust the file size
+                f.seek(0)
+                data = f.read()
+                complete = data.rfind(b"\n") + 1
+                if complete != size:
+                    f.truncate(complete)
+                known = (complete, data.count(b"\n"))
+            f.write(payload)
+            f.flush()
+            os.fsync(f.fileno())
+            lines = known[1] + len(records)
+            self._lineage_size_lines = (f.tell(), lines)
+        return lines
+
+    def read_lineage(self) -> list[dict]:
+        """All complete records, in order (a torn last line is ignored)."""
+        data = self._read_bytes(LINEAGE) or b""
+        records = []
+        for i, line in enumerate(data.split(b"\n")[:-1], start=1):
+            try:
+                record = json.loads(line)
+            except ValueError as e:
+                raise CorruptRunError(f"{self._uri(LINEAGE)}: line {i} is not valid JSON ({e})") from e
+            if not isinstance(record, dict):
+                raise CorruptRunError(f"{self._uri(LINEAGE)}: line {i} is not a JSON object")
+            records.append(record)
+        return records
+
+    def truncate_lineage(self, n_lines: int) -> None:
+        """Keep the first ``n_lines`` records (resume: drop what came after the last commit)."""
+        self._check_not_lost()
+        if isinstance(n_lines, bool) or not isinstance(n_lines, int) or n_lines < 0:
+            raise StoreError(f"n_lines must be a non-negative int, got {n_lines!r}")
+        data = self._read_bytes(LINEAGE) or b""
+        lines = data.split(b"\n")[:-1]
+        if n_lines > len(lines):
+            raise CorruptRunError(
+                f"cannot truncate {self._uri(LINEAGE)} to {n_lines} records: it has {len(lines)}"
+            )
+        kept = b"".join(line + b"\n" for line in lines[:n_lines])
+        if kept != data:
+            self._write_bytes(LINEAGE, kept)
+        self._lineage_size_lines = None
+
+    def _lineage_line(self, i: int, record: dict) -> bytes:
+        if not isinstance(record, dict):
+            raise StoreError(f"lineage record {i} must be a dict, got {type(record).__name__}")
+        try:
+            return json.dumps(record, sort_keys=True).encode() + b"\n"
+        except (TypeError, ValueError) as e:
+            raise StoreError(f"lineage record {i} is not JSON-serialisable: {_first_line(e)}") from e
+
+    # ------------------------------------------------------------------ checkpoints
+    def checkpoint_path(self, member: int, round: int) -> str:
+        """The relative path of member ``member``'s checkpoint at ``round``."""
+        for field, value in (("member", member), ("round", round)):
+            if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+                raise StoreError(f"checkpoint {field} must be a non-negative int, got {value!r}")
+        return f"{CHECKPOINTS_DIR}/m{member}/r{round}.pt"
+
+    def save_checkpoint(self, rel_path: str, state: dict) -> int:
+        """torch.save ``state`` to ``rel_path`` atomically; returns the bytes written.
+
+        Safe from a background thread (each call writes its own temporary file). Store tensors
+        and plain Python only: ``load_checkpoint`` uses ``torch.load(weights_only=True)``.
+        """
+        import torch
+
+        return self._write(_clean_rel(rel_path), lambda f: torch.save(state, f))
+
+    def load_checkpoint(self, rel_path: str) -> dict:
+        """The state saved at ``rel_path``, tensors on CPU."""
+        import torch
+
+        rel = _clean_rel(rel_path)
+        where = self._uri(rel)
+        try:
+            source = self._path(rel) if self._local else io.BytesIO(self.fs.cat_file(self._path(rel)))
+            state = torch.load(source, map_location="cpu", weights_only=True)
+        except FileNotFoundError as e:
+            raise CorruptRunError(f"checkpoint {where} is missing") from e
+        except Exception as e:   # torch reports a bad file with many exception types
+            refused = re.search(r"Unsupported global: GLOBAL (\S+)", str(e))
+            if refused:
+                raise StoreError(
+                    f"checkpoint {where} holds {refused.group(1)}, which torch.load(weights_only=True) "
+                    "refuses: save tensors and plain Python only"
+                ) from e
+            raise CorruptRunError(
+                f"checkpoint {where} cannot be read: truncated or corrupt ({_describe(e)})"
+            ) from e
+        if not isinstance(state, dict):
+            raise CorruptRunError(f"checkpoint {where} holds a {type(state).__name__}, not a dict")
+        return state
+
+    def prune_checkpoints(self, keep: set[str]) -> list[str]:
+        """Delete checkpoint files (``*.pt`` under checkpoints/) not in ``keep``; returns them.
+
+        A checkpoint named anywhere in the committed state is kept too, whatever ``keep``
+        says. Temporaries of saves that died more than an hour ago are deleted as well; those
+        of saves in progress are left alone.
+        """
+        self._check_not_lost()
+        kept = {_clean_rel(k) for k in keep}
+        state = self.read_state()   # CorruptRunError here: we cannot tell what is referenced
+        if state is not None:
+            kept |= _checkpoint_refs(state)
+        try:
+            paths = self._fresh().find(self._path(CHECKPOINTS_DIR))
+        except FileNotFoundError:
+            paths = []
+        deleted = []
+        for path in sorted(paths):
+            rel = posixpath.relpath(path, self._root)
+            name = posixpath.basename(rel)
+            if _TMP_MARK in name:
+                if not (self._local and _older_than(path, _TMP_MAX_AGE)):
+                    continue
+            elif not name.endswith(".pt") or rel in kept:
+                continue
+            self._remove(rel)
+            deleted.append(rel)
+        return deleted
+
+    # ------------------------------------------------------------------ lock
+    @contextlib.contextmanager
+    def lock(self, stale_after: float = DEFAULT_STALE_AFTER) -> Iterator[RunStore]:
+        """Hold the run's lock for the ``with`` block: two drivers never write one run.
+
+        Raises RunLockedError while another live driver holds it. A stale lock (its process on
+        this host is gone, or its heartbeat is older than ``stale_after`` seconds) is taken over
+        with a RuntimeWarning. While held, a background thread refreshes the heartbeat every
+        ``stale_after / 5`` s, so a long round does not make the lock look abandoned.
+        """
+        if not stale_after > 0:
+            raise StoreError(f"stale_after must be positive, got {stale_after!r}")
+        if self._held is not None:
+            raise StoreError(f"run {self.name!r}: this RunStore already holds the lock")
+        self._acquire(stale_after)
+        stop = threading.Event()
+        beat = threading.Thread(
+            target=self._beat_until, args=(stop, stale_after / 5),
+            name=f"evo-store-heartbeat-{self.name}", daemon=True,
+        )
+        beat.start()
+        try:
+            yield self
+        finally:
+            stop.set()
+            beat.join()
+            self._release()
+
+    def heartbeat(self) -> None:
+        """Refresh the held lock's heartbeat; RunLockedError if another driver took it over."""
+        with self._beat_mutex:
+            if self._held is None:
+                raise StoreError(f"run {self.name!r}: heartbeat() needs lock() to be held")
+            self._check_not_lost()
+            holder = self._read_lock()
+            if not holder or holder.get("token") != self._held["token"]:
+                by = f" by pid {holder.get('pid')} on host {holder.get('host')}" if holder else ""
+                self._lost = f"run {self.name!r}: this driver's lock was taken over{by}"
+                raise RunLockedError(self._lost)
+            self._held["heartbeat"] = time.time()
+            self._write_bytes(LOCK, _dump(self._held))
+
+    def _acquire(self, stale_after: float) -> None:
+        now = time.time()
+        record = {
+            "pid": os.getpid(), "host": socket.gethostname(), "pid_start": _pid_start(os.getpid()),
+            "started": _iso(now), "heartbeat": now, "token": uuid.uuid4().hex,
+        }
+        for _ in range(10):
+            if self._create_lock(record):
+                self._held, self._lost = record, None
+                return
+            holder = self._read_lock()
+            if holder is None:
+                continue   # released between our attempt and the read: try again
+            reason = _stale_reason(holder, stale_after)
+            if reason is None:
+                raise RunLockedError(self._locked_message(holder, stale_after))
+            if self._remove_stale_lock(holder):
+                warnings.warn(
+                    f"run {self.name!r}: taking over the stale lock of pid {holder.get('pid')} "
+                    f"on host {holder.get('host')} ({reason})",
+                    RuntimeWarning, stacklevel=4,
+                )
+        raise RunLockedError(
+            f"run {self.name!r}: could not take {self._uri(LOCK)}, other drivers keep taking it"
+        )
+
+    def _create_lock(self, record: dict) -> bool:
+        """Create the lock file holding ``record`` unless one exists; True when it is ours."""
+        path = self._path(LOCK)
+        if self._local:
+            os.makedirs(self._root, exist_ok=True)
+            try:
+                fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+            except FileExistsError:
+                return False
+            with os.fdopen(fd, "wb") as f:
+                f.write(_dump(record))
+                f.flush()
+                os.fsync(f.fileno())
+            return True
+        # fsspec has no exclusive create: write, let a concurrent writer land, read back
+        if self._fresh().exists(path):
+            return False
+        self._write_bytes(LOCK, _dump(record))
+        time.sleep(_REMOTE_SETTLE)
+        return (self._read_lock() or {}).get("token") == record["token"]
+
+    def _remove_stale_lock(self, holder: dict) -> bool:
+        """Remove the lock file judged stale, unless it changed since; True when removed."""
+        if not self._local:
+            self._remove(LOCK)
+            return True
+        path = self._path(LOCK)
+        aside = f"{path}.stale-{uuid.uuid4().hex[:12]}"
+        try:
+            os.rename(path, aside)   # of several contenders, one moves a given file
+        except FileNotFoundError:
+            return False
+        try:
+            moved = _parse_lock(_read_local(aside))
+            if moved.get("token") != holder.get("token"):
+                # a live driver locked in between our read and the rename: put its lock back
+                with contextlib.suppress(OSError):
+                    os.link(aside, path)
+                return False
+            return True
+        finally:
+            os.unlink(aside)
+
+    def _release(self) -> None:
+        with self._beat_mutex:
+            held, self._held = self._held, None
+            holder = self._read_lock()
+            if holder and held and holder.get("token") == held["token"]:
+                self._remove(LOCK)
+            else:
+                what = "was taken over by another driver; leaving it" if holder else "file disappeared"
+                warnings.warn(f"run {self.name!r}: the lock {what}", RuntimeWarning, stacklevel=3)
+
+    def _beat_until(self, stop: threading.Event, every: float) -> None:
+        while not stop.wait(every):
+            try:
+                self.heartbeat()
+            except RunLockedError:
+                return   # recorded in self._lost: the driver's next write raises
+            except OSError:
+                continue   # storage hiccup: try again next period
+
+    def _read_lock(self) -> dict | None:
+        """The lock record; None when there is no lock file, {} when it cannot be parsed."""
+        for attempt in range(2):
+            data = self._read_bytes(LOCK)
+            if data is None:
+                return None
+            record = _parse_lock(data)
+            if record or attempt:
+                return record
+            time.sleep(0.05)   # a lock being created is empty for an instant
+        return {}
+
+    def _locked_message(self, holder: dict, stale_after: float) -> str:
+        beat = holder.get("heartbeat")
+        age = f"{time.time() - beat:.0f} s ago" if isinstance(beat, (int, float)) else "unknown"
+        return (
+            f"run {self.name!r} is locked by pid {holder.get('pid')} on host {holder.get('host')} "
+            f"since {holder.get('started')} (last heartbeat {age}); stop that driver, or wait "
+            f"until its heartbeat is {stale_after:.0f} s old"
+        )
+
+    def _check_not_lost(self) -> None:
+        if self._lost is not None:
+            raise RunLockedError(self._lost)
+
+    # ------------------------------------------------------------------ other files
+    def write_text(self, rel_path: str, text: str) -> None:
+        """Write a text file in the run, atomically (reports, notes …)."""
+        self._check_not_lost()
+        self._write_bytes(_clean_rel(rel_path), text.encode())
+
+    def read_text(self, rel_path: str) -> str:
+        rel = _clean_rel(rel_path)
+        data = self._read_bytes(rel)
+        if data is None:
+            raise StoreError(f"no file {self._uri(rel)}")
+        return data.decode()
+
+    def exists_path(self, rel_path: str) -> bool:
+        return self._fresh().exists(self._path(_clean_rel(rel_path)))
+
+    def local_path(self, rel_path: str) -> str | None:
+        """A local filesystem path for ``rel_path`` when the storage is local, else None.
+
+        For tools that need a real file (an optuna sqlite database, a report); creates nothing.
+        """
+        return self._path(_clean_rel(rel_path)) if self._local else None
+
+    # ------------------------------------------------------------------ I/O primitives
+    def _path(self, rel: str) -> str:
+        return posixpath.join(self._root, _clean_rel(rel))
+
+    def _uri(self, rel: str) -> str:
+        """Where a file is, for messages."""
+        return posixpath.join(self.uri, rel)
+
+    def _fresh(self) -> fsspec.AbstractFileSystem:
+        """The filesystem with its cached listings dropped: other processes write here too."""
+        self.fs.invalidate_cache()
+        return self.fs
+
+    def _write(self, rel: str, write: Callable[[IO[bytes]], object]) -> int:
+        """Write a file so that readers see the old or the new one whole; returns its size."""
+        path = self._path(rel)
+        if not self._local:
+            with self.fs.open(path, "wb") as f:   # one upload: an object appears whole
+                write(f)
+                return f.tell()
+        directory = os.path.dirname(path)
+        os.makedirs(directory, exist_ok=True)
+        tmp = f"{path}{_TMP_MARK}{uuid.uuid4().hex[:12]}"
+        try:
+            with open(tmp, "wb") as f:
+                write(f)
+                f.flush()
+                os.fsync(f.fileno())
+                size = f.tell()
+            os.replace(tmp, path)
+        except BaseException:
+            with contextlib.suppress(OSError):
+                os.unlink(tmp)
+            raise
+        _fsync_dir(directory)
+        return size
+
+    def _write_bytes(self, rel: str, data: bytes) -> int:
+        return self._write(rel, lambda f: f.write(data))
+
+    def _read_bytes(self, rel: str) -> bytes | None:
+        """The file's bytes, or None when it does not exist."""
+        try:
+            return self.fs.cat_file(self._path(rel))
+        except FileNotFoundError:
+            return None
+
+    def _remove(self, rel: str) -> None:
+        with contextlib.suppress(FileNotFoundError):
+            self.fs.rm_file(self._path(rel))
+
+
+def list_runs(storage: str | os.PathLike[str]) -> list[str]:
+    """Names of the runs under ``storage`` (directories holding a config.yaml), sorted."""
+    try:
+        fs, root = fsspec.core.url_to_fs(os.fspath(storage))
+    except (ValueError, ImportError) as e:
+        raise StoreError(f"storage {os.fspath(storage)!r} cannot be opened: {_first_line(e)}") from e
+    fs.invalidate_cache()   # listings cached by s3fs & co. miss other processes' runs
+    try:
+        entries = fs.ls(root, detail=True)
+    except FileNotFoundError:
+        return []
+    names = (posixpath.basename(e["name"].rstrip("/")) for e in entries if e["type"] == "directory")
+    return sorted(
+        n for n in names
+        if _NAME_RE.fullmatch(n) and set(n) != {"."} and fs.isfile(posixpath.join(root, n, CONFIG))
+    )
+
+
+# ---------------------------------------------------------------------- helpers
+def _clean_rel(rel: str) -> str:
+    """``rel`` normalised; StoreError unless it is a relative path inside the run."""
+    norm = posixpath.normpath(rel) if isinstance(rel, str) and rel else ""
+    if not norm or norm in (".", "..") or norm.startswith(("/", "../")) or "\\" in norm:
+        raise StoreError(f"path {rel!r} must be a relative path inside the run directory")
+    return norm
+
+
+def _checkpoint_refs(value: Any) -> set[str]:
+    """Every string in a (JSON) state that names a file under checkpoints/."""
+    if isinstance(value, dict):
+        return set().union(*map(_checkpoint_refs, value.values())) if value else set()
+    if isinstance(value, list):
+        return set().union(*map(_checkpoint_refs, value)) if value else set()
+    if isinstance(value, str) and value.startswith(CHECKPOINTS_DIR + "/"):
+        with contextlib.suppress(StoreError):
+            return {_clean_rel(value)}
+    return set()
+
+
+def _stale_reason(holder: dict, stale_after: float) -> str | None:
+    """Why a lock record is abandoned, or None when its driver may be alive."""
+    if not holder:
+        return "the lock file is unreadable"
+    pid = holder.get("pid")
+    if holder.get("host") == socket.gethostname() and isinstance(pid, int):
+        if not _pid_alive(pid):
+            return f"pid {pid} is not running"
+        start = _pid_start(pid)
+        if holder.get("pid_start") is not None and start is not None and start != holder["pid_start"]:
+            return f"pid {pid} now belongs to another process"
+    beat = holder.get("heartbeat")
+    if isinstance(beat, bool) or not isinstance(beat, (int, float)):
+        return "the lock file has no heartbeat"
+    age = time.time() - beat
+    if age > stale_after:
+        return f"last heartbeat {age:.0f} s ago"
+    return None
+
+
+def _proc_stat(pid: int) -> tuple[str, int] | None:
+    """(state letter, start time in clock ticks) of a Linux process; None elsewhere or if gone."""
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as f:
+            fields = f.read().rsplit(b")", 1)[1].split()   # the command name may hold spaces
+        return fields[0].decode(), int(fields[19])
+    except (OSError, IndexError, ValueError):
+        return None
+
+
+def _pid_start(pid: int) -> int | None:
+    """When the process started (distinguishes a reused pid); None where /proc is missing."""
+    stat = _proc_stat(pid)
+    return stat[1] if stat else None
+
+
+def _pid_alive(pid: int) -> bool:
+    if pid <= 0:
+        return False
+    stat = _proc_stat(pid)
+    if stat is not None:
+        return stat[0] != "Z"   # a zombie has exited; only its parent has not reaped it
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True   # alive, owned by someone else
+    return True
+
+
+def _parse_lock(data: bytes) -> dict:
+    try:
+        record = json.loads(data)
+    except ValueError:
+        return {}
+    return record if isinstance(record, dict) else {}
+
+
+def _dump(record: dict) -> bytes:
+    return json.dumps(record, sort_keys=True, indent=1).encode() + b"\n"
+
+
+def _read_local(path: str) -> bytes:
+    with open(path, "rb") as f:
+        return f.read()
+
+
+def _older_than(path: str, seconds: float) -> bool:
+    try:
+        return time.time() - os.path.getmtime(path) > seconds
+    except FileNotFoundError:
+        return False
+
+
+def _fsync_dir(directory: str) -> None:
+    """Make a rename in ``directory`` durable (best effort: not every OS allows it)."""
+    with contextlib.suppress(OSError):
+        fd = os.open(directory, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+
+
+def _iso(t: float) -> str:
+    return dt.datetime.fromtimestamp(t, dt.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+def _first_line(e: BaseException) -> str:
+    lines = str(e).strip().splitlines()
+    return lines[0] if lines else type(e).__name__
+
+
+def _describe(e: BaseException) -> str:
+    """``Type: first sentence`` of an exception, short enough for a one-line message."""
+    text = _first_line(e).split(". ")[0]
+    text = text if text != type(e).__name__ else ""
+    return f"{type(e).__name__}: {text[:160]}" if text else type(e).__name__
