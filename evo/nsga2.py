@@ -1,0 +1,136 @@
+"""NSGA-II (Deb et al. 2002) over the members' objectives, with weight inheritance.
+
+Each round (sync mode; in async mode the same for the one ready member):
+
+    objectives <- config.objectives of every member that has them (max objectives negated,
+                  so all are minimised; a non-finite value counts as the worst)
+    front rank <- non-dominated sorting (0 = the Pareto front)
+    survivors  <- sel_nsga2: the best n - k members by front, then crowding distance,
+                  with k = min(ceil(quantile * n), floor(n / 2)) as in PBT
+    for every member m not among the survivors:
+        parents <- binary tournaments by front rank among the survivors in a better front
+                   than m (so the first front is preferred)
+        child   <- crossover of two parents (probability `crossover_probability`) or a copy
+                   of one, then polynomial mutation
+        m takes the weights of the parent in the better front -> Crossover / Exploit
+        (Keep when no survivor lies in a better front than m)
+
+"Fitter" here means "in a better (lower) front": a donor's front rank is always lower than its
+receiver's. `val_bpb` falls back to the member's fitness when `objectives` lacks it; a member
+without a fitness, or missing another objective, is kept and is never a parent.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Sequence
+
+import numpy as np
+
+from evo.ga import breed
+from evo.selection import sel_nsga2
+from evo.strategy import (
+    OBJECTIVE_SENSE,
+    Decision,
+    Keep,
+    MemberView,
+    Snapshot,
+    Strategy,
+    ready_members,
+)
+
+
+def objective_vector(member: MemberView, objectives: Sequence[str]) -> np.ndarray | None:
+    """The member's objectives as a minimised vector [m], or None if one is missing."""
+    if not member.history:
+        return None
+    values = []
+    for name in objectives:
+        v = member.objectives.get(name)
+        if v is None and name == "val_bpb":
+            v = member.fitness
+        if v is None:
+            return None
+        v = float(v)
+        if not math.isfinite(v):
+            values.append(math.inf)  # diverged or unmeasured: the worst, whatever the sense
+        else:
+            values.append(-v if OBJECTIVE_SENSE[name] == "max" else v)
+    return np.array(values)
+
+
+def front_ranks(objectives: np.ndarray) -> np.ndarray:
+    """Front index of each row of `objectives` [n, m] (minimised): 0 for the non-dominated
+    rows, 1 for those dominated only by front 0, and so on."""
+    n = len(objectives)
+    # dominates[i, j]: row i is <= row j everywhere and < somewhere   [n, n]
+    le = (objectives[:, None, :] <= objectives[None, :, :]).all(axis=2)
+    lt = (objectives[:, None, :] < objectives[None, :, :]).any(axis=2)
+    dominates = le & lt
+    ranks = np.full(n, -1)
+    remaining = np.ones(n, dtype=bool)
+    front = 0
+    while remaining.any():
+        dominated = (dominates[remaining][:, remaining]).any(axis=0)
+        current = np.flatnonzero(remaining)[~dominated]
+        ranks[current] = front
+        remaining[current] = False
+        front += 1
+    return ranks
+
+
+class NSGA2(Strategy):
+    """Multi-objective selection by non-dominated sorting and crowding; children inherit weights."""
+
+    def ranks(self, snapshot: Snapshot) -> dict[int, int]:
+        """{member id: front rank} for the members that have every objective (0 = Pareto front)."""
+        members, objectives = self._eligible(snapshot)
+        if not members:
+            return {}
+        return {m.id: int(r) for m, r in zip(members, front_ranks(objectives))}
+
+    def pareto_front(self, snapshot: Snapshot) -> list[int]:
+        """Ids of the non-dominated members (the report's Pareto front), sorted."""
+        return sorted(i for i, r in self.ranks(snapshot).items() if r == 0)
+
+    def plan(
+        self, snapshot: Snapshot, rng: np.random.Generator, ready: Sequence[int] | None = None
+    ) -> list[Decision]:
+        todo = ready_members(snapshot, ready)
+        members, objectives = self._eligible(snapshot)
+        n = len(members)
+        n_replace = min(math.ceil(self.config.quantile * n), n // 2) if n >= 2 else 0
+        if n_replace == 0:
+            return [Keep(m.id) for m in todo]
+        rank = {m.id: int(r) for m, r in zip(members, front_ranks(objectives))}
+        selected, _ = sel_nsga2(objectives, n - n_replace)
+        survivors = [members[i] for i in selected]
+        survivor_ids = {m.id for m in survivors}
+
+        def better_front(a: MemberView, b: MemberView) -> bool:
+            return rank[a.id] < rank[b.id]
+
+        decisions: list[Decision] = []
+        for m in todo:
+            if m.id not in rank or m.id in survivor_ids:
+                decisions.append(Keep(m.id))
+                continue
+            pool = [s for s in survivors if better_front(s, m)]
+            decisions.append(breed(m, pool, lambda s: rank[s.id], better_front, self.space, self.config, rng))
+        return decisions
+
+    def _eligible(self, snapshot: Snapshot) -> tuple[list[MemberView], np.ndarray]:
+        """The members with every objective, and their minimised objectives [n, m]."""
+        members, rows = [], []
+        for m in snapshot.members:
+            v = objective_vector(m, self.config.objectives)
+            if v is not None:
+                members.append(m)
+                rows.append(v)
+        objectives = np.array(rows).reshape(len(rows), len(self.config.objectives))
+        # a diverged member's inf becomes "just worse than the worst finite value", so crowding
+        # distances stay finite
+        for col in objectives.T:
+            finite = np.isfinite(col)
+            col[~finite] = (col[finite].max() + 1.0) if finite.any() else 0.0
+        return members, objectives

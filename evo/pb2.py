@@ -1,0 +1,178 @@
+"""PB2-style search (Parker-Holder et al. 2020): PBT's exploit, a model's explore.
+
+Each time members are ready (every member each round in sync mode):
+
+    observe:  for every member evaluated since the last plan, record one observation
+              (hyperparameters it trained with during the interval -> improvement
+              = fitness at the start of the interval - fitness now); the start is the
+              donor's fitness when the member had just copied a donor
+    exploit:  PBT truncation -- a bottom-quantile member copies a top-quantile member
+    explore:  the hyperparameter genes are proposed by an Optuna sampler (TPE, or GP with
+              `sampler: gp`) fitted on the recent observations, maximising the improvement;
+              the architecture genes come from the donor, explored by PBT's rule (they change
+              the model's shape, which the sampler knows nothing about);
+              until MIN_OBSERVATIONS observations exist, PBT's explore is used instead.
+
+The improvement of a good configuration shrinks as training goes on, so observations are
+compared only with those ending at the same step: the model is fitted on per-step z-scores
+of the improvement, over the last WINDOW evaluation steps (the optimum drifts, old
+observations mislead). Observations and the per-member interval starts live in
+`state_dict`; a resumed strategy rebuilds the same in-memory Optuna study and, with a sampler
+seeded from the `rng` given to `plan`, proposes exactly what an uninterrupted one would.
+"""
+
+from __future__ import annotations
+
+import math
+import warnings
+from collections import defaultdict
+from typing import Any, Sequence
+
+import numpy as np
+
+from evo.genome import Genome
+from evo.pbt import explore, truncation_donors
+from evo.space import SearchSpace
+from evo.strategy import (
+    Decision,
+    Exploit,
+    Keep,
+    MemberView,
+    Snapshot,
+    Strategy,
+    StrategyConfig,
+    inside,
+    ready_members,
+)
+
+MIN_OBSERVATIONS = 8  # below this the model knows too little: explore like PBT
+WINDOW = 4  # the model sees the observations of the last WINDOW evaluation steps
+MAX_OBSERVATIONS = 200  # the state keeps at most this many (the oldest are dropped)
+
+
+class PB2(Strategy):
+    """PBT exploit + model-based explore of the hyperparameters (Optuna TPE or GP)."""
+
+    def __init__(self, space: SearchSpace, config: StrategyConfig) -> None:
+        super().__init__(space, config)
+        self.hparams = tuple(g.path for g in space.genes if not g.is_architecture)
+        # [{"params": {path: value}, "step": int, "improvement": float}], oldest first
+        self.observations: list[dict[str, Any]] = []
+        # member id -> {"seen": [[step, fitness], ...] history ends that start the interval,
+        #               "start": fitness at the start, "params": hyperparameters trained with}
+        self.intervals: dict[int, dict[str, Any]] = {}
+
+    def plan(
+        self, snapshot: Snapshot, rng: np.random.Generator, ready: Sequence[int] | None = None
+    ) -> list[Decision]:
+        members = ready_members(snapshot, ready)
+        self._observe(snapshot)
+        donors = truncation_donors(snapshot, self.config.quantile)
+        chosen: dict[int, MemberView] = {}
+        for m in members:
+            candidates = donors.get(m.id, [])
+            if candidates:
+                chosen[m.id] = candidates[rng.integers(len(candidates))]
+        proposals = self._propose(len(chosen), rng) if chosen else []
+        decisions: list[Decision] = []
+        for m in members:
+            donor = chosen.get(m.id)
+            if donor is None:
+                decisions.append(Keep(m.id))
+                continue
+            genome, how = explore(
+                donor.genome, self.space, rng, self.config.resample_probability, self.config.perturb_factors
+            )
+            if proposals:
+                genome, how = inside(self.space, genome.replace(proposals.pop(0)), donor.genome), "model"
+            decisions.append(Exploit(m.id, donor.id, genome, how))
+            self.intervals[m.id] = {
+                "seen": [_end(m), _end(donor)],
+                "start": float(donor.fitness),
+                "params": _hyperparameters(genome, self.hparams),
+            }
+        return decisions
+
+    def _observe(self, snapshot: Snapshot) -> None:
+        """Record the intervals that ended since the last plan; start the next ones."""
+        alive = {m.id for m in snapshot.members}
+        for i in [i for i in self.intervals if i not in alive]:
+            del self.intervals[i]  # gone from the population
+        for m in snapshot.members:
+            if not m.history or not math.isfinite(m.fitness):
+                self.intervals.pop(m.id, None)  # no fitness (yet, or after a restart) or diverged
+                continue
+            interval = self.intervals.get(m.id)
+            if interval is not None and _end(m) in interval["seen"]:
+                continue  # not evaluated since the interval started
+            if interval is not None:
+                self.observations.append(
+                    {"params": interval["params"], "step": _end(m)[0], "improvement": interval["start"] - m.fitness}
+                )
+            self.intervals[m.id] = {
+                "seen": [_end(m)],
+                "start": float(m.fitness),
+                "params": _hyperparameters(m.genome, self.hparams),
+            }
+        del self.observations[:-MAX_OBSERVATIONS]
+
+    def _propose(self, k: int, rng: np.random.Generator) -> list[dict[str, Any]]:
+        """k hyperparameter proposals from a sampler fitted on the recent observations
+        ([] while there are too few observations or no hyperparameter genes)."""
+        steps = sorted({o["step"] for o in self.observations})[-WINDOW:]
+        recent = [o for o in self.observations if o["step"] in steps]
+        if len(recent) < MIN_OBSERVATIONS or not self.hparams:
+            return []
+        import optuna
+
+        optuna.logging.set_verbosity(optuna.logging.WARNING)
+        distributions = {p: d for p, d in self.space.to_optuna().items() if p in self.hparams}
+        seed = int(rng.integers(2**31))
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+            if self.config.sampler == "gp":
+                sampler = optuna.samplers.GPSampler(seed=seed, n_startup_trials=MIN_OBSERVATIONS)
+            else:
+                sampler = optuna.samplers.TPESampler(
+                    seed=seed, n_startup_trials=MIN_OBSERVATIONS, multivariate=True
+                )
+            study = optuna.create_study(direction="maximize", sampler=sampler)
+            for o, value in zip(recent, _zscores(recent)):
+                study.add_trial(
+                    optuna.trial.create_trial(params=o["params"], distributions=distributions, value=value)
+                )
+            # asked trials stay running, so TPE's constant liar spreads the k proposals out
+            return [study.ask(distributions).params for _ in range(k)]
+
+    def state_dict(self) -> dict:
+        return {
+            "observations": self.observations,
+            "intervals": {str(i): v for i, v in self.intervals.items()},
+        }
+
+    def load_state_dict(self, state: dict) -> None:
+        self.observations = [dict(o) for o in state["observations"]]
+        self.intervals = {int(i): dict(v) for i, v in state["intervals"].items()}
+
+
+def _end(member: MemberView) -> list:
+    """The member's last history entry as JSON-friendly [step, fitness]."""
+    step, fitness = member.history[-1]
+    return [int(step), float(fitness)]
+
+
+def _hyperparameters(genome: Genome, paths: Sequence[str]) -> dict[str, Any]:
+    return {p: genome[p] for p in paths}
+
+
+def _zscores(observations: list[dict[str, Any]]) -> list[float]:
+    """Each improvement standardised among the observations ending at the same step
+    (0 when it is alone or all are equal), so early and late intervals compare."""
+    groups: dict[int, list[float]] = defaultdict(list)
+    for o in observations:
+        groups[o["step"]].append(o["improvement"])
+    stats = {s: (float(np.mean(v)), float(np.std(v))) for s, v in groups.items()}
+    return [
+        (o["improvement"] - stats[o["step"]][0]) / stats[o["step"]][1] if stats[o["step"]][1] > 0 else 0.0
+        for o in observations
+    ]

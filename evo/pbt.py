@@ -1,0 +1,115 @@
+"""Population-based training (Jaderberg et al. 2017): exploit the fit, explore around them.
+
+Each time a member is ready (every member each round in sync mode):
+
+    rank the members that have a fitness (val_bpb, lower is better)
+    exploit:  truncation -- a member in the bottom quantile copies the weights of a member
+                            drawn uniformly from the top quantile;
+              tournament -- a member compares itself with `tournament_size - 1` other members
+                            drawn at random and copies the best of them if it is fitter
+    explore:  the copied genome, per gene: resampled from the prior with probability
+              `resample_probability`, else perturbed (floats x 0.8 / x 1.2, integers and
+              choices one step) -- Ray Tune's PBT rule; architecture genes included, the
+              result brought back inside the constraints
+    everyone else keeps training as is.
+
+The truncation count for n ranked members is k = min(ceil(quantile * n), floor(n / 2)), and 0
+when n < 2 or quantile = 0 -- Ray Tune's rule: any positive quantile replaces at least one
+member of a population of two or more, and the two quantiles never overlap. In async mode
+(`ready=[i]`) member i is ranked within the whole snapshot, so the same rule applies.
+"""
+
+from __future__ import annotations
+
+from typing import Sequence
+
+import numpy as np
+
+from evo.genome import Genome
+from evo.mutation import mut_perturb, mut_resample
+from evo.selection import sel_truncation
+from evo.space import SearchSpace
+from evo.strategy import (
+    Decision,
+    Exploit,
+    Keep,
+    MemberView,
+    Snapshot,
+    Strategy,
+    fitness_key,
+    inside,
+    is_fitter,
+    ranked,
+    ready_members,
+)
+
+
+def explore(
+    genome: Genome,
+    space: SearchSpace,
+    rng: np.random.Generator,
+    resample_probability: float,
+    factors: tuple[float, float],
+) -> tuple[Genome, str]:
+    """PBT's explore step on a donor's genome: per gene, resample from the prior with
+    probability `resample_probability`, else perturb. Returns (genome inside the space,
+    "resample" if any gene was resampled else "perturb")."""
+    resample = rng.random(len(space.paths)) < resample_probability
+    candidate = mut_perturb(genome, space, rng, factors=factors)
+    if resample.any():
+        fresh = mut_resample(genome, space, rng, probability=1.0)
+        candidate = candidate.replace({p: fresh[p] for p, r in zip(space.paths, resample) if r})
+    return inside(space, candidate, genome), "resample" if resample.any() else "perturb"
+
+
+def truncation_donors(snapshot: Snapshot, quantile: float) -> dict[int, list[MemberView]]:
+    """{bottom-quantile member id: the top-quantile members strictly fitter than it}."""
+    members = ranked(snapshot)
+    if len(members) < 2 or quantile <= 0:
+        return {}
+    bottom, top = sel_truncation(np.array([fitness_key(m) for m in members]), quantile)
+    top_members = [members[i] for i in top]
+    return {members[i].id: [t for t in top_members if is_fitter(t, members[i])] for i in bottom}
+
+
+class PBT(Strategy):
+    """Population-based training: truncation (or tournament) exploit, perturb/resample explore."""
+
+    def plan(
+        self, snapshot: Snapshot, rng: np.random.Generator, ready: Sequence[int] | None = None
+    ) -> list[Decision]:
+        members = ready_members(snapshot, ready)
+        if self.config.selection == "truncation":
+            donors = truncation_donors(snapshot, self.config.quantile)
+        else:
+            contestants = ranked(snapshot)
+        decisions: list[Decision] = []
+        for m in members:
+            if self.config.selection == "truncation":
+                candidates = donors.get(m.id, [])
+                donor = candidates[rng.integers(len(candidates))] if candidates else None
+            else:
+                donor = tournament_donor(m, contestants, self.config.tournament_size, rng)
+            if donor is None:
+                decisions.append(Keep(m.id))
+                continue
+            genome, how = explore(
+                donor.genome, self.space, rng, self.config.resample_probability, self.config.perturb_factors
+            )
+            decisions.append(Exploit(m.id, donor.id, genome, how))
+        return decisions
+
+
+def tournament_donor(
+    member: MemberView, contestants: list[MemberView], size: int, rng: np.random.Generator
+) -> MemberView | None:
+    """The best of `size - 1` other members drawn at random, if strictly fitter than `member`
+    (binary tournament when size = 2); None for a member without fitness."""
+    if not member.history:
+        return None
+    others = [c for c in contestants if c.id != member.id]
+    if not others:
+        return None
+    drawn = rng.choice(len(others), size=min(size - 1, len(others)), replace=False)
+    best = min((others[i] for i in drawn), key=lambda c: (fitness_key(c), c.id))
+    return best if is_fitter(best, member) else None

@@ -1,0 +1,718 @@
+"""The search space: typed genes over config fields, and the constraints between model genes.
+
+A gene names the config field it sets by its dotted path (`train.lr`, `model.hidden_size`).
+The space knows the whole base config (flattened to `{path: value}`): it is the list of valid
+paths, and it supplies the model fields that are not genes when checking the architecture
+constraints -- the same ones `trainers.model.InternLM2Config` enforces:
+
+    hidden_size % num_attention_heads == 0
+    num_attention_heads % num_key_value_heads == 0
+    head_dim = hidden_size / num_attention_heads is even (rotary embeddings rotate pairs)
+    parameters <= max_params                             (optional budget)
+
+so that no strategy ever hands a trainer a model it cannot build. Every genome the space
+returns (`sample`, `clip`, `decode`) satisfies them; `clip` repairs a violating genome by
+moving the architecture genes to the nearest valid combination in the normalised space.
+
+Operators work in the normalised space `[0, 1]^n` (`encode` / `decode`): log genes are
+uniform in log space there, int genes round to their step, choice genes map to their index.
+"""
+
+from __future__ import annotations
+
+import difflib
+import heapq
+import math
+import re
+from collections import Counter
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, Callable, Mapping, Sequence, Union
+
+import numpy as np
+
+from evo.genome import ARCHITECTURE_PREFIX, Genome, plain_value
+
+if TYPE_CHECKING:  # optuna is imported lazily, only by `to_optuna`
+    import optuna
+
+
+class SpaceError(ValueError):
+    """A bad search space or gene spec; the message is one line naming the gene."""
+
+
+def _err(path: str, message: str) -> SpaceError:
+    return SpaceError(f"search.{path}: {message}")
+
+
+def _is_number(v: Any) -> bool:
+    return isinstance(v, (int, float, np.integer, np.floating)) and not isinstance(v, (bool, np.bool_))
+
+
+def _is_int(v: Any) -> bool:
+    return isinstance(v, (int, np.integer)) and not isinstance(v, (bool, np.bool_))
+
+
+def _check_bool(path: str, name: str, v: Any) -> bool:
+    if not isinstance(v, (bool, np.bool_)):
+        raise _err(path, f"{name} must be true or false, got {v!r}")
+    return bool(v)
+
+
+# ----------------------------------------------------------------------------------------------
+# genes. Each gene maps one field's value to and from its coordinate in [0, 1] and knows its
+# prior (`sample`); discrete genes (int, choice) also expose their domain by index for the
+# constraint repair.
+
+
+@dataclass(frozen=True)
+class FloatGene:
+    """A real-valued field in `[low, high]`, uniform or log-uniform."""
+
+    path: str
+    low: float
+    high: float
+    log: bool = False
+
+    def __post_init__(self) -> None:
+        for name in ("low", "high"):
+            v = getattr(self, name)
+            if not _is_number(v) or not math.isfinite(float(v)):
+                raise _err(self.path, f"{name} must be a finite number, got {v!r}")
+            object.__setattr__(self, name, float(v))
+        object.__setattr__(self, "log", _check_bool(self.path, "log", self.log))
+        if self.low >= self.high:
+            raise _err(self.path, f"low ({self.low!r}) must be below high ({self.high!r})")
+        if self.log and self.low <= 0:
+            raise _err(self.path, f"log scale needs low > 0, got low ({self.low!r})")
+
+    @property
+    def is_architecture(self) -> bool:
+        return self.path.startswith(ARCHITECTURE_PREFIX)
+
+    def contains(self, v: Any) -> bool:
+        return isinstance(v, float) and self.low <= v <= self.high
+
+    def clip(self, v: Any) -> float:
+        if not _is_number(v) or math.isnan(float(v)):
+            raise _err(self.path, f"value {v!r} is not a number")
+        return min(max(float(v), self.low), self.high)
+
+    def encode(self, v: Any) -> float:
+        v = self.clip(v)
+        if self.log:
+            return (math.log(v) - math.log(self.low)) / (math.log(self.high) - math.log(self.low))
+        return (v - self.low) / (self.high - self.low)
+
+    def decode(self, x: float) -> float:
+        x = min(max(float(x), 0.0), 1.0)
+        if x in (0.0, 1.0):  # the bounds exactly, not exp(log(bound)) give or take an ulp
+            return self.high if x else self.low
+        if self.log:
+            v = math.exp(math.log(self.low) + x * (math.log(self.high) - math.log(self.low)))
+        else:
+            v = self.low + x * (self.high - self.low)
+        return self.clip(v)
+
+    def sample(self, rng: np.random.Generator) -> float:
+        return self.decode(rng.random())
+
+    def to_optuna(self) -> optuna.distributions.BaseDistribution:
+        from optuna.distributions import FloatDistribution
+
+        return FloatDistribution(self.low, self.high, log=self.log)
+
+
+@dataclass(frozen=True)
+class IntGene:
+    """An integer field on the grid `low, low + step, ..., high`, uniform or log-uniform.
+
+    As in Optuna, `log` needs `step == 1`; `high` must lie on the grid.
+    """
+
+    path: str
+    low: int
+    high: int
+    log: bool = False
+    step: int = 1
+
+    def __post_init__(self) -> None:
+        for name in ("low", "high", "step"):
+            v = getattr(self, name)
+            if not _is_int(v):
+                raise _err(self.path, f"{name} must be an integer, got {v!r}")
+            object.__setattr__(self, name, int(v))
+        object.__setattr__(self, "log", _check_bool(self.path, "log", self.log))
+        if self.step <= 0:
+            raise _err(self.path, f"step ({self.step}) must be positive")
+        if self.low >= self.high:
+            raise _err(self.path, f"low ({self.low}) must be below high ({self.high})")
+        if self.log and self.low <= 0:
+            raise _err(self.path, f"log scale needs low > 0, got low ({self.low})")
+        if self.log and self.step != 1:
+            raise _err(self.path, f"log scale needs step 1, got step ({self.step})")
+        if (self.high - self.low) % self.step:
+            top = self.low + (self.high - self.low) // self.step * self.step
+            raise _err(
+                self.path,
+                f"high ({self.high}) must be low ({self.low}) plus a multiple of step "
+                f"({self.step}), e.g. {top} or {top + self.step}",
+            )
+
+    @property
+    def is_architecture(self) -> bool:
+        return self.path.startswith(ARCHITECTURE_PREFIX)
+
+    @property
+    def size(self) -> int:
+        return (self.high - self.low) // self.step + 1
+
+    def value_at(self, i: int) -> int:
+        return self.low + i * self.step
+
+    def index(self, v: int) -> int:
+        return (v - self.low) // self.step
+
+    def encode_index(self, i: int) -> float:
+        return self.encode(self.value_at(i))
+
+    def contains(self, v: Any) -> bool:
+        return (
+            isinstance(v, int) and not isinstance(v, bool)
+            and self.low <= v <= self.high and (v - self.low) % self.step == 0
+        )
+
+    def clip(self, v: Any) -> int:
+        """The nearest grid value (halves round up), inside the bounds."""
+        if _is_int(v):  # exact integer arithmetic: floor((v - low) / step + 1/2)
+            i = (2 * (int(v) - self.low) + self.step) // (2 * self.step)
+        elif _is_number(v) and not math.isnan(float(v)):
+            f = float(v)
+            if math.isinf(f):
+                return self.low if f < 0 else self.high
+            i = math.floor((f - self.low) / self.step + 0.5)
+        else:
+            raise _err(self.path, f"value {v!r} is not a number")
+        return self.value_at(min(max(i, 0), self.size - 1))
+
+    def encode(self, v: Any) -> float:
+        v = self.clip(v)
+        if self.log:
+            return (math.log(v) - math.log(self.low)) / (math.log(self.high) - math.log(self.low))
+        return (v - self.low) / (self.high - self.low)
+
+    def decode(self, x: float) -> int:
+        x = min(max(float(x), 0.0), 1.0)
+        if self.log:
+            return self.clip(math.exp(math.log(self.low) + x * (math.log(self.high) - math.log(self.low))))
+        return self.clip(self.low + x * (self.high - self.low))
+
+    def sample(self, rng: np.random.Generator) -> int:
+        if self.log:  # log-uniform over [low - 1/2, high + 1/2] so the end points get a full share
+            lo, hi = math.log(self.low - 0.5), math.log(self.high + 0.5)
+            return self.clip(math.exp(rng.uniform(lo, hi)))
+        return self.value_at(int(rng.integers(self.size)))
+
+    def to_optuna(self) -> optuna.distributions.BaseDistribution:
+        from optuna.distributions import IntDistribution
+
+        return IntDistribution(self.low, self.high, log=self.log, step=self.step)
+
+
+_CHOICE_TYPES = (type(None), bool, int, float, str)
+
+
+def _same(a: Any, b: Any) -> bool:
+    """Equal and of the same type (so `1`, `1.0` and `True` are three different choices)."""
+    return type(a) is type(b) and a == b
+
+
+@dataclass(frozen=True)
+class ChoiceGene:
+    """A field taking one of a few plain values (None, bool, int, float, str); its
+    coordinate is the index in `choices`, so their order defines the neighbours."""
+
+    path: str
+    choices: tuple
+
+    def __post_init__(self) -> None:
+        if isinstance(self.choices, (str, bytes, Mapping)) or not isinstance(self.choices, Sequence):
+            raise _err(self.path, f"choices must be a list, got {self.choices!r}")
+        if len(self.choices) == 0:
+            raise _err(self.path, "choices must not be empty")
+        choices = []
+        for c in self.choices:
+            c = plain_value(c) if isinstance(c, np.generic) else c
+            if not isinstance(c, _CHOICE_TYPES):
+                raise _err(self.path, f"choice {c!r} must be a number, string, bool or null")
+            if any(_same(c, d) for d in choices):
+                raise _err(self.path, f"choice {c!r} appears twice")
+            choices.append(c)
+        object.__setattr__(self, "choices", tuple(choices))
+
+    @property
+    def is_architecture(self) -> bool:
+        return self.path.startswith(ARCHITECTURE_PREFIX)
+
+    @property
+    def size(self) -> int:
+        return len(self.choices)
+
+    def value_at(self, i: int) -> Any:
+        return self.choices[i]
+
+    def index(self, v: Any) -> int:
+        for i, c in enumerate(self.choices):
+            if _same(c, v):
+                return i
+        raise _err(self.path, f"{v!r} is not one of {list(self.choices)}")
+
+    def encode_index(self, i: int) -> float:
+        return i / (self.size - 1) if self.size > 1 else 0.0
+
+    def contains(self, v: Any) -> bool:
+        return any(_same(c, v) for c in self.choices)
+
+    def clip(self, v: Any) -> Any:
+        """The choice itself; else an equal number (`64.0` -> `64`); else the numerically
+        nearest choice; else the first choice."""
+        for c in self.choices:
+            if _same(c, v):
+                return c
+        numeric = [c for c in self.choices if _is_number(c)]
+        if _is_number(v) and not math.isnan(float(v)) and numeric:
+            return min(numeric, key=lambda c: abs(c - v))  # first of equally near ones
+        return self.choices[0]
+
+    def encode(self, v: Any) -> float:
+        return self.encode_index(self.index(self.clip(v)))
+
+    def decode(self, x: float) -> Any:
+        x = min(max(float(x), 0.0), 1.0)
+        return self.choices[min(math.floor(x * (self.size - 1) + 0.5), self.size - 1)]
+
+    def sample(self, rng: np.random.Generator) -> Any:
+        return self.choices[int(rng.integers(self.size))]
+
+    def to_optuna(self) -> optuna.distributions.BaseDistribution:
+        from optuna.distributions import CategoricalDistribution
+
+        return CategoricalDistribution(self.choices)
+
+
+Gene = Union[FloatGene, IntGene, ChoiceGene]
+
+
+# ----------------------------------------------------------------------------------------------
+# InternLM2 parameter count and the architecture constraints
+
+_SHAPE_FIELDS = ("hidden_size", "num_attention_heads", "num_key_value_heads")
+_BUDGET_FIELDS = (
+    "vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers",
+    "num_attention_heads", "num_key_value_heads",
+)
+
+
+def count_parameters(fields: Mapping[str, Any]) -> int:
+    """Parameters of an InternLM2 model with these `model.*` fields (no prefix):
+    tok_embeddings + output (untied) + per layer [wqkv, wo, w1/w2/w3, 2 RMSNorms] + final norm;
+    with `bias`, wqkv and wo carry biases."""
+    missing = [f for f in _BUDGET_FIELDS if fields.get(f) is None]
+    if missing:
+        raise SpaceError(f"search: counting parameters needs model.{missing[0]}")
+    vocab, hidden, ffn = fields["vocab_size"], fields["hidden_size"], fields["intermediate_size"]
+    layers, heads, kv = fields["num_hidden_layers"], fields["num_attention_heads"], fields["num_key_value_heads"]
+    head_dim = hidden // heads
+    per_layer = (
+        hidden * (heads + 2 * kv) * head_dim  # wqkv: [(H + 2 KV) D, hidden]
+        + heads * head_dim * hidden           # wo: [hidden, H D]
+        + 3 * hidden * ffn                    # w1, w3: [ffn, hidden]; w2: [hidden, ffn]
+        + 2 * hidden                          # attention_norm, ffn_norm
+    )
+    if fields.get("bias"):
+        per_layer += (heads + 2 * kv) * head_dim + hidden
+    return 2 * vocab * hidden + layers * per_layer + hidden
+
+
+def _structure_violations(f: Mapping[str, Any]) -> list[str]:
+    """The shape constraints broken by the model fields `f` (those that are known)."""
+    hidden, heads, kv = f.get("hidden_size"), f.get("num_attention_heads"), f.get("num_key_value_heads")
+    broken = []
+    if hidden is not None and heads is not None:
+        if hidden % heads:
+            broken.append(f"model.hidden_size ({hidden}) must be divisible by model.num_attention_heads ({heads})")
+        elif (hidden // heads) % 2:
+            broken.append(f"head_dim = model.hidden_size / model.num_attention_heads ({hidden // heads}) must be even")
+    if heads is not None and kv is not None and heads % kv:
+        broken.append(f"model.num_attention_heads ({heads}) must be divisible by model.num_key_value_heads ({kv})")
+    return broken
+
+
+# ----------------------------------------------------------------------------------------------
+# the space
+
+
+_GENE_KEYS = {"float": ("low", "high", "log"), "int": ("low", "high", "log", "step"), "choice": ("choices",)}
+_REQUIRED_KEYS = {"float": ("low", "high"), "int": ("low", "high"), "choice": ("choices",)}
+_SAMPLE_TRIES = 10_000  # rejection sampling gives up after this many genomes
+_REPAIR_STEPS = 1_000   # a nearest-valid search gives up after this many candidates
+
+
+def _suggest(word: str, options: Sequence[str]) -> str:
+    close = difflib.get_close_matches(word, list(options), n=1)
+    return f"; did you mean {close[0]!r}?" if close else ""
+
+
+class SearchSpace:
+    """Genes (sorted by path) over a base config, with the InternLM2 architecture constraints.
+
+    `base` is the flattened full config `{"train.lr": 1e-3, "model.hidden_size": 64, ...}`:
+    gene paths must be among its keys, and its `model.*` values stand in for the model
+    fields that are not genes. Raises `SpaceError` when no genome can satisfy the constraints.
+    """
+
+    def __init__(self, genes: Sequence[Gene], base: Mapping[str, Any], max_params: int | None = None):
+        self.genes: tuple[Gene, ...] = tuple(sorted(genes, key=lambda g: g.path))
+        self.paths: tuple[str, ...] = tuple(g.path for g in self.genes)
+        self.base: dict[str, Any] = dict(base)
+        self.max_params = max_params
+        for g in self.genes:
+            if not isinstance(g, (FloatGene, IntGene, ChoiceGene)):
+                raise SpaceError(f"search: {g!r} is not a FloatGene, IntGene or ChoiceGene")
+        for p1, p2 in zip(self.paths, self.paths[1:]):
+            if p1 == p2:
+                raise _err(p1, "appears twice")
+        for g in self.genes:
+            if g.path not in self.base:
+                raise _err(g.path, "unknown field" + _suggest(g.path, sorted(self.base)))
+        if max_params is not None and (not _is_int(max_params) or max_params <= 0):
+            raise SpaceError(f"search: max_params must be a positive integer, got {max_params!r}")
+        self._by_path = {g.path: g for g in self.genes}
+        n = len(ARCHITECTURE_PREFIX)
+        self._base_fields = {p[n:]: v for p, v in self.base.items() if p.startswith(ARCHITECTURE_PREFIX)}
+        self._constrained = self._constrained_genes()
+        self._smallest = self._smallest_valid()
+
+    # -- construction helpers --------------------------------------------------------------
+
+    def _known(self, field: str) -> bool:
+        path = ARCHITECTURE_PREFIX + field
+        return path in self._by_path or self.base.get(path) is not None
+
+    def _constrained_genes(self) -> tuple[IntGene | ChoiceGene, ...]:
+        """The model genes some active constraint reads (they must be integers >= 1)."""
+        fields: set[str] = set()
+        if self._known("hidden_size") and self._known("num_attention_heads"):
+            fields |= {"hidden_size", "num_attention_heads"}
+        if self._known("num_attention_heads") and self._known("num_key_value_heads"):
+            fields |= {"num_attention_heads", "num_key_value_heads"}
+        if self.max_params is not None:
+            for f in _BUDGET_FIELDS:
+                if not self._known(f):
+                    raise SpaceError(f"search: max_params needs model.{f} in the base config")
+            fields |= set(_BUDGET_FIELDS) | {"bias"}
+        out = []
+        for f in sorted(fields):
+            path = ARCHITECTURE_PREFIX + f
+            g = self._by_path.get(path)
+            if f == "bias":
+                if g is None:
+                    values = [self.base.get(path, False)]
+                elif isinstance(g, ChoiceGene):
+                    values = list(g.choices)
+                else:
+                    values = ["not a choice gene"]
+                if any(not isinstance(v, (bool, type(None))) for v in values):
+                    raise _err(path, "must be true or false (a choice gene of booleans)")
+            elif g is None:
+                if not _is_int(self.base[path]) or self.base[path] < 1:
+                    raise SpaceError(f"search: base {path} must be a positive integer, got {self.base[path]!r}")
+            elif isinstance(g, IntGene):
+                if g.low < 1:
+                    raise _err(path, f"must be at least 1, got low ({g.low})")
+            elif isinstance(g, ChoiceGene):
+                if any(not _is_int(c) or c < 1 for c in g.choices):
+                    raise _err(path, f"choices must be positive integers, got {list(g.choices)}")
+            else:
+                raise _err(path, "must be an int or choice gene (it is an integer field)")
+            if g is not None:
+                out.append(g)
+        return tuple(out)
+
+    def _domain(self, field: str) -> list:
+        """Sorted possible values of a model field (a gene's domain, or the base value)."""
+        path = ARCHITECTURE_PREFIX + field
+        g = self._by_path.get(path)
+        if g is None:
+            v = self.base.get(path)
+            return [False if field == "bias" and v is None else v]
+        return sorted(g.value_at(i) for i in range(g.size))
+
+    def _smallest_valid(self) -> dict[str, Any]:
+        """The valid values of the constrained genes with the fewest parameters (the target
+        of last resort for `clip`); raises SpaceError if there is none."""
+        if not self._constrained and not _structure_violations(self._fields({})):
+            if self.max_params is None or count_parameters(self._fields({})) <= self.max_params:
+                return {}
+        hiddens, heads_dom, kv_dom = (self._domain(f) for f in _SHAPE_FIELDS)
+        smallest = {f: self._domain(f)[0] for f in ("vocab_size", "intermediate_size", "num_hidden_layers", "bias")}
+        best, best_count = None, None
+        for heads in heads_dom:
+            for kv in kv_dom:
+                if heads is not None and kv is not None and heads % kv:
+                    continue
+                # parameters grow with hidden_size, so the smallest valid one is best for this (H, KV)
+                hidden = next(
+                    (h for h in hiddens if not _structure_violations({"hidden_size": h, "num_attention_heads": heads})),
+                    None,
+                )
+                if hidden is None:
+                    continue
+                f = dict(smallest, hidden_size=hidden, num_attention_heads=heads, num_key_value_heads=kv)
+                n = count_parameters(f) if self.max_params is not None else 0
+                if best_count is None or n < best_count:
+                    best, best_count = f, n
+        names = ", ".join(g.path for g in self._constrained) or "the base model fields"
+        if best is None:
+            raise SpaceError(
+                f"search: no combination of {names} satisfies hidden_size % num_attention_heads == 0, "
+                "num_attention_heads % num_key_value_heads == 0 and an even head_dim"
+            )
+        if self.max_params is not None and best_count > self.max_params:
+            at = ", ".join(f"{g.path}={best[g.path[len(ARCHITECTURE_PREFIX):]]}" for g in self._constrained)
+            raise SpaceError(
+                f"search: max_params ({self.max_params}) is below the smallest architecture in the space "
+                f"({best_count} parameters" + (f" at {at})" if at else ")")
+            )
+        return {g.path: best[g.path[len(ARCHITECTURE_PREFIX):]] for g in self._constrained}
+
+    # -- constraints -------------------------------------------------------------------------
+
+    def _fields(self, values: Mapping[str, Any]) -> dict[str, Any]:
+        """Model fields (no prefix): the base's, overridden by `values`' model genes."""
+        n = len(ARCHITECTURE_PREFIX)
+        f = dict(self._base_fields)
+        f.update({p[n:]: v for p, v in values.items() if p.startswith(ARCHITECTURE_PREFIX)})
+        return f
+
+    def _violations(self, values: Mapping[str, Any]) -> list[str]:
+        """The constraints `values` (path -> value of every gene) break; [] when valid."""
+        if not self._constrained and self._smallest == {}:
+            return []  # nothing can vary: the base was checked at construction
+        f = self._fields(values)
+        broken = _structure_violations(f)
+        if self.max_params is not None:
+            n = count_parameters(f)
+            if n > self.max_params:
+                broken.append(f"parameters ({n}) must not exceed max_params ({self.max_params})")
+        return broken
+
+    def _violation(self, values: Mapping[str, Any]) -> str | None:
+        broken = self._violations(values)
+        return broken[0] if broken else None
+
+    def _repair(self, values: dict[str, Any]) -> dict[str, Any]:
+        """`values` with the constrained genes moved to a valid combination nearby.
+
+        First the nearest valid combination in the normalised space, when a short search
+        finds it (always, for spaces of choices and coarse steps). Otherwise -- fine-grained
+        genes far from a budget -- the shape genes alone are repaired at points on the line
+        from `values` toward the smallest architecture, and bisection finds the point nearest
+        `values` that also fits the budget (the end of the line always does).
+        """
+        if self._violation(values) is None:
+            return values
+        found = self._nearest(values, self._constrained, lambda v: self._violation(v) is None)
+        if found is not None:
+            return found
+        shape_genes = [g for g in self._constrained if g.path[len(ARCHITECTURE_PREFIX):] in _SHAPE_FIELDS]
+        genes = self._constrained
+        x = np.array([g.encode(values[g.path]) for g in genes])  # (c,)
+        target = np.array([g.encode(self._smallest[g.path]) for g in genes])  # (c,)
+        best = {**values, **self._smallest}
+        lo, hi = 0.0, 1.0  # invariant: the point at `hi` repairs to `best`, which is valid
+        for _ in range(24):
+            mid = 0.5 * (lo + hi)
+            point = dict(values)
+            for g, xi in zip(genes, x + mid * (target - x)):
+                point[g.path] = g.decode(xi)
+            fixed = self._nearest(point, shape_genes, lambda v: not _structure_violations(self._fields(v)))
+            if fixed is not None and self._violation(fixed) is None:
+                hi, best = mid, fixed
+            else:
+                lo = mid
+        return best
+
+    def _nearest(
+        self, values: dict[str, Any], genes: Sequence[IntGene | ChoiceGene], ok: Callable[[dict[str, Any]], bool]
+    ) -> dict[str, Any] | None:
+        """The nearest `ok` assignment of `genes` (squared distance in the normalised space),
+        or None if none is among the first `_REPAIR_STEPS` candidates.
+
+        Best-first walk over the genes' domains (the k-smallest-sums walk: a candidate's
+        successors step one gene one value further out from `values`); ties go to the
+        lower index."""
+        rings = [_Outward(g, values[g.path]) for g in genes]
+        start = (0,) * len(genes)
+        heap, seen = [(0.0, start)], {start}
+        for _ in range(_REPAIR_STEPS):
+            if not heap:
+                return None
+            _, idx = heapq.heappop(heap)
+            cand = dict(values)
+            for g, ring, j in zip(genes, rings, idx):
+                cand[g.path] = ring.value(j)
+            if ok(cand):
+                return cand
+            for i, ring in enumerate(rings):
+                nxt = idx[:i] + (idx[i] + 1,) + idx[i + 1:]
+                if nxt not in seen and ring.has(idx[i] + 1):
+                    seen.add(nxt)
+                    heapq.heappush(heap, (sum(r.cost(j) for r, j in zip(rings, nxt)), nxt))
+        return None
+
+    # -- public API --------------------------------------------------------------------------
+
+    @classmethod
+    def from_dict(
+        cls, spec: Mapping[str, Mapping], base: Mapping[str, Any], max_params: int | None = None
+    ) -> SearchSpace:
+        """Parse the YAML `search:` mapping, e.g.
+        `{"train.lr": {"type": "float", "low": 1e-4, "high": 1e-2, "log": True},
+          "model.num_hidden_layers": {"type": "int", "low": 1, "high": 4},
+          "train.schedule": {"type": "choice", "choices": ["cosine", "constant"]}}`."""
+        if not isinstance(spec, Mapping):
+            raise SpaceError(f"search: expected a mapping of field path to gene, got {spec!r}")
+        genes: list[Gene] = []
+        for path, gspec in spec.items():
+            if not isinstance(path, str):
+                raise SpaceError(f"search: gene names must be dotted field paths, got {path!r}")
+            if path not in base:
+                raise _err(path, "unknown field" + _suggest(path, sorted(base)))
+            if not isinstance(gspec, Mapping):
+                raise _err(path, f"expected a mapping with a 'type' (float, int or choice), got {gspec!r}")
+            kind = gspec.get("type")
+            if kind is None:
+                raise _err(path, "missing 'type' (float, int or choice)")
+            if not isinstance(kind, str) or kind not in _GENE_KEYS:
+                raise _err(
+                    path, f"unknown type {kind!r} (expected float, int or choice)" + _suggest(str(kind), list(_GENE_KEYS))
+                )
+            for key in gspec:
+                if key != "type" and key not in _GENE_KEYS[kind]:
+                    raise _err(path, f"unknown key {key!r} for a {kind} gene" + _suggest(str(key), _GENE_KEYS[kind]))
+            for key in _REQUIRED_KEYS[kind]:
+                if key not in gspec:
+                    raise _err(path, f"missing {key!r}")
+            args = {k: v for k, v in gspec.items() if k != "type"}
+            genes.append({"float": FloatGene, "int": IntGene, "choice": ChoiceGene}[kind](path, **args))
+        return cls(genes, base, max_params)
+
+    def gene(self, path: str) -> Gene:
+        return self._by_path[path]
+
+    def __len__(self) -> int:
+        return len(self.genes)
+
+    def __repr__(self) -> str:
+        budget = f", max_params={self.max_params}" if self.max_params is not None else ""
+        return f"SearchSpace({list(self.genes)!r}{budget})"
+
+    def _values(self, genome: Genome) -> dict[str, Any]:
+        d = genome.as_dict()
+        for path in self.paths:
+            if path not in d:
+                raise _err(path, f"genome {genome.id} has no value for this gene")
+        return d
+
+    def sample(self, rng: np.random.Generator) -> Genome:
+        """A genome drawn from the genes' priors, conditioned on the constraints (rejection)."""
+        failures: Counter[str] = Counter()
+        for _ in range(_SAMPLE_TRIES):
+            values = {g.path: g.sample(rng) for g in self.genes}
+            broken = self._violations(values)
+            if not broken:
+                return Genome.from_dict(values)
+            failures.update(re.sub(r" \(-?\d+\)", "", b) for b in broken)  # the constraints, no numbers
+        worst = failures.most_common(1)[0][0]
+        raise SpaceError(
+            f"search: none of {_SAMPLE_TRIES} sampled genomes satisfied the constraints "
+            f"(most often broken: {worst}); widen the ranges of {', '.join(g.path for g in self._constrained)}"
+            + (" or raise max_params" if self.max_params is not None else "")
+        )
+
+    def contains(self, genome: Genome) -> bool:
+        """Exactly the gene paths, each value inside its gene (type included), constraints met."""
+        d = genome.as_dict()
+        if set(d) != set(self.paths):
+            return False
+        return all(g.contains(d[g.path]) for g in self.genes) and self._violation(d) is None
+
+    def clip(self, genome: Genome) -> Genome:
+        """The genome moved into the space: each gene into its bounds / grid / choices, then the
+        architecture genes repaired to the nearest valid combination. Paths that are not genes
+        are dropped; a missing gene is an error. Idempotent; the identity inside the space."""
+        d = self._values(genome)
+        values = {g.path: g.clip(d[g.path]) for g in self.genes}
+        return Genome.from_dict(self._repair(values))
+
+    def encode(self, genome: Genome) -> np.ndarray:
+        """Coordinates in `[0, 1]^n`, one per gene in `paths` order."""
+        d = self._values(genome)
+        return np.array([g.encode(d[g.path]) for g in self.genes], dtype=np.float64)  # (n,)
+
+    def decode(self, x: np.ndarray) -> Genome:
+        """The genome at coordinates `x` (clamped to `[0, 1]`, rounded, repaired into the space)."""
+        x = np.asarray(x, dtype=np.float64)
+        if x.shape != (len(self.genes),):
+            raise ValueError(f"search: decode needs a vector of {len(self.genes)} coordinates, got shape {x.shape}")
+        if np.isnan(x).any():
+            raise ValueError(f"search: decode got NaN for {self.paths[int(np.flatnonzero(np.isnan(x))[0])]}")
+        values = {g.path: g.decode(xi) for g, xi in zip(self.genes, x)}
+        return Genome.from_dict(self._repair(values))
+
+    def model_fields(self, genome: Genome) -> dict[str, Any]:
+        """The base `model.*` fields merged with the genome's model genes, without the prefix
+        (ready for `InternLM2Config(**fields)`)."""
+        return self._fields(genome.as_dict())
+
+    def count_parameters(self, genome: Genome) -> int:
+        """InternLM2 parameter count of the genome's model."""
+        return count_parameters(self.model_fields(genome))
+
+    def to_optuna(self) -> dict[str, optuna.distributions.BaseDistribution]:
+        """`{path: distribution}` for Optuna (samplers, and the dashboard mirror study)."""
+        return {g.path: g.to_optuna() for g in self.genes}
+
+
+class _Outward:
+    """The domain of a discrete gene walked outward from a centre value, nearest first
+    (distance in the normalised space; ties go to the lower index)."""
+
+    def __init__(self, gene: IntGene | ChoiceGene, value: Any):
+        self.gene = gene
+        centre = gene.index(value)
+        self.origin = gene.encode_index(centre)
+        self.order, self.costs = [centre], [0.0]
+        self.left, self.right = centre - 1, centre + 1
+
+    def has(self, j: int) -> bool:
+        while len(self.order) <= j:
+            dl = (self.origin - self.gene.encode_index(self.left)) ** 2 if self.left >= 0 else math.inf
+            dr = (self.gene.encode_index(self.right) - self.origin) ** 2 if self.right < self.gene.size else math.inf
+            if dl == math.inf and dr == math.inf:
+                return False
+            if dl <= dr:
+                self.order.append(self.left)
+                self.costs.append(dl)
+                self.left -= 1
+            else:
+                self.order.append(self.right)
+                self.costs.append(dr)
+                self.right += 1
+        return True
+
+    def value(self, j: int) -> Any:
+        return self.gene.value_at(self.order[j])
+
+    def cost(self, j: int) -> float:
+        return self.costs[j]

@@ -1,0 +1,332 @@
+"""Selection, crossover and mutation operators.
+
+The central property: over random spaces (all gene kinds, log scales, steps, choices,
+architecture constraints, parameter budgets) and genomes anywhere in them -- the bounds
+included -- no operator ever returns a genome outside the space. Plus PBT's perturbation
+rule, faithfulness to DEAP's formulas, determinism, and untouched global RNGs.
+"""
+
+from __future__ import annotations
+
+import math
+import random
+
+import deap.tools.crossover
+import deap.tools.mutation
+import numpy as np
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+
+from evo.crossover import cx_sbx, cx_uniform
+from evo.genome import Genome
+from evo.mutation import mut_perturb, mut_polynomial, mut_resample
+from evo.selection import pareto_front, sel_aging, sel_nsga2, sel_tournament, sel_truncation
+from evo.space import ChoiceGene, FloatGene, IntGene, SearchSpace
+from tests.evo.test_space import BASE, SETTINGS, bound_value, spaces
+
+# ----------------------------------------------------------------------------------------------
+# no operator leaves the space
+
+
+@st.composite
+def space_and_two_genomes(draw):
+    """A random space and two genomes inside it: sampled, or from the bounds (clipped)."""
+    space = draw(spaces())
+    genomes = []
+    for _ in range(2):
+        if draw(st.booleans()):
+            genomes.append(space.sample(np.random.default_rng(draw(st.integers(0, 2**32 - 1)))))
+        else:
+            genomes.append(space.clip(Genome.from_dict({g.path: bound_value(draw, g) for g in space.genes})))
+    return space, genomes[0], genomes[1], np.random.default_rng(draw(st.integers(0, 2**32 - 1)))
+
+
+@SETTINGS
+@given(space_and_two_genomes(), st.sampled_from([(0.8, 1.2), (0.5, 2.0), (0.9,), (1.5, 3.0, 0.1)]), st.booleans())
+def test_mut_perturb_stays_inside(s, factors, include_architecture):
+    space, a, _, rng = s
+    for _ in range(3):
+        a = mut_perturb(a, space, rng, factors=factors, include_architecture=include_architecture)
+        assert space.contains(a)
+
+
+@SETTINGS
+@given(space_and_two_genomes(), st.floats(0.0, 1.0))
+def test_mut_resample_stays_inside(s, probability):
+    space, a, _, rng = s
+    assert space.contains(mut_resample(a, space, rng, probability))
+
+
+@SETTINGS
+@given(space_and_two_genomes(), st.floats(0.5, 100.0), st.one_of(st.none(), st.floats(0.0, 1.0)))
+def test_mut_polynomial_stays_inside(s, eta, probability):
+    space, a, _, rng = s
+    for _ in range(3):
+        a = mut_polynomial(a, space, rng, eta=eta, probability=probability)
+        assert space.contains(a)
+
+
+@SETTINGS
+@given(space_and_two_genomes(), st.floats(0.0, 1.0), st.floats(0.5, 100.0))
+def test_crossovers_stay_inside(s, prob, eta):
+    space, a, b, rng = s
+    child = cx_uniform(a, b, space, rng, prob=prob)
+    assert space.contains(child)
+    child = cx_sbx(a, b, space, rng, eta=eta)
+    assert space.contains(child)
+
+
+@SETTINGS
+@given(spaces(architecture=False), st.integers(0, 2**32 - 1))
+def test_uniform_crossover_child_takes_each_gene_from_a_parent(space, seed):
+    # (without architecture constraints no repair can move a gene)
+    rng = np.random.default_rng(seed)
+    a, b = space.sample(rng), space.sample(rng)
+    child = cx_uniform(a, b, space, rng)
+    assert all(child[p] in (a[p], b[p]) for p in space.paths)
+
+
+# ----------------------------------------------------------------------------------------------
+# PBT perturbation rule
+
+
+def one_gene_space(gene):
+    return SearchSpace([gene], dict(BASE, **{gene.path: 0}))
+
+
+def perturbed_values(gene, value, n=60, **kw):
+    space = one_gene_space(gene)
+    g = Genome.from_dict({gene.path: value})
+    return [mut_perturb(g, space, np.random.default_rng(seed), **kw)[gene.path] for seed in range(n)]
+
+
+def test_perturb_multiplies_a_float_by_one_of_the_factors():
+    values = perturbed_values(FloatGene("train.lr", 1e-5, 1e-1, log=True), 1e-3)
+    assert set(values) == {8e-4, 1.2e-3}
+
+
+def test_perturb_at_the_upper_bound_stays_at_the_bound():
+    values = perturbed_values(FloatGene("train.lr", 1e-5, 1e-2, log=True), 1e-2)
+    assert set(values) == {8e-3, 1e-2}
+    values = perturbed_values(FloatGene("train.lr", 1e-3, 1e-1), 1e-3)
+    assert set(values) == {1e-3, 1.2e-3}
+
+
+def test_perturb_rounds_integers_and_always_moves_them():
+    gene = IntGene("train.warmup_steps", 0, 100)
+    assert set(perturbed_values(gene, 10)) == {8, 12}
+    assert set(perturbed_values(gene, 2)) == {1, 3}  # 1.6 and 2.4 round back to 2: one step instead
+    assert set(perturbed_values(gene, 1)) == {0, 2}
+    assert set(perturbed_values(gene, 0)) == {0, 1}  # 0 x factor is 0: one step up (down is clipped)
+    assert set(perturbed_values(gene, 100)) == {80, 100}
+    stepped = IntGene("train.batch_size", 8, 64, step=8)
+    assert set(perturbed_values(stepped, 16)) == {8, 24}  # 12.8 -> 16, 19.2 -> 16: a step each way
+    assert all(isinstance(v, int) for v in perturbed_values(stepped, 40))
+
+
+def test_perturb_moves_a_choice_to_a_neighbour_only():
+    gene = ChoiceGene("train.schedule", ("a", "b", "c", "d"))
+    assert set(perturbed_values(gene, "b")) == {"a", "c"}
+    assert set(perturbed_values(gene, "a")) == {"a", "b"}
+    assert set(perturbed_values(gene, "d")) == {"c", "d"}
+    numeric = ChoiceGene("train.batch_size", (8, 16, 32))
+    assert set(perturbed_values(numeric, 16, factors=(0.8, 1.2))) == {8, 32}  # never 12.8 or 19.2
+
+
+def test_perturb_leaves_architecture_alone_when_asked():
+    space = SearchSpace.from_dict(
+        {
+            "train.lr": {"type": "float", "low": 1e-4, "high": 1e-2, "log": True},
+            "model.num_hidden_layers": {"type": "int", "low": 1, "high": 8},
+            "model.hidden_size": {"type": "choice", "choices": [32, 64, 128]},
+        },
+        BASE,
+    )
+    g = Genome.from_dict({"train.lr": 1e-3, "model.num_hidden_layers": 4, "model.hidden_size": 64})
+    for seed in range(20):
+        h = mut_perturb(g, space, np.random.default_rng(seed), include_architecture=False)
+        assert h.architecture() == g.architecture() and h["train.lr"] != g["train.lr"]
+    moved = [mut_perturb(g, space, np.random.default_rng(s)).architecture() != g.architecture() for s in range(20)]
+    assert all(moved)
+
+
+def test_resample_probability_zero_and_one():
+    space = SearchSpace.from_dict({"train.lr": {"type": "float", "low": 1e-4, "high": 1e-2, "log": True}}, BASE)
+    g = Genome.from_dict({"train.lr": 1e-3})
+    assert mut_resample(g, space, np.random.default_rng(0), 0.0) == g
+    assert len({mut_resample(g, space, np.random.default_rng(s), 1.0)["train.lr"] for s in range(10)}) == 10
+
+
+def test_polynomial_changes_choices_and_small_ints():
+    space = SearchSpace.from_dict(
+        {
+            "train.schedule": {"type": "choice", "choices": ["cosine", "constant"]},
+            "model.num_hidden_layers": {"type": "int", "low": 1, "high": 4},
+        },
+        BASE,
+    )
+    g = Genome.from_dict({"train.schedule": "cosine", "model.num_hidden_layers": 2})
+    for seed in range(20):
+        h = mut_polynomial(g, space, np.random.default_rng(seed), probability=1.0)
+        assert h["train.schedule"] == "constant" and h["model.num_hidden_layers"] in (1, 3)
+
+
+# ----------------------------------------------------------------------------------------------
+# the same numbers as DEAP's operators, given the same random numbers
+
+
+class _Draws:
+    """Stands in for the `random` module inside DEAP: yields given numbers."""
+
+    def __init__(self, values):
+        self._values = iter(values)
+
+    def random(self):
+        return float(next(self._values))
+
+
+UNIT_GENES = [FloatGene(f"train.g{i}", 0.0, 1.0) for i in range(6)]
+UNIT_SPACE = SearchSpace(UNIT_GENES, dict(BASE, **{g.path: 0.0 for g in UNIT_GENES}))
+
+
+def test_generator_scalar_draws_match_a_vector_of_draws():
+    rng = np.random.default_rng(5)
+    assert [rng.random() for _ in range(5)] == list(np.random.default_rng(5).random(5))
+
+
+@pytest.mark.parametrize("seed", range(10))
+def test_sbx_is_deap_cx_simulated_binary_bounded(seed, monkeypatch):
+    rng = np.random.default_rng(seed)
+    a, b = UNIT_SPACE.sample(rng), UNIT_SPACE.sample(rng)
+    monkeypatch.setattr(deap.tools.crossover, "random", _Draws(np.random.default_rng(seed + 100).random(100)))
+    ind1, _ = deap.tools.crossover.cxSimulatedBinaryBounded(list(UNIT_SPACE.encode(a)), list(UNIT_SPACE.encode(b)), 15.0, 0.0, 1.0)
+    child = cx_sbx(a, b, UNIT_SPACE, np.random.default_rng(seed + 100), eta=15.0)
+    assert list(UNIT_SPACE.encode(child)) == ind1
+    assert child != a  # something was recombined
+
+
+@pytest.mark.parametrize("seed", range(10))
+def test_polynomial_is_deap_mut_polynomial_bounded(seed, monkeypatch):
+    a = UNIT_SPACE.sample(np.random.default_rng(seed))
+    monkeypatch.setattr(deap.tools.mutation, "random", _Draws(np.random.default_rng(seed + 100).random(100)))
+    (ind,) = deap.tools.mutation.mutPolynomialBounded(list(UNIT_SPACE.encode(a)), 20.0, 0.0, 1.0, 0.5)
+    mutant = mut_polynomial(a, UNIT_SPACE, np.random.default_rng(seed + 100), eta=20.0, probability=0.5)
+    assert list(UNIT_SPACE.encode(mutant)) == ind
+
+
+def test_sbx_works_in_log_space():
+    space = SearchSpace.from_dict({"train.lr": {"type": "float", "low": 1e-6, "high": 1.0, "log": True}}, BASE)
+    a, b = Genome.from_dict({"train.lr": 1e-5}), Genome.from_dict({"train.lr": 1e-3})
+    children = [cx_sbx(a, b, space, np.random.default_rng(s), eta=15.0)["train.lr"] for s in range(200)]
+    # children spread around the parents in log space: the geometric middle 1e-4 is as likely
+    # as the arithmetic one (5e-4) is rare
+    assert all(1e-6 <= c <= 1.0 for c in children)
+    assert np.median(np.log10(children)) == pytest.approx(-4, abs=1.0)
+
+
+# ----------------------------------------------------------------------------------------------
+# determinism and global RNGs
+
+
+ARCH = SearchSpace.from_dict(
+    {
+        "train.lr": {"type": "float", "low": 1e-4, "high": 1e-2, "log": True},
+        "train.warmup_steps": {"type": "int", "low": 0, "high": 100, "step": 5},
+        "train.schedule": {"type": "choice", "choices": ["cosine", "constant"]},
+        "model.hidden_size": {"type": "int", "low": 32, "high": 256, "step": 8},
+        "model.num_attention_heads": {"type": "choice", "choices": [2, 4, 8]},
+        "model.num_key_value_heads": {"type": "int", "low": 1, "high": 8},
+        "model.num_hidden_layers": {"type": "int", "low": 1, "high": 6},
+    },
+    BASE,
+    max_params=400_000,
+)
+
+
+def run_everything(seed):
+    rng = np.random.default_rng(seed)
+    a, b = ARCH.sample(rng), ARCH.sample(rng)
+    fit = rng.random(8)
+    return [
+        a, b,
+        mut_perturb(a, ARCH, rng), mut_resample(a, ARCH, rng, 0.5), mut_polynomial(a, ARCH, rng, probability=0.5),
+        cx_uniform(a, b, ARCH, rng), cx_sbx(a, b, ARCH, rng),
+        sel_tournament(fit, 3, 2, rng), sel_truncation(fit, 0.25), sel_nsga2(rng.random((8, 2)), 4), sel_aging([1, 2], 1),
+    ]
+
+
+def test_same_seed_same_results_different_seed_different_results():
+    assert run_everything(3) == run_everything(3)
+    assert run_everything(3) != run_everything(4)
+
+
+def test_operators_do_not_touch_the_global_rngs():
+    random.seed(1)
+    np.random.seed(1)
+    py_state, np_state = random.getstate(), np.random.get_state()
+    for seed in range(5):
+        run_everything(seed)
+    assert random.getstate() == py_state
+    after = np.random.get_state()
+    assert after[0] == np_state[0] and np.array_equal(after[1], np_state[1]) and after[2:] == np_state[2:]
+
+
+# ----------------------------------------------------------------------------------------------
+# selection
+
+
+def test_truncation_excludes_missing_fitness():
+    fitness = [0.5, None, 0.1, math.nan, 0.3, 0.9, 0.2, 0.4]
+    bottom, top = sel_truncation(fitness, 0.25)  # 6 ranked: k = min(ceil(1.5), 3) = 2
+    assert top == [2, 6] and bottom == [5, 0]
+    assert sel_truncation(np.array([0.3, 0.1]), 0.25) == ([0], [1])
+    assert sel_truncation([0.3, 0.1, 0.2, 0.5], 0.5) == ([3, 0], [1, 2])
+    assert sel_truncation([0.3], 0.25) == ([], [])
+    assert sel_truncation([0.3, 0.1], 0.0) == ([], [])
+    with pytest.raises(ValueError, match="quantile"):
+        sel_truncation([0.3, 0.1], 0.7)
+
+
+def test_tournament_picks_the_best_aspirant_and_skips_missing_fitness():
+    fitness = [0.5, None, 0.1, math.nan, 0.3]
+    winners = sel_tournament(fitness, 200, 2, np.random.default_rng(0))
+    assert len(winners) == 200 and set(winners) <= {0, 2, 4}
+    counts = np.bincount(winners, minlength=5)
+    assert counts[2] > counts[4] > counts[0]  # binary tournament: P = 5/9, 3/9, 1/9
+    assert sel_tournament(fitness, 5, 50, np.random.default_rng(0)) == [2] * 5
+    assert sel_tournament(fitness, 4, 2, np.random.default_rng(9)) == sel_tournament(fitness, 4, 2, np.random.default_rng(9))
+    with pytest.raises(ValueError):
+        sel_tournament([None, math.nan], 1, 2, np.random.default_rng(0))
+
+
+def test_nsga2_selects_whole_fronts_then_by_crowding():
+    obj = np.array([[1, 5], [2, 3], [3, 1], [2, 4], [4, 4], [np.nan, 0.0], [1.5, 4.5]])
+    selected, front = sel_nsga2(obj, 4)
+    assert front == [0, 1, 2, 6]
+    assert sorted(selected) == [0, 1, 2, 6]
+    selected, _ = sel_nsga2(obj, 7)
+    assert sorted(selected[:4]) == [0, 1, 2, 6] and selected[4:] == [3, 4, 5]  # NaN row last
+    # cutting the first front keeps its extremes (infinite crowding distance) first
+    selected, _ = sel_nsga2(obj, 2)
+    assert sorted(selected) == [0, 2]
+
+
+@given(st.integers(2, 12), st.integers(1, 3), st.integers(0, 2**16), st.data())
+@SETTINGS
+def test_nsga2_never_drops_a_member_that_dominates_a_selected_one(n, m, seed, data):
+    obj = np.random.default_rng(seed).integers(0, 4, size=(n, m)).astype(float)  # ties on purpose
+    k = data.draw(st.integers(0, n))
+    selected, front = sel_nsga2(obj, k)
+    assert len(selected) == k == len(set(selected))
+    dominates = lambda i, j: np.all(obj[i] <= obj[j]) and np.any(obj[i] < obj[j])
+    for j in set(range(n)) - set(selected):
+        assert not any(dominates(j, i) for i in selected)
+    assert front == [i for i in range(n) if not any(dominates(j, i) for j in range(n))]
+    assert pareto_front(obj) == front
+
+
+def test_aging_removes_the_oldest():
+    assert sel_aging([3, 7, 7, 1]) == [1]
+    assert sel_aging([3, 7, 7, 1], 2) == [1, 2]
+    assert sel_aging(np.array([0, 0]), 0) == []

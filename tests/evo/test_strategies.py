@@ -1,0 +1,444 @@
+"""The conformance suite every strategy passes, plus a few strategy-specific behaviours.
+
+Random snapshots (populations 2..12, members without fitness, tied and diverged fitness,
+spaces with constrained architecture genes) go through every strategy; the decisions must be
+valid (one per ready id, in order; donors alive and fitter; genomes inside the space),
+reproducible from the seed, and identical after a state_dict -> JSON -> load_state_dict resume.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+
+import numpy as np
+import pytest
+
+from evo.genome import Genome
+from evo.nsga2 import NSGA2
+from evo.pb2 import MIN_OBSERVATIONS
+from evo.space import ChoiceGene, FloatGene, IntGene, SearchSpace
+from evo.strategy import (
+    OBJECTIVE_SENSE,
+    Crossover,
+    Exploit,
+    Keep,
+    MemberView,
+    Restart,
+    Snapshot,
+    StrategyConfig,
+    make_strategy,
+)
+from evo.toy import toy_space
+
+STRATEGIES = {
+    "pbt": dict(name="pbt"),
+    "pbt-tournament": dict(name="pbt", selection="tournament", tournament_size=3),
+    "ga-uniform": dict(name="ga", crossover="uniform"),
+    "ga-sbx": dict(name="ga", crossover="sbx", elitism=2, mutation_probability=0.5),
+    "nsga2": dict(name="nsga2", objectives=("val_bpb", "params", "tokens_per_s")),
+    "pb2": dict(name="pb2"),
+    "random": dict(name="random"),
+}
+
+BASE = {
+    "model.vocab_size": 256,
+    "model.hidden_size": 64,
+    "model.intermediate_size": 172,
+    "model.num_hidden_layers": 2,
+    "model.num_attention_heads": 4,
+    "model.num_key_value_heads": 2,
+    "model.rope_theta": 10000.0,
+    "train.lr": 1e-3,
+    "train.beta2": 0.95,
+    "train.warmup_steps": 20,
+    "train.schedule": "cosine",
+}
+
+
+def arch_space(max_params: int | None = None) -> SearchSpace:
+    genes = [
+        FloatGene("train.lr", 1e-4, 1e-2, log=True),
+        FloatGene("train.beta2", 0.9, 0.999),
+        IntGene("train.warmup_steps", 0, 100, step=10),
+        ChoiceGene("train.schedule", ("cosine", "constant")),
+        IntGene("model.num_hidden_layers", 1, 4),
+        ChoiceGene("model.hidden_size", (32, 48, 64, 96, 128)),
+        IntGene("model.num_attention_heads", 1, 8),
+        ChoiceGene("model.num_key_value_heads", (1, 2, 4)),
+        FloatGene("model.rope_theta", 1e3, 1e6, log=True),
+    ]
+    return SearchSpace(genes, BASE, max_params=max_params)
+
+
+SPACES = {"arch": arch_space, "arch-budget": lambda: arch_space(max_params=200_000), "toy": toy_space}
+
+
+def random_snapshot(space: SearchSpace, rng: np.random.Generator, n: int, round_: int = 3) -> Snapshot:
+    """n members with distinct, non-contiguous ids; ~15% without fitness, some ties, rare NaN."""
+    ids = rng.choice(100, size=n, replace=False)
+    members = []
+    for i in ids:
+        genome = space.sample(rng)
+        u = rng.random()
+        if u < 0.15:
+            history: tuple = ()
+        else:
+            k = int(rng.integers(1, 4))
+            fits = np.round(rng.uniform(1.0, 3.0, size=k), 1 if u < 0.4 else 6)  # coarse -> ties
+            if u > 0.97:
+                fits[-1] = math.nan  # diverged
+            history = tuple((50 * (j + 1), float(f)) for j, f in enumerate(fits))
+        objectives = {}
+        if history:
+            objectives["val_bpb"] = history[-1][1]
+            objectives["params"] = float(space.count_parameters(genome)) if "model.vocab_size" in space.base else 1e5
+            if rng.random() < 0.9:  # a few members lack a measured throughput
+                objectives["tokens_per_s"] = float(rng.uniform(1e3, 1e4))
+        members.append(MemberView(int(i), genome, history, int(rng.integers(0, 5)), 50 * len(history), objectives))
+    return Snapshot(round_, tuple(members))
+
+
+def fitness(m: MemberView) -> float:
+    return m.fitness if m.fitness is not None and math.isfinite(m.fitness) else math.inf
+
+
+def assert_valid(strategy, space: SearchSpace, snapshot: Snapshot, decisions: list, ready: list[int]) -> None:
+    """The decision contract, for any strategy."""
+    assert [d.member for d in decisions] == ready
+    ranks = strategy.ranks(snapshot) if isinstance(strategy, NSGA2) else None
+
+    def fitter(donor_id: int, receiver: MemberView) -> bool:
+        donor = snapshot.member(donor_id)  # alive: KeyError otherwise
+        if ranks is not None:
+            return donor_id in ranks and receiver.id in ranks and ranks[donor_id] < ranks[receiver.id]
+        return donor.history != () and fitness(donor) < fitness(receiver)
+
+    for d in decisions:
+        receiver = snapshot.member(d.member)
+        assert isinstance(d, (Keep, Exploit, Crossover, Restart))
+        if not receiver.history:
+            assert isinstance(d, Keep), f"member {d.member} has no fitness yet but got {d}"
+        if isinstance(d, Exploit):
+            assert d.donor != d.member
+            assert fitter(d.donor, receiver), f"donor {d.donor} is not fitter than {d.member}"
+            assert d.how in ("perturb", "resample", "model")
+        if isinstance(d, Crossover):
+            assert d.parents[0] != d.parents[1] and d.member not in d.parents
+            assert d.weights_from in d.parents
+            for p in d.parents:
+                snapshot.member(p)
+            assert fitter(d.weights_from, receiver)
+        if isinstance(d, (Exploit, Crossover, Restart)):
+            assert space.contains(d.genome), f"{d.genome} is outside the space"
+            f = space.model_fields(d.genome)
+            assert f["hidden_size"] % f["num_attention_heads"] == 0 if "hidden_size" in f else True
+            if "num_key_value_heads" in f:
+                assert f["num_attention_heads"] % f["num_key_value_heads"] == 0
+                assert (f["hidden_size"] // f["num_attention_heads"]) % 2 == 0
+            if space.max_params is not None:
+                assert space.count_parameters(d.genome) <= space.max_params
+
+
+def plan(kind: str, space: SearchSpace, snapshot: Snapshot, seed: int, ready=None):
+    strategy = make_strategy(StrategyConfig(**STRATEGIES[kind]), space)
+    return strategy, strategy.plan(snapshot, np.random.default_rng(seed), ready)
+
+
+# ------------------------------------------------------------------------------------------------
+# conformance
+
+
+@pytest.mark.parametrize("kind", STRATEGIES)
+@pytest.mark.parametrize("space_name", SPACES)
+def test_decisions_are_valid_and_reproducible(kind: str, space_name: str) -> None:
+    space = SPACES[space_name]()
+    for seed in range(12):
+        rng = np.random.default_rng([seed, 7])
+        snapshot = random_snapshot(space, rng, n=int(rng.integers(2, 13)))
+        ids = [m.id for m in snapshot.members]
+        strategy, decisions = plan(kind, space, snapshot, seed)
+        assert_valid(strategy, space, snapshot, decisions, ids)
+        _, again = plan(kind, space, snapshot, seed)
+        assert again == decisions  # same seed, same snapshot -> same decisions
+        # a ready subset in a shuffled order: one decision each, in that order
+        subset = [int(i) for i in rng.permutation(ids)[: max(1, len(ids) // 2)]]
+        strategy, decisions = plan(kind, space, snapshot, seed, ready=subset)
+        assert_valid(strategy, space, snapshot, decisions, subset)
+
+
+@pytest.mark.parametrize("kind", STRATEGIES)
+def test_async_ready_member_gets_one_decision(kind: str) -> None:
+    space = arch_space()
+    for seed in range(4):
+        rng = np.random.default_rng([seed, 11])
+        snapshot = random_snapshot(space, rng, n=int(rng.integers(2, 13)))
+        for m in snapshot.members:
+            strategy, decisions = plan(kind, space, snapshot, seed, ready=[m.id])
+            assert len(decisions) == 1
+            assert_valid(strategy, space, snapshot, decisions, [m.id])
+
+
+@pytest.mark.parametrize("kind", STRATEGIES)
+def test_unknown_or_repeated_ready_ids_are_refused(kind: str) -> None:
+    space = toy_space()
+    snapshot = random_snapshot(space, np.random.default_rng(0), n=4)
+    with pytest.raises(KeyError):
+        plan(kind, space, snapshot, 0, ready=[1000])
+    with pytest.raises(ValueError):
+        plan(kind, space, snapshot, 0, ready=[snapshot.members[0].id] * 2)
+
+
+def run_world(strategy, space: SearchSpace, seed: int, rounds: int, *, snapshots=None, stop_after=None):
+    """A tiny sync driver: fitness falls by a random share each round, exploits copy the
+    donor's fitness, member 3 fails and restarts empty at round 3. Returns (snapshots, decisions);
+    with `snapshots` given it replays them instead of simulating."""
+    rng = np.random.default_rng([seed, 99])
+    genomes = {i: space.sample(rng) for i in range(8)}
+    histories: dict[int, list] = {i: [(50, float(rng.uniform(2.0, 3.0)))] for i in range(8)}
+    seen, planned = [], []
+    for r in range(rounds):
+        if snapshots is not None:
+            snap = snapshots[r]
+        else:
+            if r == 3:
+                histories[3] = []
+            snap = Snapshot(
+                r,
+                tuple(
+                    MemberView(i, genomes[i], tuple(histories[i]), r, 50 * (r + 1),
+                               {"val_bpb": histories[i][-1][1], "params": 1e5, "tokens_per_s": 1e4} if histories[i] else {})
+                    for i in range(8)
+                ),
+            )
+        seen.append(snap)
+        decisions = strategy.plan(snap, np.random.default_rng([seed, snap.round]))
+        planned.append(decisions)
+        if stop_after is not None and r + 1 == stop_after:
+            break
+        if snapshots is None:
+            before = {i: list(h) for i, h in histories.items()}
+            for d in decisions:
+                if isinstance(d, (Exploit, Crossover)):
+                    donor = d.donor if isinstance(d, Exploit) else d.weights_from
+                    histories[d.member] = list(before[donor])
+                if not isinstance(d, Keep):
+                    genomes[d.member] = d.genome
+            for i in range(8):
+                last = histories[i][-1][1] if histories[i] else 3.0
+                histories[i].append((50 * (r + 2), last * (1 - 0.1 * rng.random())))
+    return seen, planned
+
+
+@pytest.mark.parametrize("kind", STRATEGIES)
+def test_resume_from_state_dict_decides_as_never_stopped(kind: str) -> None:
+    space = arch_space()
+    rounds, stop = 7, 2
+    for seed in range(2):
+        config = StrategyConfig(**STRATEGIES[kind])
+        snapshots, uninterrupted = run_world(make_strategy(config, space), space, seed, rounds)
+        first = make_strategy(config, space)
+        _, before = run_world(first, space, seed, rounds, snapshots=snapshots, stop_after=stop)
+        state = json.loads(json.dumps(first.state_dict()))  # must survive JSON
+        resumed = make_strategy(config, space)
+        resumed.load_state_dict(state)
+        _, after = run_world(resumed, space, seed, rounds - stop, snapshots=snapshots[stop:])
+        assert before + after == uninterrupted
+        for snap, decisions in zip(snapshots, uninterrupted):
+            assert_valid(resumed, space, snap, decisions, [m.id for m in snap.members])
+
+
+# ------------------------------------------------------------------------------------------------
+# strategy-specific behaviour
+
+
+def ranked_snapshot(space: SearchSpace, fitnesses: list[float | None], seed: int = 0) -> Snapshot:
+    rng = np.random.default_rng(seed)
+    return Snapshot(
+        1,
+        tuple(
+            MemberView(10 + i, space.sample(rng), () if f is None else ((100, f),), 1, 100,
+                       {} if f is None else {"val_bpb": f})
+            for i, f in enumerate(fitnesses)
+        ),
+    )
+
+
+@pytest.mark.parametrize("seed", range(5))
+def test_pbt_truncation_replaces_exactly_the_bottom_quantile_from_the_top(seed: int) -> None:
+    space = arch_space()
+    fits = list(np.random.default_rng(seed).permutation([1.1, 1.2, 1.3, 1.4, 1.5, 1.6, 1.7, 1.8]))
+    snapshot = ranked_snapshot(space, fits, seed)
+    by_fitness = sorted(snapshot.members, key=lambda m: m.fitness)
+    worst2, best2 = {m.id for m in by_fitness[-2:]}, {m.id for m in by_fitness[:2]}
+    _, decisions = plan("pbt", space, snapshot, seed)
+    exploits = [d for d in decisions if isinstance(d, Exploit)]
+    assert {d.member for d in exploits} == worst2
+    assert all(d.donor in best2 for d in exploits)
+    assert all(isinstance(d, Keep) for d in decisions if d.member not in worst2)
+
+
+def test_pbt_members_without_fitness_keep_and_never_donate() -> None:
+    space = arch_space()
+    snapshot = ranked_snapshot(space, [None, 1.5, None, 2.0, 1.0, 3.0, None, 2.5])
+    unevaluated = {m.id for m in snapshot.members if not m.history}
+    for kind in STRATEGIES:
+        for seed in range(10):
+            _, decisions = plan(kind, space, snapshot, seed)
+            for d in decisions:
+                if d.member in unevaluated:
+                    assert isinstance(d, Keep)
+                assert getattr(d, "donor", None) not in unevaluated
+                assert not set(getattr(d, "parents", ())) & unevaluated
+    # PBT: 5 ranked members -> k = ceil(0.25 * 5) = 2: the two worst (3.0, 2.5) exploit
+    _, decisions = plan("pbt", space, snapshot, 0)
+    assert {d.member for d in decisions if isinstance(d, Exploit)} == {15, 17}
+
+
+def test_equal_fitness_never_exploits() -> None:
+    space = toy_space()
+    snapshot = ranked_snapshot(space, [2.0] * 6)
+    for kind in STRATEGIES:
+        _, decisions = plan(kind, space, snapshot, 0)
+        assert all(isinstance(d, Keep) for d in decisions), kind
+
+
+def test_pbt_tournament_exploits_only_fitter_opponents() -> None:
+    space = toy_space()
+    snapshot = ranked_snapshot(space, [1.0, 2.0, 3.0, 4.0])
+    exploited = set()
+    for seed in range(20):
+        _, decisions = plan("pbt-tournament", space, snapshot, seed)
+        assert isinstance(decisions[0], Keep)  # the best member has no fitter opponent
+        exploited |= {d.member for d in decisions if isinstance(d, Exploit)}
+    assert exploited == {11, 12, 13}
+
+
+def test_ga_keeps_the_elite_and_breeds_from_fitter_parents() -> None:
+    space = arch_space()
+    snapshot = ranked_snapshot(space, [1.0, 1.1, 2.0, 2.5, 3.0, 3.5, 4.0, 4.5])
+    kinds = set()
+    for seed in range(20):
+        _, decisions = plan("ga-sbx", space, snapshot, seed)  # elitism 2
+        assert isinstance(decisions[0], Keep) and isinstance(decisions[1], Keep)
+        kinds |= {type(d).__name__ for d in decisions}
+    assert kinds == {"Keep", "Exploit", "Crossover"}
+
+
+def test_nsga2_pareto_front_and_replacement() -> None:
+    space = toy_space()
+    # (val_bpb, params): 10, 11, 12 are mutually non-dominated; 13 is dominated by 11;
+    # 14 and 15 are dominated by everything else
+    points = [(1.0, 9.0), (2.0, 5.0), (3.0, 1.0), (2.5, 6.0), (4.0, 9.5), (5.0, 10.0)]
+    rng = np.random.default_rng(0)
+    snapshot = Snapshot(
+        2,
+        tuple(
+            MemberView(10 + i, space.sample(rng), ((100, v),), 2, 100, {"val_bpb": v, "params": p})
+            for i, (v, p) in enumerate(points)
+        ),
+    )
+    strategy = make_strategy(StrategyConfig(name="nsga2", objectives=("val_bpb", "params"), quantile=0.5), space)
+    assert strategy.pareto_front(snapshot) == [10, 11, 12]
+    assert strategy.ranks(snapshot) == {10: 0, 11: 0, 12: 0, 13: 1, 14: 2, 15: 3}
+    decisions = strategy.plan(snapshot, np.random.default_rng(0))
+    # n_replace = 3: the three in the worst fronts breed from the better ones
+    assert {d.member for d in decisions if not isinstance(d, Keep)} == {13, 14, 15}
+
+
+def test_nsga2_maximises_throughput() -> None:
+    assert OBJECTIVE_SENSE["tokens_per_s"] == "max"
+    space = toy_space()
+    rng = np.random.default_rng(0)
+    snapshot = Snapshot(
+        1,
+        tuple(
+            MemberView(i, space.sample(rng), ((100, 2.0),), 1, 100, {"val_bpb": 2.0, "tokens_per_s": t})
+            for i, t in enumerate([100.0, 300.0, 200.0])
+        ),
+    )
+    strategy = make_strategy(StrategyConfig(name="nsga2", objectives=("val_bpb", "tokens_per_s")), space)
+    assert strategy.pareto_front(snapshot) == [1]
+
+
+def test_pb2_proposes_from_the_model_once_it_has_observations() -> None:
+    space = toy_space()
+    strategy = make_strategy(StrategyConfig(name="pb2"), space)
+    _, decisions = run_world(strategy, space, seed=0, rounds=6)
+    hows = [d.how for ds in decisions for d in ds if isinstance(d, Exploit)]
+    assert "model" in hows
+    assert len(strategy.observations) >= MIN_OBSERVATIONS
+
+
+def test_random_search_always_keeps() -> None:
+    space = arch_space()
+    snapshot = ranked_snapshot(space, [1.0, 2.0, 3.0, 4.0])
+    _, decisions = plan("random", space, snapshot, 0)
+    assert decisions == [Keep(m.id) for m in snapshot.members]
+
+
+# ------------------------------------------------------------------------------------------------
+# configuration
+
+
+@pytest.mark.parametrize(
+    "field, value, expected",
+    [
+        ("name", "pbtx", "did you mean 'pbt'"),
+        ("quantile", 0.7, "between 0 and 0.5"),
+        ("quantile", "a lot", "must be a number"),
+        ("resample_probability", -0.1, "between 0 and 1"),
+        ("perturb_factors", (0.8,), "two numbers"),
+        ("perturb_factors", (0.8, -1.2), "positive"),
+        ("selection", "tournamnet", "did you mean 'tournament'"),
+        ("tournament_size", 1, "at least 2"),
+        ("tournament_size", 2.5, "must be an integer"),
+        ("elitism", -1, "at least 0"),
+        ("elitism", True, "must be an integer"),
+        ("crossover", "onepoint", "choose from uniform, sbx"),
+        ("crossover_probability", 1.5, "between 0 and 1"),
+        ("mutation_probability", math.nan, "between 0 and 1"),
+        ("objectives", (), "non-empty"),
+        ("objectives", ("val_bpb", "latency"), "choose from"),
+        ("objectives", ("val_bpb", "val_bpb"), "twice"),
+        ("sampler", "cmaes", "choose from tpe, gp"),
+        ("seed", -1, "at least 0"),
+    ],
+)
+def test_config_errors_are_one_line_naming_the_field(field: str, value, expected: str) -> None:
+    with pytest.raises(ValueError) as err:
+        StrategyConfig(**{field: value})
+    message = str(err.value)
+    assert message.startswith(f"strategy.{field}: ")
+    assert expected in message
+    assert "\n" not in message
+
+
+def test_config_from_dict() -> None:
+    config = StrategyConfig.from_dict({"name": "ga", "perturb_factors": [0.5, 2], "objectives": ["val_bpb", "params"]})
+    assert config.perturb_factors == (0.5, 2.0) and config.objectives == ("val_bpb", "params")
+    with pytest.raises(ValueError, match=r"^strategy\.quantil: unknown key; did you mean 'quantile'\?$"):
+        StrategyConfig.from_dict({"quantil": 0.2})
+    with pytest.raises(ValueError, match=r"^strategy\.zzz: unknown key \(known: name, "):
+        StrategyConfig.from_dict({"zzz": 1})
+
+
+def test_gp_sampler_needs_its_dependencies() -> None:
+    import importlib.util
+
+    if importlib.util.find_spec("scipy") and importlib.util.find_spec("torch"):
+        assert StrategyConfig(name="pb2", sampler="gp").sampler == "gp"
+    else:
+        with pytest.raises(ValueError, match=r"^strategy\.sampler: 'gp' needs "):
+            StrategyConfig(name="pb2", sampler="gp")
+
+
+def test_genomes_in_decisions_are_plain_genomes() -> None:
+    space = arch_space()
+    snapshot = ranked_snapshot(space, [1.0, 2.0, 3.0, 4.0])
+    for kind in STRATEGIES:
+        _, decisions = plan(kind, space, snapshot, 1)
+        for d in decisions:
+            if hasattr(d, "genome"):
+                assert isinstance(d.genome, Genome)
+                assert Genome.from_dict(json.loads(json.dumps(d.genome.as_dict()))) == d.genome
