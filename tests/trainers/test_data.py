@@ -1,0 +1,210 @@
+"""trainers/data.py: corpus reading, split, token cache, batches, errors."""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from dataclasses import replace
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from trainers.data import DataConfig, DataError, load_corpus
+
+
+def _write_docs(root: Path, names, lines: int = 40) -> None:
+    """One text file per name; every line says which document it belongs to."""
+    root.mkdir(parents=True, exist_ok=True)
+    for name in names:
+        (root / f"{name}.txt").write_text("".join(f"<{name}> line {i} of some text\n" for i in range(lines)))
+
+
+def _doc_names(tokens: np.ndarray) -> set[str]:
+    text = bytes(np.asarray(tokens, dtype=np.uint8)).decode()
+    return {line.split(">")[0][1:] for line in text.splitlines() if line.startswith("<")}
+
+
+# ----------------------------------------------------------------------------- config and errors
+
+@pytest.mark.parametrize("kwargs, message", [
+    ({"seq_len": 0}, "data.seq_len: must be positive, got 0"),
+    ({"tokenizer": "words"}, "data.tokenizer: must be one of bytes, bpe, got 'words'"),
+    ({"val_fraction": 1.0}, "data.val_fraction: must be a number in (0, 1), got 1.0"),
+    ({"eval_batches": 2.5}, "data.eval_batches: must be an integer, got 2.5"),
+    ({"max_bytes": -1}, "data.max_bytes: must be positive, got -1"),
+    ({"tokenizer": "bpe", "vocab_size": 100}, "data.vocab_size: bpe needs 256 < vocab_size"),
+    ({"corpus": ""}, "data.corpus: must be a non-empty string"),
+])
+def test_config_errors_name_the_field(kwargs, message):
+    with pytest.raises(DataError) as e:
+        DataConfig(**kwargs)
+    assert str(e.value).startswith(message)
+    assert "\n" not in str(e.value)
+    assert isinstance(e.value, ValueError)
+
+
+def test_missing_path(tmp_path):
+    missing = tmp_path / "nope.txt"
+    with pytest.raises(DataError, match=f"data.corpus: path does not exist: {missing}$"):
+        load_corpus(DataConfig(corpus=str(missing)))
+
+
+def test_glob_without_matches(tmp_path):
+    with pytest.raises(DataError, match="data.corpus: glob .* matches no files"):
+        load_corpus(DataConfig(corpus=str(tmp_path / "*.md")))
+
+
+def test_empty_corpus(tmp_path):
+    empty_dir = tmp_path / "empty"
+    empty_dir.mkdir()
+    (tmp_path / "empty.txt").write_text("")
+    binary = tmp_path / "bin"
+    binary.mkdir()
+    (binary / "blob.dat").write_bytes(bytes(range(256)) * 4)
+    for corpus in (empty_dir, tmp_path / "empty.txt", binary):
+        with pytest.raises(DataError) as e:
+            load_corpus(DataConfig(corpus=str(corpus)))
+        assert str(e.value).startswith(f"data.corpus: no text in '{corpus}'")
+        assert "\n" not in str(e.value)
+
+
+def test_corpus_too_small_for_seq_len(tmp_path):
+    f = tmp_path / "small.txt"
+    f.write_text("tiny corpus\n" * 20)                     # 240 bytes; validation tail ~12 bytes
+    with pytest.raises(DataError, match=r"data.seq_len: corpus .* too small: its validation split has \d+ tokens"):
+        load_corpus(DataConfig(corpus=str(f), seq_len=128))
+
+
+def test_validation_split_empty(tmp_path):
+    _write_docs(tmp_path / "two", ["a", "b"])               # neither path hashes below 0.001
+    with pytest.raises(DataError, match=r"data.val_fraction: the validation split .* is empty \(2 documents"):
+        load_corpus(DataConfig(corpus=str(tmp_path / "two"), val_fraction=0.001, seq_len=8))
+
+
+# ----------------------------------------------------------------------------- corpus kinds and split
+
+def test_stdlib_default_is_capped_and_python_source():
+    cfg = DataConfig(max_bytes=300_000, val_fraction=0.2)
+    c = load_corpus(cfg)
+    m = c.meta
+    assert m["train_bytes"] + m["val_bytes"] <= 300_000
+    assert m["train_bytes"] + m["val_bytes"] > 250_000       # documents fill the cap
+    assert c.vocab_size == 256 and c.bytes_per_token == 1.0
+    assert c.train_tokens.dtype == np.uint8
+    text = bytes(c.train_tokens[:100_000]).decode("utf-8")
+    assert "def " in text and "import " in text
+
+
+def test_single_file_tail_is_validation(tmp_path):
+    f = tmp_path / "book.txt"
+    data = "".join(f"line {i}: all work and no play\n" for i in range(400)).encode()
+    f.write_bytes(data)
+    c = load_corpus(DataConfig(corpus=str(f), seq_len=16, val_fraction=0.1))
+    train, val = bytes(c.train_tokens), bytes(c.val_tokens)
+    assert train + val == data
+    assert val.startswith(b"line ") and 0.08 < len(val) / len(data) < 0.12
+
+
+def test_split_by_document_is_deterministic_and_stable(tmp_path):
+    root = tmp_path / "docs"
+    _write_docs(root, [f"d{i:02d}" for i in range(40)])
+    cfg = DataConfig(corpus=str(root), seq_len=16, val_fraction=0.25, eval_batches=1, eval_batch_size=2)
+    c1 = load_corpus(cfg)
+    val1, train1 = _doc_names(c1.val_tokens), _doc_names(c1.train_tokens)
+    assert val1 and train1 and not val1 & train1 and len(val1 | train1) == 40
+    assert c1.meta["val_documents"] == len(val1)
+    # adding documents leaves every existing document on its side of the split
+    _write_docs(root, [f"new{i:02d}" for i in range(20)])
+    c2 = load_corpus(cfg)
+    assert not c2.from_cache                                  # new content -> new cache entry
+    val2, train2 = _doc_names(c2.val_tokens), _doc_names(c2.train_tokens)
+    old = {f"d{i:02d}" for i in range(40)}
+    assert val2 & old == val1 and train2 & old == train1
+    # the same files in a glob give the same split
+    c3 = load_corpus(DataConfig(corpus=str(root / "d*.txt"), seq_len=16, val_fraction=0.25,
+                                eval_batches=1, eval_batch_size=2))
+    assert _doc_names(c3.val_tokens) == val1
+
+
+# ----------------------------------------------------------------------------- cache and batches
+
+def test_cache_is_reused_and_batches_are_pure(small_data):
+    c1 = load_corpus(small_data)
+    meta = c1.path / "meta.json"
+    mtimes = {p.name: p.stat().st_mtime_ns for p in c1.path.iterdir()}
+    c2 = load_corpus(small_data)
+    assert c2.from_cache and c2.path == c1.path
+    assert {p.name: p.stat().st_mtime_ns for p in c2.path.iterdir()} == mtimes   # not rewritten
+    assert json.loads(meta.read_text())["train_tokens"] == len(c2.train_tokens)
+    leftovers = [p for p in c1.path.parent.iterdir() if ".tmp-" in p.name]
+    assert leftovers == []
+
+    x, y = c1.batch(seed=3, step=7, batch_size=5)
+    assert x.shape == y.shape == (5, 32) and x.dtype == y.dtype == torch.long
+    assert torch.equal(x[:, 1:], y[:, :-1])                  # y is x shifted by one
+    c1.batch(seed=3, step=8, batch_size=5)                    # draws in between change nothing
+    for c in (c1, c2):
+        x2, y2 = c.batch(seed=3, step=7, batch_size=5)
+        assert torch.equal(x, x2) and torch.equal(y, y2)
+    assert not torch.equal(x, c1.batch(seed=3, step=8, batch_size=5)[0])
+    assert not torch.equal(x, c1.batch(seed=4, step=7, batch_size=5)[0])
+    assert c1.batch(seed=3, step=7, batch_size=9)[0].shape == (9, 32)
+
+
+def test_eval_batches_fixed(small_data):
+    c1, c2 = load_corpus(small_data), load_corpus(small_data)
+    e1, e2 = c1.eval_batches(), c2.eval_batches()
+    assert len(e1) == small_data.eval_batches
+    for (x1, y1), (x2, y2) in zip(e1, e2):
+        assert x1.shape == (small_data.eval_batch_size, small_data.seq_len)
+        assert torch.equal(x1, x2) and torch.equal(y1, y2)
+    starts = e1[0][0][:, 0]
+    assert len(set(starts.tolist())) > 1                      # spread out, not one window repeated
+    assert all(torch.equal(a[0], b[0]) for a, b in zip(e1, c1.eval_batches()))
+
+
+def test_concurrent_loads_share_one_entry(tmp_path):
+    """Processes tokenizing the same corpus at once all succeed and leave one complete entry."""
+    corpus = tmp_path / "docs"
+    _write_docs(corpus, [f"d{i:02d}" for i in range(30)], lines=400)
+    cache = tmp_path / "cache"
+    code = ("import sys; from trainers.data import DataConfig, load_corpus; "
+            f"c = load_corpus(DataConfig(corpus={str(corpus)!r}, val_fraction=0.3, cache_dir={str(cache)!r})); "
+            "print(len(c.train_tokens), len(c.val_tokens))")
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[2])}
+    procs = [subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                              text=True, env=env) for _ in range(3)]
+    outs = [p.communicate(timeout=120) for p in procs]
+    assert [p.returncode for p in procs] == [0, 0, 0], [err for _, err in outs]
+    assert len({out for out, _ in outs}) == 1
+    entries = list(cache.iterdir())
+    assert len(entries) == 1 and (entries[0] / "meta.json").exists()
+
+
+# ----------------------------------------------------------------------------- bpe
+
+def test_bpe_tokenizer(tmp_path):
+    from tokenizers import Tokenizer
+
+    cfg = DataConfig(tokenizer="bpe", vocab_size=320, max_bytes=150_000, val_fraction=0.2, seq_len=32)
+    c = load_corpus(cfg)
+    assert 256 < c.vocab_size <= 320
+    assert c.train_tokens.dtype == np.uint16
+    assert int(c.train_tokens.max()) < c.vocab_size
+    assert c.bytes_per_token > 1.2                            # merges make tokens longer than a byte
+    tok = Tokenizer.from_file(c.tokenizer_path)
+    val_text = tok.decode(np.asarray(c.val_tokens).tolist())
+    assert len(val_text.encode("utf-8")) == c.meta["val_bytes"]   # byte-level BPE round-trips exactly
+    again = load_corpus(cfg)
+    assert again.from_cache and np.array_equal(again.train_tokens, c.train_tokens)
+    # training is deterministic: a member with its own cache (another node) gets the same tokens
+    elsewhere = load_corpus(replace(cfg, cache_dir=str(tmp_path / "other-node")))
+    assert not elsewhere.from_cache and elsewhere.path.name == c.path.name
+    assert np.array_equal(elsewhere.train_tokens, c.train_tokens)
+    assert Path(elsewhere.tokenizer_path).read_bytes() == Path(c.tokenizer_path).read_bytes()
+    # a different vocabulary size is a different cache entry
+    other = load_corpus(DataConfig(tokenizer="bpe", vocab_size=300, max_bytes=150_000, val_fraction=0.2))
+    assert other.path != c.path and other.vocab_size <= 300

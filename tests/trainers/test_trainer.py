@@ -1,0 +1,256 @@
+"""trainers/trainer.py: exact resume, hot-swapped hyperparameters, learning, failures."""
+from __future__ import annotations
+
+import math
+import pickle
+from dataclasses import replace
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+
+from trainers.data import DataConfig, load_corpus
+from trainers.model import ConfigError, InternLM2Config
+from trainers.trainer import HPARAMS, NonFiniteLossError, Trainer, TrainConfig, lr_at
+
+
+def _train_cfg(**kw) -> TrainConfig:
+    # one torch thread: on a shared 2-core machine two spinning OpenMP threads can be 4x slower
+    base = dict(batch_size=4, lr=3e-3, warmup_steps=5, decay_steps=40, seed=1, num_threads=1)
+    return TrainConfig(**{**base, **kw})
+
+
+def _snapshot(tr: Trainer) -> dict:
+    """Deep copy of the weights and optimizer state, to compare states exactly."""
+    return pickle.loads(pickle.dumps(tr.state_dict()))
+
+
+def _assert_states_equal(a: dict, b: dict) -> None:
+    assert a["step"] == b["step"]
+    assert a["model"].keys() == b["model"].keys()
+    for k in a["model"]:
+        assert torch.equal(a["model"][k], b["model"][k]), k
+    sa, sb = a["optimizer"]["state"], b["optimizer"]["state"]
+    assert sa.keys() == sb.keys()
+    for i in sa:
+        for k in sa[i]:
+            assert torch.equal(sa[i][k], sb[i][k]), (i, k)
+
+
+# ----------------------------------------------------------------------------- config
+
+@pytest.mark.parametrize("kwargs, message", [
+    ({"lr": 0.0}, "train.lr: must be in (0, inf), got 0.0"),
+    ({"lr": float("nan")}, "train.lr: must be in (0, inf), got nan"),
+    ({"batch_size": 0}, "train.batch_size: must be >= 1, got 0"),
+    ({"batch_size": 8.0}, "train.batch_size: must be an integer, got 8.0"),
+    ({"beta2": 1.0}, "train.beta2: must be in [0, 1), got 1.0"),
+    ({"weight_decay": -0.1}, "train.weight_decay: must be in [0, inf), got -0.1"),
+    ({"min_lr_ratio": 1.5}, "train.min_lr_ratio: must be in [0, 1], got 1.5"),
+    ({"schedule": "linear"}, "train.schedule: must be one of cosine, constant, got 'linear'"),
+    ({"decay_steps": 0}, "train.decay_steps: must be >= 1, got 0"),
+    ({"device": "tpu"}, "train.device: must be one of auto, cpu, cuda, got 'tpu'"),
+    ({"compile": "yes"}, "train.compile: must be true or false, got 'yes'"),
+    ({"num_threads": 0}, "train.num_threads: must be >= 1, got 0"),
+])
+def test_bad_train_config_names_the_field(kwargs, message):
+    with pytest.raises(ConfigError) as e:                     # a ValueError: the CLI exits 2 on it
+        TrainConfig(**kwargs)
+    assert str(e.value) == message and isinstance(e.value, ValueError)
+
+
+def test_lr_schedule():
+    cfg = TrainConfig(lr=1.0, warmup_steps=10, decay_steps=110, min_lr_ratio=0.1)
+    assert lr_at(cfg, 0) == pytest.approx(0.1)
+    assert lr_at(cfg, 9) == pytest.approx(1.0)
+    assert lr_at(cfg, 10) == pytest.approx(1.0)
+    assert lr_at(cfg, 60) == pytest.approx(0.55)              # half way down the cosine
+    assert lr_at(cfg, 110) == pytest.approx(0.1) and lr_at(cfg, 500) == pytest.approx(0.1)
+    assert lr_at(replace(cfg, schedule="constant"), 60) == 1.0
+    assert lr_at(replace(cfg, decay_steps=None), 60) == 1.0
+    assert lr_at(replace(cfg, warmup_steps=0), 0) == 1.0
+
+
+# ----------------------------------------------------------------------------- exact resume
+
+def test_checkpoint_round_trip_is_bit_exact(tmp_path, small_data, tiny_model):
+    whole = Trainer(tiny_model, _train_cfg(), small_data)
+    expected = [whole.train(1)["last_loss"] for _ in range(40)]
+
+    first = Trainer(tiny_model, _train_cfg(), small_data)
+    losses = first.train(20)["losses"]
+    path = tmp_path / "ckpt.pt"
+    torch.save(first.state_dict(), path)
+    state = torch.load(path, weights_only=True)               # plain dicts, lists, tensors, numbers
+
+    # a fresh trainer with another architecture and other hyperparameters: all restored from the state
+    other_arch = replace(tiny_model, num_hidden_layers=3, intermediate_size=96)
+    resumed = Trainer(other_arch, _train_cfg(lr=1e-4, batch_size=2), small_data)
+    resumed.load_state_dict(state)
+    assert resumed.model_config == tiny_model and resumed.step == 20
+    assert resumed.train_config == _train_cfg()
+    losses += [resumed.train(1)["last_loss"] for _ in range(20)]
+
+    assert losses == expected                                 # exactly, step by step
+    _assert_states_equal(resumed.state_dict(), whole.state_dict())
+    assert resumed.evaluate() == whole.evaluate()
+
+
+def test_state_dict_is_a_copy(small_data, tiny_model):
+    tr = Trainer(tiny_model, _train_cfg(), small_data)
+    tr.train(2)
+    state = tr.state_dict()
+    before = _snapshot(tr)
+    tr.train(2)
+    _assert_states_equal(state, before)                       # training did not write into it
+    assert state["model_config"] == tiny_model.to_dict() and state["train_config"]["lr"] == 3e-3
+
+
+# ----------------------------------------------------------------------------- hot-swapped hyperparameters
+
+def test_set_hparams_takes_effect_next_step_and_keeps_moments(small_data, tiny_model):
+    tr = Trainer(tiny_model, _train_cfg(), small_data)
+    tr.train(8)
+    opt = tr._optimizer
+    moments = {id(p): {k: v.clone() for k, v in s.items()} for p, s in opt.state.items()}
+    tr.set_hparams(lr=1e-2, weight_decay=0.0, beta1=0.8, eps=1e-6, min_lr_ratio=0.5)
+    for p, s in opt.state.items():                           # Adam moments untouched by the call
+        for k, v in s.items():
+            assert torch.equal(v, moments[id(p)][k]), k
+    new_cfg = _train_cfg(lr=1e-2, weight_decay=0.0, beta1=0.8, eps=1e-6, min_lr_ratio=0.5)
+    assert tr.train_config == new_cfg
+    decay, no_decay = opt.param_groups
+    assert decay["lr"] == lr_at(new_cfg, 8) and decay["betas"] == (0.8, 0.95) and decay["eps"] == 1e-6
+    assert decay["weight_decay"] == 0.0 and no_decay["weight_decay"] == 0.0
+    tr.train(1)
+    assert tr._optimizer is opt and opt.param_groups[0]["lr"] == lr_at(new_cfg, 8)
+
+
+def test_weight_update_scales_with_lr(small_data, tiny_model):
+    """Same state, lr x10 -> the first update is exactly 10 times larger (Adam's direction and
+    the decoupled decay term are both proportional to lr)."""
+    cfg = _train_cfg(schedule="constant", warmup_steps=0)
+    a = Trainer(tiny_model, cfg, small_data)
+    a.train(5)
+    b = Trainer(tiny_model, cfg, small_data)
+    b.load_state_dict(a.state_dict())
+    b.set_hparams(lr=cfg.lr * 10)
+    w0 = a.state_dict()["model"]
+    a.train(1)
+    b.train(1)
+    for name in ("model.layers.0.attention.wqkv.weight", "output.weight", "model.norm.weight"):
+        da = a.state_dict()["model"][name] - w0[name]
+        db = b.state_dict()["model"][name] - w0[name]
+        assert (db.norm() / da.norm()).item() == pytest.approx(10.0, rel=1e-3), name
+
+
+def test_set_hparams_rejects_unknown_or_bad_values(small_data, tiny_model):
+    tr = Trainer(tiny_model, _train_cfg(), small_data)
+    with pytest.raises(ValueError, match=r"^train.seed: not a hyperparameter that can change during training"):
+        tr.set_hparams(seed=3)
+    with pytest.raises(ValueError, match=r"^train.lr: must be in \(0, inf\), got -1"):
+        tr.set_hparams(lr=-1)
+    assert tr.train_config == _train_cfg()                   # nothing applied
+    assert set(HPARAMS) < {f for f in TrainConfig.__dataclass_fields__}
+
+
+def test_batch_size_change_and_pure_batches(small_data, tiny_model):
+    tr = Trainer(tiny_model, _train_cfg(), small_data)
+    tr.train(3)
+    tr.set_hparams(batch_size=7)
+    corpus = load_corpus(small_data)
+    x, y = corpus.batch(1, 3, 7)                              # (seed, step, batch_size) of the next step
+    with torch.no_grad():
+        expected = F.cross_entropy(tr.model(x).flatten(0, 1), y.flatten()).item()
+    m = tr.train(1)
+    assert m["tokens"] == 7 * small_data.seq_len and m["step"] == 4
+    assert m["last_loss"] == pytest.approx(expected, rel=1e-6)
+    # the batch stream does not depend on the history: a trainer that trained with batch 7 from
+    # the start sees the same batch at step 3
+    other = Trainer(tiny_model, _train_cfg(batch_size=7), small_data)
+    other.train(3)
+    assert torch.equal(corpus.batch(1, 3, 7)[0], x)
+
+
+# ----------------------------------------------------------------------------- failures
+
+def test_inf_weight_raises_before_the_step(small_data, tiny_model):
+    tr = Trainer(tiny_model, _train_cfg(), small_data)
+    tr.train(3)
+    with torch.no_grad():
+        tr.model.output.weight[0, 0] = float("inf")
+    before = _snapshot(tr)
+    with pytest.raises(NonFiniteLossError) as e:
+        tr.train(5)
+    assert e.value.step == 3 and not math.isfinite(e.value.loss)
+    assert "non-finite loss at step 3" in str(e.value)
+    _assert_states_equal(tr.state_dict(), before)             # weights and Adam state unchanged
+    again = pickle.loads(pickle.dumps(e.value))               # crosses process boundaries intact
+    assert (again.step, str(again)) == (3, str(e.value))
+
+
+def test_huge_lr_raises_and_leaves_last_finite_state(small_data, tiny_model):
+    tr = Trainer(tiny_model, _train_cfg(warmup_steps=0, grad_clip=0.0), small_data)
+    tr.train(2)
+    tr.set_hparams(lr=1e30)
+    for _ in range(10):
+        before = _snapshot(tr)
+        try:
+            tr.train(1)
+        except NonFiniteLossError as e:
+            assert e.step == before["step"] == tr.step
+            _assert_states_equal(tr.state_dict(), before)
+            break
+    else:
+        pytest.fail("lr=1e30 never produced a non-finite loss")
+
+
+# ----------------------------------------------------------------------------- setup
+
+def test_vocab_comes_from_the_corpus_and_threads_from_the_env(small_data, tiny_model, monkeypatch):
+    monkeypatch.setenv("EVO_NUM_THREADS", "1")
+    tr = Trainer(replace(tiny_model, vocab_size=1000), _train_cfg(num_threads=None), small_data)
+    assert tr.model_config.vocab_size == 256
+    assert tr.model.output.weight.shape == (256, tiny_model.hidden_size)
+    assert torch.get_num_threads() == 1
+    Trainer(tiny_model, _train_cfg(num_threads=2), small_data)
+    assert torch.get_num_threads() == 2                       # the config wins over the env
+    monkeypatch.setenv("EVO_NUM_THREADS", "half")
+    with pytest.raises(ValueError, match="^EVO_NUM_THREADS: must be a positive integer, got 'half'$"):
+        Trainer(tiny_model, _train_cfg(num_threads=None), small_data)
+
+
+def test_metrics(small_data, tiny_model):
+    tr = Trainer(tiny_model, _train_cfg(), small_data)
+    m = tr.train(4)
+    assert m["step"] == 4 == tr.step and len(m["losses"]) == 4
+    assert m["train_loss"] == pytest.approx(np.mean(m["losses"])) and m["last_loss"] == m["losses"][-1]
+    assert m["tokens"] == 4 * 4 * 32 and m["seconds"] > 0 and m["tokens_per_s"] > 0
+    assert m["grad_norm"] > 0
+    ev = tr.evaluate()
+    assert ev["val_bpb"] == pytest.approx(ev["val_loss"] / math.log(2))   # bytes: 1 byte per token
+    assert tr.model.training                                  # evaluate() puts the model back in train mode
+    assert tr.num_parameters() == sum(p.numel() for p in tr.model.parameters())
+
+
+# ----------------------------------------------------------------------------- it learns
+
+def test_learns_far_below_unigram_entropy():
+    """300 steps of the default tiny model on the default corpus (the standard library)."""
+    data = DataConfig()                                       # stdlib, bytes, seq 128
+    tr = Trainer(InternLM2Config(), TrainConfig(batch_size=16, lr=3e-3, warmup_steps=20, decay_steps=300,
+                                                  num_threads=1), data)
+    corpus = tr.corpus
+    # cross-entropy of the validation bytes under the training unigram distribution (add-one)
+    counts = np.bincount(np.asarray(corpus.train_tokens), minlength=corpus.vocab_size) + 1.0
+    log2p = np.log2(counts / counts.sum())
+    val = np.bincount(np.asarray(corpus.val_tokens), minlength=corpus.vocab_size)
+    unigram_bpb = -(val * log2p).sum() / val.sum() / corpus.bytes_per_token
+    start = tr.evaluate()["val_bpb"]
+    tr.train(300)
+    end = tr.evaluate()["val_bpb"]
+    print(f"\nunigram entropy {unigram_bpb:.3f} bits/byte; model val_bpb {start:.3f} at step 0 -> "
+          f"{end:.3f} at step 300 (ratio {end / unigram_bpb:.3f})")
+    assert 4.0 < unigram_bpb < 5.5
+    assert end < 0.75 * unigram_bpb

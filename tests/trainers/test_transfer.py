@@ -1,0 +1,151 @@
+"""trainers/transfer.py and Trainer.set_architecture: weights carried to a new architecture."""
+from __future__ import annotations
+
+from dataclasses import replace
+
+import pytest
+import torch
+
+from trainers.model import InternLM2Config, InternLM2ForCausalLM
+from trainers.trainer import Trainer, TrainConfig
+from trainers.transfer import transfer_weights
+
+BASE = InternLM2Config(hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                       num_attention_heads=4, num_key_value_heads=2)
+
+
+def _trained_like(cfg: InternLM2Config, seed: int = 0) -> InternLM2ForCausalLM:
+    """A model whose weights are all non-trivial (norm weights not 1, residual outputs not tiny)."""
+    g = torch.Generator().manual_seed(seed)
+    model = InternLM2ForCausalLM(cfg, generator=g)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(torch.randn(p.shape, generator=g) * 0.1)
+    return model
+
+
+def _carry(model: InternLM2ForCausalLM, new: InternLM2Config, seed: int = 1) -> InternLM2ForCausalLM:
+    state = transfer_weights(model.state_dict(), model.config, new, torch.Generator().manual_seed(seed))
+    out = InternLM2ForCausalLM(new)
+    out.load_state_dict(state)                                # strict: every key, every shape
+    return out
+
+
+def _logits(model: InternLM2ForCausalLM, seed: int = 2) -> torch.Tensor:
+    ids = torch.randint(0, model.config.vocab_size, (3, 24), generator=torch.Generator().manual_seed(seed))
+    with torch.no_grad():
+        return model(ids)
+
+
+@pytest.mark.parametrize("change", [
+    {"num_hidden_layers": 4},
+    {"intermediate_size": 100},
+    {"num_hidden_layers": 3, "intermediate_size": 128},
+])
+@pytest.mark.parametrize("bias", [False, True])
+def test_growing_layers_or_ffn_preserves_the_function(change, bias):
+    old = replace(BASE, bias=bias)
+    model = _trained_like(old)
+    grown = _carry(model, replace(old, **change))
+    delta = (_logits(grown) - _logits(model)).abs().max().item()
+    assert delta < 1e-5
+    # the new parts are not dead: their inputs are freshly initialised, not zero
+    new = grown.state_dict()
+    if "num_hidden_layers" in change:
+        last = change["num_hidden_layers"] - 1
+        assert new[f"model.layers.{last}.attention.wqkv.weight"].abs().sum() > 0
+        assert new[f"model.layers.{last}.feed_forward.w1.weight"].abs().sum() > 0
+        assert new[f"model.layers.{last}.attention.wo.weight"].abs().sum() == 0
+    if "intermediate_size" in change:
+        assert new["model.layers.0.feed_forward.w1.weight"][64:].abs().sum() > 0
+        assert new["model.layers.0.feed_forward.w2.weight"][:, 64:].abs().sum() == 0
+
+
+def test_shrinking_layers_keeps_the_first_ones():
+    model = _trained_like(replace(BASE, num_hidden_layers=3))
+    small = _carry(model, BASE)
+    old, new = model.state_dict(), small.state_dict()
+    assert not any(k.startswith("model.layers.2.") for k in new)
+    for k, v in new.items():
+        assert torch.equal(v, old[k]), k
+    assert torch.isfinite(_logits(small)).all()
+
+
+def test_wqkv_group_layout_is_respected():
+    """H 4 -> 8 with KV 2 (G 2 -> 4), width 32 -> 64 (D stays 8): every old q/k/v head lands in
+    the same kv group at the same place within the group."""
+    old = BASE
+    new = replace(BASE, hidden_size=64, num_attention_heads=8)
+    model = _trained_like(old)
+    s_old = model.state_dict()
+    s_new = _carry(model, new).state_dict()
+    w_old = s_old["model.layers.0.attention.wqkv.weight"].view(2, 2 + 2, 8, 32)   # (KV, G+2, D, C)
+    w_new = s_new["model.layers.0.attention.wqkv.weight"].view(2, 4 + 2, 8, 64)
+    assert torch.equal(w_new[:, :2, :, :32], w_old[:, :2])    # q heads 0, 1 of each group
+    assert torch.equal(w_new[:, 4, :, :32], w_old[:, 2])      # k
+    assert torch.equal(w_new[:, 5, :, :32], w_old[:, 3])      # v
+    assert w_new[:, 2:4].abs().sum() > 0                      # the new q heads are initialised
+    wo_old = s_old["model.layers.0.attention.wo.weight"].view(32, 2, 2, 8)        # (C, KV, G, D)
+    wo_new = s_new["model.layers.0.attention.wo.weight"].view(64, 2, 4, 8)
+    assert torch.equal(wo_new[:32, :, :2], wo_old)
+    assert wo_new[:, :, 2:].abs().sum() == 0                  # new heads start silent
+    assert torch.equal(s_new["model.tok_embeddings.weight"][:, :32], s_old["model.tok_embeddings.weight"])
+
+
+def test_head_dim_change_keeps_rotary_pairs():
+    """H 4 -> 2 at width 32 (D 8 -> 16): a copied q/k dim i < D/2 keeps its partner i + D/2."""
+    new = replace(BASE, num_attention_heads=2, num_key_value_heads=1)
+    model = _trained_like(BASE)
+    w_old = model.state_dict()["model.layers.1.attention.wqkv.weight"].view(2, 4, 8, 32)
+    w_new = _carry(model, new).state_dict()["model.layers.1.attention.wqkv.weight"].view(1, 4, 16, 32)
+    assert torch.equal(w_new[0, 0, 0:4], w_old[0, 0, 0:4])    # first rotary half of q head 0
+    assert torch.equal(w_new[0, 0, 8:12], w_old[0, 0, 4:8])   # its partners, second half
+    assert torch.equal(w_new[0, 2, 0:4], w_old[0, 2, 0:4])    # k of group 0
+    assert torch.equal(w_new[0, 3, 0:8], w_old[0, 3, 0:8])    # v: plain overlap
+
+
+@pytest.mark.parametrize("change", [
+    {"num_hidden_layers": 1},
+    {"num_attention_heads": 8, "num_key_value_heads": 4},     # D 8 -> 4
+    {"num_attention_heads": 2, "num_key_value_heads": 1},     # D 8 -> 16
+    {"hidden_size": 48, "num_attention_heads": 6, "num_key_value_heads": 3},
+    {"hidden_size": 16, "intermediate_size": 40, "num_key_value_heads": 1},
+])
+def test_set_architecture_gives_a_model_that_trains(change, small_data):
+    data_cfg = small_data
+    tr = Trainer(BASE, TrainConfig(batch_size=8, lr=3e-3, warmup_steps=0, seed=3, num_threads=1), data_cfg)
+    tr.train(30)
+    tr.set_architecture(replace(BASE, **change))
+    assert tr.model_config == replace(BASE, **change)
+    before = tr.evaluate()["val_loss"]
+    losses = tr.train(40)["losses"]
+    after = tr.evaluate()["val_loss"]
+    assert all(torch.isfinite(torch.tensor(losses)))
+    assert after < before
+
+
+def test_set_architecture_keeps_function_and_adam_state(small_data):
+    data_cfg = small_data
+    tr = Trainer(BASE, TrainConfig(batch_size=8, lr=3e-3, warmup_steps=0, seed=3, num_threads=1), data_cfg)
+    tr.train(10)
+    val = tr.evaluate()["val_loss"]
+    old_state = {name: dict(tr._optimizer.state[p]) for name, p in tr.model.named_parameters()}
+    grown = replace(BASE, num_hidden_layers=3, intermediate_size=80)
+    tr.set_architecture(grown)
+    assert tr.model_config == grown and tr.step == 10
+    assert tr.evaluate()["val_loss"] == pytest.approx(val, abs=1e-5)
+    for name, p in tr.model.named_parameters():
+        state = tr._optimizer.state.get(p)
+        if name.startswith("model.layers.2.") or ".feed_forward." in name:
+            assert not state, name                            # new or resized: fresh moments
+        else:                                                 # carried unchanged: moments kept
+            assert state and torch.equal(state["exp_avg"], old_state[name]["exp_avg"]), name
+            assert torch.equal(state["exp_avg_sq"], old_state[name]["exp_avg_sq"]), name
+    m = tr.train(5)
+    assert m["step"] == 15 and all(torch.isfinite(torch.tensor(m["losses"])))
+    # the new architecture checkpoints and resumes like any other
+    other = Trainer(BASE, TrainConfig(batch_size=8, lr=3e-3, warmup_steps=0, seed=3, num_threads=1), data_cfg)
+    other.load_state_dict(tr.state_dict())
+    assert other.model_config == grown
+    assert other.train(3)["losses"] == tr.train(3)["losses"]
+

@@ -1,0 +1,383 @@
+"""Trainer: one InternLM2-style model, its AdamW optimizer and its corpus, trained in steps.
+
+A population member owns one Trainer. The driver calls ``train(n)`` / ``evaluate()``, moves
+``state_dict()`` between members (exploit), changes hyperparameters in place (``set_hparams``,
+Adam moments kept) and changes the architecture with the weights carried over
+(``set_architecture``). Nothing here is random except through ``self._generator`` (model init
+and new weights on an architecture change) and the corpus's batch function of
+(seed, step, batch_size), so a trainer restored from ``state_dict()`` continues bit for bit.
+"""
+from __future__ import annotations
+
+import contextlib
+import math
+import os
+import time
+from dataclasses import asdict, dataclass, replace
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+from trainers.data import DataConfig, load_corpus
+from trainers.model import ConfigError, InternLM2Config, InternLM2ForCausalLM
+from trainers.transfer import transfer_weights
+
+# Fields of TrainConfig that may change during training (set_hparams); the others
+# (compile, device, num_threads, seed) belong to the member, not to the search.
+HPARAMS = ("batch_size", "lr", "weight_decay", "beta1", "beta2", "eps", "grad_clip",
+           "warmup_steps", "schedule", "decay_steps", "min_lr_ratio")
+SCHEDULES = ("cosine", "constant")
+DEVICES = ("auto", "cpu", "cuda")
+STATE_FORMAT = 1
+
+
+@dataclass
+class TrainConfig:
+    """Optimizer, schedule and run settings of one trainer; validated on construction."""
+
+    batch_size: int = 16
+    lr: float = 1e-3
+    weight_decay: float = 0.1
+    beta1: float = 0.9
+    beta2: float = 0.95
+    eps: float = 1e-8
+    grad_clip: float = 1.0          # max global grad norm; 0 = off
+    warmup_steps: int = 20          # linear warmup from lr/warmup_steps to lr
+    schedule: str = "cosine"        # "cosine" | "constant"
+    decay_steps: int | None = None  # step where the cosine reaches min_lr_ratio*lr; None = constant after warmup
+    min_lr_ratio: float = 0.1
+    compile: bool = False           # torch.compile the model
+    device: str = "auto"            # "auto" | "cpu" | "cuda"
+    num_threads: int | None = None  # torch threads; None = $EVO_NUM_THREADS, else the CPU affinity count
+    seed: int = 0                   # model init + batch order
+
+    def __post_init__(self) -> None:
+        self.batch_size = _int("batch_size", self.batch_size, low=1)
+        self.warmup_steps = _int("warmup_steps", self.warmup_steps, low=0)
+        self.seed = _int("seed", self.seed, low=0)
+        if self.decay_steps is not None:
+            self.decay_steps = _int("decay_steps", self.decay_steps, low=1)
+        if self.num_threads is not None:
+            self.num_threads = _int("num_threads", self.num_threads, low=1)
+        self.lr = _float("lr", self.lr, low=0.0, low_open=True)
+        self.weight_decay = _float("weight_decay", self.weight_decay, low=0.0)
+        self.beta1 = _float("beta1", self.beta1, low=0.0, high=1.0)
+        self.beta2 = _float("beta2", self.beta2, low=0.0, high=1.0)
+        self.eps = _float("eps", self.eps, low=0.0, low_open=True)
+        self.grad_clip = _float("grad_clip", self.grad_clip, low=0.0)
+        self.min_lr_ratio = _float("min_lr_ratio", self.min_lr_ratio, low=0.0, high=1.0, high_open=False)
+        if self.schedule not in SCHEDULES:
+            raise ConfigError(f"train.schedule: must be one of {', '.join(SCHEDULES)}, got {self.schedule!r}")
+        if self.device not in DEVICES:
+            raise ConfigError(f"train.device: must be one of {', '.join(DEVICES)}, got {self.device!r}")
+        if not isinstance(self.compile, bool):
+            raise ConfigError(f"train.compile: must be true or false, got {self.compile!r}")
+
+
+def _int(name: str, value: Any, low: int) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) and not hasattr(value, "__index__"):
+        raise ConfigError(f"train.{name}: must be an integer, got {value!r}")
+    if value < low:
+        raise ConfigError(f"train.{name}: must be >= {low}, got {value}")
+    return int(value)
+
+
+def _float(name: str, value: Any, low: float, high: float = math.inf,
+           low_open: bool = False, high_open: bool = True) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) and not hasattr(value, "__float__"):
+        raise ConfigError(f"train.{name}: must be a number, got {value!r}")
+    v = float(value)
+    too_low = v <= low if low_open else v < low
+    too_high = v >= high if high_open else v > high
+    if not math.isfinite(v) or too_low or too_high:
+        lo, hi = "(" if low_open else "[", ")" if high_open else "]"
+        raise ConfigError(f"train.{name}: must be in {lo}{low:g}, {high:g}{hi}, got {value!r}")
+    return v
+
+
+def lr_at(cfg: TrainConfig, step: int) -> float:
+    """Learning rate of optimizer step ``step`` (0-based): linear warmup over warmup_steps, then
+    constant (schedule "constant" or decay_steps None) or a cosine from lr at warmup_steps down
+    to min_lr_ratio*lr at decay_steps, flat after."""
+    if step < cfg.warmup_steps:
+        return cfg.lr * (step + 1) / cfg.warmup_steps
+    if cfg.schedule == "constant" or cfg.decay_steps is None:
+        return cfg.lr
+    span = cfg.decay_steps - cfg.warmup_steps
+    progress = 1.0 if span <= 0 else min(1.0, (step - cfg.warmup_steps) / span)
+    return cfg.lr * (cfg.min_lr_ratio + (1.0 - cfg.min_lr_ratio) * 0.5 * (1.0 + math.cos(math.pi * progress)))
+
+
+class NonFiniteLossError(RuntimeError):
+    """The loss (or the gradient norm) of a step is inf/nan; raised before the optimizer step,
+    so the weights and the optimizer state are those from before the step."""
+
+    def __init__(self, step: int, loss: float, what: str = "loss"):
+        super().__init__(f"non-finite {what} at step {step} (loss {loss})")
+        self.step, self.loss, self.what = step, loss, what
+
+    def __reduce__(self):        # picklable with its fields (Ray sends exceptions between processes)
+        return (type(self), (self.step, self.loss, self.what))
+
+
+class Trainer:
+    """Trains one InternLM2ForCausalLM on one corpus.
+
+    The model config is taken as given except ``vocab_size``, which is always the corpus's
+    (the tokenizer decides it): a config with another vocab_size is replaced by a copy with
+    the corpus's. Torch threads are limited to the trainer's CPU share (see TrainConfig).
+    """
+
+    def __init__(self, model: InternLM2Config, train: TrainConfig, data: DataConfig):
+        self.data_config = data
+        self.corpus = load_corpus(data)
+        self._train = train
+        self.device = _device(train.device)
+        threads = _num_threads(train.num_threads)
+        if torch.get_num_threads() != threads:
+            torch.set_num_threads(threads)
+        self._generator = torch.Generator().manual_seed(train.seed)   # init + new weights; saved in state
+        self._step = 0
+        self._build(self._with_corpus_vocab(model))
+
+    # ------------------------------------------------------------------ properties
+    @property
+    def step(self) -> int:
+        """Optimizer steps done."""
+        return self._step
+
+    @property
+    def model_config(self) -> InternLM2Config:
+        return replace(self._model_cfg)
+
+    @property
+    def train_config(self) -> TrainConfig:
+        return replace(self._train)
+
+    @property
+    def model(self) -> InternLM2ForCausalLM:
+        """The module being trained (for export / inspection)."""
+        return self._model
+
+    def num_parameters(self) -> int:
+        return self._model.num_parameters()
+
+    # ------------------------------------------------------------------ training
+    def train(self, n_steps: int) -> dict:
+        """Run n_steps optimizer steps. Returns {"train_loss" (mean), "last_loss", "losses"
+        (per step), "grad_norm" (last, before clipping), "step", "tokens" (this call),
+        "seconds", "tokens_per_s"}. Raises NonFiniteLossError before a step whose loss or
+        gradient norm is not finite."""
+        if n_steps < 0:
+            raise ValueError(f"n_steps: must be >= 0, got {n_steps}")
+        cfg, model, opt = self._train, self._model, self._optimizer
+        params = [p for g in opt.param_groups for p in g["params"]]
+        model.train()
+        losses: list[float] = []
+        grad_norm = math.nan
+        tokens = 0
+        t0 = time.perf_counter()
+        for _ in range(n_steps):
+            step = self._step
+            x, y = self.corpus.batch(cfg.seed, step, cfg.batch_size)      # (B, T) each
+            x, y = x.to(self.device), y.to(self.device)
+            lr = lr_at(cfg, step)
+            for g in opt.param_groups:
+                g["lr"] = lr
+            with self._autocast():
+                logits = self._forward(x)                                  # (B, T, V)
+            loss = F.cross_entropy(logits.float().flatten(0, 1), y.flatten())
+            value = loss.item()
+            if not math.isfinite(value):
+                raise NonFiniteLossError(step, value)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            # with clipping off the norm is still computed (max_norm=inf scales by exactly 1)
+            norm = torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip if cfg.grad_clip > 0 else math.inf)
+            grad_norm = norm.item()
+            if not math.isfinite(grad_norm):
+                opt.zero_grad(set_to_none=True)
+                raise NonFiniteLossError(step, value, what="gradient norm")
+            opt.step()
+            self._step += 1
+            losses.append(value)
+            tokens += x.numel()
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+        seconds = time.perf_counter() - t0
+        return {
+            "train_loss": sum(losses) / len(losses) if losses else math.nan,
+            "last_loss": losses[-1] if losses else math.nan,
+            "losses": losses,
+            "grad_norm": grad_norm,
+            "step": self._step,
+            "tokens": tokens,
+            "seconds": seconds,
+            "tokens_per_s": tokens / seconds if seconds > 0 else 0.0,
+        }
+
+    @torch.no_grad()
+    def evaluate(self) -> dict:
+        """Loss on the corpus's fixed held-out windows: {"val_loss": nats/token, "val_bpb": bits/byte}."""
+        model = self._model
+        model.eval()
+        total, count = 0.0, 0
+        try:
+            for x, y in self.corpus.eval_batches():
+                x, y = x.to(self.device), y.to(self.device)
+                with self._autocast():
+                    logits = self._forward(x)                              # (B, T, V)
+                total += F.cross_entropy(logits.float().flatten(0, 1), y.flatten(), reduction="sum").item()
+                count += y.numel()
+        finally:
+            model.train()
+        val_loss = total / count
+        return {"val_loss": val_loss, "val_bpb": val_loss / math.log(2) / self.corpus.bytes_per_token}
+
+    # ------------------------------------------------------------------ state
+    def state_dict(self) -> dict:
+        """Everything needed to continue bit for bit, as CPU tensor copies and plain Python
+        (loadable with ``torch.load(..., weights_only=True)``)."""
+        return {
+            "format": STATE_FORMAT,
+            "model_config": asdict(self._model_cfg),
+            "train_config": asdict(self._train),
+            "model": {k: v.detach().to("cpu", copy=True) for k, v in self._model.state_dict().items()},
+            "optimizer": _cpu_copy(self._optimizer.state_dict()),
+            "step": self._step,
+            "rng": {"torch": self._generator.get_state()},
+        }
+
+    def load_state_dict(self, state: dict) -> None:
+        """Continue from ``state`` (this trainer's or another member's).
+
+        Rebuilds the model and optimizer when the state's architecture differs. The
+        hyperparameters (HPARAMS) come from the state; seed, device, threads and compile stay
+        this trainer's own, so a member that copies a donor keeps its own batch order.
+        """
+        if state.get("format") != STATE_FORMAT:
+            raise ValueError(f"state: format {state.get('format')!r} is not {STATE_FORMAT}")
+        model_cfg = InternLM2Config(**state["model_config"])
+        if model_cfg.vocab_size != self.corpus.vocab_size:
+            raise ConfigError(f"model.vocab_size: state has {model_cfg.vocab_size}, "
+                              f"the corpus has {self.corpus.vocab_size}")
+        self._train = replace(self._train, **{k: state["train_config"][k] for k in HPARAMS})
+        if model_cfg != self._model_cfg:
+            self._build(model_cfg, state["model"])
+        else:
+            self._model.load_state_dict(state["model"])
+            self._optimizer = self._make_optimizer()
+        self._optimizer.load_state_dict(state["optimizer"])
+        self._step = int(state["step"])
+        self._generator.set_state(state["rng"]["torch"])
+        self._apply_hparams()
+
+    def set_hparams(self, **hp: Any) -> None:
+        """Change hyperparameters (keys of HPARAMS) from the next step on; Adam moments are kept."""
+        for key in hp:
+            if key not in HPARAMS:
+                raise ValueError(f"train.{key}: not a hyperparameter that can change during training "
+                                 f"(one of {', '.join(HPARAMS)})")
+        self._train = replace(self._train, **hp)      # validates
+        self._apply_hparams()
+
+    def set_architecture(self, model: InternLM2Config) -> None:
+        """Change the architecture, carrying the weights over (trainers.transfer). Adam state is
+        kept for every parameter carried over unchanged (same name, shape and values); the others
+        start with fresh moments."""
+        new_cfg = self._with_corpus_vocab(model)
+        if new_cfg == self._model_cfg:
+            return
+        old_model, old_opt = self._model, self._optimizer
+        old_state = {k: v.detach().cpu() for k, v in old_model.state_dict().items()}
+        new_state = transfer_weights(old_state, self._model_cfg, new_cfg, self._generator)
+        self._build(new_cfg, new_state)
+        old_params = dict(old_model.named_parameters())
+        for name, p in self._model.named_parameters():
+            q = old_params.get(name)
+            if q is not None and q in old_opt.state and q.shape == p.shape and torch.equal(q.detach(), p.detach()):
+                self._optimizer.state[p] = {k: v.clone() for k, v in old_opt.state[q].items()}
+
+    # ------------------------------------------------------------------ internals
+    def _with_corpus_vocab(self, cfg: InternLM2Config) -> InternLM2Config:
+        if cfg.vocab_size == self.corpus.vocab_size:
+            return replace(cfg)
+        return replace(cfg, vocab_size=self.corpus.vocab_size)
+
+    def _build(self, cfg: InternLM2Config, weights: dict | None = None) -> None:
+        """Create the model (from the generator, or with ``weights``) and a fresh optimizer."""
+        # when weights are loaded, init from a throwaway generator so ours is not advanced
+        gen = self._generator if weights is None else torch.Generator().manual_seed(0)
+        model = InternLM2ForCausalLM(cfg, generator=gen)
+        if weights is not None:
+            model.load_state_dict(weights)
+        self._model = model.to(self.device)
+        self._model_cfg = cfg
+        self._forward = torch.compile(self._model) if self._train.compile else self._model
+        self._optimizer = self._make_optimizer()
+
+    def _make_optimizer(self) -> torch.optim.AdamW:
+        # decoupled weight decay on matrices (dim >= 2: projections, embeddings), not on norms/biases
+        decay = [p for p in self._model.parameters() if p.dim() >= 2]
+        no_decay = [p for p in self._model.parameters() if p.dim() < 2]
+        cfg = self._train
+        opt = torch.optim.AdamW([{"params": decay, "weight_decay": cfg.weight_decay},
+                                 {"params": no_decay, "weight_decay": 0.0}],
+                                lr=lr_at(cfg, self._step), betas=(cfg.beta1, cfg.beta2), eps=cfg.eps)
+        return opt
+
+    def _apply_hparams(self) -> None:
+        cfg = self._train
+        decay_group, no_decay_group = self._optimizer.param_groups
+        for g in (decay_group, no_decay_group):
+            g["lr"] = lr_at(cfg, self._step)
+            g["betas"] = (cfg.beta1, cfg.beta2)
+            g["eps"] = cfg.eps
+        decay_group["weight_decay"] = cfg.weight_decay
+        no_decay_group["weight_decay"] = 0.0
+
+    def _autocast(self):
+        if self.device.type == "cuda":
+            return torch.autocast("cuda", dtype=torch.bfloat16)
+        return contextlib.nullcontext()
+
+
+def _device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name == "cuda" and not torch.cuda.is_available():
+        raise ConfigError("train.device: cuda requested but torch.cuda.is_available() is False")
+    return torch.device(name)
+
+
+def _num_threads(requested: int | None) -> int:
+    """Torch threads: the config's, else $EVO_NUM_THREADS (set by the member from its CPU share),
+    else the CPUs this process may run on."""
+    if requested is not None:
+        return requested
+    env = os.environ.get("EVO_NUM_THREADS")
+    if env:
+        try:
+            n = int(env)
+        except ValueError:
+            n = 0
+        if n < 1:
+            raise ConfigError(f"EVO_NUM_THREADS: must be a positive integer, got {env!r}")
+        return n
+    if hasattr(os, "sched_getaffinity"):
+        return max(1, len(os.sched_getaffinity(0)))
+    return max(1, os.cpu_count() or 1)
+
+
+def _cpu_copy(obj: Any) -> Any:
+    """Deep copy of a (nested) optimizer state with every tensor cloned onto the CPU."""
+    if isinstance(obj, torch.Tensor):
+        return obj.detach().to("cpu", copy=True)
+    if isinstance(obj, dict):
+        return {k: _cpu_copy(v) for k, v in obj.items()}
+    if isinstance(obj, list):
+        return [_cpu_copy(v) for v in obj]
+    if isinstance(obj, tuple):
+        return tuple(_cpu_copy(v) for v in obj)
+    return obj
