@@ -19,11 +19,18 @@ the same tensors a released model has:
 heads, then its key head, then its value head: with H=4, KV=2 the row blocks are
 [q0, q1, k0, v0, q2, q3, k1, v1].
 
-Written for speed on CPU, where every population member trains: one fused wqkv matmul, RoPE
-applied through a hand-written autograd function (4 kernels instead of ~10 with autograd's
-graph), cos/sin cached per (seq_len, device, dtype), fused RMSNorm, causal attention through
-`scaled_dot_product_attention(is_causal=True)` (the CPU flash kernel) with kv heads repeated
-beforehand (measured faster on CPU than `enable_gqa=True`, see bench/trainer_speed.py).
+Written for speed on CPU, where every population member trains (bench/trainer_speed.py compares
+it with transformers' Llama):
+- the wqkv rows are gathered (a weight-sized copy per step) into a compute order [q | k | v] with
+  each RoPE pair (i, i + D/2) side by side, so RoPE for q and k is one contiguous complex multiply
+  with a cached table and needs no rotate_half copies (dot products q.k do not care about the
+  order of head dims as long as q and k share it);
+- causal attention is `scaled_dot_product_attention(is_causal=True, enable_gqa=True)` on strided
+  views: the CPU flash kernel, with no repeated k/v (enable_gqa measured ~10% faster than
+  repeat_interleave for the attention on CPU);
+- RMSNorm has a hand-written backward (autograd's replays ~12 kernels on CPU).
+Under torch.compile the complex RoPE product runs as an eager op (inductor does not generate
+code for complex tensors and says so); everything else compiles.
 """
 
 from __future__ import annotations
@@ -147,11 +154,26 @@ def _check_rope_scaling(rope_scaling: Any) -> dict | None:
 # building blocks
 
 
+class Linear(nn.Module):
+    """y = x W^T (+ b), like nn.Linear but created uninitialised: nn.Linear's constructor draws
+    from the global RNG (and skip_init's meta-device route imports torch._dynamo, ~2 s), while
+    every weight here is set once, from an explicit generator, by InternLM2ForCausalLM."""
+
+    def __init__(self, in_features: int, out_features: int, bias: bool = False) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(torch.empty(out_features, in_features))
+        self.bias = nn.Parameter(torch.empty(out_features)) if bias else None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.linear(x, self.weight, self.bias)
+
+
 class _RMSNormFn(torch.autograd.Function):
     """y = x * rsqrt(mean(x^2) + eps) * w with statistics in fp32 and a hand-written backward.
 
     On CPU `F.rms_norm` only fuses the forward; under autograd it records pow/mean/add/rsqrt/mul/mul
-    and replays ~12 kernels backward. Here: 3 kernels forward (norm, mul, mul), 6 backward.
+    and replays ~12 kernels backward. Here the forward is one reduction and two multiplies over
+    the activations, the backward two reductions and three elementwise passes.
     """
 
     @staticmethod
@@ -169,11 +191,12 @@ class _RMSNormFn(torch.autograd.Function):
         C = xhat.shape[-1]
         gw = torch.linalg.vecdot(g.reshape(-1, C).t(), xhat.reshape(-1, C).t())  # (C,) = sum over rows of g*xhat
         f32 = torch.promote_types(xhat.dtype, torch.float32)
-        gxhat = (g * weight).to(f32)  # (..., C)
+        gxhat = (g * weight).to(f32)  # (..., C), a fresh tensor
         xhat_f = xhat.to(f32)
         dot = torch.linalg.vecdot(gxhat, xhat_f).unsqueeze_(-1).div_(C)  # (..., 1) = mean(gxhat * xhat)
-        # dx = rstd * (gxhat - xhat * mean(gxhat * xhat))
-        gx = torch.addcmul(gxhat, xhat_f, dot, value=-1).mul_(rstd)
+        # dx = rstd * (gxhat - xhat * mean(gxhat * xhat)); two-operand ops only: a ternary op with a
+        # broadcast (..., 1) operand (addcmul) takes ATen's slow non-vectorised path on CPU
+        gx = gxhat.sub_(xhat_f * dot).mul_(rstd)
         return gx.to(g.dtype), gw.to(weight.dtype), None
 
 
@@ -274,8 +297,8 @@ class Attention(nn.Module):
         self.n_kv = config.num_key_value_heads
         self.head_dim = config.head_dim
         qkv_out = (self.n_head + 2 * self.n_kv) * self.head_dim
-        self.wqkv = nn.utils.skip_init(nn.Linear, config.hidden_size, qkv_out, bias=config.bias)
-        self.wo = nn.utils.skip_init(nn.Linear, self.n_head * self.head_dim, config.hidden_size, bias=config.bias)
+        self.wqkv = Linear(config.hidden_size, qkv_out, bias=config.bias)
+        self.wo = Linear(self.n_head * self.head_dim, config.hidden_size, bias=config.bias)
         order = qkv_compute_order(self.n_head, self.n_kv, self.head_dim)
         self.register_buffer("qkv_order", order, persistent=False)
 
@@ -300,44 +323,21 @@ class Attention(nn.Module):
         return self.wo(y.transpose(1, 2).reshape(B, T, H * D))  # (B, T, H*D) -> (B, T, C)
 
 
-class _SwiGLU(torch.autograd.Function):
-    """silu(a) * b for ab = [a, b] (..., 2F) from one fused w1|w3 matmul; the backward writes
-    da and db straight into one (..., 2F) buffer (autograd would allocate both and cat them)."""
-
-    @staticmethod
-    def forward(ctx, ab: torch.Tensor) -> torch.Tensor:
-        a, b = ab.chunk(2, dim=-1)  # (..., F) each, strided views
-        silu_a = F.silu(a)
-        ctx.save_for_backward(a, b, silu_a)
-        return silu_a * b
-
-    @staticmethod
-    def backward(ctx, g: torch.Tensor) -> torch.Tensor:
-        a, b, silu_a = ctx.saved_tensors
-        Fd = a.shape[-1]
-        g_ab = g.new_empty(*g.shape[:-1], 2 * Fd)
-        torch.ops.aten.silu_backward.grad_input(g * b, a, grad_input=g_ab[..., :Fd])  # da = g * b * silu'(a)
-        torch.mul(g, silu_a, out=g_ab[..., Fd:])  # db = g * silu(a)
-        return g_ab
-
-
 class FeedForward(nn.Module):
-    """SwiGLU: w2(silu(w1 x) * w3 x), with w1 and w3 applied as one (2F, C) matmul.
+    """SwiGLU: w2(silu(w1 x) * w3 x).
 
-    One GEMM of width 2F instead of two of width F, forward and backward (where dx also becomes
-    one GEMM and needs no add): measured ~10% faster FFN at hidden 256 on CPU, even at hidden 64.
+    w1 and w3 stay two matmuls: one fused (2F, C) matmul measured slower on CPU below hidden 256.
     """
 
     def __init__(self, config: InternLM2Config) -> None:
         super().__init__()
         C, Fd = config.hidden_size, config.intermediate_size
-        self.w1 = nn.utils.skip_init(nn.Linear, C, Fd, bias=False)  # gate
-        self.w3 = nn.utils.skip_init(nn.Linear, C, Fd, bias=False)  # up
-        self.w2 = nn.utils.skip_init(nn.Linear, Fd, C, bias=False)  # down
+        self.w1 = Linear(C, Fd)  # gate
+        self.w3 = Linear(C, Fd)  # up
+        self.w2 = Linear(Fd, C)  # down
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        ab = F.linear(x, torch.cat((self.w1.weight, self.w3.weight)))  # (B, T, 2F) = [w1 x, w3 x]
-        return self.w2(_SwiGLU.apply(ab))  # (B, T, F) -> (B, T, C)
+        return self.w2(F.silu(self.w1(x)) * self.w3(x))  # (B, T, C) -> (B, T, F) -> (B, T, C)
 
 
 class DecoderLayer(nn.Module):
@@ -360,7 +360,8 @@ class InternLM2Model(nn.Module):
 
     def __init__(self, config: InternLM2Config) -> None:
         super().__init__()
-        self.tok_embeddings = nn.utils.skip_init(nn.Embedding, config.vocab_size, config.hidden_size)
+        V, C = config.vocab_size, config.hidden_size
+        self.tok_embeddings = nn.Embedding(V, C, _weight=torch.empty(V, C))  # _weight: no global-RNG draw
         self.layers = nn.ModuleList(DecoderLayer(config) for _ in range(config.num_hidden_layers))
         self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.rotary_emb = RotaryEmbedding(config)
@@ -386,7 +387,7 @@ class InternLM2ForCausalLM(nn.Module):
         super().__init__()
         self.config = config
         self.model = InternLM2Model(config)
-        self.output = nn.utils.skip_init(nn.Linear, config.hidden_size, config.vocab_size, bias=False)
+        self.output = Linear(config.hidden_size, config.vocab_size)
         if generator is None:
             generator = torch.Generator().manual_seed(0)
         self.reset_parameters(generator)
