@@ -1,0 +1,144 @@
+"""Orchestration overhead of the driver on the quickstart workload.
+
+Two figures:
+
+- orchestration efficiency = Σ member compute seconds (time inside ``train_and_evaluate``)
+  / (wall seconds of the round loop × concurrent slots). 1.0 means the members never wait for
+  the driver: judging, exploits, checkpoints and commits all hide behind training. Goal on CPU:
+  >= 0.97. In sync mode the per-round barrier is part of it (a member that finishes its interval
+  early waits for the slowest); the figure printed under it, "barrier-free" = Σ per round of the
+  slowest member's seconds / wall seconds, isolates the driver's own cost.
+- CPU utilisation = Σ member CPU seconds inside ``train_and_evaluate`` / (wall × cluster CPUs):
+  whether the cores are kept busy (members that share a core each count their own share).
+- exploit latency: seconds from issuing ``donor.get_state`` to ``receiver.load_state`` done
+  (weights + Adam state through the Ray object store, no process restart), median over the run,
+  next to one disk round trip of the same state (``torch.save`` + ``torch.load`` to a temp file)
+  — what a checkpoint-based exploit pays before it even restarts a worker. Goal: <= 0.2x.
+
+    .venv/bin/python bench/overhead.py                         # quickstart: 4 members, 500 steps
+    .venv/bin/python bench/overhead.py --total-steps 200 --size 4
+    .venv/bin/python bench/overhead.py --mode async
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
+
+import ray  # noqa: E402
+import torch  # noqa: E402
+
+from experiments.config import build_setup, load_config  # noqa: E402
+from population.driver import run_search  # noqa: E402
+from population.store import RunStore  # noqa: E402
+
+QUICKSTART = Path(__file__).resolve().parents[1] / "experiments" / "quickstart.yaml"
+
+
+def disk_round_trip(state: dict, repeats: int = 5) -> float:
+    """Median seconds of torch.save + torch.load of ``state`` through a temporary file."""
+    times = []
+    with tempfile.TemporaryDirectory() as tmp:
+        path = os.path.join(tmp, "state.pt")
+        for _ in range(repeats):
+            t0 = time.perf_counter()
+            torch.save(state, path)
+            torch.load(path, map_location="cpu", weights_only=True)
+            times.append(time.perf_counter() - t0)
+    return statistics.median(times)
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--total-steps", type=int, default=500)
+    p.add_argument("--size", type=int, default=4)
+    p.add_argument("--interval", type=int, default=50)
+    p.add_argument("--mode", choices=("sync", "async"), default="sync")
+    p.add_argument("--num-cpus", type=float, default=None, help="Ray CPUs (default: the machine's)")
+    p.add_argument("--storage", default=None, help="run store root (default: a temporary directory)")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                   help="any other config override, e.g. --set model.hidden_size=256")
+    args = p.parse_args(argv)
+
+    storage = args.storage or tempfile.mkdtemp(prefix="evo-overhead-")
+    name = f"overhead-{int(time.time())}"
+    overrides = [
+        f"name={name}", f"storage={storage}",
+        f"population.size={args.size}", f"population.total_steps={args.total_steps}",
+        f"population.interval_steps={args.interval}", f"population.mode={args.mode}",
+        "logging.wandb.mode=disabled", "logging.optuna=false", *args.set,
+    ]
+    setup = build_setup(load_config(QUICKSTART, overrides))
+    ray.init(num_cpus=args.num_cpus, include_dashboard=False, log_to_driver=False)
+    cpus = ray.cluster_resources().get("CPU", 0.0)
+    summary = run_search(setup)
+
+    store = RunStore(storage, name)
+    state = store.read_state()
+    timing = state["timing"]
+    slots = setup.population.size
+    compute, wall = timing["member_compute_s"], timing["wall_s"]
+    efficiency = compute / (wall * slots)
+    barrier_free = timing["critical_path_s"] / wall if args.mode == "sync" else None
+    cpu_busy = timing["member_cpu_s"] / (wall * cpus)
+    latencies = state["exploit_latencies"]
+    best = summary["best"]["member"]
+    member_state = store.load_checkpoint(state["members"][best]["checkpoint"])
+    state_mb = sum(t.numel() * t.element_size() for t in _tensors(member_state)) / 2**20
+    disk = disk_round_trip(member_state)
+    exploit = statistics.median(latencies) if latencies else float("nan")
+
+    out = {
+        "workload": f"quickstart, {args.size} members, interval {args.interval}, {args.total_steps} steps, "
+                    f"{args.mode}, {cpus:g} CPUs, {setup.population.resources.num_cpus} CPU/member",
+        "rounds": state["round"],
+        "member_compute_s": round(compute, 2),
+        "wall_s": round(wall, 2),
+        "slots": slots,
+        "orchestration_efficiency": round(efficiency, 4),
+        "critical_path_s": round(timing["critical_path_s"], 2) if args.mode == "sync" else None,
+        "driver_efficiency_barrier_free": round(barrier_free, 4) if barrier_free is not None else None,
+        "member_cpu_s": round(timing["member_cpu_s"], 2),
+        "cpu_utilisation": round(cpu_busy, 4),
+        "exploits": len(latencies),
+        "state_mb": round(state_mb, 2),
+        "exploit_latency_median_s": round(exploit, 4),
+        "exploit_latency_max_s": round(max(latencies), 4) if latencies else None,
+        "disk_save_load_s": round(disk, 4),
+        "exploit_over_disk": round(exploit / disk, 3),
+        "best_val_bpb": round(summary["best"]["val_bpb"], 4),
+    }
+    print(f"orchestration efficiency  {efficiency:.3f}  (Σ compute {compute:.1f} s / "
+          f"(wall {wall:.1f} s × {slots} slots); goal >= 0.97)")
+    if barrier_free is not None:
+        print(f"  barrier-free (driver only)  {barrier_free:.3f}  (Σ per-round slowest member "
+              f"{timing['critical_path_s']:.1f} s / wall {wall:.1f} s): the rest is the sync barrier")
+    print(f"  CPU utilisation  {cpu_busy:.3f}  (member CPU seconds {timing['member_cpu_s']:.1f} s / "
+          f"(wall {wall:.1f} s × {cpus:g} CPUs))")
+    print(f"exploit latency (median)  {exploit * 1e3:.1f} ms over {len(latencies)} exploits; disk save+load of "
+          f"the same {state_mb:.2f} MB state {disk * 1e3:.1f} ms; ratio {exploit / disk:.3f} (goal <= 0.2)")
+    print(json.dumps(out))
+    ray.shutdown()
+    return 0
+
+
+def _tensors(obj):
+    if isinstance(obj, torch.Tensor):
+        yield obj
+    elif isinstance(obj, dict):
+        for v in obj.values():
+            yield from _tensors(v)
+    elif isinstance(obj, (list, tuple)):
+        for v in obj:
+            yield from _tensors(v)
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,120 @@
+"""Read-only views of a run store: its status, and the export of a member as a Hugging Face model.
+
+No Ray and no torch at import time: ``evo status`` must be quick and must work while the driver
+runs (it only reads committed files) or after it died (the lock tells which).
+"""
+from __future__ import annotations
+
+import datetime as dt
+import json
+import os
+import socket
+import time
+from pathlib import Path
+
+from population.store import DEFAULT_STALE_AFTER, LOCK, RunStore, StoreError
+
+
+def run_status(storage: str, name: str) -> dict:
+    """The run's status from its committed files.
+
+    ``status`` is the committed one (running | finished | stopped | failed), except that a run
+    committed as "running" whose driver is gone (no lock, or a lock whose process is dead or
+    whose heartbeat is stale) is "interrupted": ``evo resume`` (or the same ``evo run``)
+    continues it from its last committed round.
+    """
+    store = RunStore(storage, name)
+    config = store.read_config()
+    state = store.read_state()
+    population = config.get("population") or {}
+    status = state.get("status", "running") if state else "running"
+    if status == "running" and not _driver_alive(store):
+        status = "interrupted"
+    members = []
+    for m in (state or {}).get("members", []):
+        history = m.get("history") or []
+        members.append({
+            "id": m["id"], "step": m.get("step", 0), "val_bpb": history[-1][1] if history else None,
+            "genome": m.get("genome", {}), "parent": m.get("parent"), "alive": m.get("alive", True),
+        })
+    best = _best(members)
+    updated = (state or {}).get("updated")
+    return {
+        "name": name,
+        "round": (state or {}).get("round", 0),
+        "status": status,
+        "mode": (state or {}).get("mode", population.get("mode")),
+        "best": None if best is None else {"member": best["id"], "val_bpb": best["val_bpb"],
+                                           "genome": best["genome"]},
+        "members": members,
+        "total_steps": (state or {}).get("total_steps", population.get("total_steps")),
+        "exploits": len((state or {}).get("exploit_latencies", [])),
+        "updated": _iso(updated) if isinstance(updated, (int, float)) else None,
+    }
+
+
+def _best(members: list[dict]) -> dict | None:
+    """The alive member with the lowest last val_bpb (ties: lowest id)."""
+    scored = [m for m in members if m["alive"] and m["val_bpb"] is not None]
+    return min(scored, key=lambda m: (m["val_bpb"], m["id"])) if scored else None
+
+
+def _driver_alive(store: RunStore) -> bool:
+    """Whether a driver holds the run: a lock with a live process (same host) and a fresh heartbeat."""
+    try:
+        holder = json.loads(store.read_text(LOCK))
+    except (StoreError, ValueError):
+        return False
+    if not isinstance(holder, dict):
+        return False
+    beat = holder.get("heartbeat")
+    if not isinstance(beat, (int, float)) or time.time() - beat > DEFAULT_STALE_AFTER:
+        return False
+    pid = holder.get("pid")
+    if holder.get("host") == socket.gethostname() and isinstance(pid, int):
+        try:
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            return False
+        except PermissionError:
+            return True
+        try:   # a zombie has exited; only its parent has not reaped it yet
+            with open(f"/proc/{pid}/stat", "rb") as f:
+                if f.read().rsplit(b")", 1)[1].split()[0] == b"Z":
+                    return False
+        except (OSError, IndexError):
+            pass
+    return True
+
+
+def _iso(t: float) -> str:
+    return dt.datetime.fromtimestamp(t, dt.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+def export_run(storage: str, name: str, fmt: str, out_dir: str, member: int | None = None) -> str:
+    """Write a member's committed weights (default: the best alive member, lowest last val_bpb)
+    as a Hugging Face directory; ``fmt`` is "internlm2" or "llama". Returns the directory."""
+    from trainers.export import export_internlm2, export_llama
+    from trainers.model import InternLM2Config
+
+    writers = {"internlm2": export_internlm2, "llama": export_llama}
+    if fmt not in writers:
+        raise ValueError(f"format: must be 'internlm2' or 'llama', got {fmt!r}")
+    store = RunStore(storage, name)
+    state = store.read_state()
+    if state is None:
+        raise ValueError(f"run {name!r} has no committed round yet: nothing to export")
+    records = {m["id"]: m for m in state["members"]}
+    if member is None:
+        best = _best(run_status(storage, name)["members"])
+        if best is None:
+            raise ValueError(f"run {name!r} has no evaluated member yet: nothing to export")
+        member = best["id"]
+    if member not in records:
+        raise KeyError(f"run {name!r} has no member {member} (members: {', '.join(map(str, sorted(records)))})")
+    checkpoint = records[member].get("checkpoint")
+    if not checkpoint:
+        raise ValueError(f"member {member} of run {name!r} has no committed checkpoint yet")
+    trainer_state = store.load_checkpoint(checkpoint)
+    config = InternLM2Config.from_dict(trainer_state["model_config"])
+    return str(Path(writers[fmt](trainer_state["model"], config, out_dir)))

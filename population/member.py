@@ -1,0 +1,306 @@
+"""One member of the population: a Ray actor that keeps a Trainer resident between rounds.
+
+The actor lives for the whole search, so an exploit never restarts a process, re-imports torch
+or rebuilds an optimizer: the donor's state (weights + Adam moments + step + RNG) travels
+through the Ray object store straight into the receiver (``load_state(donor.get_state())``).
+
+Every evaluation keeps an immutable snapshot (a copy) of the evaluated state; ``get_state``
+and ``save_checkpoint`` hand out that snapshot. The actor runs with ``max_concurrency=2`` so
+the driver can take a donor's state or wait for a checkpoint write while the member already
+trains its next interval: the snapshot is never touched by training, so that is safe. The
+state crosses the object store as one flat buffer (``WireState``), not tensor by tensor.
+
+``build_trainer`` and ``apply_genome`` are plain functions so that a replay (population/replay.py)
+builds and steers its Trainer exactly as a member does.
+"""
+from __future__ import annotations
+
+import dataclasses
+import math
+import os
+import threading
+import time
+from typing import Any, Mapping
+
+import numpy as np
+import ray
+import torch
+
+from trainers.data import DataConfig
+from trainers.model import InternLM2Config
+from trainers.trainer import HPARAMS, NonFiniteLossError, TrainConfig, Trainer
+
+
+def split_genome(genome: Mapping[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:
+    """``{"train.lr": .., "model.num_hidden_layers": ..}`` -> (train fields, model fields), no prefixes."""
+    train: dict[str, Any] = {}
+    model: dict[str, Any] = {}
+    for path, value in genome.items():
+        section, _, field = path.partition(".")
+        if section == "train":
+            train[field] = value
+        elif section == "model":
+            model[field] = value
+        else:
+            raise ValueError(f"genome: gene {path!r} is neither train.* nor model.*")
+    return train, model
+
+
+def model_config_for(base_model: InternLM2Config, genome: Mapping[str, Any]) -> InternLM2Config:
+    """The full architecture of ``genome``: the base model with its model.* genes merged in."""
+    return dataclasses.replace(base_model, **split_genome(genome)[1])
+
+
+def build_trainer(base_model: InternLM2Config, base_train: TrainConfig, data: DataConfig,
+                  genome: Mapping[str, Any], seed: int, num_threads: int | None = None) -> Trainer:
+    """A fresh Trainer for ``genome``: its genes set from step 0, ``seed`` for init and batch order."""
+    train_fields, _ = split_genome(genome)
+    train = dataclasses.replace(base_train, **train_fields, seed=int(seed))
+    if train.num_threads is None and num_threads is not None:
+        train = dataclasses.replace(train, num_threads=int(num_threads))
+    return Trainer(model_config_for(base_model, genome), train, data)
+
+
+def apply_genome(trainer: Trainer, base_model: InternLM2Config, genome: Mapping[str, Any]) -> None:
+    """Steer a running trainer to ``genome``: train.* genes in place, model.* genes by weight transfer."""
+    train_fields, _ = split_genome(genome)
+    unknown = sorted(set(train_fields) - set(HPARAMS))
+    if unknown:
+        raise ValueError(f"genome: train.{unknown[0]} cannot change during training (not a hyperparameter)")
+    new_model = model_config_for(base_model, genome)
+    if new_model != trainer.model_config:
+        trainer.set_architecture(new_model)
+    if train_fields:
+        trainer.set_hparams(**train_fields)
+
+
+class WireState:
+    """A trainer state that pickles as one flat byte buffer plus a small tree of metadata.
+
+    ``get_state`` returns one; whoever unpickles it (the receiver of an exploit, a test) gets
+    the plain state dict back. pickle 5 sends the buffer out of band, so crossing the object
+    store costs one memcpy in and one out. (torch's own pickling saves every storage through
+    torch.save, ~50 µs per tensor: more than the transfer itself for small models.) The packing
+    happens on construction, so a member packs its evaluated state while it still counts as
+    training time, not while a receiver waits.
+    """
+
+    ALIGN = 16   # bytes; every tensor starts aligned so its slice can be viewed as its dtype
+
+    def __init__(self, state: dict) -> None:
+        tensors: list[torch.Tensor] = []
+        self.tree = _strip_tensors(state, tensors)
+        self.meta: list[tuple] = []
+        chunks, offset = [], 0
+        for t in tensors:
+            flat = t.detach().cpu().contiguous().reshape(-1).view(torch.uint8)
+            self.meta.append((str(t.dtype).removeprefix("torch."), tuple(t.shape), offset, flat.numel()))
+            pad = -flat.numel() % self.ALIGN
+            chunks += [flat, torch.zeros(pad, dtype=torch.uint8)] if pad else [flat]
+            offset += flat.numel() + pad
+        self.buffer = torch.cat(chunks).numpy() if chunks else np.zeros(0, dtype=np.uint8)   # (bytes,)
+
+    def __reduce__(self) -> tuple:
+        return _unpack_state, (self.tree, self.meta, self.buffer)
+
+
+class _Slot:
+    """Where tensor number ``index`` sits in a packed state's tree."""
+
+    __slots__ = ("index",)
+
+    def __init__(self, index: int) -> None:
+        self.index = index
+
+    def __reduce__(self) -> tuple:
+        return _Slot, (self.index,)
+
+
+def _strip_tensors(obj: Any, out: list[torch.Tensor]) -> Any:
+    if isinstance(obj, torch.Tensor):
+        out.append(obj)
+        return _Slot(len(out) - 1)
+    if isinstance(obj, dict):
+        return {k: _strip_tensors(v, out) for k, v in obj.items()}
+    if isinstance(obj, list):
+        return [_strip_tensors(v, out) for v in obj]
+    if isinstance(obj, tuple):
+        return tuple(_strip_tensors(v, out) for v in obj)
+    return obj
+
+
+def _fill_tensors(obj: Any, tensors: list[torch.Tensor]) -> Any:
+    if isinstance(obj, _Slot):
+        return tensors[obj.index]
+    if isinstance(obj, dict):
+        return {k: _fill_tensors(v, tensors) for k, v in obj.items()}
+    if isinstance(obj, list):
+        return [_fill_tensors(v, tensors) for v in obj]
+    if isinstance(obj, tuple):
+        return tuple(_fill_tensors(v, tensors) for v in obj)
+    return obj
+
+
+def _unpack_state(tree: Any, meta: list[tuple], buffer: np.ndarray) -> dict:
+    """Inverse of WireState.__reduce__. The buffer arrives as a read-only view of shared
+    memory: each tensor is copied out into its own storage, so the receiver's tensors (its
+    optimizer moments above all, updated in place) never alias the object store, and each
+    starts at offset 0 (torch.Generator.set_state needs that)."""
+    tensors = [torch.from_numpy(buffer[offset:offset + n].copy()).view(getattr(torch, dtype)).reshape(shape)
+               if n else torch.empty(shape, dtype=getattr(torch, dtype))
+               for dtype, shape, offset, n in meta]
+    return _fill_tensors(tree, tensors)
+
+
+def threads_for(num_cpus: float) -> int:
+    """torch threads matching a member's CPU share (a fraction still gets one thread)."""
+    return max(1, math.floor(num_cpus))
+
+
+@ray.remote
+class Member:
+    """A population member: a resident Trainer plus a snapshot of its state for other members.
+
+    Created by the driver with ``.options(name=f"{run}/m{id}", num_cpus=..., num_gpus=...,
+    max_concurrency=2)``. ``get_state`` and ``wait_saved`` may run while ``train_and_evaluate``
+    does; the driver never calls the other methods then.
+
+    The snapshot is the state at the last evaluation (copied and packed while still training
+    time), or, after the state changed between intervals (exploit, new genome, restart), taken
+    on demand: before the next interval starts, or when asked for. It is never the live
+    trainer, so handing it out while training is safe.
+    """
+
+    def __init__(self, member_id: int, base_model: InternLM2Config, base_train: TrainConfig,
+                 data: DataConfig, genome: Mapping[str, Any], seed: int, num_threads: int) -> None:
+        os.environ["EVO_NUM_THREADS"] = str(num_threads)
+        torch.set_num_threads(num_threads)
+        self.member_id = member_id
+        self.base_model = base_model
+        self.base_train = base_train
+        self.data = data
+        self.num_threads = num_threads
+        self.trainer = build_trainer(base_model, base_train, data, genome, seed, num_threads)
+        self._lock = threading.Lock()        # guards the snapshot against a concurrent get_state
+        self._snapshot: dict | None = None   # None: the trainer changed since the last one
+        self._wire: WireState | None = None  # the snapshot packed for the object store
+        self._saver: threading.Thread | None = None
+        self._saved: int | BaseException = 0
+
+    def pid(self) -> int:
+        return os.getpid()
+
+    def _current(self) -> dict:
+        """The snapshot, taken from the (idle) trainer if the state changed since the last one.
+        Trainer.state_dict() returns copies, so the snapshot never moves with training."""
+        with self._lock:
+            if self._snapshot is None:
+                self._snapshot, self._wire = self.trainer.state_dict(), None
+            return self._snapshot
+
+    def _changed(self) -> None:
+        with self._lock:
+            self._snapshot, self._wire = None, None
+
+    def train_and_evaluate(self, n_steps: int) -> dict:
+        """Train ``n_steps``, evaluate on the held-out set, keep a snapshot of the evaluated state.
+
+        A diverged member (non-finite loss) is reported as ``{"failed": True, "error": ...}``
+        rather than crashing the actor: the driver decides what to do with it.
+        """
+        t0, cpu0 = time.perf_counter(), time.process_time()
+        self._current()   # from here on a concurrent get_state never reads the live trainer
+        try:
+            train = self.trainer.train(n_steps)
+            ev = self.trainer.evaluate()
+        except NonFiniteLossError as e:   # the snapshot stays the last sound state
+            return {"failed": True, "error": f"non-finite loss: {e}", "step": self.trainer.step,
+                    "seconds": time.perf_counter() - t0}
+        if not math.isfinite(ev["val_bpb"]):
+            return {"failed": True, "error": f"non-finite validation loss ({ev['val_bpb']})",
+                    "step": self.trainer.step, "seconds": time.perf_counter() - t0}
+        snapshot = self.trainer.state_dict()
+        wire = WireState(snapshot)
+        with self._lock:
+            self._snapshot, self._wire = snapshot, wire
+        return {
+            "step": self.trainer.step,
+            "train_loss": float(train["train_loss"]),
+            "val_bpb": float(ev["val_bpb"]),
+            "val_loss": float(ev["val_loss"]),
+            "tokens_per_s": float(train["tokens_per_s"]),
+            "params": int(self.trainer.num_parameters()),
+            "seconds": time.perf_counter() - t0,
+            "cpu_seconds": time.process_time() - cpu0,   # < seconds when the CPU is shared
+        }
+
+    def get_state(self) -> WireState:
+        """The snapshot (the last evaluated state unless changed since): safe to take while this
+        member trains on. Unpickled (by the receiver, or ray.get) it is the trainer's state dict."""
+        snapshot = self._current()
+        wire = self._wire
+        if wire is None:
+            wire = WireState(snapshot)
+            with self._lock:
+                if self._snapshot is snapshot:
+                    self._wire = wire
+        return wire
+
+    def load_state(self, state: dict) -> dict:
+        """Become a copy of ``state`` (weights, optimizer, step, RNG, hyperparameters)."""
+        self.trainer.load_state_dict(state)
+        self._changed()
+        return {"step": self.trainer.step, "params": int(self.trainer.num_parameters())}
+
+    def apply_genome(self, genome: Mapping[str, Any]) -> dict:
+        """Take ``genome``: hyperparameters set in place, architecture changed with weights carried."""
+        apply_genome(self.trainer, self.base_model, genome)
+        self._changed()
+        return {"step": self.trainer.step, "params": int(self.trainer.num_parameters())}
+
+    def restart(self, genome: Mapping[str, Any], seed: int) -> dict:
+        """Throw the weights away: a fresh Trainer for ``genome`` (same process)."""
+        self.trainer = build_trainer(self.base_model, self.base_train, self.data, genome, seed,
+                                     self.num_threads)
+        self._changed()
+        return {"step": self.trainer.step, "params": int(self.trainer.num_parameters())}
+
+    def save_checkpoint(self, storage: str, name: str, rel_path: str) -> dict:
+        """Start writing the snapshot to the run store in a background thread.
+
+        Returns at once (with the step being saved), so the driver can start the next interval
+        while the bytes go to disk; ``wait_saved`` joins the write.
+        """
+        from population.store import RunStore
+
+        self.wait_saved()  # one write at a time
+        state = self._current()  # immutable: training replaces it, never mutates it
+
+        def write() -> None:
+            try:
+                self._saved = int(RunStore(storage, name).save_checkpoint(rel_path, state) or 0)
+            except BaseException as e:  # handed to the driver by wait_saved
+                self._saved = e
+
+        self._saved = 0
+        self._saver = threading.Thread(target=write, name=f"save-{rel_path}", daemon=True)
+        self._saver.start()
+        return {"step": int(state["step"])}
+
+    def wait_saved(self) -> int:
+        """Block until the last checkpoint write is complete; returns the bytes written."""
+        if self._saver is not None:
+            self._saver.join()
+            self._saver = None
+        if isinstance(self._saved, BaseException):
+            error, self._saved = self._saved, 0
+            raise error
+        return self._saved
+
+    def load_checkpoint(self, storage: str, name: str, rel_path: str) -> dict:
+        """Continue from a committed checkpoint of the run store (resume)."""
+        from population.store import RunStore
+
+        self.trainer.load_state_dict(RunStore(storage, name).load_checkpoint(rel_path))
+        self._changed()
+        return {"step": self.trainer.step, "params": int(self.trainer.num_parameters())}

@@ -1,0 +1,234 @@
+"""The driver on a real local Ray (2 CPUs) with tiny searches: files, resume, refusals, modes."""
+from __future__ import annotations
+
+import json
+import os
+import signal
+import statistics
+import threading
+import time
+from pathlib import Path
+
+import pytest
+from rich.console import Console
+
+from population.driver import ConfigConflictError, ResourceFitError, SearchError, run_search
+from population.inspect import export_run, run_status
+from population.replay import replay_run
+from population.store import RunStore
+from tests.population.conftest import make_setup
+
+ROUNDS = 6   # reference search: 3 members, 6 rounds of 5 steps
+
+
+def _quiet() -> Console:
+    return Console(file=open(os.devnull, "w"))
+
+
+def _state(run_dir: Path) -> dict:
+    return RunStore(run_dir.parent, run_dir.name).read_state()
+
+
+def _lineage(run_dir: Path) -> list[dict]:
+    return [json.loads(line) for line in (run_dir / "lineage.jsonl").read_text().splitlines()]
+
+
+def _comparable(records: list[dict]) -> list[dict]:
+    """Lineage without wall-clock fields."""
+    return [{k: v for k, v in r.items() if k not in ("time", "latency_s")} for r in records]
+
+
+def _table(state: dict) -> list[tuple]:
+    return [(m["id"], m["step"], m["history"], m["genome"], m["parent"], m["schedule"]) for m in state["members"]]
+
+
+def _files(run_dir: Path) -> dict[str, bytes]:
+    return {str(p.relative_to(run_dir)): p.read_bytes() for p in sorted(run_dir.rglob("*")) if p.is_file()}
+
+
+def _reference(storage, name, cache_dir, **kw):
+    return make_setup(storage, name, cache_dir, size=3, interval=5, total=5 * ROUNDS, seed=3, **kw)
+
+
+@pytest.fixture(scope="module")
+def reference(ray_local, cache_dir, tmp_path_factory):
+    """One uninterrupted sync search, shared by the tests that inspect or compare against it."""
+    storage = tmp_path_factory.mktemp("runs")
+    summary = run_search(_reference(storage, "ref", cache_dir), console=_quiet())
+    return storage, summary
+
+
+def test_sync_search_writes_a_complete_run(reference):
+    storage, summary = reference
+    run_dir = storage / "ref"
+    state = _state(run_dir)
+    assert summary["status"] == "finished" and summary["round"] == ROUNDS
+    assert (run_dir / "config.yaml").is_file() and (run_dir / "summary.json").is_file()
+    assert state["status"] == "finished" and state["round"] == ROUNDS
+    assert [m["step"] for m in state["members"]] == [5 * ROUNDS] * 3
+
+    lineage = _lineage(run_dir)
+    assert len(lineage) == state["lineage_count"]
+    assert sorted(r["member"] for r in lineage if r["event"] == "born") == [0, 1, 2]
+    exploits = [r for r in lineage if r["event"] == "exploit"]
+    assert exploits and all(r["parents"] and r["changed"] and r["latency_s"] > 0 for r in exploits)
+    assert len(state["exploit_latencies"]) == len(exploits)
+
+    # every committed checkpoint exists, and nothing else is left behind
+    referenced = {m["checkpoint"] for m in state["members"]}
+    on_disk = {str(p.relative_to(run_dir)) for p in (run_dir / "checkpoints").rglob("*.pt")}
+    assert referenced == on_disk == {f"checkpoints/m{i}/r{ROUNDS}.pt" for i in range(3)}
+    assert not (run_dir / "lock.json").exists()
+
+    # the search made progress: the best member beats the median of the first evaluations
+    first = [m["history"][0][1] for m in state["members"]]
+    assert summary["best"]["val_bpb"] < statistics.median(first)
+    assert summary["best"]["val_bpb"] == min(m["history"][-1][1] for m in state["members"])
+    timing = state["timing"]
+    assert 0 < timing["member_compute_s"] and 0 < timing["wall_s"]
+
+
+def test_status_export_and_replay_of_the_best_member(reference, tmp_path):
+    storage, summary = reference
+    status = run_status(str(storage), "ref")
+    assert status["status"] == "finished" and status["round"] == ROUNDS
+    assert status["best"]["member"] == summary["best"]["member"]
+
+    out = export_run(str(storage), "ref", "internlm2", str(tmp_path / "hf"))
+    assert (Path(out) / "config.json").is_file() and (Path(out) / "model.safetensors").is_file()
+
+    replay = replay_run(str(storage), "ref")
+    # one trainer following the schedule (genomes, batch order switches) lands on the member's score
+    assert replay["val_bpb"] == pytest.approx(replay["best_val_bpb"], rel=1e-6)
+    assert replay["step"] == 5 * ROUNDS
+    assert json.loads((storage / "ref" / "replay.json").read_text())["val_bpb"] == replay["val_bpb"]
+
+
+def test_resuming_a_finished_run_changes_nothing(reference, cache_dir):
+    storage, summary = reference
+    before = _files(storage / "ref")
+    again = run_search(_reference(storage, "ref", cache_dir), console=_quiet())
+    assert again["status"] == "finished" and again["round"] == ROUNDS
+    assert again["best"] == summary["best"]
+    assert _files(storage / "ref") == before
+
+
+def test_same_seed_same_search(reference, cache_dir):
+    """Sync mode on CPU is deterministic: the basis of 'resume equals uninterrupted'."""
+    storage, _ = reference
+    run_search(_reference(storage, "twin", cache_dir), console=_quiet())
+    assert _table(_state(storage / "twin")) == _table(_state(storage / "ref"))
+    assert _comparable(_lineage(storage / "twin")) == _comparable(_lineage(storage / "ref"))
+
+
+def test_sigterm_stops_at_a_committed_round_and_resume_equals_uninterrupted(reference, cache_dir):
+    storage, _ = reference
+    store = RunStore(storage, "stopped")
+
+    def stop_after_two_rounds():
+        deadline = time.time() + 120
+        while time.time() < deadline:
+            state = store.read_state() if store.exists() else None
+            if state and state["round"] >= 2 and state["status"] == "running":
+                os.kill(os.getpid(), signal.SIGTERM)
+                return
+            time.sleep(0.01)
+
+    watcher = threading.Thread(target=stop_after_two_rounds, daemon=True)
+    watcher.start()
+    t0 = time.time()
+    stopped = run_search(_reference(storage, "stopped", cache_dir), console=_quiet())
+    watcher.join()
+    assert stopped["status"] == "stopped", "the signal arrived after the run finished"
+    state = _state(storage / "stopped")
+    assert state["status"] == "stopped" and 2 <= state["round"] < ROUNDS
+    assert len(_lineage(storage / "stopped")) >= state["lineage_count"]
+    assert not (storage / "stopped" / "lock.json").exists()
+    assert run_status(str(storage), "stopped")["status"] == "stopped"
+    assert time.time() - t0 < 120
+
+    resumed = run_search(_reference(storage, "stopped", cache_dir), console=_quiet())
+    assert resumed["status"] == "finished" and resumed["round"] == ROUNDS
+    # identical to the uninterrupted reference run: nothing of the stop shows in the result
+    assert _table(_state(storage / "stopped")) == _table(_state(storage / "ref"))
+    assert _comparable(_lineage(storage / "stopped")) == _comparable(_lineage(storage / "ref"))
+
+
+def test_resume_with_a_larger_budget_continues_the_rounds(ray_local, cache_dir, tmp_path):
+    first = run_search(make_setup(tmp_path, "grow", cache_dir, size=2, interval=5, total=10), console=_quiet())
+    assert first["status"] == "finished" and first["round"] == 2
+    committed = _lineage(tmp_path / "grow")
+
+    more = run_search(make_setup(tmp_path, "grow", cache_dir, size=2, interval=5, total=20), console=_quiet())
+
+    state = _state(tmp_path / "grow")
+    assert more["status"] == "finished" and state["round"] == 4
+    assert [m["id"] for m in state["members"]] == [0, 1]
+    assert all(m["alive"] and m["step"] == 20 and len(m["history"]) == 4 for m in state["members"])
+    lineage = _lineage(tmp_path / "grow")
+    assert lineage[: len(committed)] == committed   # history is appended, never rewritten
+    rounds = [r["round"] for r in lineage]
+    assert rounds == sorted(rounds)
+
+
+def test_conflicting_config_is_refused_and_the_run_is_untouched(ray_local, cache_dir, tmp_path):
+    run_search(make_setup(tmp_path, "fixed", cache_dir, size=2, interval=5, total=5), console=_quiet())
+    before = _files(tmp_path / "fixed")
+    with pytest.raises(ConfigConflictError) as err:
+        run_search(make_setup(tmp_path, "fixed", cache_dir, size=2, interval=5, total=5, strategy="random"),
+                   console=_quiet())
+    assert str(err.value) == ("config conflicts with stored run 'fixed': "
+                              "strategy.name is 'random' here but 'pbt' in the run")
+    assert _files(tmp_path / "fixed") == before
+
+
+def test_a_population_that_does_not_fit_is_refused_at_once(ray_local, cache_dir, tmp_path):
+    t0 = time.time()
+    with pytest.raises(ResourceFitError) as err:
+        run_search(make_setup(tmp_path, "big", cache_dir, size=4, num_cpus=2.0), console=_quiet())
+    assert time.time() - t0 < 30
+    assert str(err.value) == ("population of 4 members × 2.0 CPU does not fit this cluster (2.0 CPUs): "
+                              "use population.resources.num_cpus: 0.5")
+    with pytest.raises(ResourceFitError, match=r"num_cpus: 0\.66 or population\.size: 2"):
+        run_search(make_setup(tmp_path, "big", cache_dir, size=3, num_cpus=1.0), console=_quiet())
+    assert not (tmp_path / "big").exists()
+
+
+def test_async_search_brings_every_member_to_the_budget(ray_local, cache_dir, tmp_path):
+    summary = run_search(make_setup(tmp_path, "free", cache_dir, size=3, interval=5, total=20, mode="async"),
+                         console=_quiet())
+    state = _state(tmp_path / "free")
+    assert summary["status"] == state["status"] == "finished"
+    assert all(m["step"] == 20 for m in state["members"])
+    assert state["events"] >= 3 and state["round"] == state["events"] // 3
+    events = {r["event"] for r in _lineage(tmp_path / "free")}
+    assert "born" in events and events & {"exploit", "explore"}
+    assert {m["checkpoint"] for m in state["members"]} == {
+        str(p.relative_to(tmp_path / "free")) for p in (tmp_path / "free" / "checkpoints").rglob("*.pt")}
+
+
+def test_members_that_keep_diverging_end_the_search(ray_local, cache_dir, tmp_path):
+    setup = make_setup(tmp_path, "nan", cache_dir, size=2, interval=5, total=20, max_failures=2,
+                       train={"grad_clip": 0.0, "warmup_steps": 0})
+    setup.space = type(setup.space).from_dict({"train.lr": {"type": "float", "low": 1e5, "high": 1e6}},
+                                              base=setup.space.base)
+    setup.config["search"] = {"train.lr": {"type": "float", "low": 1e5, "high": 1e6}}
+    with pytest.raises(SearchError, match=r"exceed population.max_failures \(2\)"):
+        run_search(setup, console=_quiet())
+    state = _state(tmp_path / "nan")
+    assert state["status"] == "failed" and state["round"] == 1   # round 1: both restarted afresh
+    died = [r for r in _lineage(tmp_path / "nan") if r["event"] == "died"]
+    assert len(died) == 3 and all("non-finite" in r["error"] for r in died)
+
+
+def test_status_says_interrupted_when_a_running_run_has_no_live_driver(tmp_path):
+    store = RunStore(tmp_path, "orphan")
+    store.create({"name": "orphan", "population": {"mode": "sync", "total_steps": 20}})
+    member = {"id": 0, "genome": {"train.lr": 1e-3}, "step": 10, "history": [[10, 3.5]], "parent": None,
+              "alive": True}
+    store.commit_state({"round": 2, "status": "running", "members": [member], "updated": time.time()})
+    assert run_status(str(tmp_path), "orphan")["status"] == "interrupted"   # no lock: the driver is gone
+    with store.lock():
+        status = run_status(str(tmp_path), "orphan")
+    assert status["status"] == "running" and status["round"] == 2
+    assert status["best"] == {"member": 0, "val_bpb": 3.5, "genome": {"train.lr": 1e-3}}

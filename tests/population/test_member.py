@@ -1,0 +1,160 @@
+"""The Member actor on a real local Ray: exploit through the object store, genomes, checkpoints."""
+from __future__ import annotations
+
+import dataclasses
+
+import pytest
+import ray
+import torch
+
+from population.member import Member
+from population.store import RunStore
+from tests.population.conftest import tiny_parts
+from trainers.trainer import TrainConfig, lr_at
+
+GENOME = {"train.lr": 3e-3, "model.num_hidden_layers": 1}
+
+
+@pytest.fixture(scope="module")
+def actors(ray_local, cache_dir):
+    """Two resident members for the module (starting a process costs seconds on 2 cores)."""
+    model, train, data = tiny_parts(cache_dir)
+    train = dataclasses.replace(train, decay_steps=40)
+    pair = [Member.options(num_cpus=0.5, max_concurrency=2).remote(i, model, train, data, GENOME, 1 + i, 1)
+            for i in range(2)]
+    yield pair
+    for actor in pair:
+        ray.kill(actor)
+
+
+@pytest.fixture
+def pair(actors):
+    """The two members with fresh trainers (seeds 1 and 2), in the same processes."""
+    ray.get([a.restart.remote(GENOME, 1 + i) for i, a in enumerate(actors)])
+    return actors
+
+
+def _tensors(obj, prefix=""):
+    """{path: tensor} of every tensor in a nested state."""
+    if isinstance(obj, torch.Tensor):
+        return {prefix: obj}
+    out = {}
+    if isinstance(obj, dict):
+        for k, v in obj.items():
+            out.update(_tensors(v, f"{prefix}/{k}"))
+    elif isinstance(obj, (list, tuple)):
+        for i, v in enumerate(obj):
+            out.update(_tensors(v, f"{prefix}/{i}"))
+    return out
+
+
+def _assert_same_state(a: dict, b: dict) -> None:
+    ta, tb = _tensors({"model": a["model"], "optimizer": a["optimizer"], "rng": a["rng"]}), \
+        _tensors({"model": b["model"], "optimizer": b["optimizer"], "rng": b["rng"]})
+    assert ta.keys() == tb.keys()
+    for key in ta:
+        assert torch.equal(ta[key], tb[key]), key
+    assert a["step"] == b["step"]
+    assert a["model_config"] == b["model_config"]
+
+
+def test_exploit_copies_weights_and_optimizer_bit_for_bit_without_restart(pair):
+    donor, receiver = pair
+    ray.get(donor.restart.remote({"train.lr": 2e-3, "model.num_hidden_layers": 2}, 1))
+    ray.get([donor.train_and_evaluate.remote(4), receiver.train_and_evaluate.remote(2)])
+    pid = ray.get(receiver.pid.remote())
+
+    loaded = ray.get(receiver.load_state.remote(donor.get_state.remote()))
+
+    assert loaded["step"] == 4
+    assert ray.get(receiver.pid.remote()) == pid   # same process: no actor restart
+    donor_state, receiver_state = ray.get([donor.get_state.remote(), receiver.get_state.remote()])
+    _assert_same_state(donor_state, receiver_state)
+    assert len(receiver_state["optimizer"]["state"]) > 0   # Adam moments came along
+    assert receiver_state["train_config"]["lr"] == donor_state["train_config"]["lr"] == 2e-3
+    # the receiver keeps its own batch order
+    assert receiver_state["train_config"]["seed"] == 2
+
+
+def test_get_state_is_the_evaluated_snapshot_while_training(pair):
+    member = pair[0]
+    ray.get(member.train_and_evaluate.remote(3))
+    training = member.train_and_evaluate.remote(200)
+    during = ray.get(member.get_state.remote())   # max_concurrency=2: answered while it trains
+    result = ray.get(training)
+    assert during["step"] == 3
+    assert result["step"] == 203 and ray.get(member.get_state.remote())["step"] == 203
+    assert set(result) >= {"step", "train_loss", "val_bpb", "val_loss", "tokens_per_s", "seconds", "params"}
+
+
+def test_apply_genome_sets_hyperparameters_and_architecture(pair):
+    member = pair[0]
+    ray.get(member.train_and_evaluate.remote(3))
+    before = ray.get(member.get_state.remote())
+
+    out = ray.get(member.apply_genome.remote({"train.lr": 1e-3, "model.num_hidden_layers": 2}))
+
+    after = ray.get(member.get_state.remote())
+    assert after["model_config"]["num_hidden_layers"] == 2
+    assert out["params"] > 0 and after["step"] == 3
+    cfg = after["train_config"]
+    assert cfg["lr"] == 1e-3
+    expected_lr = lr_at(TrainConfig(**cfg), 3)
+    assert all(g["lr"] == pytest.approx(expected_lr) for g in after["optimizer"]["param_groups"])
+    # the existing layer's weights are carried over; the new one starts as an identity (wo = 0)
+    for key, value in before["model"].items():
+        assert torch.equal(after["model"][key], value), key
+    assert torch.count_nonzero(after["model"]["model.layers.1.attention.wo.weight"]) == 0
+
+
+def test_checkpoint_save_wait_load_round_trip(pair, tmp_path):
+    store = RunStore(tmp_path, "ckpt")
+    member, other = pair
+    ray.get(member.train_and_evaluate.remote(3))
+    path = store.checkpoint_path(0, 1)
+
+    saved = ray.get(member.save_checkpoint.remote(store.storage, store.name, path))
+    training = member.train_and_evaluate.remote(5)        # the write goes on beside training
+    written = ray.get(member.wait_saved.remote())
+    ray.get(training)
+
+    assert saved["step"] == 3 and written > 0
+    assert (tmp_path / "ckpt" / path).stat().st_size == written
+    assert ray.get(other.load_checkpoint.remote(store.storage, store.name, path))["step"] == 3
+    _assert_same_state(store.load_checkpoint(path), ray.get(other.get_state.remote()))
+
+
+def test_divergence_is_a_result_not_a_crash(pair):
+    member = pair[0]
+    pid = ray.get(member.pid.remote())
+    ray.get(member.apply_genome.remote({"train.lr": 1e6, "model.num_hidden_layers": 1}))
+    ray.get(member.load_state.remote(_with_hparams(ray.get(member.get_state.remote()), grad_clip=0.0,
+                                                   warmup_steps=0)))
+    result = ray.get(member.train_and_evaluate.remote(30))
+    assert result["failed"] is True and "non-finite" in result["error"]
+    assert ray.get(member.pid.remote()) == pid
+
+
+def _with_hparams(state: dict, **hp) -> dict:
+    return dict(state, train_config=dict(state["train_config"], **hp))
+
+
+def test_wire_state_round_trips_every_dtype_and_shape():
+    import pickle
+
+    from population.member import WireState
+
+    state = {"model": {"w": torch.randn(3, 5), "b": torch.randn(7).to(torch.bfloat16)},
+             "optimizer": {"state": {0: {"step": torch.tensor(3.0), "mask": torch.tensor([True, False])}},
+                           "param_groups": [{"lr": 1e-3, "params": [0]}]},
+             "rng": {"torch": torch.Generator().manual_seed(5).get_state()},
+             "ids": torch.arange(4), "empty": torch.zeros(0, 2), "step": 9, "name": ("a", 1)}
+    back = pickle.loads(pickle.dumps(WireState(state), protocol=5))
+    flat_in, flat_out = _tensors(state), _tensors(back)
+    assert flat_in.keys() == flat_out.keys()
+    for key, t in flat_in.items():
+        assert flat_out[key].dtype == t.dtype and flat_out[key].shape == t.shape, key
+        assert torch.equal(flat_out[key], t), key
+    assert back["step"] == 9 and back["name"] == ("a", 1) and back["optimizer"]["param_groups"][0]["lr"] == 1e-3
+    torch.Generator().set_state(back["rng"]["torch"])   # a tensor of its own, usable as RNG state
+    back["optimizer"]["state"][0]["step"] += 1           # writable: not a view of the sender's buffer
