@@ -112,7 +112,8 @@ class KernelFloor(nn.Module):
                 q.view(B, T, H, D).transpose(1, 2), k.view(B, T, KV, D).transpose(1, 2),
                 v.view(B, T, KV, D).transpose(1, 2), is_causal=True, enable_gqa=H != KV)
             x = x + F.linear(y.transpose(1, 2).reshape(B, T, H * D), w("attention_wo"))
-            x = x + F.linear(F.linear(x, w("feed_forward_w1")) * F.linear(x, w("feed_forward_w3")), w("feed_forward_w2"))
+            gate_up = F.linear(x, w("feed_forward_w1")) * F.linear(x, w("feed_forward_w3"))  # no SiLU: glue
+            x = x + F.linear(gate_up, w("feed_forward_w2"))
         return F.linear(x, p["output_weight"])
 
 

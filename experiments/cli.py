@@ -6,6 +6,7 @@
     evo list [--storage S]
     evo export NAME --format internlm2|llama --out DIR [--member ID] [--storage S]
     evo replay NAME [--storage S]
+    evo report NAME [--storage S] [--out DIR]
 
 Exit codes: 0 done; 2 bad input (config errors, unknown run, a config that conflicts with the
 stored run, a population that does not fit the cluster) -- reported before anything is written;
@@ -201,6 +202,15 @@ def cmd_replay(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_report(args: argparse.Namespace) -> int:
+    """Write a run's self-contained HTML report (and its plots as PNG files)."""
+    from population.report import write_report
+
+    _require_run(args.storage, args.run)
+    print(f"wrote {write_report(args.storage, args.run, out_dir=args.out)}")
+    return 0
+
+
 # ------------------------------------------------------------------------------------------
 # helpers
 
@@ -375,4 +385,10 @@ def _parser() -> argparse.ArgumentParser:
                             help="retrain the best member from scratch on its hyperparameter schedule")
     replay.add_argument("run", help="run name")
     replay.set_defaults(command=cmd_replay)
+
+    report = sub.add_parser("report", parents=[debug, storage],
+                            help="write a self-contained HTML report of a run (plots, lineage, best schedule)")
+    report.add_argument("run", help="run name")
+    report.add_argument("--out", help="output directory (default: <storage>/<run>/report)")
+    report.set_defaults(command=cmd_report)
     return p
