@@ -87,10 +87,25 @@ def cmd_run(args: argparse.Namespace) -> int:
         overrides.append(f"storage={args.storage}")
     try:
         cfg = load_config(args.config, overrides)
+        job_storage = _job_storage(cfg.storage)
+        if job_storage is not None:
+            cfg = load_config(args.config, [*overrides, f"storage={job_storage}"])
         setup = build_setup(cfg)
     except ConfigError as e:
         raise UsageError(str(e)) from e
     return _search(setup)
+
+
+def _job_storage(storage: str) -> str | None:
+    """Under ``ray job submit --working-dir`` the working directory is a temporary copy made per
+    submission, so a relative storage there would vanish with the job (and a resubmission could
+    not resume). There it is resolved against $EVO_STORAGE_ROOT (default ~/evo) instead."""
+    if "RAY_JOB_CONFIG_JSON_ENV_VAR" not in os.environ or "://" in storage or os.path.isabs(storage):
+        return None
+    root = os.environ.get("EVO_STORAGE_ROOT") or os.path.expanduser("~/evo")
+    resolved = os.path.join(root, storage)
+    print(f"evo: running as a Ray job: relative storage {storage!r} is {resolved}", file=sys.stderr)
+    return resolved
 
 
 def cmd_resume(args: argparse.Namespace) -> int:

@@ -181,6 +181,7 @@ def run_search(setup: SearchSetup, *, console: Any = None) -> dict:
                 search.mark("stopped")
                 search.monitor.close("stopped")
                 console.print(f"{setup.name}: stopped by a signal; round {search.round} is the last committed")
+                _write_report(store, console)
                 return search.summary("stopped")
             except BaseException:
                 search.flush_lineage()   # what led to the failure, for the post-mortem
@@ -192,6 +193,7 @@ def run_search(setup: SearchSetup, *, console: Any = None) -> dict:
             search.monitor.close("finished")
             summary = search.summary("finished")
             store.write_text("summary.json", json.dumps(summary, indent=1, sort_keys=True) + "\n")
+            _write_report(store, console)
             best = summary["best"] or {}
             console.print(f"finished {setup.name} at round {search.round}: best member "
                           f"{best.get('member')} val_bpb {best.get('val_bpb', float('nan')):.4f}")
@@ -202,6 +204,16 @@ def run_search(setup: SearchSetup, *, console: Any = None) -> dict:
         stop.restore(previous_handlers)
         if started_ray:
             ray.shutdown()
+
+
+def _write_report(store: RunStore, console: Any) -> None:
+    """The run's HTML report (population/report.py); a report that fails never fails the search."""
+    from population.report import write_report
+
+    try:
+        console.print(f"report: {write_report(store.storage, store.name)}")
+    except Exception as e:  # noqa: BLE001 - plotting must not turn a finished search into a failure
+        console.print(f"{store.name}: the report could not be written ({type(e).__name__}: {e})")
 
 
 def _init_ray() -> bool:

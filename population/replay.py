@@ -39,7 +39,9 @@ def replay_run(storage: str, name: str, *, console: Any = None) -> dict:
     schedule = best["schedule"]
 
     model = InternLM2Config.from_dict(config["model"])
-    train = TrainConfig(**dict(config["train"], decay_steps=state.get("decay_steps", config["train"].get("decay_steps"))))
+    # the cosine horizon the members trained with (the driver sets it to the budget)
+    decay_steps = state.get("decay_steps", config["train"].get("decay_steps"))
+    train = TrainConfig(**dict(config["train"], decay_steps=decay_steps))
     data = DataConfig(**config["data"])
     threads = state.get("num_threads")
     t0 = time.perf_counter()

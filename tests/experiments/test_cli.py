@@ -225,6 +225,18 @@ def test_replay_prints_val_bpb(finished_run, workdir: Path, env: dict[str, str])
     assert "val_bpb" in result.stdout
 
 
+def test_report_at_the_end_and_on_demand(finished_run, workdir: Path, env: dict[str, str]):
+    storage, _ = finished_run
+    assert (storage / "quickstart" / "report" / "report.html").is_file()  # written when the run ended
+    out = workdir / "report-copy"
+    result = evo("report", "quickstart", "--storage", str(storage), "--out", str(out), cwd=workdir, env=env)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == f"wrote {out / 'report.html'}"
+    html = (out / "report.html").read_text()
+    assert html.count('src="data:image/png;base64,') >= 3
+    assert {p.name for p in out.glob("*.png")} >= {"fitness.png", "hyperparameters.png", "lineage.png"}
+
+
 def test_bad_input_leaves_an_existing_run_untouched(finished_run, workdir: Path, env: dict[str, str]):
     storage, _ = finished_run
     before = files_of(storage)
@@ -256,3 +268,14 @@ def test_resume_extends_the_budget(finished_run, workdir: Path, env: dict[str, s
                             cwd=workdir, env=env).stdout)
     assert status["status"] == "finished" and status["round"] == 3
     assert all(m["step"] == 30 for m in status["members"] if m["alive"])
+
+
+def test_relative_storage_under_a_ray_job_outlives_the_job(monkeypatch, tmp_path: Path):
+    from experiments.cli import _job_storage
+
+    monkeypatch.delenv("RAY_JOB_CONFIG_JSON_ENV_VAR", raising=False)
+    assert _job_storage("runs") is None                      # a plain `evo run`: relative to the cwd
+    monkeypatch.setenv("RAY_JOB_CONFIG_JSON_ENV_VAR", "{}")  # what Ray sets for a job's entrypoint
+    monkeypatch.setenv("EVO_STORAGE_ROOT", str(tmp_path))
+    assert _job_storage("runs") == str(tmp_path / "runs")
+    assert _job_storage("/abs/runs") is None and _job_storage("s3://bucket/evo") is None

@@ -53,6 +53,8 @@ def test_config_loads_as_written(path: Path):
 
 @pytest.fixture(scope="module")
 def ray_session():
+    if ray.is_initialized():  # another module's session-wide instance: start a fresh one of our own
+        ray.shutdown()
     ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, configure_logging=False)
     yield
     ray.shutdown()

@@ -42,7 +42,7 @@ def test_job_runs_to_completion(head, tmp_path):
                  "evo", "run", QUICKSTART, "--storage", str(storage), "--name", "job1", *set_args(TINY))
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
     sid = _submission_id(r.stdout + r.stderr)
-    assert "SUCCEEDED" in head.job("status", sid).stdout
+    assert "succeeded" in head.job("status", sid).stdout.lower()
     status = evo_status(storage, "job1", head.env)
     assert status is not None and status["status"] == "finished"
     assert status["round"] == 4  # 40 steps / interval 10
@@ -73,10 +73,10 @@ def test_job_stopped_then_resubmitted_resumes(head, tmp_path):
     r = head.job("stop", sid)
     assert r.returncode == 0, r.stdout + r.stderr
     for _ in range(60):
-        if "STOPPED" in head.job("status", sid).stdout:
+        if "stopped" in head.job("status", sid).stdout.lower():
             break
         time.sleep(1)
-    assert "STOPPED" in head.job("status", sid).stdout
+    assert "stopped" in head.job("status", sid).stdout.lower()
     stopped = evo_status(storage, "job2", head.env)
     assert stopped["status"] in ("stopped", "interrupted")
     assert 3 <= stopped["round"] < 30
