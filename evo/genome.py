@@ -146,9 +146,17 @@ def format_diff(a: Genome, b: Genome) -> str:
     """One readable line of what changed from `a` to `b`, for lineage records, e.g.
     `"model.num_hidden_layers 2→3, train.lr 1e-03→1.2e-03"`; floats with 3 significant
     digits; `""` when nothing changed."""
-    return ", ".join(
-        f"{path} {_format_value(va)}→{_format_value(vb)}" for path, (va, vb) in diff(a, b).items()
-    )
+    return ", ".join(f"{path} {_format_change(va, vb)}" for path, (va, vb) in diff(a, b).items())
+
+
+def _format_change(va: Any, vb: Any) -> str:
+    """`old→new`, with as many significant digits as it takes for a real change to show."""
+    if isinstance(va, float) and isinstance(vb, float):
+        for digits in range(3, 18):
+            fa, fb = format_float(va, digits), format_float(vb, digits)
+            if fa != fb:
+                return f"{fa}→{fb}"
+    return f"{_format_value(va)}→{_format_value(vb)}"
 
 
 def _format_value(v: Any) -> str:
@@ -159,13 +167,13 @@ def _format_value(v: Any) -> str:
     return str(v)
 
 
-def format_float(x: float) -> str:
-    """3 significant digits: plain notation between 0.01 and 10^4, scientific outside
+def format_float(x: float, digits: int = 3) -> str:
+    """`digits` significant digits: plain notation between 0.01 and 10^4, scientific outside
     (`1e-03`, `1.2e-03`, `0.95`, `3.14`, `1.23e+04`)."""
     if x == 0 or not math.isfinite(x):
         return str(x) if not math.isfinite(x) else "0"
     if 1e-2 <= abs(x) < 1e4:
-        return f"{x:.3g}"
-    mantissa, exponent = f"{x:.2e}".split("e")
+        return f"{x:.{digits}g}"
+    mantissa, exponent = f"{x:.{digits - 1}e}".split("e")
     mantissa = mantissa.rstrip("0").rstrip(".")
     return f"{mantissa}e{exponent}"

@@ -111,6 +111,12 @@ def test_format_diff_is_one_readable_line():
     assert format_diff(G, G) == ""
 
 
+def test_format_diff_shows_a_change_below_three_digits():
+    a = Genome.from_dict({"train.lr": 3.18e-3})
+    assert format_diff(a, a.replace({"train.lr": 3.1812e-3})) == "train.lr 3.18e-03→3.181e-03"
+    assert format_diff(a, a.replace({"train.lr": 3.2e-3})) == "train.lr 3.18e-03→3.2e-03"
+
+
 @pytest.mark.parametrize(
     "x, text",
     [(1e-3, "1e-03"), (1.2e-3, "1.2e-03"), (0.00123456, "1.23e-03"), (0.95, "0.95"), (0.9, "0.9"),
