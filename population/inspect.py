@@ -6,13 +6,9 @@ runs (it only reads committed files) or after it died (the lock tells which).
 from __future__ import annotations
 
 import datetime as dt
-import json
-import os
-import socket
-import time
 from pathlib import Path
 
-from population.store import DEFAULT_STALE_AFTER, LOCK, RunStore, StoreError
+from population.store import RunStore
 
 
 def run_status(storage: str, name: str) -> dict:
@@ -28,7 +24,7 @@ def run_status(storage: str, name: str) -> dict:
     state = store.read_state()
     population = config.get("population") or {}
     status = state.get("status", "running") if state else "running"
-    if status == "running" and not _driver_alive(store):
+    if status == "running" and not store.driver_alive():
         status = "interrupted"
     members = []
     for m in (state or {}).get("members", []):
@@ -57,34 +53,6 @@ def _best(members: list[dict]) -> dict | None:
     """The alive member with the lowest last val_bpb (ties: lowest id)."""
     scored = [m for m in members if m["alive"] and m["val_bpb"] is not None]
     return min(scored, key=lambda m: (m["val_bpb"], m["id"])) if scored else None
-
-
-def _driver_alive(store: RunStore) -> bool:
-    """Whether a driver holds the run: a lock with a live process (same host) and a fresh heartbeat."""
-    try:
-        holder = json.loads(store.read_text(LOCK))
-    except (StoreError, ValueError):
-        return False
-    if not isinstance(holder, dict):
-        return False
-    beat = holder.get("heartbeat")
-    if not isinstance(beat, (int, float)) or time.time() - beat > DEFAULT_STALE_AFTER:
-        return False
-    pid = holder.get("pid")
-    if holder.get("host") == socket.gethostname() and isinstance(pid, int):
-        try:
-            os.kill(pid, 0)
-        except ProcessLookupError:
-            return False
-        except PermissionError:
-            return True
-        try:   # a zombie has exited; only its parent has not reaped it yet
-            with open(f"/proc/{pid}/stat", "rb") as f:
-                if f.read().rsplit(b")", 1)[1].split()[0] == b"Z":
-                    return False
-        except (OSError, IndexError):
-            pass
-    return True
 
 
 def _iso(t: float) -> str:

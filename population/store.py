@@ -427,6 +427,11 @@ class RunStore:
             beat.join()
             self._release()
 
+    def driver_alive(self, stale_after: float = DEFAULT_STALE_AFTER) -> bool:
+        """Whether a live driver holds the run: a lock that ``lock()`` would refuse to take over."""
+        holder = self._read_lock()
+        return holder is not None and _stale_reason(holder, stale_after) is None
+
     def heartbeat(self) -> None:
         """Refresh the held lock's heartbeat; RunLockedError if another driver took it over."""
         with self._beat_mutex:

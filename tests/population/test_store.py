@@ -556,3 +556,12 @@ def test_heartbeat_refreshes_the_lock_and_detects_a_takeover(storage):
                 store.append_lineage([{"n": 1}])
     assert json.loads(fs.cat_file(f"{root}/lock.json"))["pid"] == 4242   # theirs stays
     assert store.read_state() == {"round": 1}
+
+
+def test_driver_alive_follows_the_lock(tmp_path):
+    store = RunStore(str(tmp_path), "alive")
+    assert not store.driver_alive()              # no lock at all
+    with store.lock():
+        assert store.driver_alive()              # held by this (live) process
+        assert RunStore(str(tmp_path), "alive").driver_alive()
+    assert not store.driver_alive()              # released
