@@ -46,21 +46,16 @@ def _sbx_first_child(v1: float, v2: float, eta: float, rng: np.random.Generator)
     x1, x2 = min(v1, v2), max(v1, v2)
     rand = rng.random()
 
-    beta = 1.0 + (2.0 * (x1 - xl) / (x2 - x1))
-    alpha = 2.0 - beta ** -(eta + 1)
-    if rand <= 1.0 / alpha:
-        beta_q = (rand * alpha) ** (1.0 / (eta + 1))
-    else:
-        beta_q = (1.0 / (2.0 - rand * alpha)) ** (1.0 / (eta + 1))
-    c1 = 0.5 * (x1 + x2 - beta_q * (x2 - x1))
-
-    beta = 1.0 + (2.0 * (xu - x2) / (x2 - x1))
-    alpha = 2.0 - beta ** -(eta + 1)
-    if rand <= 1.0 / alpha:
-        beta_q = (rand * alpha) ** (1.0 / (eta + 1))
-    else:
-        beta_q = (1.0 / (2.0 - rand * alpha)) ** (1.0 / (eta + 1))
-    c2 = 0.5 * (x1 + x2 + beta_q * (x2 - x1))
+    c1 = 0.5 * (x1 + x2 - _sbx_spread(1.0 + 2.0 * (x1 - xl) / (x2 - x1), rand, eta) * (x2 - x1))
+    c2 = 0.5 * (x1 + x2 + _sbx_spread(1.0 + 2.0 * (xu - x2) / (x2 - x1), rand, eta) * (x2 - x1))
 
     c1, c2 = min(max(c1, xl), xu), min(max(c2, xl), xu)
     return c2 if rng.random() <= 0.5 else c1
+
+
+def _sbx_spread(beta: float, rand: float, eta: float) -> float:
+    """DEAP's bounded spread factor beta_q for one side, given the distance to its bound (beta)."""
+    alpha = 2.0 - beta ** -(eta + 1)
+    if rand <= 1.0 / alpha:
+        return (rand * alpha) ** (1.0 / (eta + 1))
+    return (1.0 / (2.0 - rand * alpha)) ** (1.0 / (eta + 1))

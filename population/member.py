@@ -116,29 +116,30 @@ class _Slot:
         return _Slot, (self.index,)
 
 
-def _strip_tensors(obj: Any, out: list[torch.Tensor]) -> Any:
-    if isinstance(obj, torch.Tensor):
-        out.append(obj)
-        return _Slot(len(out) - 1)
+def _map_leaves(obj: Any, leaf: Any) -> Any:
+    """The same dict/list/tuple nesting with ``leaf(x)`` in place of every other value."""
     if isinstance(obj, dict):
-        return {k: _strip_tensors(v, out) for k, v in obj.items()}
+        return {k: _map_leaves(v, leaf) for k, v in obj.items()}
     if isinstance(obj, list):
-        return [_strip_tensors(v, out) for v in obj]
+        return [_map_leaves(v, leaf) for v in obj]
     if isinstance(obj, tuple):
-        return tuple(_strip_tensors(v, out) for v in obj)
-    return obj
+        return tuple(_map_leaves(v, leaf) for v in obj)
+    return leaf(obj)
+
+
+def _strip_tensors(obj: Any, out: list[torch.Tensor]) -> Any:
+    """``obj`` with each tensor moved to ``out`` and replaced by its _Slot (traversal order)."""
+    def leaf(x: Any) -> Any:
+        if not isinstance(x, torch.Tensor):
+            return x
+        out.append(x)
+        return _Slot(len(out) - 1)
+    return _map_leaves(obj, leaf)
 
 
 def _fill_tensors(obj: Any, tensors: list[torch.Tensor]) -> Any:
-    if isinstance(obj, _Slot):
-        return tensors[obj.index]
-    if isinstance(obj, dict):
-        return {k: _fill_tensors(v, tensors) for k, v in obj.items()}
-    if isinstance(obj, list):
-        return [_fill_tensors(v, tensors) for v in obj]
-    if isinstance(obj, tuple):
-        return tuple(_fill_tensors(v, tensors) for v in obj)
-    return obj
+    """Inverse of _strip_tensors."""
+    return _map_leaves(obj, lambda x: tensors[x.index] if isinstance(x, _Slot) else x)
 
 
 def _unpack_state(tree: Any, meta: list[tuple], buffer: np.ndarray) -> dict:
