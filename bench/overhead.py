@@ -83,10 +83,9 @@ def main(argv: list[str] | None = None) -> int:
     store = RunStore(storage, name)
     state = store.read_state()
     timing = state["timing"]
-    slots = setup.population.size
+    slots = timing["slots"]
     compute, wall = timing["member_compute_s"], timing["wall_s"]
     efficiency = compute / (wall * slots)
-    barrier_free = timing["critical_path_s"] / wall if args.mode == "sync" else None
     cpu_busy = timing["member_cpu_s"] / (wall * cpus)
     latencies = state["exploit_latencies"]
     best = summary["best"]["member"]
@@ -103,8 +102,6 @@ def main(argv: list[str] | None = None) -> int:
         "wall_s": round(wall, 2),
         "slots": slots,
         "orchestration_efficiency": round(efficiency, 4),
-        "critical_path_s": round(timing["critical_path_s"], 2) if args.mode == "sync" else None,
-        "driver_efficiency_barrier_free": round(barrier_free, 4) if barrier_free is not None else None,
         "member_cpu_s": round(timing["member_cpu_s"], 2),
         "cpu_utilisation": round(cpu_busy, 4),
         "exploits": len(latencies),
@@ -117,9 +114,6 @@ def main(argv: list[str] | None = None) -> int:
     }
     print(f"orchestration efficiency  {efficiency:.3f}  (Σ compute {compute:.1f} s / "
           f"(wall {wall:.1f} s × {slots} slots); goal >= 0.97)")
-    if barrier_free is not None:
-        print(f"  barrier-free (driver only)  {barrier_free:.3f}  (Σ per-round slowest member "
-              f"{timing['critical_path_s']:.1f} s / wall {wall:.1f} s): the rest is the sync barrier")
     print(f"  CPU utilisation  {cpu_busy:.3f}  (member CPU seconds {timing['member_cpu_s']:.1f} s / "
           f"(wall {wall:.1f} s × {cpus:g} CPUs))")
     print(f"exploit latency (median)  {exploit * 1e3:.1f} ms over {len(latencies)} exploits; disk save+load of "

@@ -70,6 +70,10 @@ class PopulationConfig:
     ``total_steps`` is the optimizer-step budget of every member; ``interval_steps`` the steps
     between two judgements (the last interval may be shorter). ``mode`` ``sync`` has a barrier per
     round; ``async`` judges each member alone as soon as it finishes its interval.
+    ``max_concurrent`` is how many members train at the same moment (the driver's slots); null
+    picks it from the cluster: every member when they use GPUs, else as many as the cluster's CPUs
+    hold at one member's thread count, so that members never oversubscribe the cores. It changes
+    when members train, never what they compute.
     """
 
     size: int = 4
@@ -78,6 +82,7 @@ class PopulationConfig:
     total_steps: int = 500
     resources: ResourcesConfig = field(default_factory=ResourcesConfig)
     max_failures: int = 3
+    max_concurrent: int | None = None
 
     def __post_init__(self) -> None:
         if isinstance(self.resources, Mapping):
@@ -100,6 +105,11 @@ class PopulationConfig:
         _number(self.max_failures, "population.max_failures", int)
         if self.max_failures < 0:
             raise ConfigError(f"population.max_failures: must be >= 0, got {self.max_failures}")
+        if self.max_concurrent is not None:
+            _number(self.max_concurrent, "population.max_concurrent", int)
+            if self.max_concurrent < 1:
+                raise ConfigError(f"population.max_concurrent: must be at least 1 (or null), "
+                                  f"got {self.max_concurrent}")
 
     @property
     def num_rounds(self) -> int:

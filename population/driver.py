@@ -51,6 +51,7 @@ from trainers.trainer import TrainConfig
 # how it is watched. Everything else must match the stored config.
 RESUMABLE_KEYS = (
     "name", "storage", "population.total_steps", "population.resources", "population.max_failures",
+    "population.max_concurrent",
     "logging", "data.cache_dir", "train.device", "train.num_threads", "train.compile",
 )
 POLL_S = 0.1            # ray.wait timeout: how quickly a signal is noticed
@@ -325,6 +326,7 @@ def sync_rounds(search: _Search) -> None:
 
         round, steps = the last committed round (0, 0 for a new run)
         every member starts training n = min(interval_steps, total_steps - steps) steps
+            (on the driver's slots: with fewer slots than members they take turns, see _Interval)
         while members are training:
             wait until every member has trained and evaluated        (signals handled here)
             round += 1;  steps += n
@@ -343,9 +345,9 @@ def sync_rounds(search: _Search) -> None:
     pop = search.pop
     r, steps = search.round, search.steps_done
     n = min(pop.interval_steps, pop.total_steps - steps)
-    training = search.start_training(search.ids, n) if n > 0 else {}
+    training = search.start_training(search.ids, n) if n > 0 else None
     while training:
-        results = search.gather(training)
+        results = training.wait()
         r += 1
         steps += n
         search.record_results(results, r)
@@ -355,7 +357,7 @@ def sync_rounds(search: _Search) -> None:
             search.apply(decisions, r, event=r)
         search.start_checkpoints(search.ids, r)
         n = min(pop.interval_steps, pop.total_steps - steps)
-        training = search.start_training(search.ids, n) if n > 0 else {}
+        training = search.start_training(search.ids, n) if n > 0 else None
         search.finish_checkpoints(search.ids)
         search.commit(r, steps_done=steps, results=results)
         search.progress(r, steps)
@@ -364,7 +366,8 @@ def sync_rounds(search: _Search) -> None:
 def async_events(search: _Search) -> None:
     """Async mode: each member is judged alone as soon as it finishes its interval.
 
-        every member below the budget starts its next interval
+        every member below the budget starts its next interval (with fewer slots than members:
+            a free slot goes to the idle member furthest behind)
         while members are training:
             m = the first member to finish                            (signals handled here)
             event += 1
@@ -372,7 +375,7 @@ def async_events(search: _Search) -> None:
             elif m is below the budget:
                 [decision] = strategy.plan(snapshot, rng([seed, m, event]), ready=[m])
                 apply it: a donor hands over its last evaluated snapshot even while it trains
-            m starts writing its checkpoint; m starts its next interval if below the budget
+            m starts writing its checkpoint; free slots start the next intervals
             wait for m's checkpoint; commit (round = events // size); prune old checkpoints
 
     A member is done when its step reaches total_steps. The committed ``round`` is the number of
@@ -382,8 +385,14 @@ def async_events(search: _Search) -> None:
     """
     pop = search.pop
     event = search.events
-    training = {m: search.start_training([m], search.next_interval(m))[m]
-                for m in search.ids if search.next_interval(m) > 0}
+    training: dict[int, Any] = {}
+
+    def fill_slots() -> None:   # free slots go to the idle members furthest behind
+        idle = [m for m in search.ids if m not in training and search.next_interval(m) > 0]
+        for m in sorted(idle, key=lambda m: (search.records[m].step, m))[:search.slots - len(training)]:
+            training[m] = search.actors[m].train_and_evaluate.remote(search.next_interval(m))
+
+    fill_slots()
     while training:
         m, result = search.first_done(training)
         del training[m]
@@ -396,13 +405,111 @@ def async_events(search: _Search) -> None:
                                              search.rng(m, event), ready=[m])
             search.apply(decisions, event // pop.size, event=event)
         search.start_checkpoints([m], search.records[m].intervals)
-        if search.next_interval(m) > 0:
-            training[m] = search.start_training([m], search.next_interval(m))[m]
+        fill_slots()
         search.finish_checkpoints([m])
         search.commit(event // pop.size, events=event, results={m: result},
                       steps_done=min(r.step for r in search.records.values()))
         if event % pop.size == 0 or not training:
             search.progress(event // pop.size, min(r.step for r in search.records.values()))
+
+
+def concurrent_slots(pop: PopulationConfig, cluster: Mapping[str, float]) -> int:
+    """How many members train at the same moment: population.max_concurrent, else every member
+    when they use GPUs (fractions of a GPU are made to be shared), else as many as the cluster's
+    CPUs hold at one member's torch thread count (more would only time-slice the same cores)."""
+    if pop.max_concurrent is not None:
+        return min(pop.max_concurrent, pop.size)
+    if pop.resources.num_gpus > 0:
+        return pop.size
+    per_member = threads_for(pop.resources.num_cpus)
+    return max(1, min(pop.size, int(cluster.get("CPU", 0.0) // per_member)))
+
+
+class _Interval:
+    """One sync interval of ``n`` steps for each member, run on the driver's ``slots``.
+
+    With a slot for every member, each trains its whole interval in one call. With fewer slots
+    (4 CPU members on 2 cores) members take turns, and an interval is cut into parts
+    (``Member.train_part``; ``train_and_evaluate`` trains the last part and evaluates) so that
+    the slots finish the round together instead of idling behind the slowest member:
+
+    - a free slot goes to the waiting member with the most work left (longest first); a member
+      whose speed is not known yet goes first, with a probe part of n / PROBE_PARTS steps;
+    - a part lasts about a quarter of each slot's share of the work left, so parts are long while
+      much is left and shrink towards the end of the round (never below MIN_PART_S, never below
+      one step).
+
+    Training is a pure function of (seed, step), so how an interval is cut changes only when
+    members train, never what they compute.
+    """
+
+    PROBE_PARTS = 5
+    MIN_PART_S = 0.02
+
+    def __init__(self, search: _Search, ids: list[int], n: int) -> None:
+        self.search = search
+        self.n = n
+        self.left = {m: n for m in ids}          # steps not yet handed out
+        self.running: dict[Any, tuple[int, int, float]] = {}   # ref -> (member, steps, started)
+        self.results: dict[int, Any] = {}
+
+    def _busy(self) -> set[int]:
+        return {m for m, _, _ in self.running.values()}
+
+    def _work(self, m: int) -> float:
+        """Estimated seconds member m still needs this round (unknown speed: the mean known one)."""
+        est = self.search.step_s
+        known = [est[j] for j in self.left if j in est]
+        t = est.get(m, statistics.mean(known) if known else 1.0)
+        return self.left[m] * t + self.search.eval_s.get(m, 0.0)
+
+    def _part(self, m: int, waiting: list[int], busy: set[int]) -> int:
+        left, slots = self.left[m], self.search.slots
+        if len(waiting) + len(busy) <= slots:
+            return left                          # a slot for everyone: nothing to balance
+        t = self.search.step_s.get(m)
+        if t is None:
+            return min(left, max(1, self.n // self.PROBE_PARTS))
+        now = time.perf_counter()
+        work = sum(self._work(j) for j in waiting)
+        work += sum(max(0.0, started + k * self.search.step_s.get(j, 0.0) - now)
+                    for j, k, started in self.running.values())
+        target = max(work / (4 * slots), self.MIN_PART_S)
+        return max(1, min(left, math.ceil(target / t)))
+
+    def fill(self) -> None:
+        """Hand free slots to waiting members."""
+        actors, est = self.search.actors, self.search.step_s
+        while len(self.running) < self.search.slots:
+            busy = self._busy()
+            waiting = [m for m, k in self.left.items() if k > 0 and m not in busy]
+            if not waiting:
+                return
+            m = max(waiting, key=lambda j: (j not in est, self._work(j), -j))
+            k = self._part(m, waiting, busy)
+            self.left[m] -= k
+            call = actors[m].train_and_evaluate if self.left[m] == 0 else actors[m].train_part
+            self.running[call.remote(k)] = (m, k, time.perf_counter())
+
+    def wait(self) -> dict[int, Any]:
+        """{member: train_and_evaluate result (or its error)} once every member is done."""
+        search = self.search
+        while self.running:
+            search.stop.check()
+            ready, _ = ray.wait(list(self.running), num_returns=1, timeout=POLL_S, fetch_local=False)
+            for ref in ready:
+                m, k, _ = self.running.pop(ref)
+                res = search._get(ref, raise_errors=False)
+                if _failure(res) is not None:   # no more parts for it: the round judges the failure
+                    self.left[m] = 0
+                    self.results[m] = res
+                    continue
+                search.step_s[m] = res.get("part_seconds", res["seconds"]) / k
+                if "eval_seconds" in res:       # its last part: the interval's result
+                    search.eval_s[m] = res["eval_seconds"]
+                    self.results[m] = res
+            self.fill()
+        return self.results
 
 
 # ----------------------------------------------------------------------------------------------
@@ -421,6 +528,10 @@ class _Search:
         self.space = setup.space
         self.strategy = make_strategy(setup.strategy, setup.space)
         self.num_threads = threads_for(self.pop.resources.num_cpus)
+        self.slots = self.pop.size    # members training at once: set from the cluster by start_members
+        self.state_refs: dict[int, Any] = {}   # member -> its evaluated state in the object store, while current
+        self.step_s: dict[int, float] = {}   # member -> seconds per training step (its last part)
+        self.eval_s: dict[int, float] = {}   # member -> seconds of its last evaluation + snapshot
         self.train = setup.train
         self.ids = list(range(self.pop.size))
         self.records: dict[int, MemberRecord] = {}
@@ -511,6 +622,7 @@ class _Search:
     def start_members(self) -> None:
         """One actor per member; resumed members continue from their committed checkpoint."""
         load_corpus(self.setup.data)   # tokenize once here, not in every member at once
+        self.slots = concurrent_slots(self.pop, ray.cluster_resources())
         for m in self.ids:
             self.actors[m] = self._new_actor(m)
         self.gather({m: a.pid.remote() for m, a in self.actors.items()}, timeout=START_TIMEOUT_S,
@@ -561,8 +673,11 @@ class _Search:
     def next_interval(self, m: int) -> int:
         return min(self.pop.interval_steps, max(0, self.pop.total_steps - self.records[m].step))
 
-    def start_training(self, ids: list[int], n: int) -> dict[int, Any]:
-        return {m: self.actors[m].train_and_evaluate.remote(n) for m in ids}
+    def start_training(self, ids: list[int], n: int) -> _Interval:
+        """Every member of ``ids`` starts an interval of ``n`` steps on the driver's slots."""
+        interval = _Interval(self, ids, n)
+        interval.fill()
+        return interval
 
     # -- waiting (signals are noticed within POLL_S) -------------------------------------------
 
@@ -627,6 +742,7 @@ class _Search:
             self.cpu_s += float(res.get("cpu_seconds", 0.0))
             if res.get("failed"):
                 continue
+            self.state_refs[m] = res.pop("state_ref")[0]
             rec.step = int(res["step"])
             rec.history.append([rec.step, res["val_bpb"]])
             rec.objectives = {"val_bpb": res["val_bpb"], "params": res["params"],
@@ -688,10 +804,12 @@ class _Search:
             elif isinstance(d, Crossover) and d.weights_from != d.member:
                 sources[d.member] = d.weights_from
         t0 = time.perf_counter()
-        states = {donor: self.actors[donor].get_state.remote() for donor in set(sources.values())}
+        states = {donor: self._state_of(donor) for donor in set(sources.values())}
         if set(states) & set(sources):   # a donor is also a receiver: take every state first
             for _ in self._done(list(states.values())):
                 pass
+        for m in set(sources) | {d.member for d in decisions if not isinstance(d, Keep)}:
+            self.state_refs.pop(m, None)
         loads = {self.actors[m].load_state.remote(states[donor]): m for m, donor in sources.items()}
         latency, loaded = {}, {}
         for ref, seen in self._done(list(loads)):
@@ -731,6 +849,7 @@ class _Search:
                 extra["latency_s"] = latency[m]
                 self.exploit_latencies.append(latency[m])
             extra["parent_fitness"] = [before[p].fitness for p in parents]
+            self._forget_speed(m, rec.genome, genome)
             rec.genome, rec.step = genome, step
             rec.schedule = _inherit(src.schedule, step, genome, rec.seed)
             if source != m:
@@ -743,11 +862,13 @@ class _Search:
                    parents: list[int]) -> None:
         """m takes donor's evaluated state through the object store, then ``genome``."""
         t0 = time.perf_counter()
-        loaded = self.gather({m: self.actors[m].load_state.remote(self.actors[donor].get_state.remote())},
+        self.state_refs.pop(m, None)
+        loaded = self.gather({m: self.actors[m].load_state.remote(self._state_of(donor))},
                              raise_errors=True)[m]
         latency = time.perf_counter() - t0
         applied = self.gather({m: self.actors[m].apply_genome.remote(genome)}, raise_errors=True)[m]
         rec, src = self.records[m], self.records[donor]
+        self._forget_speed(m, rec.genome, genome)
         rec.genome, rec.step, rec.parent = genome, int(loaded["step"]), donor
         rec.schedule = _inherit(src.schedule, rec.step, genome, rec.seed)
         rec.objectives = dict(rec.objectives, params=applied["params"])
@@ -757,12 +878,27 @@ class _Search:
     def _fresh(self, m: int, genome: dict, seed: int, round: int, parents: list[int]) -> None:
         """m throws its weights away: a fresh trainer with ``genome`` and a new seed."""
         old = self.records[m]
+        self.state_refs.pop(m, None)
         self.gather({m: self.actors[m].restart.remote(genome, seed)}, raise_errors=True)
+        self._forget_speed(m, old.genome, genome)
         self.records[m] = MemberRecord(id=m, genome=genome, seed=seed, checkpoint=old.checkpoint,
                                        intervals=old.intervals,
                                        schedule=[{"step": 0, "genome": genome, "seed": seed}])
         self._lineage("restart", round, m, parents=parents, genome=genome, step=0,
                       fitness=old.fitness, changed_from=old.genome, seed=seed)
+
+    def _state_of(self, donor: int) -> Any:
+        """The donor's current state as an ObjectRef: the one its last evaluation published, or,
+        if it changed since (it was exploited, restarted), a snapshot taken now."""
+        ref = self.state_refs.get(donor)
+        return ref if ref is not None else self.actors[donor].get_state.remote()
+
+    def _forget_speed(self, m: int, old: Mapping[str, Any], new: Mapping[str, Any]) -> None:
+        """A member whose architecture genes changed trains at another speed: _Interval probes it."""
+        if {k: v for k, v in old.items() if k.startswith("model.")} != \
+                {k: v for k, v in new.items() if k.startswith("model.")}:
+            self.step_s.pop(m, None)
+            self.eval_s.pop(m, None)
 
     # -- commit ----------------------------------------------------------------------------------
 
@@ -813,7 +949,7 @@ class _Search:
             "lineage_count": self.lineage_count,
             "failures": self.failures,
             "exploit_latencies": self.exploit_latencies,
-            "timing": {"member_compute_s": self.compute_s, "wall_s": wall, "slots": self.pop.size,
+            "timing": {"member_compute_s": self.compute_s, "wall_s": wall, "slots": self.slots,
                        "critical_path_s": self.critical_s, "member_cpu_s": self.cpu_s},
             "updated": time.time(),
         }

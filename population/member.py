@@ -153,6 +153,10 @@ def _unpack_state(tree: Any, meta: list[tuple], buffer: np.ndarray) -> dict:
     return _fill_tensors(tree, tensors)
 
 
+def _interval_totals() -> dict:
+    return {"losses": [], "tokens": 0, "train_s": 0.0, "seconds": 0.0, "cpu_seconds": 0.0}
+
+
 def threads_for(num_cpus: float) -> int:
     """torch threads matching a member's CPU share (a fraction still gets one thread)."""
     return max(1, math.floor(num_cpus))
@@ -187,6 +191,7 @@ class Member:
         self._wire: WireState | None = None  # the snapshot packed for the object store
         self._saver: threading.Thread | None = None
         self._saved: int | BaseException = 0
+        self._interval = _interval_totals()  # the parts of the interval trained so far
 
     def pid(self) -> int:
         return os.getpid()
@@ -202,42 +207,73 @@ class Member:
     def _changed(self) -> None:
         with self._lock:
             self._snapshot, self._wire = None, None
+        self._interval = _interval_totals()
+
+    def train_part(self, n_steps: int) -> dict:
+        """Train ``n_steps`` of the current interval without evaluating: the driver splits an
+        interval into parts when members share slots (``train_and_evaluate`` trains the last
+        part). Returns {"step", "seconds"} of this part, or a failure as train_and_evaluate does."""
+        t0, cpu0 = time.perf_counter(), time.process_time()
+        self._current()   # from here on a concurrent get_state never reads the live trainer
+        acc = self._interval
+        try:
+            train = self.trainer.train(n_steps)
+        except NonFiniteLossError as e:   # the snapshot stays the last sound state
+            seconds = acc["seconds"] + time.perf_counter() - t0
+            self._interval = _interval_totals()
+            return {"failed": True, "error": f"non-finite loss: {e}", "step": self.trainer.step,
+                    "seconds": seconds}
+        acc["losses"] += train["losses"]
+        acc["tokens"] += train["tokens"]
+        acc["train_s"] += train["seconds"]
+        part_s = time.perf_counter() - t0
+        acc["seconds"] += part_s
+        acc["cpu_seconds"] += time.process_time() - cpu0
+        return {"step": self.trainer.step, "seconds": part_s}
 
     def train_and_evaluate(self, n_steps: int) -> dict:
-        """Train ``n_steps``, evaluate on the held-out set, keep a snapshot of the evaluated state.
+        """Train the (last) ``n_steps`` of the interval, evaluate on the held-out set, keep a
+        snapshot of the evaluated state. Figures cover the whole interval (every part of it).
 
         A diverged member (non-finite loss) is reported as ``{"failed": True, "error": ...}``
         rather than crashing the actor: the driver decides what to do with it.
         """
+        part = self.train_part(n_steps)
+        if part.get("failed"):
+            return part
         t0, cpu0 = time.perf_counter(), time.process_time()
-        self._current()   # from here on a concurrent get_state never reads the live trainer
-        try:
-            train = self.trainer.train(n_steps)
-            ev = self.trainer.evaluate()
-        except NonFiniteLossError as e:   # the snapshot stays the last sound state
-            return {"failed": True, "error": f"non-finite loss: {e}", "step": self.trainer.step,
-                    "seconds": time.perf_counter() - t0}
+        acc, self._interval = self._interval, _interval_totals()
+        ev = self.trainer.evaluate()
         if not math.isfinite(ev["val_bpb"]):
             return {"failed": True, "error": f"non-finite validation loss ({ev['val_bpb']})",
-                    "step": self.trainer.step, "seconds": time.perf_counter() - t0}
+                    "step": self.trainer.step, "seconds": acc["seconds"] + time.perf_counter() - t0}
         snapshot = self.trainer.state_dict()
-        wire = WireState(snapshot)
+        # published in the object store now, while this still counts as the member's training
+        # time: an exploit is then one call on the receiver, which reads it from shared memory
+        state_ref = ray.put(WireState(snapshot))
         with self._lock:
-            self._snapshot, self._wire = snapshot, wire
+            self._snapshot, self._wire = snapshot, None
+        losses = acc["losses"]
+        tail_s = time.perf_counter() - t0
         return {
             "step": self.trainer.step,
-            "train_loss": float(train["train_loss"]),
+            "train_loss": float(sum(losses) / len(losses)) if losses else math.nan,
             "val_bpb": float(ev["val_bpb"]),
             "val_loss": float(ev["val_loss"]),
-            "tokens_per_s": float(train["tokens_per_s"]),
+            "tokens_per_s": float(acc["tokens"] / acc["train_s"]) if acc["train_s"] > 0 else 0.0,
             "params": int(self.trainer.num_parameters()),
-            "seconds": time.perf_counter() - t0,
-            "cpu_seconds": time.process_time() - cpu0,   # < seconds when the CPU is shared
+            "seconds": acc["seconds"] + tail_s,              # the whole interval, every part
+            "cpu_seconds": acc["cpu_seconds"] + time.process_time() - cpu0,   # < seconds when the CPU is shared
+            "part_seconds": part["seconds"],                 # this call's training part
+            "eval_seconds": tail_s,                          # evaluation + snapshot
+            "state_ref": [state_ref],   # in a list: handed to the driver as a reference, not fetched
         }
 
     def get_state(self) -> WireState:
         """The snapshot (the last evaluated state unless changed since): safe to take while this
-        member trains on. Unpickled (by the receiver, or ray.get) it is the trainer's state dict."""
+        member trains on. Unpickled (by the receiver, or ray.get) it is the trainer's state dict.
+        (The evaluated snapshot is also in train_and_evaluate's result, already in the object
+        store; the driver asks for this one when it has none that is current.)"""
         snapshot = self._current()
         wire = self._wire
         if wire is None:

@@ -29,8 +29,8 @@ it with transformers' Llama):
   views: the CPU flash kernel, with no repeated k/v (enable_gqa measured ~10% faster than
   repeat_interleave for the attention on CPU);
 - RMSNorm has a hand-written backward (autograd's replays ~12 kernels on CPU).
-Under torch.compile the complex RoPE product runs as an eager op (inductor does not generate
-code for complex tensors and says so); everything else compiles.
+Under torch.compile RoPE switches to real arithmetic on a [cos, sin] table (inductor generates no
+code for complex tensors), so the whole model compiles.
 """
 
 from __future__ import annotations
@@ -254,7 +254,15 @@ class RotaryEmbedding(nn.Module):
         return torch.outer(t, inv_freq)  # (T, D/2)
 
     def forward(self, seq_len: int, device: torch.device) -> torch.Tensor:
-        """complex64 (T, (H + KV) * D/2): e^{j angle} for every rotated pair of every q and k head."""
+        """complex64 (T, (H + KV) * D/2): e^{j angle} for every rotated pair of every q and k head.
+
+        While torch.compile traces, a real (T, (H + KV) * D/2, 2) table of [cos, sin] instead, built
+        in the graph (no cache): inductor generates no code for complex tensors, so the complex
+        product would run as a separate eager kernel, while the real form fuses with its neighbours.
+        """
+        if torch.compiler.is_compiling():
+            freqs = self.angles(seq_len, device).repeat(1, self.rotated_heads)  # (T, (H+KV)*D/2)
+            return torch.stack((freqs.cos(), freqs.sin()), dim=-1)
         key = (seq_len, device)
         table = self._cache.get(key)
         if table is None:
@@ -288,6 +296,17 @@ def qkv_compute_order(n_head: int, n_kv: int, head_dim: int) -> torch.Tensor:
     return torch.cat(q + k + v)
 
 
+def apply_rope(pairs: torch.Tensor, table: torch.Tensor) -> torch.Tensor:
+    """Rotate (..., n, 2) pairs (x_i, x_{i+D/2}) by a RotaryEmbedding table: one complex multiply
+    with a complex (T, n) table (eager), or the same product written out in real arithmetic with a
+    real (T, n, 2) [cos, sin] table (under torch.compile, where inductor fuses it)."""
+    if table.is_complex():
+        return torch.view_as_real(torch.view_as_complex(pairs) * table)
+    x0, x1 = pairs.unbind(-1)
+    cos, sin = table.unbind(-1)
+    return torch.stack((x0 * cos - x1 * sin, x1 * cos + x0 * sin), dim=-1)
+
+
 class Attention(nn.Module):
     """Causal grouped-query attention with InternLM2's packed `wqkv`."""
 
@@ -311,8 +330,8 @@ class Attention(nn.Module):
         qkv = F.linear(x, w, b)  # (B, T, (H + 2KV) * D) = [q | k | v], RoPE pairs adjacent
         qk, v = qkv.split(((H + KV) * D, KV * D), dim=-1)
         # RoPE on q and k at once, in fp32: (B, T, (H+KV)*D/2) complex * (T, (H+KV)*D/2)
-        qk = torch.view_as_complex(qk.float().unflatten(-1, (-1, 2))) * rope
-        q, k = torch.view_as_real(qk).to(qkv.dtype).view(B, T, H + KV, D).split((H, KV), dim=2)
+        qk = apply_rope(qk.float().unflatten(-1, (-1, 2)), rope)  # (B, T, (H+KV)*D/2, 2): pairs (re, im)
+        q, k = qk.to(qkv.dtype).view(B, T, H + KV, D).split((H, KV), dim=2)
         v = v.view(B, T, KV, D)
         # SDPA wants (B, heads, T, D): transposed views suit the CPU flash kernel, which lays its
         # output out as (B, T, H, D). enable_gqa lets each kv head serve its G query heads without

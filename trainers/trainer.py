@@ -314,7 +314,10 @@ class Trainer:
             model.load_state_dict(weights)
         self._model = model.to(self.device)
         self._model_cfg = cfg
-        self._forward = torch.compile(self._model) if self._train.compile else self._model
+        # dynamic=False: one static graph per shape (train batch, eval batch). With automatic dynamic
+        # shapes, the second batch size seen recompiled the model with a symbolic batch and a
+        # training step ran 6x slower on an H200 (193 vs 31 ms at 50M parameters).
+        self._forward = torch.compile(self._model, dynamic=False) if self._train.compile else self._model
         self._optimizer = self._make_optimizer()
 
     def _make_optimizer(self) -> torch.optim.AdamW:
@@ -324,7 +327,8 @@ class Trainer:
         cfg = self._train
         opt = torch.optim.AdamW([{"params": decay, "weight_decay": cfg.weight_decay},
                                  {"params": no_decay, "weight_decay": 0.0}],
-                                lr=lr_at(cfg, self._step), betas=(cfg.beta1, cfg.beta2), eps=cfg.eps)
+                                lr=lr_at(cfg, self._step), betas=(cfg.beta1, cfg.beta2), eps=cfg.eps,
+                                fused=self.device.type == "cuda")   # one kernel per step on a GPU
         return opt
 
     def _apply_hparams(self) -> None:

@@ -12,7 +12,8 @@ from pathlib import Path
 import pytest
 from rich.console import Console
 
-from population.driver import ConfigConflictError, ResourceFitError, SearchError, run_search
+from population.config import ConfigError, PopulationConfig, ResourcesConfig
+from population.driver import ConfigConflictError, ResourceFitError, SearchError, concurrent_slots, run_search
 from population.inspect import export_run, run_status
 from population.replay import replay_run
 from population.store import RunStore
@@ -121,6 +122,18 @@ def test_same_seed_same_search(reference, cache_dir):
     assert _comparable(_lineage(storage / "twin")) == _comparable(_lineage(storage / "ref"))
 
 
+def test_slots_change_when_members_train_not_what_they_compute(reference, cache_dir):
+    """On 2 CPUs the reference's 3 members (one thread each) share 2 slots, their intervals cut
+    into parts; with a slot each they train whole intervals at once. Same search either way."""
+    storage, _ = reference
+    assert _state(storage / "ref")["timing"]["slots"] == 2
+    run_search(_reference(storage, "all-at-once", cache_dir, max_concurrent=3), console=_quiet())
+    state = _state(storage / "all-at-once")
+    assert state["timing"]["slots"] == 3
+    assert _table(state) == _table(_state(storage / "ref"))
+    assert _comparable(_lineage(storage / "all-at-once")) == _comparable(_lineage(storage / "ref"))
+
+
 def test_sigterm_stops_at_a_committed_round_and_resume_equals_uninterrupted(reference, cache_dir):
     storage, _ = reference
     store = RunStore(storage, "stopped")
@@ -192,6 +205,27 @@ def test_a_population_that_does_not_fit_is_refused_at_once(ray_local, cache_dir,
     with pytest.raises(ResourceFitError, match=r"num_cpus: 0\.66 or population\.size: 2"):
         run_search(make_setup(tmp_path, "big", cache_dir, size=3, num_cpus=1.0), console=_quiet())
     assert not (tmp_path / "big").exists()
+
+
+@pytest.mark.parametrize("num_cpus,num_gpus,max_concurrent,cluster,slots", [
+    (0.5, 0, None, {"CPU": 2.0}, 2),          # one thread each: as many as the cores
+    (1, 0, None, {"CPU": 16.0}, 4),           # never more than the population
+    (2, 0, None, {"CPU": 5.0}, 2),            # two threads each on 5 CPUs
+    (4, 0, None, {"CPU": 2.0}, 1),            # at least one
+    (1, 0.125, None, {"CPU": 2.0, "GPU": 1.0}, 4),   # GPU fractions are meant to be shared
+    (0.5, 0, 3, {"CPU": 2.0}, 3),             # population.max_concurrent wins
+    (0.5, 0, 9, {"CPU": 2.0}, 4),
+])
+def test_concurrent_slots(num_cpus, num_gpus, max_concurrent, cluster, slots):
+    pop = PopulationConfig(size=4, resources=ResourcesConfig(num_cpus=num_cpus, num_gpus=num_gpus),
+                           max_concurrent=max_concurrent)
+    assert concurrent_slots(pop, cluster) == slots
+
+
+@pytest.mark.parametrize("value", [0, -1, 1.5, "two", True])
+def test_max_concurrent_must_be_a_positive_integer(value):
+    with pytest.raises(ConfigError, match="population.max_concurrent"):
+        PopulationConfig(size=4, max_concurrent=value)
 
 
 def test_async_search_brings_every_member_to_the_budget(ray_local, cache_dir, tmp_path):

@@ -76,6 +76,35 @@ def test_exploit_copies_weights_and_optimizer_bit_for_bit_without_restart(pair):
     assert receiver_state["train_config"]["seed"] == 2
 
 
+def test_the_evaluated_state_is_published_with_the_result_and_loads_bit_for_bit(pair):
+    """train_and_evaluate puts the evaluated state in the object store and returns its reference:
+    an exploit is then one call on the receiver."""
+    donor, receiver = pair
+    result = ray.get(donor.train_and_evaluate.remote(3))
+    [ref] = result["state_ref"]
+    assert isinstance(ref, ray.ObjectRef)
+    published, snapshot = ray.get([ref, donor.get_state.remote()])
+    _assert_same_state(published, snapshot)
+    assert published["step"] == result["step"] == 3
+
+    assert ray.get(receiver.load_state.remote(ref))["step"] == 3
+    _assert_same_state(ray.get(receiver.get_state.remote()), snapshot)
+
+
+def test_an_interval_in_parts_trains_exactly_like_one_call(pair):
+    """The driver's slots cut an interval into train_part calls: the same steps, losses and state,
+    and train_and_evaluate's figures cover every part."""
+    a, b = pair
+    ray.get(b.restart.remote(GENOME, 1))                      # b is a twin of a (seed 1)
+    whole = ray.get(a.train_and_evaluate.remote(6))
+    parts = [ray.get(b.train_part.remote(2)), ray.get(b.train_part.remote(1))]
+    last = ray.get(b.train_and_evaluate.remote(3))
+    assert [p["step"] for p in parts] == [2, 3] and last["step"] == whole["step"] == 6
+    assert last["val_bpb"] == whole["val_bpb"] and last["train_loss"] == whole["train_loss"]
+    assert last["seconds"] >= sum(p["seconds"] for p in parts) + last["part_seconds"]
+    _assert_same_state(ray.get(a.get_state.remote()), ray.get(b.get_state.remote()))
+
+
 def test_get_state_is_the_evaluated_snapshot_while_training(pair):
     member = pair[0]
     ray.get(member.train_and_evaluate.remote(3))

@@ -82,6 +82,30 @@ def test_gradients_match_transformers_llama(tmp_path):
         assert (ours[key] - theirs[key]).abs().max().item() <= 1e-5 + 1e-4 * scale, key
 
 
+@pytest.mark.parametrize("rope_scaling", [None, {"type": "linear", "factor": 2.0}])
+def test_real_rope_used_under_torch_compile_equals_the_complex_one(monkeypatch, rope_scaling):
+    """While torch.compile traces, RoPE runs in real arithmetic on a [cos, sin] table; it must give
+    the eager complex product's logits and gradients (checked here by making the model believe it
+    is being traced)."""
+    model = spread_model(tiny(rope_scaling=rope_scaling))
+    ids = torch.randint(0, 61, (2, 40), generator=torch.Generator().manual_seed(5))
+
+    def logits_and_grads():
+        model.zero_grad()
+        logits = model(ids)
+        logits.square().mean().backward()
+        return logits.detach(), {n: p.grad.clone() for n, p in model.named_parameters()}
+
+    eager_logits, eager_grads = logits_and_grads()
+    monkeypatch.setattr(torch.compiler, "is_compiling", lambda: True)
+    table = model.model.rotary_emb(40, ids.device)
+    assert table.shape == (40, (4 + 2) * 4, 2) and not table.is_complex()
+    real_logits, real_grads = logits_and_grads()
+    assert (real_logits - eager_logits).abs().max().item() < 1e-5
+    for name, g in eager_grads.items():
+        assert torch.allclose(real_grads[name], g, rtol=1e-4, atol=1e-6), name
+
+
 def test_biases_match_transformers_llama(tmp_path):
     config = tiny(bias=True)
     model = spread_model(config).eval()
