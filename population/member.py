@@ -144,13 +144,19 @@ def _fill_tensors(obj: Any, tensors: list[torch.Tensor]) -> Any:
 
 def _unpack_state(tree: Any, meta: list[tuple], buffer: np.ndarray) -> dict:
     """Inverse of WireState.__reduce__. The buffer arrives as a read-only view of shared
-    memory: each tensor is copied out into its own storage, so the receiver's tensors (its
-    optimizer moments above all, updated in place) never alias the object store, and each
-    starts at offset 0 (torch.Generator.set_state needs that)."""
-    tensors = [torch.from_numpy(buffer[offset:offset + n].copy()).view(getattr(torch, dtype)).reshape(shape)
+    memory: it is copied out once (one memcpy) into memory of the receiver's own, and the tensors
+    are views into that copy, so they never alias the object store (the optimizer moments are
+    updated in place). The RNG state is copied alone (torch.Generator.set_state wants its own
+    storage at offset 0)."""
+    own = torch.from_numpy(buffer.copy()) if buffer.size else torch.empty(0, dtype=torch.uint8)
+    tensors = [own[offset:offset + n].view(getattr(torch, dtype)).reshape(shape)
                if n else torch.empty(shape, dtype=getattr(torch, dtype))
                for dtype, shape, offset, n in meta]
-    return _fill_tensors(tree, tensors)
+    state = _fill_tensors(tree, tensors)
+    rng = state.get("rng") if isinstance(state, dict) else None
+    if isinstance(rng, dict):
+        state["rng"] = {k: v.clone() if isinstance(v, torch.Tensor) else v for k, v in rng.items()}
+    return state
 
 
 def _interval_totals() -> dict:
