@@ -2,16 +2,17 @@
 
 Two figures:
 
-- orchestration efficiency = Σ member compute seconds (time inside ``train_and_evaluate``)
-  / (wall seconds of the round loop × concurrent slots). 1.0 means the members never wait for
-  the driver: judging, exploits, checkpoints and commits all hide behind training. Goal on CPU:
-  >= 0.97. In sync mode the per-round barrier is part of it (a member that finishes its interval
-  early waits for the slowest); the figure printed under it, "barrier-free" = Σ per round of the
-  slowest member's seconds / wall seconds, isolates the driver's own cost.
+- orchestration efficiency = Σ member compute seconds (time inside ``train_part`` and
+  ``train_and_evaluate``) / (wall seconds of the round loop × concurrent slots), the slots being
+  the members allowed to train at once (``timing.slots`` in the run's state: on this 2-core
+  machine 2, one torch thread each, with the 4 members taking turns). 1.0 means no slot ever
+  waits: not for the driver (judging, exploits, checkpoints, commits) and not for the sync
+  barrier (a member done early while another still trains). Goal on CPU: >= 0.97.
 - CPU utilisation = Σ member CPU seconds inside ``train_and_evaluate`` / (wall × cluster CPUs):
   whether the cores are kept busy (members that share a core each count their own share).
-- exploit latency: seconds from issuing ``donor.get_state`` to ``receiver.load_state`` done
-  (weights + Adam state through the Ray object store, no process restart), median over the run,
+- exploit latency: seconds from issuing ``receiver.load_state`` with the donor's state (published
+  in the object store when the donor was evaluated) to the receiver being done (weights + Adam
+  state + step + RNG, no process restart), median over the run,
   next to one disk round trip of the same state (``torch.save`` + ``torch.load`` to a temp file)
   — what a checkpoint-based exploit pays before it even restarts a worker. Goal: <= 0.2x.
 
@@ -65,6 +66,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--storage", default=None, help="run store root (default: a temporary directory)")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                    help="any other config override, e.g. --set model.hidden_size=256")
+    p.add_argument("--vs-all-at-once", action="store_true",
+                   help="run the workload a second time with a slot per member (every member training at "
+                        "once, time-sliced by the OS) and compare wall times and results")
     args = p.parse_args(argv)
 
     storage = args.storage or tempfile.mkdtemp(prefix="evo-overhead-")
@@ -118,6 +122,20 @@ def main(argv: list[str] | None = None) -> int:
           f"(wall {wall:.1f} s × {cpus:g} CPUs))")
     print(f"exploit latency (median)  {exploit * 1e3:.1f} ms over {len(latencies)} exploits; disk save+load of "
           f"the same {state_mb:.2f} MB state {disk * 1e3:.1f} ms; ratio {exploit / disk:.3f} (goal <= 0.2)")
+    if args.vs_all_at_once:
+        all_name = f"{name}-all"
+        run_search(build_setup(load_config(QUICKSTART, [*overrides, f"name={all_name}",
+                                                        f"population.max_concurrent={args.size}"])))
+        other = RunStore(storage, all_name).read_state()
+        o_timing = other["timing"]
+        o_eff = o_timing["member_compute_s"] / (o_timing["wall_s"] * o_timing["slots"])
+        same = [m["history"] for m in other["members"]] == [m["history"] for m in state["members"]]
+        print(f"all at once ({o_timing['slots']} slots): wall {o_timing['wall_s']:.1f} s, efficiency {o_eff:.3f}, "
+              f"CPU utilisation {o_timing['member_cpu_s'] / (o_timing['wall_s'] * cpus):.3f}; "
+              f"wall with {slots} slots / all at once = {wall / o_timing['wall_s']:.3f}; "
+              f"same fitness histories: {same}")
+        out.update(all_at_once_wall_s=round(o_timing["wall_s"], 2), all_at_once_efficiency=round(o_eff, 4),
+                   wall_ratio_vs_all_at_once=round(wall / o_timing["wall_s"], 3), same_histories=same)
     print(json.dumps(out))
     ray.shutdown()
     return 0
