@@ -810,7 +810,7 @@ class _Search:
                 pass
         for m in set(sources) | {d.member for d in decisions if not isinstance(d, Keep)}:
             self.state_refs.pop(m, None)
-        loads = {self.actors[m].load_state.remote(states[donor]): m for m, donor in sources.items()}
+        loads = {self.actors[m].load_state.remote([states[donor]]): m for m, donor in sources.items()}
         latency, loaded = {}, {}
         for ref, seen in self._done(list(loads)):
             m = loads[ref]
@@ -863,7 +863,7 @@ class _Search:
         """m takes donor's evaluated state through the object store, then ``genome``."""
         t0 = time.perf_counter()
         self.state_refs.pop(m, None)
-        loaded = self.gather({m: self.actors[m].load_state.remote(self._state_of(donor))},
+        loaded = self.gather({m: self.actors[m].load_state.remote([self._state_of(donor)])},
                              raise_errors=True)[m]
         latency = time.perf_counter() - t0
         applied = self.gather({m: self.actors[m].apply_genome.remote(genome)}, raise_errors=True)[m]

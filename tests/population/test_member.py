@@ -89,6 +89,9 @@ def test_the_evaluated_state_is_published_with_the_result_and_loads_bit_for_bit(
 
     assert ray.get(receiver.load_state.remote(ref))["step"] == 3
     _assert_same_state(ray.get(receiver.get_state.remote()), snapshot)
+    ray.get(receiver.restart.remote(GENOME, 2))
+    assert ray.get(receiver.load_state.remote([ref]))["step"] == 3     # the driver's form: read inside
+    _assert_same_state(ray.get(receiver.get_state.remote()), snapshot)
 
 
 def test_an_interval_in_parts_trains_exactly_like_one_call(pair):
