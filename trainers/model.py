@@ -402,11 +402,14 @@ class InternLM2ForCausalLM(nn.Module):
     biases at 0. Without a generator the model is initialised from seed 0.
     """
 
-    def __init__(self, config: InternLM2Config, generator: torch.Generator | None = None) -> None:
+    def __init__(self, config: InternLM2Config, generator: torch.Generator | None = None, *,
+                 init: bool = True) -> None:
         super().__init__()
         self.config = config
         self.model = InternLM2Model(config)
         self.output = Linear(config.hidden_size, config.vocab_size)
+        if not init:   # the caller loads every parameter next (uninitialised memory until then)
+            return
         if generator is None:
             generator = torch.Generator().manual_seed(0)
         self.reset_parameters(generator)
