@@ -2,7 +2,8 @@
 
 One step = forward + cross-entropy + backward + grad clip + AdamW step, the unit every population
 member repeats. Both models get the same config (our weights exported to Llama's layout), the same
-batches, the same loss expression, the same optimizer settings and the same torch thread count;
+batches, the same loss expression, the same optimizer settings (ours: the Trainer's own AdamW,
+trainers.trainer.make_optimizer; the others: torch's default AdamW) and the same torch thread count;
 their steps are interleaved in blocks so that machine noise hits both alike. Prints the median
 step time of each and the ratio ours / reference (goal on CPU: <= 0.8).
 
@@ -38,6 +39,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a check
 
 from trainers.export import internlm2_to_llama_state  # noqa: E402
 from trainers.model import InternLM2Config, InternLM2ForCausalLM  # noqa: E402
+from trainers.trainer import TrainConfig, make_optimizer  # noqa: E402
 
 
 @dataclass
@@ -120,10 +122,16 @@ class KernelFloor(nn.Module):
 def make_step(model: nn.Module, autocast: bool, compile: bool = False,
               ) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:
     """A closure doing one full training step; the loss expression is the same for every model.
-    On CUDA both models get the fused AdamW kernel (one launch per step instead of a dozen)."""
+
+    Ours steps with the Trainer's own optimizer (trainers.trainer.make_optimizer: fused AdamW);
+    the others with torch's default AdamW, as a user of transformers would (fused on CUDA, one
+    launch per step instead of a dozen). Same lr, betas and weight decay."""
     device_type = next(model.parameters()).device.type
-    opt = torch.optim.AdamW(model.parameters(), lr=1e-3, betas=(0.9, 0.95), weight_decay=0.1,
-                            fused=device_type == "cuda")
+    if isinstance(model, InternLM2ForCausalLM):
+        opt = make_optimizer(model, TrainConfig(lr=1e-3, beta1=0.9, beta2=0.95, weight_decay=0.1), lr=1e-3)
+    else:
+        opt = torch.optim.AdamW(model.parameters(), lr=1e-3, betas=(0.9, 0.95), weight_decay=0.1,
+                                fused=device_type == "cuda")
     from transformers import PreTrainedModel
 
     is_hf = isinstance(model, PreTrainedModel)  # returns an output object, not logits

@@ -28,7 +28,13 @@ it with transformers' Llama):
 - causal attention is `scaled_dot_product_attention(is_causal=True, enable_gqa=True)` on strided
   views: the CPU flash kernel, with no repeated k/v (enable_gqa measured ~10% faster than
   repeat_interleave for the attention on CPU);
-- RMSNorm has a hand-written backward (autograd's replays ~12 kernels on CPU).
+- RMSNorm has a hand-written backward (autograd's replays ~12 kernels on CPU);
+- fresh activation-sized tensors are expensive on the CPU machines (page faults: glibc hands
+  freed memory back to the kernel every step, see _BufferPool), so in fp32 on CPU the pre-norm
+  SwiGLU block (norm, three matmuls, SiLU, residual add and all their gradients) is one autograd
+  Function working in buffers kept across steps, each other norm is fused with the projection
+  that follows it (attention's wqkv, the output head), and the residual adds are addmm's.
+  Autocast, torch.compile and GPUs take the plain modules (RMSNorm, F.linear, F.silu).
 Under torch.compile RoPE switches to real arithmetic on a [cos, sin] table (inductor generates no
 code for complex tensors), so the whole model compiles.
 """
@@ -320,14 +326,25 @@ class Attention(nn.Module):
         self.wo = Linear(self.n_head * self.head_dim, config.hidden_size, bias=config.bias)
         order = qkv_compute_order(self.n_head, self.n_kv, self.head_dim)
         self.register_buffer("qkv_order", order, persistent=False)
+        self._pool = _BufferPool()  # _NormLinearFn's buffers
 
-    def forward(self, x: torch.Tensor, rope: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, rope: torch.Tensor, norm: RMSNorm | None = None) -> torch.Tensor:
+        """attention(x), or with `norm` the pre-norm residual block x + attention(norm(x)): (B, T, C)
+        -> (B, T, C). In fp32 on CPU (outside autocast and torch.compile, no biases) the block's
+        norm and input projection run as _NormLinearFn and the residual add is the output addmm."""
         B, T, C = x.shape
         H, KV, D = self.n_head, self.n_kv, self.head_dim
         # the weight rows gathered into compute order (a (H+2KV)*D x C copy; its backward scatters)
         w = self.wqkv.weight.index_select(0, self.qkv_order)
         b = None if self.wqkv.bias is None else self.wqkv.bias.index_select(0, self.qkv_order)
-        qkv = F.linear(x, w, b)  # (B, T, (H + 2KV) * D) = [q | k | v], RoPE pairs adjacent
+        fused = (norm is not None and b is None and self.wo.bias is None
+                 and _fp32_cpu(x, norm.weight, w, self.wo.weight))
+        if fused:
+            keep = torch.is_grad_enabled() and (x.requires_grad or norm.weight.requires_grad or w.requires_grad)
+            qkv = _NormLinearFn.apply(x, norm.weight, norm.eps, w, self._pool, keep)
+        else:
+            qkv = F.linear(x if norm is None else norm(x), w, b)  # (B, T, (H + 2KV) * D)
+        # qkv = [q | k | v], RoPE pairs adjacent
         qk, v = qkv.split(((H + KV) * D, KV * D), dim=-1)
         # RoPE on q and k at once, in fp32: (B, T, (H+KV)*D/2) complex * (T, (H+KV)*D/2)
         qk = apply_rope(qk.float().unflatten(-1, (-1, 2)), rope)  # (B, T, (H+KV)*D/2, 2): pairs (re, im)
@@ -339,7 +356,160 @@ class Attention(nn.Module):
         y = F.scaled_dot_product_attention(
             q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), is_causal=True, enable_gqa=H != KV
         )
-        return self.wo(y.transpose(1, 2).reshape(B, T, H * D))  # (B, T, H*D) -> (B, T, C)
+        y = y.transpose(1, 2).reshape(B, T, H * D)  # (B, T, H*D)
+        if norm is None:
+            return self.wo(y)  # (B, T, C)
+        if fused:  # x + y wo^T as one addmm: no separate (B, T, C) product to allocate and add
+            return torch.addmm(x.reshape(-1, C), y.view(-1, H * D), self.wo.weight.t()).view(B, T, C)
+        return x + self.wo(y)
+
+
+def _fp32_cpu(x: torch.Tensor, *weights: torch.Tensor) -> bool:
+    """Whether the hand-written CPU paths apply: fp32 on CPU, outside autocast and torch.compile
+    (GPUs and compiled graphs fuse the plain ops themselves; autocast needs its own casts)."""
+    return (x.device.type == "cpu" and x.dtype == torch.float32 and all(w.dtype == torch.float32 for w in weights)
+            and not torch.is_autocast_enabled("cpu") and not torch.compiler.is_compiling())
+
+
+class _BufferPool:
+    """Free activation buffers of one module's hand-written autograd Function, kept from one
+    training step to the next.
+
+    On this project's CPU machines a fresh tensor of a few MB costs more than the arithmetic
+    done in it: glibc returns the freed activations of every step to the kernel (its heap trim)
+    and each new buffer is paid again in page faults. Measured on the 2.9M-parameter benchmark
+    model (16x128 tokens, F = 684, a 5.6 MB buffer): an elementwise multiply into a fresh tensor
+    took ~5 ms inside a training step, the same multiply in place 0.36 ms. A buffer is taken by
+    a forward and given back by its backward (or at once when no graph is kept), so a forward
+    that runs while another's graph is alive simply allocates. Between steps a pool holds what
+    its Function needs for one step (one set per batch shape seen, e.g. train and eval): memory
+    autograd allocates at every step's peak anyway (profiled with torch.profiler, 1 thread).
+    """
+
+    def __init__(self) -> None:
+        self._free: dict[tuple, list[torch.Tensor]] = {}
+
+    def take(self, shape: tuple[int, ...], like: torch.Tensor) -> torch.Tensor:
+        free = self._free.get((shape, like.dtype, like.device))
+        return free.pop() if free else torch.empty(shape, dtype=like.dtype, device=like.device)
+
+    def give(self, *buffers: torch.Tensor) -> None:
+        for t in buffers:
+            free = self._free.setdefault((tuple(t.shape), t.dtype, t.device), [])
+            if len(free) < 8:  # more only if forwards overlap; let the rest go
+                free.append(t)
+
+
+def _rms_norm_into(x2: torch.Tensor, weight: torch.Tensor, eps: float, out: torch.Tensor):
+    """n = x * rsqrt(mean(x^2) + eps) * weight for fp32 rows x2 (N, C), written into `out`;
+    returns (n, rstd (N, 1)). The same arithmetic as _RMSNormFn.forward, so bit for bit equal."""
+    rstd = torch.linalg.vector_norm(x2, dim=-1, keepdim=True).square_().div_(x2.shape[-1]).add_(eps).rsqrt_()
+    return torch.mul(x2, rstd, out=out).mul_(weight), rstd
+
+
+def _rms_norm_backward_(gn: torch.Tensor, x2: torch.Tensor, weight: torch.Tensor, rstd: torch.Tensor,
+                        tmp: torch.Tensor):
+    """RMSNorm's backward (as _RMSNormFn.backward) in place: gn (N, C), the gradient of the norm's
+    output, becomes the gradient of its input x2; `tmp` (N, C) is scratch. Returns (gn, grad weight)."""
+    gs = gn.mul_(rstd)  # rstd * g
+    gw = torch.linalg.vecdot(gs.t(), x2.t())  # (C,) = sum over rows of g * xhat
+    gs.mul_(weight)  # rstd * gxhat
+    m = torch.linalg.vecdot(gs, x2).unsqueeze_(-1).div_(x2.shape[-1]).mul_(rstd).mul_(rstd)  # (N, 1)
+    return gs.sub_(torch.mul(x2, m, out=tmp)), gw
+
+
+class _NormLinearFn(torch.autograd.Function):
+    """n @ w^T with n = RMSNorm(x) * norm_w, on CPU: attention's input projection, the output head.
+
+    n (saved for the weight gradient) lives in a pooled buffer (see _BufferPool), and the norm's
+    backward runs in place in the gradient of n: three fresh (N, C) tensors fewer per step than
+    _RMSNormFn followed by F.linear (the norm's output; two temporaries of its backward).
+    """
+
+    @staticmethod
+    def forward(ctx, x, norm_w, eps: float, w, pool: _BufferPool, keep: bool):
+        x2 = x.reshape(-1, x.shape[-1])  # (N, C)
+        n, rstd = _rms_norm_into(x2, norm_w, eps, pool.take(tuple(x2.shape), x2))
+        y = torch.mm(n, w.t())  # (N, out)
+        if keep:
+            ctx.save_for_backward(x2, norm_w, rstd, w)
+            ctx.buffers, ctx.pool = n, pool
+        else:
+            pool.give(n)
+        return y.view(*x.shape[:-1], w.shape[0])
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, g):
+        if ctx.buffers is None:
+            raise RuntimeError("Attention's CPU backward ran twice (retain_graph): its buffers are gone")
+        x2, norm_w, rstd, w = ctx.saved_tensors
+        n, pool = ctx.buffers, ctx.pool
+        ctx.buffers = None
+        g2 = g.reshape(-1, g.shape[-1])  # (N, out)
+        gw = torch.mm(g2.t(), n)  # (out, C)
+        gx, gnorm_w = _rms_norm_backward_(torch.mm(g2, w), x2, norm_w, rstd, tmp=n)  # n is free
+        pool.give(n)
+        return gx.view(*g.shape[:-1], x2.shape[-1]), gnorm_w, None, gw, None, None
+
+
+class _NormSwiGLUFn(torch.autograd.Function):
+    """x + w2(silu(w1 n) * w3 n), n = RMSNorm(x) * norm_w: a pre-norm SwiGLU block on CPU, by hand.
+
+    The (N, F) intermediates a = w1 n, b = w3 n, h = silu(a) * b and the (N, C) norm output n
+    live in buffers of a per-module pool (see _BufferPool) from the forward to the end of the
+    backward, which computes every gradient in those buffers plus two more pooled ones
+    (sigmoid(a) and an (N, C) temporary). Autograd's version of the block allocates eight fresh
+    (N, F) tensors per step (three matmul outputs, silu, mul; silu_backward, two muls) and five
+    (N, C) ones. The residual add is the output matmul's addmm, and the gradients of the residual
+    and the norm path are summed in one pass. Elementwise work is two-operand in-place passes
+    (vectorised ATen kernels on CPU). The norm's arithmetic is _RMSNormFn's, so the forward is
+    bit for bit the unfused one. Backward only once: the buffers are overwritten by it.
+    """
+
+    @staticmethod
+    def forward(ctx, x, norm_w, eps: float, w1, w3, w2, pool: _BufferPool, keep: bool):
+        C, Fd = x.shape[-1], w1.shape[0]
+        x2 = x.reshape(-1, C)  # (N, C)
+        N = x2.shape[0]
+        n, rstd = _rms_norm_into(x2, norm_w, eps, pool.take((N, C), x2))  # (N, C), (N, 1)
+        a = torch.mm(n, w1.t(), out=pool.take((N, Fd), x2))  # (N, F) gate
+        b = torch.mm(n, w3.t(), out=pool.take((N, Fd), x2))  # (N, F) up
+        h = torch._C._nn.silu(a, out=pool.take((N, Fd), x2)).mul_(b)  # (N, F)
+        y = torch.addmm(x2, h, w2.t()).view(x.shape)  # x + h w2^T: (B, T, C)
+        if keep:
+            ctx.save_for_backward(x2, norm_w, rstd, w1, w3, w2)
+            ctx.buffers, ctx.pool = (n, a, b, h), pool
+        else:
+            pool.give(n, a, b, h)
+        return y
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, g):
+        if ctx.buffers is None:
+            raise RuntimeError("FeedForward's CPU backward ran twice (retain_graph): its buffers are gone")
+        x2, norm_w, rstd, w1, w3, w2 = ctx.saved_tensors
+        (n, a, b, h), pool = ctx.buffers, ctx.pool
+        ctx.buffers = None
+        C = x2.shape[-1]
+        g2 = g.reshape(-1, C)  # (N, C)
+        gw2 = torch.mm(g2.t(), h)  # (C, F); h is free after this
+        gh = torch.mm(g2, w2, out=h)  # (N, F) grad of h, in h's buffer
+        sig = torch.sigmoid(a, out=pool.take(tuple(a.shape), a))
+        s = a.mul_(sig)  # silu(a)
+        gb_ = b.mul_(gh)  # b * gh: the grad of silu(a), kept in b's buffer
+        gb = gh.mul_(s)  # grad of b = gh * silu(a), in h's buffer
+        ds = s.addcmul_(s, sig, value=-1.0).add_(sig)  # silu'(a) = sig + silu(a) * (1 - sig)
+        ga = gb_.mul_(ds)  # grad of a, in b's buffer
+        gw1 = torch.mm(ga.t(), n)
+        gw3 = torch.mm(gb.t(), n)  # n is free after this
+        gn = torch.mm(ga, w1, out=n).addmm_(gb, w3)  # grad of n, in n's buffer
+        tmp = pool.take(tuple(x2.shape), x2)
+        gxn, gnorm_w = _rms_norm_backward_(gn, x2, norm_w, rstd, tmp)
+        gx = torch.add(g2, gxn).view(g.shape)  # residual path + norm path: (B, T, C)
+        pool.give(n, a, b, h, sig, tmp)
+        return gx, gnorm_w, None, gw1, gw3, gw2, None, None
 
 
 class FeedForward(nn.Module):
@@ -354,9 +524,22 @@ class FeedForward(nn.Module):
         self.w1 = Linear(C, Fd)  # gate
         self.w3 = Linear(C, Fd)  # up
         self.w2 = Linear(Fd, C)  # down
+        self._pool = _BufferPool()  # _NormSwiGLUFn's buffers
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.w2(F.silu(self.w1(x)) * self.w3(x))  # (B, T, C) -> (B, T, F) -> (B, T, C)
+    def forward(self, x: torch.Tensor, norm: RMSNorm | None = None) -> torch.Tensor:
+        """ffn(x), or with `norm` the pre-norm residual block x + ffn(norm(x)): (B, T, C) -> (B, T, C).
+
+        The block runs as _NormSwiGLUFn in fp32 on CPU outside autocast and torch.compile. On the
+        benchmark models (bench/trainer_speed.py, 1 thread) that made the whole training step 4%
+        (tiny) and 5-7% (h256, L4) faster than autograd's SwiGLU after RMSNorm."""
+        if norm is None:
+            return self.w2(F.silu(self.w1(x)) * self.w3(x))  # (B, T, C) -> (B, T, F) -> (B, T, C)
+        weights = (norm.weight, self.w1.weight, self.w3.weight, self.w2.weight)
+        if _fp32_cpu(x, *weights):
+            keep = torch.is_grad_enabled() and (x.requires_grad or any(w.requires_grad for w in weights))
+            return _NormSwiGLUFn.apply(x, weights[0], norm.eps, *weights[1:], self._pool, keep)
+        n = norm(x)
+        return x + self.w2(F.silu(self.w1(n)) * self.w3(n))
 
 
 class DecoderLayer(nn.Module):
@@ -370,8 +553,8 @@ class DecoderLayer(nn.Module):
         self.feed_forward = FeedForward(config)
 
     def forward(self, x: torch.Tensor, rope: torch.Tensor) -> torch.Tensor:
-        x = x + self.attention(self.attention_norm(x), rope)
-        return x + self.feed_forward(self.ffn_norm(x))
+        x = self.attention(x, rope, norm=self.attention_norm)  # x + attn(norm(x))
+        return self.feed_forward(x, norm=self.ffn_norm)  # x + ffn(norm(x))
 
 
 class InternLM2Model(nn.Module):
@@ -386,11 +569,15 @@ class InternLM2Model(nn.Module):
         self.rotary_emb = RotaryEmbedding(config)
 
     def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
+        return self.norm(self.unnormed(input_ids))
+
+    def unnormed(self, input_ids: torch.Tensor) -> torch.Tensor:
+        """The last layer's output before the final norm: (B, T) -> (B, T, C)."""
         x = self.tok_embeddings(input_ids)  # (B, T, C)
         rope = self.rotary_emb(input_ids.shape[1], x.device)  # (T, (H + KV) * D/2) complex
         for layer in self.layers:
             x = layer(x, rope)
-        return self.norm(x)
+        return x
 
 
 class InternLM2ForCausalLM(nn.Module):
@@ -408,6 +595,7 @@ class InternLM2ForCausalLM(nn.Module):
         self.config = config
         self.model = InternLM2Model(config)
         self.output = Linear(config.hidden_size, config.vocab_size)
+        self._pool = _BufferPool()  # final norm + output head as _NormLinearFn
         if not init:   # the caller loads every parameter next (uninitialised memory until then)
             return
         if generator is None:
@@ -430,7 +618,12 @@ class InternLM2ForCausalLM(nn.Module):
                 p.normal_(0.0, std, generator=generator)
 
     def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
-        return self.output(self.model(input_ids))  # (B, T, vocab)
+        x = self.model.unnormed(input_ids)  # (B, T, C)
+        norm, w = self.model.norm, self.output.weight
+        if self.output.bias is None and _fp32_cpu(x, norm.weight, w):  # final norm + head: _NormLinearFn
+            keep = torch.is_grad_enabled() and (x.requires_grad or norm.weight.requires_grad or w.requires_grad)
+            return _NormLinearFn.apply(x, norm.weight, norm.eps, w, self._pool, keep)  # (B, T, vocab)
+        return self.output(norm(x))  # (B, T, vocab)
 
     def num_parameters(self) -> int:
         return sum(p.numel() for p in self.parameters())

@@ -109,6 +109,23 @@ def lr_at(cfg: TrainConfig, step: int) -> float:
     return cfg.lr * (cfg.min_lr_ratio + (1.0 - cfg.min_lr_ratio) * 0.5 * (1.0 + math.cos(math.pi * progress)))
 
 
+def make_optimizer(model: torch.nn.Module, cfg: TrainConfig, lr: float) -> torch.optim.AdamW:
+    """The AdamW every member trains with (bench/trainer_speed.py times this same optimizer).
+
+    Two parameter groups, in this order: decoupled weight decay on matrices (dim >= 2:
+    projections, embeddings), none on norms and biases. ``fused=True`` runs the whole update of
+    each parameter as one kernel (torch's CPU fused AdamW); the default for-each path replays
+    ~10 elementwise ops per parameter on CPU: 0.50 -> 0.16 ms per step on the tiny default model,
+    12.2 -> 2.1 ms on a 2.9M-parameter one (1 thread). State per parameter (exp_avg, exp_avg_sq,
+    step) and the state_dict layout are the same as the for-each optimizer's.
+    """
+    decay = [p for p in model.parameters() if p.dim() >= 2]
+    no_decay = [p for p in model.parameters() if p.dim() < 2]
+    return torch.optim.AdamW([{"params": decay, "weight_decay": cfg.weight_decay},
+                              {"params": no_decay, "weight_decay": 0.0}],
+                             lr=lr, betas=(cfg.beta1, cfg.beta2), eps=cfg.eps, fused=True)
+
+
 class NonFiniteLossError(RuntimeError):
     """The loss (or the gradient norm) of a step is inf/nan; raised before the optimizer step,
     so the weights and the optimizer state are those from before the step."""
@@ -321,15 +338,7 @@ class Trainer:
         self._optimizer = self._make_optimizer()
 
     def _make_optimizer(self) -> torch.optim.AdamW:
-        # decoupled weight decay on matrices (dim >= 2: projections, embeddings), not on norms/biases
-        decay = [p for p in self._model.parameters() if p.dim() >= 2]
-        no_decay = [p for p in self._model.parameters() if p.dim() < 2]
-        cfg = self._train
-        opt = torch.optim.AdamW([{"params": decay, "weight_decay": cfg.weight_decay},
-                                 {"params": no_decay, "weight_decay": 0.0}],
-                                lr=lr_at(cfg, self._step), betas=(cfg.beta1, cfg.beta2), eps=cfg.eps,
-                                fused=self.device.type == "cuda")   # one kernel per step on a GPU
-        return opt
+        return make_optimizer(self._model, self._train, lr_at(self._train, self._step))
 
     def _apply_hparams(self) -> None:
         cfg = self._train
