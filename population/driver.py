@@ -847,6 +847,7 @@ class _Search:
                 extra["parent_genomes"] = [before[p].genome for p in d.parents]
             if m in latency:
                 extra["latency_s"] = latency[m]
+                extra["receiver_s"] = {k: loaded[m][k] for k in ("read_s", "load_s") if k in loaded[m]}
                 self.exploit_latencies.append(latency[m])
             extra["parent_fitness"] = [before[p].fitness for p in parents]
             self._forget_speed(m, rec.genome, genome)

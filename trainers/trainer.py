@@ -331,9 +331,8 @@ class Trainer:
             model.load_state_dict(weights)
         self._model = model.to(self.device)
         self._model_cfg = cfg
-        # dynamic=False: one static graph per shape (train batch, eval batch). With automatic dynamic
-        # shapes, the second batch size seen recompiled the model with a symbolic batch and a
-        # training step ran 6x slower on an H200 (193 vs 31 ms at 50M parameters).
+        # dynamic=False: one static graph per shape (the train batch, the eval batch), never a
+        # symbolic batch dimension: shapes seldom change in a member's life
         self._forward = torch.compile(self._model, dynamic=False) if self._train.compile else self._model
         self._optimizer = self._make_optimizer()
 

@@ -36,7 +36,7 @@ def _lineage(run_dir: Path) -> list[dict]:
 
 def _comparable(records: list[dict]) -> list[dict]:
     """Lineage without wall-clock fields."""
-    return [{k: v for k, v in r.items() if k not in ("time", "latency_s")} for r in records]
+    return [{k: v for k, v in r.items() if k not in ("time", "latency_s", "receiver_s")} for r in records]
 
 
 def _table(state: dict) -> list[tuple]:
