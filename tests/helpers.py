@@ -71,7 +71,7 @@ def read_lineage(run_dir: Path) -> list[dict]:
 
 
 # Fields of a lineage record that depend on the wall clock, not on the search.
-_CLOCK_FIELDS = {"time", "timestamp", "latency_s", "seconds", "wall_s", "tokens_per_s"}
+_CLOCK_FIELDS = {"time", "timestamp", "latency_s", "receiver_s", "seconds", "wall_s", "tokens_per_s"}
 
 
 def comparable_lineage(records: list[dict]) -> list[dict]:
