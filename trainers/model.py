@@ -174,6 +174,11 @@ class Linear(nn.Module):
         return F.linear(x, self.weight, self.bias)
 
 
+def _rstd(x: torch.Tensor, eps: float) -> torch.Tensor:
+    """(..., 1) = 1 / sqrt(mean(x^2) + eps) over the last dim, from the L2 norm: one reduction kernel."""
+    return torch.linalg.vector_norm(x, dim=-1, keepdim=True).square_().div_(x.shape[-1]).add_(eps).rsqrt_()
+
+
 class _RMSNormFn(torch.autograd.Function):
     """y = x * rsqrt(mean(x^2) + eps) * w with statistics in fp32 and a hand-written backward.
 
@@ -185,8 +190,7 @@ class _RMSNormFn(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
         xf = x.to(torch.promote_types(x.dtype, torch.float32))  # statistics in (at least) fp32
-        # rstd (..., 1) = 1 / sqrt(mean(x^2) + eps), from the L2 norm: one reduction kernel
-        rstd = torch.linalg.vector_norm(xf, dim=-1, keepdim=True).square_().div_(x.shape[-1]).add_(eps).rsqrt_()
+        rstd = _rstd(xf, eps)
         xhat = (xf * rstd).to(x.dtype)  # (..., C)
         ctx.save_for_backward(xhat, weight, rstd)
         return xhat * weight
@@ -340,8 +344,7 @@ class Attention(nn.Module):
         fused = (norm is not None and b is None and self.wo.bias is None
                  and _fp32_cpu(x, norm.weight, w, self.wo.weight))
         if fused:
-            keep = torch.is_grad_enabled() and (x.requires_grad or norm.weight.requires_grad or w.requires_grad)
-            qkv = _NormLinearFn.apply(x, norm.weight, norm.eps, w, self._pool, keep)
+            qkv = _NormLinearFn.apply(x, norm.weight, norm.eps, w, self._pool, _graph_kept(x, norm.weight, w))
         else:
             qkv = F.linear(x if norm is None else norm(x), w, b)  # (B, T, (H + 2KV) * D)
         # qkv = [q | k | v], RoPE pairs adjacent
@@ -369,6 +372,12 @@ def _fp32_cpu(x: torch.Tensor, *weights: torch.Tensor) -> bool:
     (GPUs and compiled graphs fuse the plain ops themselves; autocast needs its own casts)."""
     return (x.device.type == "cpu" and x.dtype == torch.float32 and all(w.dtype == torch.float32 for w in weights)
             and not torch.is_autocast_enabled("cpu") and not torch.compiler.is_compiling())
+
+
+def _graph_kept(*inputs: torch.Tensor) -> bool:
+    """Whether autograd will keep a graph through a Function of these inputs (its buffers must then
+    live until the backward; otherwise they go straight back to the pool)."""
+    return torch.is_grad_enabled() and any(t.requires_grad for t in inputs)
 
 
 class _BufferPool:
@@ -403,7 +412,7 @@ class _BufferPool:
 def _rms_norm_into(x2: torch.Tensor, weight: torch.Tensor, eps: float, out: torch.Tensor):
     """n = x * rsqrt(mean(x^2) + eps) * weight for fp32 rows x2 (N, C), written into `out`;
     returns (n, rstd (N, 1)). The same arithmetic as _RMSNormFn.forward, so bit for bit equal."""
-    rstd = torch.linalg.vector_norm(x2, dim=-1, keepdim=True).square_().div_(x2.shape[-1]).add_(eps).rsqrt_()
+    rstd = _rstd(x2, eps)
     return torch.mul(x2, rstd, out=out).mul_(weight), rstd
 
 
@@ -442,7 +451,7 @@ class _NormLinearFn(torch.autograd.Function):
     @torch.autograd.function.once_differentiable
     def backward(ctx, g):
         if ctx.buffers is None:
-            raise RuntimeError("Attention's CPU backward ran twice (retain_graph): its buffers are gone")
+            raise RuntimeError("a norm + projection CPU backward ran twice (retain_graph): its buffers are gone")
         x2, norm_w, rstd, w = ctx.saved_tensors
         n, pool = ctx.buffers, ctx.pool
         ctx.buffers = None
@@ -536,8 +545,7 @@ class FeedForward(nn.Module):
             return self.w2(F.silu(self.w1(x)) * self.w3(x))  # (B, T, C) -> (B, T, F) -> (B, T, C)
         weights = (norm.weight, self.w1.weight, self.w3.weight, self.w2.weight)
         if _fp32_cpu(x, *weights):
-            keep = torch.is_grad_enabled() and (x.requires_grad or any(w.requires_grad for w in weights))
-            return _NormSwiGLUFn.apply(x, weights[0], norm.eps, *weights[1:], self._pool, keep)
+            return _NormSwiGLUFn.apply(x, weights[0], norm.eps, *weights[1:], self._pool, _graph_kept(x, *weights))
         n = norm(x)
         return x + self.w2(F.silu(self.w1(n)) * self.w3(n))
 
@@ -621,8 +629,7 @@ class InternLM2ForCausalLM(nn.Module):
         x = self.model.unnormed(input_ids)  # (B, T, C)
         norm, w = self.model.norm, self.output.weight
         if self.output.bias is None and _fp32_cpu(x, norm.weight, w):  # final norm + head: _NormLinearFn
-            keep = torch.is_grad_enabled() and (x.requires_grad or norm.weight.requires_grad or w.requires_grad)
-            return _NormLinearFn.apply(x, norm.weight, norm.eps, w, self._pool, keep)  # (B, T, vocab)
+            return _NormLinearFn.apply(x, norm.weight, norm.eps, w, self._pool, _graph_kept(x, norm.weight, w))
         return self.output(norm(x))  # (B, T, vocab)
 
     def num_parameters(self) -> int:
