@@ -40,7 +40,7 @@ from evo.genome import Genome, diff, format_diff
 from evo.space import SearchSpace
 from evo.strategy import Crossover, Exploit, Keep, MemberView, Restart, Snapshot, StrategyConfig, make_strategy
 from population.config import LoggingConfig, PopulationConfig
-from population.member import Member, threads_for
+from population.member import Member, split_genome, threads_for
 from population.monitor import Monitor
 from population.store import RunStore, StoreError
 from trainers.data import DataConfig, load_corpus
@@ -543,7 +543,6 @@ class _Search:
         self.failures = 0
         self.exploit_latencies: list[float] = []
         self.compute_s = 0.0          # seconds members spent inside train_and_evaluate
-        self.critical_s = 0.0         # sync: Σ over rounds of the slowest member's seconds
         self.cpu_s = 0.0              # CPU seconds of the member processes inside train_and_evaluate
         self.wall_s = 0.0             # seconds of the round loop (all sessions)
         self.loop_start: float | None = None
@@ -601,7 +600,6 @@ class _Search:
         self.failures = int(state.get("failures", 0))
         self.exploit_latencies = list(state.get("exploit_latencies", []))
         self.compute_s = float(state.get("timing", {}).get("member_compute_s", 0.0))
-        self.critical_s = float(state.get("timing", {}).get("critical_path_s", 0.0))
         self.cpu_s = float(state.get("timing", {}).get("member_cpu_s", 0.0))
         self.wall_s = float(state.get("timing", {}).get("wall_s", 0.0))
         self.records = {int(d["id"]): MemberRecord.from_dict(d) for d in state["members"]}
@@ -730,8 +728,6 @@ class _Search:
 
     def record_results(self, results: Mapping[int, Any], round: int) -> None:
         """History, step and objectives of each member that trained successfully."""
-        seconds = [float(res.get("seconds", 0.0)) for res in results.values() if isinstance(res, dict)]
-        self.critical_s += max(seconds, default=0.0)
         for m, res in results.items():
             rec = self.records[m]
             rec.intervals += 1
@@ -896,8 +892,7 @@ class _Search:
 
     def _forget_speed(self, m: int, old: Mapping[str, Any], new: Mapping[str, Any]) -> None:
         """A member whose architecture genes changed trains at another speed: _Interval probes it."""
-        if {k: v for k, v in old.items() if k.startswith("model.")} != \
-                {k: v for k, v in new.items() if k.startswith("model.")}:
+        if split_genome(old)[1] != split_genome(new)[1]:
             self.step_s.pop(m, None)
             self.eval_s.pop(m, None)
 
@@ -951,7 +946,7 @@ class _Search:
             "failures": self.failures,
             "exploit_latencies": self.exploit_latencies,
             "timing": {"member_compute_s": self.compute_s, "wall_s": wall, "slots": self.slots,
-                       "critical_path_s": self.critical_s, "member_cpu_s": self.cpu_s},
+                       "member_cpu_s": self.cpu_s},
             "updated": time.time(),
         }
         self.store.commit_state(state)
