@@ -73,7 +73,10 @@ class PopulationConfig:
     ``max_concurrent`` is how many members train at the same moment (the driver's slots); null
     picks it from the cluster: every member when they use GPUs, else as many as the cluster's CPUs
     hold at one member's thread count, so that members never oversubscribe the cores. It changes
-    when members train, never what they compute.
+    when members train, never what they compute. ``transfer`` is how an exploit moves a donor's
+    state to a receiver: ``auto`` through a shared-memory file when both are on one node (and
+    /dev/shm has room), else the Ray object store; ``object_store`` always the latter. Both
+    carry the same bytes.
     """
 
     size: int = 4
@@ -83,10 +86,13 @@ class PopulationConfig:
     resources: ResourcesConfig = field(default_factory=ResourcesConfig)
     max_failures: int = 3
     max_concurrent: int | None = None
+    transfer: str = "auto"
 
     def __post_init__(self) -> None:
         if isinstance(self.resources, Mapping):
             self.resources = ResourcesConfig.from_dict(self.resources)
+        if self.transfer not in ("auto", "object_store"):
+            raise ConfigError(f"population.transfer: must be 'auto' or 'object_store', got {self.transfer!r}")
         _number(self.size, "population.size", int)
         if self.size < 2:
             raise ConfigError(f"population.size: must be at least 2, got {self.size}")

@@ -28,8 +28,10 @@ import os
 import signal
 import statistics
 import threading
+import shutil
 import time
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, Iterator, Mapping
 
 import numpy as np
@@ -42,6 +44,7 @@ from evo.strategy import Crossover, Exploit, Keep, MemberView, Restart, Snapshot
 from population.config import LoggingConfig, PopulationConfig
 from population.member import Member, split_genome, threads_for
 from population.monitor import Monitor
+from population.shared_state import new_session_dir, shared_root
 from population.store import RunStore, StoreError
 from trainers.data import DataConfig, load_corpus
 from trainers.model import InternLM2Config
@@ -51,7 +54,7 @@ from trainers.trainer import TrainConfig
 # how it is watched. Everything else must match the stored config.
 RESUMABLE_KEYS = (
     "name", "storage", "population.total_steps", "population.resources", "population.max_failures",
-    "population.max_concurrent",
+    "population.max_concurrent", "population.transfer",
     "logging", "data.cache_dir", "train.device", "train.num_threads", "train.compile",
 )
 POLL_S = 0.1            # ray.wait timeout: how quickly a signal is noticed
@@ -529,7 +532,11 @@ class _Search:
         self.strategy = make_strategy(setup.strategy, setup.space)
         self.num_threads = threads_for(self.pop.resources.num_cpus)
         self.slots = self.pop.size    # members training at once: set from the cluster by start_members
-        self.state_refs: dict[int, Any] = {}   # member -> its evaluated state in the object store, while current
+        # member -> its evaluated state, while current: a shared-memory file's path (read by
+        # receivers on its node) or an ObjectRef in the object store
+        self.published: dict[int, Any] = {}
+        self.nodes: dict[int, str] = {}       # member -> the Ray node its actor runs on
+        self.shared_dir: Path | None = None   # this session's shared-memory files (transfer: auto)
         self.step_s: dict[int, float] = {}   # member -> seconds per training step (its last part)
         self.eval_s: dict[int, float] = {}   # member -> seconds of its last evaluation + snapshot
         self.train = setup.train
@@ -621,10 +628,16 @@ class _Search:
         """One actor per member; resumed members continue from their committed checkpoint."""
         load_corpus(self.setup.data)   # tokenize once here, not in every member at once
         self.slots = concurrent_slots(self.pop, ray.cluster_resources())
+        root = shared_root() if self.pop.transfer == "auto" else None
+        if root is not None:
+            try:
+                self.shared_dir = new_session_dir(root)
+            except OSError:
+                self.shared_dir = None
         for m in self.ids:
             self.actors[m] = self._new_actor(m)
-        self.gather({m: a.pid.remote() for m, a in self.actors.items()}, timeout=START_TIMEOUT_S,
-                    raise_errors=True)
+        self.nodes = self.gather({m: a.node_id.remote() for m, a in self.actors.items()},
+                                 timeout=START_TIMEOUT_S, raise_errors=True)
         loads = {m: self.actors[m].load_checkpoint.remote(self.store.storage, self.store.name,
                                                            self.records[m].checkpoint)
                  for m in self.ids if self.records[m].checkpoint}
@@ -637,7 +650,8 @@ class _Search:
         rec, res = self.records[m], self.pop.resources
         options = dict(name=f"{self.setup.name}/m{m}", num_cpus=res.num_cpus, num_gpus=res.num_gpus,
                        max_concurrency=2, max_restarts=0)
-        args = (m, self.setup.model, self.train, self.setup.data, rec.genome, rec.seed, self.num_threads)
+        args = (m, self.setup.model, self.train, self.setup.data, rec.genome, rec.seed, self.num_threads,
+                None if self.shared_dir is None else str(self.shared_dir))
         deadline = time.monotonic() + 30
         while True:
             try:
@@ -653,11 +667,21 @@ class _Search:
         if self.bar is not None:
             self.bar.stop()
             self.bar = None
+        if self.shared_dir is not None:   # members on other nodes remove their own files
+            try:                           # (this node's go with the directory, below)
+                here = ray.get_runtime_context().get_node_id()
+                away = [a.close_shared.remote() for m, a in self.actors.items() if self.nodes.get(m, here) != here]
+                if away:
+                    ray.wait(away, num_returns=len(away), timeout=5)
+            except Exception:   # Ray itself is gone
+                pass
         for actor in self.actors.values():
             try:
                 ray.kill(actor, no_restart=True)
             except Exception:  # already dead, or Ray itself is gone
                 pass
+        if self.shared_dir is not None:
+            shutil.rmtree(self.shared_dir, ignore_errors=True)
         deadline = time.monotonic() + 10
         for m in list(self.actors):
             while time.monotonic() < deadline:
@@ -738,7 +762,7 @@ class _Search:
             self.cpu_s += float(res.get("cpu_seconds", 0.0))
             if res.get("failed"):
                 continue
-            self.state_refs[m] = res.pop("state_ref")[0]
+            self.published[m] = res.pop("shared") if "shared" in res else res.pop("state_ref")[0]
             rec.step = int(res["step"])
             rec.history.append([rec.step, res["val_bpb"]])
             rec.objectives = {"val_bpb": res["val_bpb"], "params": res["params"],
@@ -768,6 +792,8 @@ class _Search:
                 except Exception:
                     pass
                 self.actors[m] = self._new_actor(m)
+                self.nodes[m] = self.gather({m: self.actors[m].node_id.remote()}, timeout=START_TIMEOUT_S,
+                                            raise_errors=True)[m]
             genome = _plain(self.space.sample(self.rng(round, m, 1 + self.failures)).as_dict())
             if best is not None:
                 self._copy_into(m, best.id, genome, round, "restart", parents=[best.id])
@@ -800,19 +826,22 @@ class _Search:
             elif isinstance(d, Crossover) and d.weights_from != d.member:
                 sources[d.member] = d.weights_from
         t0 = time.perf_counter()
-        states = {donor: self._state_of(donor) for donor in set(sources.values())}
-        if set(states) & set(sources):   # a donor is also a receiver: take every state first
-            for _ in self._done(list(states.values())):
+        taken: dict = {}
+        args = {m: self._state_of(donor, m, taken) for m, donor in sources.items()}
+        if set(sources.values()) & set(sources):   # a donor is also a receiver: take every state first
+            for _ in self._done(list(taken.values())):
                 pass
         for m in set(sources) | {d.member for d in decisions if not isinstance(d, Keep)}:
-            self.state_refs.pop(m, None)
-        loads = {self.actors[m].load_state.remote([states[donor]]): m for m, donor in sources.items()}
+            self.published.pop(m, None)
+        loads = {self.actors[m].load_state.remote(args[m]): m for m in sources}
         latency, loaded = {}, {}
         for ref, seen in self._done(list(loads)):
             m = loads[ref]
             loaded[m] = ray.get(ref)
             latency[m] = seen - t0
-        del states
+        for m in [m for m, res in loaded.items() if "missing" in res]:   # the file went (async, rare)
+            loaded[m] = self._load_snapshot(m, sources[m])
+        del args, taken
         calls = {}
         for d in decisions:
             if isinstance(d, (Exploit, Crossover)):
@@ -844,6 +873,7 @@ class _Search:
             if m in latency:
                 extra["latency_s"] = latency[m]
                 extra["receiver_s"] = {k: loaded[m][k] for k in ("read_s", "load_s") if k in loaded[m]}
+                extra["via"] = loaded[m].get("via")
                 self.exploit_latencies.append(latency[m])
             extra["parent_fitness"] = [before[p].fitness for p in parents]
             self._forget_speed(m, rec.genome, genome)
@@ -859,9 +889,11 @@ class _Search:
                    parents: list[int]) -> None:
         """m takes donor's evaluated state through the object store, then ``genome``."""
         t0 = time.perf_counter()
-        self.state_refs.pop(m, None)
-        loaded = self.gather({m: self.actors[m].load_state.remote([self._state_of(donor)])},
+        self.published.pop(m, None)
+        loaded = self.gather({m: self.actors[m].load_state.remote(self._state_of(donor, m))},
                              raise_errors=True)[m]
+        if "missing" in loaded:
+            loaded = self._load_snapshot(m, donor)
         latency = time.perf_counter() - t0
         applied = self.gather({m: self.actors[m].apply_genome.remote(genome)}, raise_errors=True)[m]
         rec, src = self.records[m], self.records[donor]
@@ -870,12 +902,12 @@ class _Search:
         rec.schedule = _inherit(src.schedule, rec.step, genome, rec.seed)
         rec.objectives = dict(rec.objectives, params=applied["params"])
         self._lineage(event_name, round, m, parents=parents, genome=genome, step=rec.step,
-                      fitness=src.fitness, changed_from=src.genome, latency_s=latency)
+                      fitness=src.fitness, changed_from=src.genome, latency_s=latency, via=loaded.get("via"))
 
     def _fresh(self, m: int, genome: dict, seed: int, round: int, parents: list[int]) -> None:
         """m throws its weights away: a fresh trainer with ``genome`` and a new seed."""
         old = self.records[m]
-        self.state_refs.pop(m, None)
+        self.published.pop(m, None)
         self.gather({m: self.actors[m].restart.remote(genome, seed)}, raise_errors=True)
         self._forget_speed(m, old.genome, genome)
         self.records[m] = MemberRecord(id=m, genome=genome, seed=seed, checkpoint=old.checkpoint,
@@ -884,11 +916,31 @@ class _Search:
         self._lineage("restart", round, m, parents=parents, genome=genome, step=0,
                       fitness=old.fitness, changed_from=old.genome, seed=seed)
 
-    def _state_of(self, donor: int) -> Any:
-        """The donor's current state as an ObjectRef: the one its last evaluation published, or,
-        if it changed since (it was exploited, restarted), a snapshot taken now."""
-        ref = self.state_refs.get(donor)
-        return ref if ref is not None else self.actors[donor].get_state.remote()
+    def _state_of(self, donor: int, receiver: int, taken: dict | None = None) -> Any:
+        """What ``receiver.load_state`` is given to become the donor's current state: the one its
+        last evaluation published — its shared-memory file when the receiver is on its node,
+        else ``[ObjectRef]`` — or, if the donor changed since (it was exploited, restarted) or its
+        file is on another node, ``[ref]`` of a snapshot taken now (once per donor: ``taken``
+        collects these refs)."""
+        taken = {} if taken is None else taken
+        src = self.published.get(donor)
+        if isinstance(src, str):
+            if self.nodes.get(donor) == self.nodes.get(receiver):
+                return src
+            src = None
+        if src is None:
+            src = taken.get(donor)
+            if src is None:
+                src = taken[donor] = self.actors[donor].get_state.remote()
+        return [src]
+
+    def _load_snapshot(self, m: int, donor: int) -> dict:
+        """m loads a snapshot of the donor taken now, through the object store: the fallback when
+        the donor's published file is gone (it published two newer ones since the decision)."""
+        self.console.print(f"member {m}: {self.published.get(donor, 'the published state')} of member "
+                           f"{donor} is gone; taking its current state instead")
+        ref = self.actors[donor].get_state.remote()
+        return self.gather({m: self.actors[m].load_state.remote([ref])}, raise_errors=True)[m]
 
     def _forget_speed(self, m: int, old: Mapping[str, Any], new: Mapping[str, Any]) -> None:
         """A member whose architecture genes changed trains at another speed: _Interval probes it."""

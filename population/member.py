@@ -20,12 +20,14 @@ import math
 import os
 import threading
 import time
+from pathlib import Path
 from typing import Any, Mapping
 
 import numpy as np
 import ray
 import torch
 
+from population.shared_state import Publisher, SharedFile, SharedStateError, fill_tensors, strip_tensors
 from trainers.data import DataConfig
 from trainers.model import InternLM2Config
 from trainers.trainer import HPARAMS, NonFiniteLossError, TrainConfig, Trainer
@@ -89,7 +91,7 @@ class WireState:
 
     def __init__(self, state: dict) -> None:
         tensors: list[torch.Tensor] = []
-        self.tree = _strip_tensors(state, tensors)
+        self.tree = strip_tensors(state, tensors)
         self.meta: list[tuple] = []
         chunks, offset = [], 0
         for t in tensors:
@@ -104,44 +106,6 @@ class WireState:
         return _unpack_state, (self.tree, self.meta, self.buffer)
 
 
-class _Slot:
-    """Where tensor number ``index`` sits in a packed state's tree."""
-
-    __slots__ = ("index",)
-
-    def __init__(self, index: int) -> None:
-        self.index = index
-
-    def __reduce__(self) -> tuple:
-        return _Slot, (self.index,)
-
-
-def _map_leaves(obj: Any, leaf: Any) -> Any:
-    """The same dict/list/tuple nesting with ``leaf(x)`` in place of every other value."""
-    if isinstance(obj, dict):
-        return {k: _map_leaves(v, leaf) for k, v in obj.items()}
-    if isinstance(obj, list):
-        return [_map_leaves(v, leaf) for v in obj]
-    if isinstance(obj, tuple):
-        return tuple(_map_leaves(v, leaf) for v in obj)
-    return leaf(obj)
-
-
-def _strip_tensors(obj: Any, out: list[torch.Tensor]) -> Any:
-    """``obj`` with each tensor moved to ``out`` and replaced by its _Slot (traversal order)."""
-    def leaf(x: Any) -> Any:
-        if not isinstance(x, torch.Tensor):
-            return x
-        out.append(x)
-        return _Slot(len(out) - 1)
-    return _map_leaves(obj, leaf)
-
-
-def _fill_tensors(obj: Any, tensors: list[torch.Tensor]) -> Any:
-    """Inverse of _strip_tensors."""
-    return _map_leaves(obj, lambda x: tensors[x.index] if isinstance(x, _Slot) else x)
-
-
 def _unpack_state(tree: Any, meta: list[tuple], buffer: np.ndarray) -> dict:
     """Inverse of WireState.__reduce__. The buffer arrives as a read-only view of shared
     memory: it is copied out once (one memcpy) into memory of the receiver's own, and the tensors
@@ -152,7 +116,7 @@ def _unpack_state(tree: Any, meta: list[tuple], buffer: np.ndarray) -> dict:
     tensors = [own[offset:offset + n].view(getattr(torch, dtype)).reshape(shape)
                if n else torch.empty(shape, dtype=getattr(torch, dtype))
                for dtype, shape, offset, n in meta]
-    state = _fill_tensors(tree, tensors)
+    state = fill_tensors(tree, tensors)
     rng = state.get("rng") if isinstance(state, dict) else None
     if isinstance(rng, dict):
         state["rng"] = {k: v.clone() if isinstance(v, torch.Tensor) else v for k, v in rng.items()}
@@ -183,7 +147,8 @@ class Member:
     """
 
     def __init__(self, member_id: int, base_model: InternLM2Config, base_train: TrainConfig,
-                 data: DataConfig, genome: Mapping[str, Any], seed: int, num_threads: int) -> None:
+                 data: DataConfig, genome: Mapping[str, Any], seed: int, num_threads: int,
+                 shared_dir: str | None = None) -> None:
         os.environ["EVO_NUM_THREADS"] = str(num_threads)
         torch.set_num_threads(num_threads)
         self.member_id = member_id
@@ -198,9 +163,19 @@ class Member:
         self._saver: threading.Thread | None = None
         self._saved: int | BaseException = 0
         self._interval = _interval_totals()  # the parts of the interval trained so far
+        self._publisher: Publisher | None = None   # evaluated states as shared-memory files
+        if shared_dir is not None:
+            try:   # the driver's session directory; on another node it is made here
+                Path(shared_dir).mkdir(mode=0o700, parents=True, exist_ok=True)
+                self._publisher = Publisher(shared_dir, f"m{member_id}")
+            except OSError:
+                self._publisher = None
 
     def pid(self) -> int:
         return os.getpid()
+
+    def node_id(self) -> str:
+        return ray.get_runtime_context().get_node_id()
 
     def _current(self) -> dict:
         """The snapshot, taken from the (idle) trainer if the state changed since the last one.
@@ -254,9 +229,11 @@ class Member:
             return {"failed": True, "error": f"non-finite validation loss ({ev['val_bpb']})",
                     "step": self.trainer.step, "seconds": acc["seconds"] + time.perf_counter() - t0}
         snapshot = self.trainer.state_dict()
-        # published in the object store now, while this still counts as the member's training
-        # time: an exploit is then one call on the receiver, which reads it from shared memory
-        state_ref = ray.put(WireState(snapshot))
+        # published now, while this still counts as the member's training time: an exploit is
+        # then one call on the receiver. A file in /dev/shm for receivers on this node (read
+        # with one copy straight into their tensors), else the object store
+        shared = self._publisher.publish(snapshot) if self._publisher is not None else None
+        published = {"shared": shared} if shared is not None else {"state_ref": [ray.put(WireState(snapshot))]}
         with self._lock:
             self._snapshot, self._wire = snapshot, None
         losses = acc["losses"]
@@ -272,7 +249,9 @@ class Member:
             "cpu_seconds": acc["cpu_seconds"] + time.process_time() - cpu0,   # < seconds when the CPU is shared
             "part_seconds": part["seconds"],                 # this call's training part
             "eval_seconds": tail_s,                          # evaluation + snapshot
-            "state_ref": [state_ref],   # in a list: handed to the driver as a reference, not fetched
+            # the published state: "shared" (a file path) or "state_ref" (in a list: handed to
+            # the driver as a reference, not fetched)
+            **published,
         }
 
     def get_state(self) -> WireState:
@@ -289,20 +268,38 @@ class Member:
                     self._wire = wire
         return wire
 
-    def load_state(self, state: dict | list) -> dict:
+    def load_state(self, state: dict | list | str) -> dict:
         """Become a copy of ``state`` (weights, optimizer, step, RNG, hyperparameters).
 
-        ``state`` is a state dict (an ObjectRef argument arrives resolved), or ``[ref]``: the driver
-        passes a donor's state that way, and it is read here from the object store (measured
-        ~0.3 ms faster per exploit than having Ray resolve it as a task argument)."""
+        ``state`` is a state dict (an ObjectRef argument arrives resolved), ``[ref]``: read here
+        from the object store (measured ~0.3 ms faster per exploit than having Ray resolve it as
+        a task argument), or the path of a donor's shared-memory file on this node, read here
+        (population/shared_state.py)."""
         t0 = time.perf_counter()
-        if isinstance(state, list):
-            [state] = ray.get(state)
-        t1 = time.perf_counter()
-        self.trainer.load_state_dict(state)
+        if isinstance(state, str):
+            try:
+                shared = SharedFile(state)   # the header only: the tensors are read in place
+            except SharedStateError as e:    # the driver falls back to a snapshot of the donor
+                return {"missing": str(e)}
+            t1 = time.perf_counter()
+            with shared:
+                self.trainer.load_state_dict(shared.state, read_into=shared.read_into)
+            via = "shared_memory"
+        else:
+            if isinstance(state, list):
+                [state] = ray.get(state)
+            t1 = time.perf_counter()
+            self.trainer.load_state_dict(state)
+            via = "object_store"
+        del state
         self._changed()
         return {"step": self.trainer.step, "params": int(self.trainer.num_parameters()),
-                "read_s": t1 - t0, "load_s": time.perf_counter() - t1}
+                "read_s": t1 - t0, "load_s": time.perf_counter() - t1, "via": via}
+
+    def close_shared(self) -> None:
+        """Remove this member's shared-memory files (the driver calls it when the run ends)."""
+        if self._publisher is not None:
+            self._publisher.close()
 
     def apply_genome(self, genome: Mapping[str, Any]) -> dict:
         """Take ``genome``: hyperparameters set in place, architecture changed with weights carried."""

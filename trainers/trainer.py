@@ -14,7 +14,7 @@ import math
 import os
 import time
 from dataclasses import asdict, dataclass, replace
-from typing import Any
+from typing import Any, Callable
 
 import torch
 import torch.nn.functional as F
@@ -30,6 +30,11 @@ HPARAMS = ("batch_size", "lr", "weight_decay", "beta1", "beta2", "eps", "grad_cl
 SCHEDULES = ("cosine", "constant")
 DEVICES = ("auto", "cpu", "cuda")
 STATE_FORMAT = 1
+# An exploit that changes the architecture would build a model and optimizer (~1.4 ms of Python
+# at hidden 64, 2-3 ms in a busy member): a CPU trainer keeps the last few it left, each at most
+# SPARE_BYTES of weights + Adam moments, and copies the next state of that shape into one.
+SPARE_MODELS = 2
+SPARE_BYTES = 64 * 2**20
 
 
 @dataclass
@@ -156,6 +161,8 @@ class Trainer:
             torch.set_num_threads(threads)
         self._generator = torch.Generator().manual_seed(train.seed)   # init + new weights; saved in state
         self._step = 0
+        self._spares: list[tuple] = []   # (config, model, forward, optimizer) of architectures left
+        self._tensors: tuple = (None, {})   # (model, its state_dict(keep_vars=True)), for _in_place_pairs
         self._build(self._with_corpus_vocab(model))
 
     # ------------------------------------------------------------------ properties
@@ -266,12 +273,20 @@ class Trainer:
             "rng": {"torch": self._generator.get_state()},
         }
 
-    def load_state_dict(self, state: dict) -> None:
+    def load_state_dict(self, state: dict, read_into: Callable[[list | None], Any] | None = None) -> None:
         """Continue from ``state`` (this trainer's or another member's).
 
-        Rebuilds the model and optimizer when the state's architecture differs. The
-        hyperparameters (HPARAMS) come from the state; seed, device, threads and compile stay
-        this trainer's own, so a member that copies a donor keeps its own batch order.
+        When the state's architecture (this trainer's, or one it keeps a spare model of) and
+        optimizer layout match, every tensor is copied into the existing parameters and Adam
+        moments (the exploit fast path: nothing is built); otherwise the model and optimizer are
+        rebuilt (the optimizer may keep the state's tensors). The hyperparameters (HPARAMS) come
+        from the state; seed, device, threads and compile stay this trainer's own, so a member
+        that copies a donor keeps its own batch order.
+
+        ``read_into`` is for a state not read yet (population/shared_state.py): its tensors are
+        placeholders with a ``shape`` and a ``dtype`` only, ``read_into(pairs)`` fills each
+        (destination tensor, placeholder) pair's destination with the placeholder's data, and
+        ``read_into(None)`` returns the state with its real tensors.
         """
         if state.get("format") != STATE_FORMAT:
             raise ValueError(f"state: format {state.get('format')!r} is not {STATE_FORMAT}")
@@ -281,14 +296,62 @@ class Trainer:
                               f"the corpus has {self.corpus.vocab_size}")
         self._train = replace(self._train, **{k: state["train_config"][k] for k in HPARAMS})
         if model_cfg != self._model_cfg:
-            self._build(model_cfg, state["model"])
+            self._take_spare(model_cfg)
+        pairs = self._in_place_pairs(state) if model_cfg == self._model_cfg else None
+        if pairs is not None:
+            theirs = state["rng"]["torch"]
+            rng = torch.empty(theirs.shape, dtype=theirs.dtype)
+            pairs.append((rng, theirs))
+            with torch.no_grad():
+                if read_into is not None:
+                    read_into(pairs)
+                else:
+                    for dst, src in pairs:
+                        dst.copy_(src)
         else:
-            self._model.load_state_dict(state["model"])
-            self._optimizer = self._make_optimizer()
-        self._optimizer.load_state_dict(state["optimizer"])
+            if read_into is not None:
+                state = read_into(None)
+            if model_cfg != self._model_cfg:
+                self._build(model_cfg, state["model"])
+            else:
+                self._model.load_state_dict(state["model"])
+                self._optimizer = self._make_optimizer()
+            self._optimizer.load_state_dict(state["optimizer"])
+            rng = state["rng"]["torch"]
+            # set_state wants a tensor with its own storage at offset 0 (not a view into a buffer)
+            rng = rng.clone() if rng.storage_offset() else rng
         self._step = int(state["step"])
-        self._generator.set_state(state["rng"]["torch"])
+        self._generator.set_state(rng)
         self._apply_hparams()
+
+    def _in_place_pairs(self, state: dict) -> list[tuple[torch.Tensor, Any]] | None:
+        """(our tensor, the state's) for every weight and Adam moment, if each parameter has the
+        same place, shape, dtype and optimizer entries here as in ``state``; else None. The
+        architecture is checked by the caller."""
+        opt = state["optimizer"]
+        groups = self._optimizer.param_groups
+        if len(opt["param_groups"]) != len(groups):
+            return None
+        weights = state["model"]
+        if self._tensors[0] is not self._model:   # the model's own tensors by state-dict key
+            self._tensors = (self._model, self._model.state_dict(keep_vars=True))
+        model = self._tensors[1]
+        if weights.keys() != model.keys() or any(weights[k].shape != v.shape or weights[k].dtype != v.dtype
+                                                 for k, v in model.items()):
+            return None
+        pairs = [(v, weights[k]) for k, v in model.items()]
+        for theirs, ours in zip(opt["param_groups"], groups):
+            if len(theirs["params"]) != len(ours["params"]):
+                return None
+            for index, p in zip(theirs["params"], ours["params"]):
+                src, dst = opt["state"].get(index), self._optimizer.state.get(p)
+                if not src and not dst:
+                    continue
+                if (not src or not dst or src.keys() != dst.keys()
+                        or any(src[k].shape != dst[k].shape or src[k].dtype != dst[k].dtype for k in src)):
+                    return None
+                pairs += [(v, src[k]) for k, v in dst.items()]
+        return pairs
 
     def set_hparams(self, **hp: Any) -> None:
         """Change hyperparameters (keys of HPARAMS) from the next step on; Adam moments are kept."""
@@ -322,8 +385,33 @@ class Trainer:
             return replace(cfg)
         return replace(cfg, vocab_size=self.corpus.vocab_size)
 
+    def _take_spare(self, cfg: InternLM2Config) -> bool:
+        """Swap in the spare model + optimizer of architecture ``cfg`` (keeping the current one as
+        a spare); False when there is none. Its weights and moments are stale: the caller loads."""
+        for i, (spare_cfg, *parts) in enumerate(self._spares):
+            if spare_cfg == cfg:
+                del self._spares[i]
+                self._keep_spare()
+                self._model, self._forward, self._optimizer = parts
+                self._model_cfg = cfg
+                return True
+        return False
+
+    def _keep_spare(self) -> None:
+        """Keep the current model + optimizer as a spare, if on CPU and small (SPARE_BYTES)."""
+        if self.device.type != "cpu" or not SPARE_MODELS:
+            return
+        if 3 * sum(p.numel() * p.element_size() for p in self._model.parameters()) > SPARE_BYTES:
+            return
+        self._spares = [s for s in self._spares if s[0] != self._model_cfg]
+        self._spares.append((self._model_cfg, self._model, self._forward, self._optimizer))
+        del self._spares[:-SPARE_MODELS]
+
     def _build(self, cfg: InternLM2Config, weights: dict | None = None) -> None:
-        """Create the model (from the generator, or with ``weights``) and a fresh optimizer."""
+        """Create the model (from the generator, or with ``weights``) and a fresh optimizer; the
+        one it replaces may become a spare."""
+        if hasattr(self, "_model"):
+            self._keep_spare()
         # given weights: no init at all (it would cost ~0.7 ms per architecture-changing exploit
         # at hidden 64, and must not advance our generator); load_state_dict checks every key
         model = InternLM2ForCausalLM(cfg, generator=self._generator, init=weights is None)

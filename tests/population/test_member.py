@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import dataclasses
+import os
 
 import pytest
 import ray
@@ -190,3 +191,33 @@ def test_wire_state_round_trips_every_dtype_and_shape():
     assert back["step"] == 9 and back["name"] == ("a", 1) and back["optimizer"]["param_groups"][0]["lr"] == 1e-3
     torch.Generator().set_state(back["rng"]["torch"])   # a tensor of its own, usable as RNG state
     back["optimizer"]["state"][0]["step"] += 1           # writable: not a view of the sender's buffer
+
+
+def test_members_on_one_node_hand_states_over_through_shared_memory_files(ray_local, cache_dir, tmp_path):
+    """With a shared directory a member publishes its evaluated state as a file (no object
+    store); a receiver reads it into its own tensors bit for bit. A file that is gone is
+    reported, not raised, and changes nothing; close_shared removes the member's files."""
+    model, train, data = tiny_parts(cache_dir)
+    shared = tmp_path / "session"
+    donor, receiver = [Member.options(num_cpus=0.5, max_concurrency=2).remote(
+        i, model, train, data, GENOME, 1 + i, 1, str(shared)) for i in range(2)]
+    try:
+        result, _ = ray.get([donor.train_and_evaluate.remote(4), receiver.train_and_evaluate.remote(2)])
+        assert "state_ref" not in result and os.path.dirname(result["shared"]) == str(shared)
+        snapshot = ray.get(donor.get_state.remote())
+
+        loaded = ray.get(receiver.load_state.remote(result["shared"]))
+        assert loaded["via"] == "shared_memory" and loaded["step"] == 4
+        _assert_same_state(ray.get(receiver.get_state.remote()), snapshot)
+
+        before = ray.get(receiver.get_state.remote())
+        missing = ray.get(receiver.load_state.remote(str(shared / "m0-99.state")))
+        assert "is gone" in missing["missing"]
+        _assert_same_state(ray.get(receiver.get_state.remote()), before)
+
+        assert sorted(os.listdir(shared)) == ["m0-1.state", "m1-1.state"]
+        ray.get(donor.close_shared.remote())
+        assert os.listdir(shared) == ["m1-1.state"]
+    finally:
+        for actor in (donor, receiver):
+            ray.kill(actor)

@@ -97,6 +97,36 @@ def test_checkpoint_round_trip_is_bit_exact(tmp_path, small_data, tiny_model):
     assert resumed.evaluate() == whole.evaluate()
 
 
+def test_loading_into_a_trained_trainer_copies_in_place_and_resumes_bit_exact(small_data, tiny_model):
+    """A trainer that already has moments of the same layout takes a state by copying it into
+    its own tensors (the exploit fast path: no new model or optimizer); it then continues
+    exactly as the state's own trainer does. Round trips through other architectures reuse the
+    model left behind (a spare) just as exactly."""
+    whole = Trainer(tiny_model, _train_cfg(), small_data)
+    expected = [whole.train(1)["last_loss"] for _ in range(12)]
+    first = Trainer(tiny_model, _train_cfg(), small_data)
+    first.train(6)
+    state = first.state_dict()
+
+    other = Trainer(tiny_model, _train_cfg(lr=1e-4, batch_size=2), small_data)   # same seed: same batches
+    other.train(3)
+    model, optimizer = other.model, other._optimizer
+    pointers = [p.data_ptr() for p in model.parameters()]
+    other.load_state_dict(state)
+    assert other.model is model and other._optimizer is optimizer
+    assert [p.data_ptr() for p in model.parameters()] == pointers
+    assert other.train(6)["losses"] == expected[6:]
+    _assert_states_equal(other.state_dict(), whole.state_dict())
+
+    deep = Trainer(replace(tiny_model, num_hidden_layers=3), _train_cfg(), small_data)
+    deep.train(2)
+    other.load_state_dict(deep.state_dict())                  # rebuilt: a new model
+    assert other.model is not model and other.model_config.num_hidden_layers == 3
+    other.load_state_dict(state)                              # back: the spare, in place
+    assert other.model is model
+    assert other.train(6)["losses"] == expected[6:]
+
+
 def test_state_dict_is_a_copy(small_data, tiny_model):
     tr = Trainer(tiny_model, _train_cfg(), small_data)
     tr.train(2)
