@@ -417,7 +417,7 @@ class Trainer:
         model = InternLM2ForCausalLM(cfg, generator=self._generator, init=weights is None)
         if weights is not None:
             model.load_state_dict(weights)
-        self._model = model.to(self.device)
+        self._model = model.to(self.device) if self.device.type != "cpu" else model   # built on the CPU
         self._model_cfg = cfg
         # dynamic=False: one static graph per shape (the train batch, the eval batch), never a
         # symbolic batch dimension: shapes seldom change in a member's life
