@@ -237,7 +237,7 @@ class SharedFile:
             if dst.numel() * dst.element_size() != src.nbytes:
                 raise SharedStateError(f"shared state {self.path}: tensor {src.index} has "
                                        f"{src.nbytes} bytes, its destination {dst.numel() * dst.element_size()}")
-            view = memoryview(dst.detach().reshape(-1).view(torch.uint8).numpy()) if src.nbytes else None
+            view = _bytes_of(dst) if src.nbytes else None
             if runs and 0 <= src.offset - end < ALIGN and len(runs[-1][1]) < _IOV_MAX - 2:
                 if src.offset > end:
                     runs[-1][1].append(_PAD[:src.offset - end])
@@ -275,6 +275,14 @@ class SharedFile:
 
     def __exit__(self, *exc: Any) -> None:
         self.close()
+
+
+def _bytes_of(t: torch.Tensor) -> memoryview:
+    """The memory of a contiguous CPU tensor, writable (numpy's view; bfloat16 through uint8)."""
+    try:
+        return memoryview(t.detach().numpy()).cast("B")
+    except TypeError:   # a dtype numpy lacks
+        return memoryview(t.detach().reshape(-1).view(torch.uint8).numpy())
 
 
 _IOV_MAX = os.sysconf("SC_IOV_MAX") if hasattr(os, "sysconf") else 1024
