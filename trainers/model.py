@@ -32,9 +32,12 @@ it with transformers' Llama):
 - fresh activation-sized tensors are expensive on the CPU machines (page faults: glibc hands
   freed memory back to the kernel every step, see _BufferPool), so in fp32 on CPU the pre-norm
   SwiGLU block (norm, three matmuls, SiLU, residual add and all their gradients) is one autograd
-  Function working in buffers kept across steps, each other norm is fused with the projection
-  that follows it (attention's wqkv, the output head), and the residual adds are addmm's.
-  Autocast, torch.compile and GPUs take the plain modules (RMSNorm, F.linear, F.silu).
+  Function working in buffers kept across steps, so is attention's input side (norm, wqkv, RoPE
+  in place; q, k, v are views of one buffer and their gradients are written into one, with no
+  concatenation), the final norm is fused with the output head, each norm's weight is folded
+  into the matrix after it (a weight-sized product instead of a pass over the activations), and
+  the residual adds are addmm's. Autocast, torch.compile and GPUs take the plain modules
+  (RMSNorm, F.linear, F.silu).
 Under torch.compile RoPE switches to real arithmetic on a [cos, sin] table (inductor generates no
 code for complex tensors), so the whole model compiles.
 """
@@ -330,41 +333,47 @@ class Attention(nn.Module):
         self.wo = Linear(self.n_head * self.head_dim, config.hidden_size, bias=config.bias)
         order = qkv_compute_order(self.n_head, self.n_kv, self.head_dim)
         self.register_buffer("qkv_order", order, persistent=False)
-        self._pool = _BufferPool()  # _NormLinearFn's buffers
+        self._pool = _BufferPool()  # _AttentionInputFn's buffers
 
     def forward(self, x: torch.Tensor, rope: torch.Tensor, norm: RMSNorm | None = None) -> torch.Tensor:
         """attention(x), or with `norm` the pre-norm residual block x + attention(norm(x)): (B, T, C)
         -> (B, T, C). In fp32 on CPU (outside autocast and torch.compile, no biases) the block's
-        norm and input projection run as _NormLinearFn and the residual add is the output addmm."""
+        norm, input projection and RoPE run as _AttentionInputFn and the residual add is the
+        output addmm."""
         B, T, C = x.shape
         H, KV, D = self.n_head, self.n_kv, self.head_dim
+        if (norm is not None and self.wqkv.bias is None and self.wo.bias is None and rope.is_complex()
+                and _fp32_cpu(x, norm.weight, self.wqkv.weight, self.wo.weight)):
+            wqkv = self.wqkv.weight
+            q, k, v, x = _AttentionInputFn.apply(x, norm.weight, norm.eps, wqkv, self.qkv_order, rope, (H, KV, D),
+                                                 self._pool, _graph_kept(x, norm.weight, wqkv))
+            y = self._attend(q, k, v)  # (B, T, H*D)
+            # x + y wo^T as one addmm: no separate (B, T, C) product to allocate and add
+            return torch.addmm(x.reshape(-1, C), y.view(-1, H * D), self.wo.weight.t()).view(B, T, C)
         # the weight rows gathered into compute order (a (H+2KV)*D x C copy; its backward scatters)
         w = self.wqkv.weight.index_select(0, self.qkv_order)
         b = None if self.wqkv.bias is None else self.wqkv.bias.index_select(0, self.qkv_order)
-        fused = (norm is not None and b is None and self.wo.bias is None
-                 and _fp32_cpu(x, norm.weight, w, self.wo.weight))
-        if fused:
-            qkv = _NormLinearFn.apply(x, norm.weight, norm.eps, w, self._pool, _graph_kept(x, norm.weight, w))
-        else:
-            qkv = F.linear(x if norm is None else norm(x), w, b)  # (B, T, (H + 2KV) * D)
+        qkv = F.linear(x if norm is None else norm(x), w, b)  # (B, T, (H + 2KV) * D)
         # qkv = [q | k | v], RoPE pairs adjacent
         qk, v = qkv.split(((H + KV) * D, KV * D), dim=-1)
         # RoPE on q and k at once, in fp32: (B, T, (H+KV)*D/2) complex * (T, (H+KV)*D/2)
         qk = apply_rope(qk.float().unflatten(-1, (-1, 2)), rope)  # (B, T, (H+KV)*D/2, 2): pairs (re, im)
         q, k = qk.to(qkv.dtype).view(B, T, H + KV, D).split((H, KV), dim=2)
-        v = v.view(B, T, KV, D)
+        y = self._attend(q, k, v.view(B, T, KV, D))
+        if norm is None:
+            return self.wo(y)  # (B, T, C)
+        return x + self.wo(y)
+
+    def _attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        """Causal attention of q (B, T, H, D) over k, v (B, T, KV, D): (B, T, H*D)."""
+        B, T, H, D = q.shape
         # SDPA wants (B, heads, T, D): transposed views suit the CPU flash kernel, which lays its
         # output out as (B, T, H, D). enable_gqa lets each kv head serve its G query heads without
         # materialising repeated k/v (measured faster on CPU than repeat_interleave).
         y = F.scaled_dot_product_attention(
-            q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), is_causal=True, enable_gqa=H != KV
+            q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), is_causal=True, enable_gqa=H != k.shape[2]
         )
-        y = y.transpose(1, 2).reshape(B, T, H * D)  # (B, T, H*D)
-        if norm is None:
-            return self.wo(y)  # (B, T, C)
-        if fused:  # x + y wo^T as one addmm: no separate (B, T, C) product to allocate and add
-            return torch.addmm(x.reshape(-1, C), y.view(-1, H * D), self.wo.weight.t()).view(B, T, C)
-        return x + self.wo(y)
+        return y.transpose(1, 2).reshape(B, T, H * D)
 
 
 def _fp32_cpu(x: torch.Tensor, *weights: torch.Tensor) -> bool:
@@ -409,42 +418,54 @@ class _BufferPool:
                 free.append(t)
 
 
-def _rms_norm_into(x2: torch.Tensor, weight: torch.Tensor, eps: float, out: torch.Tensor):
-    """n = x * rsqrt(mean(x^2) + eps) * weight for fp32 rows x2 (N, C), written into `out`;
-    returns (n, rstd (N, 1)). The same arithmetic as _RMSNormFn.forward, so bit for bit equal."""
+def _xhat_into(x2: torch.Tensor, eps: float, out: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """xhat = x * rsqrt(mean(x^2) + eps) for fp32 rows x2 (N, C), written into `out`; returns
+    (xhat, rstd (N, 1)). The norm's weight is not applied: the fused Functions fold it into the
+    matrix that follows (n W^T = xhat (W diag(norm_w))^T), a weight-sized product instead of a
+    pass over the activations, and likewise for its gradient."""
     rstd = _rstd(x2, eps)
-    return torch.mul(x2, rstd, out=out).mul_(weight), rstd
+    return torch.mul(x2, rstd, out=out), rstd
 
 
-def _rms_norm_backward_(gn: torch.Tensor, x2: torch.Tensor, weight: torch.Tensor, rstd: torch.Tensor,
-                        tmp: torch.Tensor):
-    """RMSNorm's backward (as _RMSNormFn.backward) in place: gn (N, C), the gradient of the norm's
-    output, becomes the gradient of its input x2; `tmp` (N, C) is scratch. Returns (gn, grad weight)."""
-    gs = gn.mul_(rstd)  # rstd * g
-    gw = torch.linalg.vecdot(gs.t(), x2.t())  # (C,) = sum over rows of g * xhat
-    gs.mul_(weight)  # rstd * gxhat
-    m = torch.linalg.vecdot(gs, x2).unsqueeze_(-1).div_(x2.shape[-1]).mul_(rstd).mul_(rstd)  # (N, 1)
-    return gs.sub_(torch.mul(x2, m, out=tmp)), gw
+def _xhat_backward_(gxhat: torch.Tensor, xhat: torch.Tensor, rstd: torch.Tensor, tmp: torch.Tensor) -> torch.Tensor:
+    """The gradient of x from that of xhat (N, C), in place in gxhat; `tmp` (N, C) is scratch:
+    dx = rstd * (gxhat - xhat * mean(gxhat * xhat)). Two-operand passes only: a ternary op with a
+    broadcast (N, 1) operand (addcmul) takes ATen's slow non-vectorised path on CPU."""
+    m = torch.mul(gxhat, xhat, out=tmp).sum(-1, keepdim=True).div_(xhat.shape[-1])  # (N, 1)
+    return gxhat.sub_(torch.mul(xhat, m, out=tmp)).mul_(rstd)
+
+
+def _folded(w: torch.Tensor, norm_w: torch.Tensor) -> torch.Tensor:
+    """W diag(norm_w): a (out, C) projection with the preceding norm's weight folded in."""
+    return w * norm_w
+
+
+def _unfold_grads(gwf: torch.Tensor, w: torch.Tensor, norm_w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Gradients of W and of norm_w from that of W diag(norm_w) (gwf, (out, C), scaled in place)."""
+    gnorm_w = torch.linalg.vecdot(gwf.t(), w.t())  # (C,): sum over rows of gwf * W (weight-sized)
+    return gwf.mul_(norm_w), gnorm_w
 
 
 class _NormLinearFn(torch.autograd.Function):
-    """n @ w^T with n = RMSNorm(x) * norm_w, on CPU: attention's input projection, the output head.
+    """n @ w^T with n = RMSNorm(x) * norm_w, on CPU: the final norm and the output head.
 
-    n (saved for the weight gradient) lives in a pooled buffer (see _BufferPool), and the norm's
-    backward runs in place in the gradient of n: three fresh (N, C) tensors fewer per step than
-    _RMSNormFn followed by F.linear (the norm's output; two temporaries of its backward).
+    xhat (saved for the weight gradient and the norm's backward) lives in a pooled buffer (see
+    _BufferPool), the norm weight is folded into w (_folded), and the norm's backward runs in
+    place in the gradient of xhat: three fresh (N, C) tensors and two passes over them fewer per
+    step than _RMSNormFn followed by F.linear.
     """
 
     @staticmethod
     def forward(ctx, x, norm_w, eps: float, w, pool: _BufferPool, keep: bool):
         x2 = x.reshape(-1, x.shape[-1])  # (N, C)
-        n, rstd = _rms_norm_into(x2, norm_w, eps, pool.take(tuple(x2.shape), x2))
-        y = torch.mm(n, w.t())  # (N, out)
+        xhat, rstd = _xhat_into(x2, eps, pool.take(tuple(x2.shape), x2))
+        wf = _folded(w, norm_w)  # (out, C)
+        y = torch.mm(xhat, wf.t())  # (N, out)
         if keep:
-            ctx.save_for_backward(x2, norm_w, rstd, w)
-            ctx.buffers, ctx.pool = n, pool
+            ctx.save_for_backward(rstd, w, norm_w, wf)
+            ctx.buffers, ctx.pool = xhat, pool
         else:
-            pool.give(n)
+            pool.give(xhat)
         return y.view(*x.shape[:-1], w.shape[0])
 
     @staticmethod
@@ -452,28 +473,94 @@ class _NormLinearFn(torch.autograd.Function):
     def backward(ctx, g):
         if ctx.buffers is None:
             raise RuntimeError("a norm + projection CPU backward ran twice (retain_graph): its buffers are gone")
-        x2, norm_w, rstd, w = ctx.saved_tensors
-        n, pool = ctx.buffers, ctx.pool
+        rstd, w, norm_w, wf = ctx.saved_tensors
+        xhat, pool = ctx.buffers, ctx.pool
         ctx.buffers = None
         g2 = g.reshape(-1, g.shape[-1])  # (N, out)
-        gw = torch.mm(g2.t(), n)  # (out, C)
-        gx, gnorm_w = _rms_norm_backward_(torch.mm(g2, w), x2, norm_w, rstd, tmp=n)  # n is free
-        pool.give(n)
-        return gx.view(*g.shape[:-1], x2.shape[-1]), gnorm_w, None, gw, None, None
+        gw, gnorm_w = _unfold_grads(torch.mm(g2.t(), xhat), w, norm_w)  # (out, C), (C,)
+        tmp = pool.take(tuple(xhat.shape), xhat)
+        gx = _xhat_backward_(torch.mm(g2, wf), xhat, rstd, tmp)  # (N, C), a fresh tensor
+        pool.give(xhat, tmp)
+        return gx.view(*g.shape[:-1], xhat.shape[-1]), gnorm_w, None, gw, None, None
+
+
+class _AttentionInputFn(torch.autograd.Function):
+    """q, k, v of a pre-norm attention block on CPU: RMSNorm(x) * norm_w, the wqkv projection (rows
+    gathered into compute order, see qkv_compute_order) and RoPE on q and k, as one Function.
+
+    Returns q (B, T, H, D), k and v (B, T, KV, D), views of one (N, (H + 2KV) * D) buffer kept
+    across steps (see _BufferPool) in which RoPE is applied in place, and x itself, passed
+    through, so that the backward also receives the residual path's gradient and adds it in place.
+    The backward writes the gradients of q and k, rotated back, and of v straight into one pooled
+    buffer: autograd's version allocates the RoPE product, its gradient and two concatenations
+    per step, and sums the residual and norm gradients into a fresh tensor. The norm weight is
+    folded into the projection (_folded). Backward only once: the buffers are reused by it.
+    """
+
+    @staticmethod
+    def forward(ctx, x, norm_w, eps: float, wqkv, order, rope, heads: tuple[int, int, int],
+                pool: _BufferPool, keep: bool):
+        B, T, C = x.shape
+        H, KV, D = heads
+        x2 = x.reshape(-1, C)  # (N, C)
+        N, R = x2.shape[0], (H + 2 * KV) * D
+        xhat, rstd = _xhat_into(x2, eps, pool.take((N, C), x2))
+        w = wqkv.index_select(0, order)  # (R, C) rows in compute order: [q | k | v], RoPE pairs adjacent
+        wf = _folded(w, norm_w)
+        qkv = torch.mm(xhat, wf.t(), out=pool.take((N, R), x2) if keep else None).view(B, T, R)
+        # RoPE in place on q and k: (B, T, (H+KV)*D/2) complex * (T, (H+KV)*D/2)
+        torch.view_as_complex(qkv[..., :(H + KV) * D].unflatten(-1, (-1, 2))).mul_(rope)
+        q, k, v = qkv.view(B, T, H + 2 * KV, D).split((H, KV, KV), dim=2)
+        if keep:
+            ctx.save_for_backward(rstd, norm_w, w, wf, order, rope)
+            ctx.buffers, ctx.pool, ctx.heads = (xhat, qkv), pool, heads
+        else:
+            pool.give(xhat)
+        return q, k, v, x
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, gq, gk, gv, gx_residual):
+        if ctx.buffers is None:
+            raise RuntimeError("attention's CPU input backward ran twice (retain_graph): its buffers are gone")
+        rstd, norm_w, w, wf, order, rope = ctx.saved_tensors
+        (xhat, qkv), pool = ctx.buffers, ctx.pool
+        ctx.buffers = None
+        H, KV, D = ctx.heads
+        B, T = gq.shape[:2]
+        N, C = xhat.shape
+        # the gradient of [q | k | v] before RoPE, in the forward's q/k/v buffer (free now: SDPA's
+        # backward, the only reader of q, k and v, has run)
+        g4 = qkv.view(B, T, H + 2 * KV, D)
+        rope_back = torch.conj_physical(rope).view(T, H + KV, D // 2)  # rotation by -angle
+        for grad, heads in ((gq, slice(0, H)), (gk, slice(H, H + KV))):
+            if grad.stride(-1) != 1:
+                grad = grad.contiguous()
+            torch.mul(torch.view_as_complex(grad.unflatten(-1, (-1, 2))), rope_back[:, heads],
+                      out=torch.view_as_complex(g4[:, :, heads].unflatten(-1, (-1, 2))))
+        g4[:, :, H + KV:].copy_(gv)
+        g2 = qkv.view(N, -1)  # (N, R)
+        gw, gnorm_w = _unfold_grads(torch.mm(g2.t(), xhat), w, norm_w)  # (R, C) in compute order, (C,)
+        gwqkv = torch.empty_like(gw).index_copy_(0, order, gw)  # back to HF's row order
+        tmp = pool.take((N, C), xhat)
+        gx = _xhat_backward_(torch.mm(g2, wf), xhat, rstd, tmp)  # (N, C), a fresh tensor
+        gx.add_(gx_residual.reshape(N, C))  # norm path + residual path
+        pool.give(xhat, qkv, tmp)
+        return gx.view(B, T, C), gnorm_w, None, gwqkv, None, None, None, None, None
 
 
 class _NormSwiGLUFn(torch.autograd.Function):
     """x + w2(silu(w1 n) * w3 n), n = RMSNorm(x) * norm_w: a pre-norm SwiGLU block on CPU, by hand.
 
-    The (N, F) intermediates a = w1 n, b = w3 n, h = silu(a) * b and the (N, C) norm output n
-    live in buffers of a per-module pool (see _BufferPool) from the forward to the end of the
-    backward, which computes every gradient in those buffers plus two more pooled ones
-    (sigmoid(a) and an (N, C) temporary). Autograd's version of the block allocates eight fresh
+    The (N, F) intermediates a = w1 n, b = w3 n, sigmoid(a), h = silu(a) * b and the (N, C)
+    xhat = RMSNorm(x) without its weight live in buffers of a per-module pool (see _BufferPool)
+    from the forward to the end of the backward, which computes every gradient in those buffers
+    plus one more pooled (N, C) temporary. Autograd's version of the block allocates eight fresh
     (N, F) tensors per step (three matmul outputs, silu, mul; silu_backward, two muls) and five
-    (N, C) ones. The residual add is the output matmul's addmm, and the gradients of the residual
-    and the norm path are summed in one pass. Elementwise work is two-operand in-place passes
-    (vectorised ATen kernels on CPU). The norm's arithmetic is _RMSNormFn's, so the forward is
-    bit for bit the unfused one. Backward only once: the buffers are overwritten by it.
+    (N, C) ones. The norm weight is folded into w1 and w3 (_folded), the residual add is the
+    output matmul's addmm, and the gradients of the residual and the norm path are summed in one
+    pass. Elementwise work is two-operand in-place passes (vectorised ATen kernels on CPU).
+    Backward only once: the buffers are overwritten by it.
     """
 
     @staticmethod
@@ -481,16 +568,21 @@ class _NormSwiGLUFn(torch.autograd.Function):
         C, Fd = x.shape[-1], w1.shape[0]
         x2 = x.reshape(-1, C)  # (N, C)
         N = x2.shape[0]
-        n, rstd = _rms_norm_into(x2, norm_w, eps, pool.take((N, C), x2))  # (N, C), (N, 1)
-        a = torch.mm(n, w1.t(), out=pool.take((N, Fd), x2))  # (N, F) gate
-        b = torch.mm(n, w3.t(), out=pool.take((N, Fd), x2))  # (N, F) up
-        h = torch._C._nn.silu(a, out=pool.take((N, Fd), x2)).mul_(b)  # (N, F)
+        xhat, rstd = _xhat_into(x2, eps, pool.take((N, C), x2))  # (N, C), (N, 1)
+        w1f, w3f = _folded(w1, norm_w), _folded(w3, norm_w)  # (F, C)
+        a = torch.mm(xhat, w1f.t(), out=pool.take((N, Fd), x2))  # (N, F) gate
+        b = torch.mm(xhat, w3f.t(), out=pool.take((N, Fd), x2))  # (N, F) up
+        # silu(a) = a * sigmoid(a), with sigmoid(a) kept for the backward: sigmoid is the one
+        # expensive elementwise kernel here (an exp per element), so it runs once per step
+        sig = torch.sigmoid(a, out=pool.take((N, Fd), x2))  # (N, F)
+        s = a.mul_(sig)  # silu(a), in a's buffer
+        h = torch.mul(s, b, out=pool.take((N, Fd), x2))  # (N, F)
         y = torch.addmm(x2, h, w2.t()).view(x.shape)  # x + h w2^T: (B, T, C)
         if keep:
-            ctx.save_for_backward(x2, norm_w, rstd, w1, w3, w2)
-            ctx.buffers, ctx.pool = (n, a, b, h), pool
+            ctx.save_for_backward(rstd, norm_w, w1, w3, w2, w1f, w3f)
+            ctx.buffers, ctx.pool = (xhat, s, b, h, sig), pool
         else:
-            pool.give(n, a, b, h)
+            pool.give(xhat, s, b, h, sig)
         return y
 
     @staticmethod
@@ -498,27 +590,24 @@ class _NormSwiGLUFn(torch.autograd.Function):
     def backward(ctx, g):
         if ctx.buffers is None:
             raise RuntimeError("FeedForward's CPU backward ran twice (retain_graph): its buffers are gone")
-        x2, norm_w, rstd, w1, w3, w2 = ctx.saved_tensors
-        (n, a, b, h), pool = ctx.buffers, ctx.pool
+        rstd, norm_w, w1, w3, w2, w1f, w3f = ctx.saved_tensors
+        (xhat, s, b, h, sig), pool = ctx.buffers, ctx.pool
         ctx.buffers = None
-        C = x2.shape[-1]
+        C = xhat.shape[-1]
         g2 = g.reshape(-1, C)  # (N, C)
         gw2 = torch.mm(g2.t(), h)  # (C, F); h is free after this
         gh = torch.mm(g2, w2, out=h)  # (N, F) grad of h, in h's buffer
-        sig = torch.sigmoid(a, out=pool.take(tuple(a.shape), a))
-        s = a.mul_(sig)  # silu(a)
-        gb_ = b.mul_(gh)  # b * gh: the grad of silu(a), kept in b's buffer
+        gs = b.mul_(gh)  # b * gh: the grad of silu(a), in b's buffer
         gb = gh.mul_(s)  # grad of b = gh * silu(a), in h's buffer
-        ds = s.addcmul_(s, sig, value=-1.0).add_(sig)  # silu'(a) = sig + silu(a) * (1 - sig)
-        ga = gb_.mul_(ds)  # grad of a, in b's buffer
-        gw1 = torch.mm(ga.t(), n)
-        gw3 = torch.mm(gb.t(), n)  # n is free after this
-        gn = torch.mm(ga, w1, out=n).addmm_(gb, w3)  # grad of n, in n's buffer
-        tmp = pool.take(tuple(x2.shape), x2)
-        gxn, gnorm_w = _rms_norm_backward_(gn, x2, norm_w, rstd, tmp)
-        gx = torch.add(g2, gxn).view(g.shape)  # residual path + norm path: (B, T, C)
-        pool.give(n, a, b, h, sig, tmp)
-        return gx, gnorm_w, None, gw1, gw3, gw2, None, None
+        ds = s.addcmul_(s, sig, value=-1.0).add_(sig)  # silu'(a) = sig + silu(a) * (1 - sig), in a's buffer
+        ga = gs.mul_(ds)  # grad of a, in b's buffer
+        gw1, gnw1 = _unfold_grads(torch.mm(ga.t(), xhat), w1, norm_w)
+        gw3, gnw3 = _unfold_grads(torch.mm(gb.t(), xhat), w3, norm_w)
+        gxhat = torch.mm(ga, w1f).addmm_(gb, w3f)  # (N, C) grad of xhat: the fresh tensor returned
+        tmp = pool.take(tuple(xhat.shape), xhat)
+        gx = _xhat_backward_(gxhat, xhat, rstd, tmp).add_(g2)  # norm path + residual path
+        pool.give(xhat, s, b, h, sig, tmp)
+        return gx.view(g.shape), gnw1.add_(gnw3), None, gw1, gw3, gw2, None, None
 
 
 class FeedForward(nn.Module):

@@ -62,9 +62,10 @@ def test_logits_match_transformers_llama(tmp_path, heads, kv):
     assert (ours - theirs).abs().max().item() <= 1e-4
 
 
-def test_gradients_match_transformers_llama(tmp_path):
+@pytest.mark.parametrize("bias", [True, False])  # without biases attention's input is _AttentionInputFn
+def test_gradients_match_transformers_llama(tmp_path, bias):
     """The hand-written backwards (RMSNorm, RoPE through the complex product) against autograd's."""
-    config = tiny(num_attention_heads=8, num_key_value_heads=2, bias=True)
+    config = tiny(num_attention_heads=8, num_key_value_heads=2, bias=bias)
     model = spread_model(config)
     ref = llama_twin(model, tmp_path).train()
     ids = batch(config, T=20)
@@ -104,6 +105,39 @@ def test_real_rope_used_under_torch_compile_equals_the_complex_one(monkeypatch, 
     assert (real_logits - eager_logits).abs().max().item() < 1e-5
     for name, g in eager_grads.items():
         assert torch.allclose(real_grads[name], g, rtol=1e-4, atol=1e-6), name
+
+
+@pytest.mark.parametrize("heads,kv", [(4, 2), (4, 4), (8, 2), (4, 1)])
+def test_fused_cpu_functions_equal_the_plain_modules(monkeypatch, heads, kv):
+    """In fp32 on CPU the model runs hand-written autograd Functions (_AttentionInputFn,
+    _NormSwiGLUFn, _NormLinearFn) in pooled buffers; they must give the plain modules' logits and
+    gradients (the path autocast, torch.compile and GPUs take), also on a second step that reuses
+    the buffers, and the same logits without a graph."""
+    import trainers.model
+
+    model = spread_model(tiny(num_attention_heads=heads, num_key_value_heads=kv))
+    ids = batch(model.config, T=20, B=3)
+    targets = batch(model.config, T=20, B=3, seed=2)
+
+    def two_steps():
+        model.zero_grad()
+        for _ in range(2):  # gradients accumulate over both: the second runs in reused buffers
+            logits = model(ids)
+            F.cross_entropy(logits.flatten(0, 1), targets.flatten()).backward()
+        with torch.no_grad():
+            eval_logits = model(ids)
+        return logits.detach(), eval_logits, {n: p.grad.clone() for n, p in model.named_parameters()}
+
+    fused_logits, fused_eval, fused_grads = two_steps()
+    monkeypatch.setattr(trainers.model, "_fp32_cpu", lambda *tensors: False)
+    plain_logits, plain_eval, plain_grads = two_steps()
+    assert (fused_logits - plain_logits).abs().max().item() < 1e-5
+    assert torch.equal(fused_eval, fused_logits)
+    assert (plain_eval - plain_logits).abs().max().item() == 0.0
+    for name, g in plain_grads.items():
+        scale = g.abs().max().item()
+        assert scale > 0, name
+        assert (fused_grads[name] - g).abs().max().item() <= 1e-5 * scale, name
 
 
 def test_biases_match_transformers_llama(tmp_path):
