@@ -25,6 +25,7 @@ import dataclasses
 import json
 import math
 import os
+import select
 import signal
 import statistics
 import threading
@@ -43,6 +44,7 @@ from evo.space import SearchSpace
 from evo.strategy import Crossover, Exploit, Keep, MemberView, Restart, Snapshot, StrategyConfig, make_strategy
 from population.config import LoggingConfig, PopulationConfig
 from population.member import Member, split_genome, threads_for
+from population.channel import Channel, ChannelClosed
 from population.monitor import Monitor
 from population.shared_state import new_session_dir, shared_root
 from population.store import RunStore, StoreError
@@ -536,6 +538,7 @@ class _Search:
         # receivers on its node) or an ObjectRef in the object store
         self.published: dict[int, Any] = {}
         self.nodes: dict[int, str] = {}       # member -> the Ray node its actor runs on
+        self.channels: dict[int, Channel] = {}   # member -> its load_state pipe (on this node)
         self.shared_dir: Path | None = None   # this session's shared-memory files (transfer: auto)
         self.step_s: dict[int, float] = {}   # member -> seconds per training step (its last part)
         self.eval_s: dict[int, float] = {}   # member -> seconds of its last evaluation + snapshot
@@ -636,8 +639,8 @@ class _Search:
                 self.shared_dir = None
         for m in self.ids:
             self.actors[m] = self._new_actor(m)
-        self.nodes = self.gather({m: a.node_id.remote() for m, a in self.actors.items()},
-                                 timeout=START_TIMEOUT_S, raise_errors=True)
+        self._located(self.gather({m: a.where.remote() for m, a in self.actors.items()},
+                                  timeout=START_TIMEOUT_S, raise_errors=True))
         loads = {m: self.actors[m].load_checkpoint.remote(self.store.storage, self.store.name,
                                                            self.records[m].checkpoint)
                  for m in self.ids if self.records[m].checkpoint}
@@ -680,6 +683,9 @@ class _Search:
                 ray.kill(actor, no_restart=True)
             except Exception:  # already dead, or Ray itself is gone
                 pass
+        for channel in self.channels.values():
+            channel.close()
+        self.channels.clear()
         if self.shared_dir is not None:
             shutil.rmtree(self.shared_dir, ignore_errors=True)
         deadline = time.monotonic() + 10
@@ -792,8 +798,8 @@ class _Search:
                 except Exception:
                     pass
                 self.actors[m] = self._new_actor(m)
-                self.nodes[m] = self.gather({m: self.actors[m].node_id.remote()}, timeout=START_TIMEOUT_S,
-                                            raise_errors=True)[m]
+                self._located(self.gather({m: self.actors[m].where.remote()}, timeout=START_TIMEOUT_S,
+                                          raise_errors=True))
             genome = _plain(self.space.sample(self.rng(round, m, 1 + self.failures)).as_dict())
             if best is not None:
                 self._copy_into(m, best.id, genome, round, "restart", parents=[best.id])
@@ -833,12 +839,7 @@ class _Search:
                 pass
         for m in set(sources) | {d.member for d in decisions if not isinstance(d, Keep)}:
             self.published.pop(m, None)
-        loads = {self.actors[m].load_state.remote(args[m]): m for m in sources}
-        latency, loaded = {}, {}
-        for ref, seen in self._done(list(loads)):
-            m = loads[ref]
-            loaded[m] = ray.get(ref)
-            latency[m] = seen - t0
+        loaded, latency = self._load_states(args, t0)
         for m in [m for m, res in loaded.items() if "missing" in res]:   # the file went (async, rare)
             loaded[m] = self._load_snapshot(m, sources[m])
         del args, taken
@@ -890,11 +891,10 @@ class _Search:
         """m takes donor's evaluated state through the object store, then ``genome``."""
         t0 = time.perf_counter()
         self.published.pop(m, None)
-        loaded = self.gather({m: self.actors[m].load_state.remote(self._state_of(donor, m))},
-                             raise_errors=True)[m]
+        loaded = self._load_states({m: self._state_of(donor, m)}, t0)[0][m]
+        latency = time.perf_counter() - t0
         if "missing" in loaded:
             loaded = self._load_snapshot(m, donor)
-        latency = time.perf_counter() - t0
         applied = self.gather({m: self.actors[m].apply_genome.remote(genome)}, raise_errors=True)[m]
         rec, src = self.records[m], self.records[donor]
         self._forget_speed(m, rec.genome, genome)
@@ -933,6 +933,64 @@ class _Search:
             if src is None:
                 src = taken[donor] = self.actors[donor].get_state.remote()
         return [src]
+
+    def _located(self, where: Mapping[int, dict]) -> None:
+        """Record each member's node and open the pipe it takes load_state orders on (same node)."""
+        here = ray.get_runtime_context().get_node_id()
+        for m, w in where.items():
+            self.nodes[m] = w["node"]
+            old = self.channels.pop(m, None)
+            if old is not None:
+                old.close()
+            if w.get("channel") and w["node"] == here:
+                try:
+                    self.channels[m] = Channel(w["channel"])
+                except OSError:   # gone already: Ray calls it is
+                    pass
+
+    def _load_states(self, args: Mapping[int, Any], t0: float) -> tuple[dict[int, dict], dict[int, float]]:
+        """Every member of ``args`` runs ``load_state(args[m])``: by an order on its pipe when it
+        has one and the state is a file (population/channel.py), else as a Ray call. Returns
+        ({member: result}, {member: seconds from t0 until its result was seen})."""
+        piped: dict[Any, int] = {}
+        refs: dict[Any, int] = {}
+        for m, arg in args.items():
+            channel = self.channels.get(m) if isinstance(arg, str) else None
+            if channel is not None:
+                try:
+                    channel.send("load_state", arg)
+                    piped[channel] = m
+                    continue
+                except OSError:   # the member is gone: Ray reports how
+                    self.channels.pop(m).close()
+            refs[self.actors[m].load_state.remote(arg)] = m
+        loaded, latency = {}, {}
+        while piped or refs:
+            self.stop.check()
+            if piped:
+                ready, _, _ = select.select(list(piped), [], [], 0.0 if refs else POLL_S)
+                for channel in ready:
+                    m = piped[channel]
+                    try:
+                        result = channel.receive()
+                    except ChannelClosed:   # died while loading: the Ray call says how
+                        del piped[channel]
+                        self.channels.pop(m, None)
+                        channel.close()
+                        refs[self.actors[m].load_state.remote(args[m])] = m
+                        continue
+                    except RuntimeError as e:
+                        raise SearchError(f"member {m}: load_state failed: {e}") from e
+                    if result is not None:
+                        del piped[channel]
+                        loaded[m], latency[m] = result, time.perf_counter() - t0
+            if refs:
+                ready, _ = ray.wait(list(refs), num_returns=1, timeout=0.0 if piped else POLL_S, fetch_local=False)
+                now = time.perf_counter()
+                for ref in ready:
+                    m = refs.pop(ref)
+                    loaded[m], latency[m] = ray.get(ref), now - t0
+        return loaded, latency
 
     def _load_snapshot(self, m: int, donor: int) -> dict:
         """m loads a snapshot of the donor taken now, through the object store: the fallback when

@@ -27,6 +27,7 @@ import numpy as np
 import ray
 import torch
 
+from population.channel import Listener
 from population.shared_state import Publisher, SharedFile, SharedStateError, fill_tensors, strip_tensors
 from trainers.data import DataConfig
 from trainers.model import InternLM2Config
@@ -164,18 +165,27 @@ class Member:
         self._saved: int | BaseException = 0
         self._interval = _interval_totals()  # the parts of the interval trained so far
         self._publisher: Publisher | None = None   # evaluated states as shared-memory files
+        self._listener: Listener | None = None     # the driver's pipe for load_state orders
         if shared_dir is not None:
             try:   # the driver's session directory; on another node it is made here
                 Path(shared_dir).mkdir(mode=0o700, parents=True, exist_ok=True)
                 self._publisher = Publisher(shared_dir, f"m{member_id}")
+                self._listener = Listener(shared_dir, f"m{member_id}", self._order)
             except OSError:
-                self._publisher = None
+                self._publisher = self._listener = None
 
     def pid(self) -> int:
         return os.getpid()
 
-    def node_id(self) -> str:
-        return ray.get_runtime_context().get_node_id()
+    def where(self) -> dict:
+        """This member's node, and the pipes (request, reply) it takes load_state orders on."""
+        return {"node": ray.get_runtime_context().get_node_id(),
+                "channel": None if self._listener is None else self._listener.paths}
+
+    def _order(self, name: str, *args: Any) -> Any:
+        if name != "load_state":
+            raise ValueError(f"unknown order {name!r}")
+        return self.load_state(*args)
 
     def _current(self) -> dict:
         """The snapshot, taken from the (idle) trainer if the state changed since the last one.
@@ -300,6 +310,8 @@ class Member:
         """Remove this member's shared-memory files (the driver calls it when the run ends)."""
         if self._publisher is not None:
             self._publisher.close()
+        if self._listener is not None:
+            self._listener.close()
 
     def apply_genome(self, genome: Mapping[str, Any]) -> dict:
         """Take ``genome``: hyperparameters set in place, architecture changed with weights carried."""

@@ -3,11 +3,13 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import select
 
 import pytest
 import ray
 import torch
 
+from population.channel import Channel, ChannelClosed
 from population.member import Member
 from population.store import RunStore
 from tests.population.conftest import tiny_parts
@@ -215,9 +217,47 @@ def test_members_on_one_node_hand_states_over_through_shared_memory_files(ray_lo
         assert "is gone" in missing["missing"]
         _assert_same_state(ray.get(receiver.get_state.remote()), before)
 
-        assert sorted(os.listdir(shared)) == ["m0-1.state", "m1-1.state"]
+        files = sorted(os.listdir(shared))   # states, and each member's order pipes
+        pids = ray.get([donor.pid.remote(), receiver.pid.remote()])
+        assert files == sorted(["m0-1.state", "m1-1.state"] + [f"m{i}-{pid}.{end}" for i, pid in enumerate(pids)
+                                                               for end in ("req", "rep")])
         ray.get(donor.close_shared.remote())
-        assert os.listdir(shared) == ["m1-1.state"]
+        assert sorted(os.listdir(shared)) == sorted(["m1-1.state", f"m1-{pids[1]}.req", f"m1-{pids[1]}.rep"])
+    finally:
+        for actor in (donor, receiver):
+            ray.kill(actor)
+
+
+def test_a_load_state_order_through_the_pipe_equals_the_ray_call(ray_local, cache_dir, tmp_path):
+    """The driver's fast line to a member on its node: the order runs load_state in the member
+    and the reply is its result; a failing order comes back as the member's error; when the
+    member is gone the reply pipe says so (the driver then calls through Ray)."""
+    model, train, data = tiny_parts(cache_dir)
+    shared = tmp_path / "session"
+    donor, receiver = [Member.options(num_cpus=0.5, max_concurrency=2).remote(
+        i, model, train, data, GENOME, 1 + i, 1, str(shared)) for i in range(2)]
+    try:
+        result, _ = ray.get([donor.train_and_evaluate.remote(4), receiver.train_and_evaluate.remote(2)])
+        where = ray.get(receiver.where.remote())
+        channel = Channel(where["channel"])
+        channel.send("load_state", result["shared"])
+        reply = None
+        while reply is None:
+            select.select([channel], [], [], 10.0)
+            reply = channel.receive()
+        assert reply["via"] == "shared_memory" and reply["step"] == 4
+        _assert_same_state(ray.get(receiver.get_state.remote()), ray.get(donor.get_state.remote()))
+
+        channel.send("train", 5)
+        with pytest.raises(RuntimeError, match="unknown order 'train'"):
+            while channel.receive() is None:
+                select.select([channel], [], [], 10.0)
+
+        ray.kill(receiver)
+        select.select([channel], [], [], 30.0)
+        with pytest.raises(ChannelClosed):
+            channel.receive()
+        channel.close()
     finally:
         for actor in (donor, receiver):
             ray.kill(actor)
