@@ -141,7 +141,8 @@ def main(argv: list[str] | None = None) -> int:
           f"the same {state_mb:.2f} MB state {disk * 1e3:.1f} ms; ratio {exploit / disk:.3f} (goal <= 0.2)")
     print(f"  with the save flushed to the device (fsync) {durable * 1e3:.1f} ms; ratio {exploit / durable:.3f}")
     print(f"  through {', '.join(via)}; inside the receiver (medians): opening {receiver['read_s'] * 1e3:.2f} ms, "
-          f"loading {receiver['load_s'] * 1e3:.2f} ms; the rest is the Ray call")
+          f"loading {receiver['load_s'] * 1e3:.2f} ms; the rest is the call (a pipe on one node, "
+          "a Ray call across nodes)")
     if args.vs_all_at_once:
         all_name = f"{name}-all"
         run_search(build_setup(load_config(QUICKSTART, [*overrides, f"name={all_name}",

@@ -1,8 +1,10 @@
 """One member of the population: a Ray actor that keeps a Trainer resident between rounds.
 
 The actor lives for the whole search, so an exploit never restarts a process, re-imports torch
-or rebuilds an optimizer: the donor's state (weights + Adam moments + step + RNG) travels
-through the Ray object store straight into the receiver (``load_state(donor.get_state())``).
+or rebuilds an optimizer: the donor's state (weights + Adam moments + step + RNG) goes straight
+into the receiver's tensors — on one node through a shared-memory file the donor published when
+it was evaluated, the order arriving on a pipe (population/shared_state.py, channel.py), across
+nodes through the Ray object store (``load_state(donor.get_state())``).
 
 Every evaluation keeps an immutable snapshot (a copy) of the evaluated state; ``get_state``
 and ``save_checkpoint`` hand out that snapshot. The actor runs with ``max_concurrency=2`` so
@@ -28,7 +30,7 @@ import ray
 import torch
 
 from population.channel import Listener
-from population.shared_state import Publisher, SharedFile, SharedStateError, fill_tensors, strip_tensors
+from population.shared_state import Publisher, SharedFile, SharedStateError
 from trainers.data import DataConfig
 from trainers.model import InternLM2Config
 from trainers.trainer import HPARAMS, NonFiniteLossError, TrainConfig, Trainer
@@ -92,7 +94,7 @@ class WireState:
 
     def __init__(self, state: dict) -> None:
         tensors: list[torch.Tensor] = []
-        self.tree = strip_tensors(state, tensors)
+        self.tree = _strip_tensors(state, tensors)
         self.meta: list[tuple] = []
         chunks, offset = [], 0
         for t in tensors:
@@ -107,6 +109,44 @@ class WireState:
         return _unpack_state, (self.tree, self.meta, self.buffer)
 
 
+class _Slot:
+    """Where tensor number ``index`` sits in a packed state's tree."""
+
+    __slots__ = ("index",)
+
+    def __init__(self, index: int) -> None:
+        self.index = index
+
+    def __reduce__(self) -> tuple:
+        return _Slot, (self.index,)
+
+
+def _map_leaves(obj: Any, leaf: Any) -> Any:
+    """The same dict/list/tuple nesting with ``leaf(x)`` in place of every other value."""
+    if isinstance(obj, dict):
+        return {k: _map_leaves(v, leaf) for k, v in obj.items()}
+    if isinstance(obj, list):
+        return [_map_leaves(v, leaf) for v in obj]
+    if isinstance(obj, tuple):
+        return tuple(_map_leaves(v, leaf) for v in obj)
+    return leaf(obj)
+
+
+def _strip_tensors(obj: Any, out: list[torch.Tensor]) -> Any:
+    """``obj`` with each tensor moved to ``out`` and replaced by its _Slot (traversal order)."""
+    def leaf(x: Any) -> Any:
+        if not isinstance(x, torch.Tensor):
+            return x
+        out.append(x)
+        return _Slot(len(out) - 1)
+    return _map_leaves(obj, leaf)
+
+
+def _fill_tensors(obj: Any, tensors: list[torch.Tensor]) -> Any:
+    """Inverse of _strip_tensors."""
+    return _map_leaves(obj, lambda x: tensors[x.index] if isinstance(x, _Slot) else x)
+
+
 def _unpack_state(tree: Any, meta: list[tuple], buffer: np.ndarray) -> dict:
     """Inverse of WireState.__reduce__. The buffer arrives as a read-only view of shared
     memory: it is copied out once (one memcpy) into memory of the receiver's own, and the tensors
@@ -117,7 +157,7 @@ def _unpack_state(tree: Any, meta: list[tuple], buffer: np.ndarray) -> dict:
     tensors = [own[offset:offset + n].view(getattr(torch, dtype)).reshape(shape)
                if n else torch.empty(shape, dtype=getattr(torch, dtype))
                for dtype, shape, offset, n in meta]
-    state = fill_tensors(tree, tensors)
+    state = _fill_tensors(tree, tensors)
     rng = state.get("rng") if isinstance(state, dict) else None
     if isinstance(rng, dict):
         state["rng"] = {k: v.clone() if isinstance(v, torch.Tensor) else v for k, v in rng.items()}

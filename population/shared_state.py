@@ -4,15 +4,15 @@ Through the Ray object store a hand-off costs a pack (one memcpy), a put (anothe
 lookup and a plasma read by the receiver (≈1.4 ms for a 2 MB state on a 2-core machine, more
 with the borrowed-reference bookkeeping), then a copy out of the store. Here the donor writes its
 snapshot once into a file under ``/dev/shm`` (tmpfs: memory, never a disk), and the receiver
-reads the file with one read(2) and copies the tensors into its own parameters and Adam moments
-(Trainer.load_state_dict's in-place path): nothing but a path crosses Ray.
+reads the tensors with preadv(2) straight into its own parameters and Adam moments when it has
+the same layout (Trainer.load_state_dict's in-place path), else the whole file into memory of its
+own: nothing but a path crosses Ray.
 
-A file holds a header (magic, header length, the pickled tree of the state with its tensors
-replaced by slots, and each tensor's dtype/shape/offset/bytes), then every tensor's bytes at an
-aligned offset. It is written under a temporary name and renamed, so a reader sees a whole file
-or none. A publisher keeps its last ``keep`` files: a receiver told to load generation g can
-still open it after the donor has published g + 1 (async mode); an open mapping survives the
-unlink anyway.
+A file holds a header (magic, header length, the state pickled with each tensor as a persistent
+id, and each tensor's dtype/shape/offset/bytes), then every tensor's bytes at an aligned offset.
+It is written under a temporary name and renamed, so a reader sees a whole file or none. A
+publisher keeps its last ``keep`` files: a receiver told to load generation g can still open it
+after the donor has published g + 1 (async mode); a file already open survives the unlink.
 
 Members on different nodes cannot see each other's files: the driver hands those exploits to the
 object store (population/driver.py). A node whose ``/dev/shm`` is missing, read-only or too full
@@ -20,6 +20,7 @@ for the state publishes through the object store as well.
 """
 from __future__ import annotations
 
+import io
 import os
 import pickle
 import shutil
@@ -73,46 +74,36 @@ def _alive(pid: int) -> bool:
     return True
 
 
-class _Slot:
-    """Where tensor number ``index`` sits in a packed state's tree."""
-
-    __slots__ = ("index",)
-
-    def __init__(self, index: int) -> None:
-        self.index = index
-
-    def __reduce__(self) -> tuple:
-        return _Slot, (self.index,)
-
-
-def _map_leaves(obj: Any, leaf: Any) -> Any:
-    """The same dict/list/tuple nesting with ``leaf(x)`` in place of every other value."""
-    if isinstance(obj, dict):
-        return {k: _map_leaves(v, leaf) for k, v in obj.items()}
-    if isinstance(obj, list):
-        return [_map_leaves(v, leaf) for v in obj]
-    if isinstance(obj, tuple):
-        return tuple(_map_leaves(v, leaf) for v in obj)
-    return leaf(obj)
-
-
-def strip_tensors(obj: Any, out: list[torch.Tensor]) -> Any:
-    """``obj`` with each tensor moved to ``out`` and replaced by its _Slot (traversal order)."""
-    def leaf(x: Any) -> Any:
-        if not isinstance(x, torch.Tensor):
-            return x
-        out.append(x)
-        return _Slot(len(out) - 1)
-    return _map_leaves(obj, leaf)
-
-
-def fill_tensors(obj: Any, tensors: list[torch.Tensor]) -> Any:
-    """Inverse of strip_tensors."""
-    return _map_leaves(obj, lambda x: tensors[x.index] if isinstance(x, _Slot) else x)
-
-
 def _align(n: int) -> int:
     return -(-n // ALIGN) * ALIGN
+
+
+class _TensorPickler(pickle.Pickler):
+    """Pickles a state with each tensor as a persistent id (its number in ``tensors``)."""
+
+    def __init__(self, file: io.BytesIO) -> None:
+        super().__init__(file, protocol=pickle.HIGHEST_PROTOCOL)
+        self.tensors: list[torch.Tensor] = []
+
+    def persistent_id(self, obj: Any) -> int | None:
+        if isinstance(obj, torch.Tensor):
+            self.tensors.append(obj)
+            return len(self.tensors) - 1
+        return None
+
+
+class _TensorUnpickler(pickle.Unpickler):
+    def __init__(self, data: bytes, tensors: list) -> None:
+        super().__init__(io.BytesIO(data))
+        self.tensors = tensors
+
+    def persistent_load(self, pid: Any) -> Any:
+        return self.tensors[pid]
+
+
+def _unpickle(tree: bytes, tensors: list) -> dict:
+    """The state pickled by _TensorPickler, with ``tensors[i]`` in place of tensor number i."""
+    return _TensorUnpickler(tree, tensors).load()
 
 
 class Publisher:
@@ -128,14 +119,16 @@ class Publisher:
     def publish(self, state: dict) -> str | None:
         """Write ``state`` (CPU tensors and plain Python) to a new file; returns its path, or
         None when the file system lacks room (the caller then uses the object store)."""
-        tensors: list[torch.Tensor] = []
-        tree = strip_tensors(state, tensors)
+        out = io.BytesIO()
+        pickler = _TensorPickler(out)   # the tree, each tensor replaced by its number
+        pickler.dump(state)
+        tensors = pickler.tensors
         flat = [t.detach().contiguous().reshape(-1).view(torch.uint8) for t in tensors]
         meta, offset = [], 0
         for t, f in zip(tensors, flat):
             meta.append((str(t.dtype).removeprefix("torch."), tuple(t.shape), offset, f.numel()))
             offset = _align(offset + f.numel())
-        header = pickle.dumps((tree, meta), protocol=pickle.HIGHEST_PROTOCOL)
+        header = pickle.dumps((out.getvalue(), meta), protocol=pickle.HIGHEST_PROTOCOL)
         start = _align(_PREFIX.size + len(header))
         total = start + offset
         try:
@@ -210,13 +203,13 @@ class SharedFile:
             magic, length = _PREFIX.unpack(prefix)
             if magic != MAGIC or _PREFIX.size + length > self.size:
                 raise SharedStateError(f"shared state {path}: not an evo state file")
-            self.tree, meta = pickle.loads(os.pread(self.fd, length, _PREFIX.size))
+            self.tree, meta = pickle.loads(os.pread(self.fd, length, _PREFIX.size))   # tree: pickled bytes
             self.start = _align(_PREFIX.size + length)
             if meta and self.start + meta[-1][2] + meta[-1][3] > self.size:
                 raise SharedStateError(f"shared state {path}: truncated ({self.size} bytes)")
             self.placeholders = [Placeholder(i, getattr(torch, dtype), shape, self.start + off, n)
                                  for i, (dtype, shape, off, n) in enumerate(meta)]
-            self.state = fill_tensors(self.tree, self.placeholders)
+            self.state = _unpickle(self.tree, self.placeholders)
         except BaseException:
             os.close(self.fd)
             raise
@@ -255,7 +248,7 @@ class SharedFile:
     def read(self) -> dict:
         """The state, read with one read(2) of the whole file into memory of the caller's own;
         its tensors are views of that memory."""
-        return fill_tensors(self.tree, self._read_tensors())
+        return _unpickle(self.tree, self._read_tensors())
 
     def _read_tensors(self) -> list[torch.Tensor]:
         buf = np.empty(self.size, dtype=np.uint8)
