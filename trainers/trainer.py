@@ -295,8 +295,11 @@ class Trainer:
             raise ConfigError(f"model.vocab_size: state has {model_cfg.vocab_size}, "
                               f"the corpus has {self.corpus.vocab_size}")
         self._train = replace(self._train, **{k: state["train_config"][k] for k in HPARAMS})
-        if model_cfg != self._model_cfg:
-            self._take_spare(model_cfg)
+        if model_cfg != self._model_cfg and not self._take_spare(model_cfg) and read_into is not None \
+                and self.device.type == "cpu":
+            # a new model and moments to read the state into, uninitialised: one copy, not two
+            self._build(model_cfg, empty=True)
+            self._empty_moments(state["optimizer"])
         pairs = self._in_place_pairs(state) if model_cfg == self._model_cfg else None
         if pairs is not None:
             theirs = state["rng"]["torch"]
@@ -407,14 +410,14 @@ class Trainer:
         self._spares.append((self._model_cfg, self._model, self._forward, self._optimizer))
         del self._spares[:-SPARE_MODELS]
 
-    def _build(self, cfg: InternLM2Config, weights: dict | None = None) -> None:
-        """Create the model (from the generator, or with ``weights``) and a fresh optimizer; the
-        one it replaces may become a spare."""
+    def _build(self, cfg: InternLM2Config, weights: dict | None = None, empty: bool = False) -> None:
+        """Create the model (from the generator, with ``weights``, or ``empty``: uninitialised,
+        for the caller to fill) and a fresh optimizer; the one it replaces may become a spare."""
         if hasattr(self, "_model"):
             self._keep_spare()
         # given weights: no init at all (it would cost ~0.7 ms per architecture-changing exploit
         # at hidden 64, and must not advance our generator); load_state_dict checks every key
-        model = InternLM2ForCausalLM(cfg, generator=self._generator, init=weights is None)
+        model = InternLM2ForCausalLM(cfg, generator=self._generator, init=weights is None and not empty)
         if weights is not None:
             model.load_state_dict(weights)
         self._model = model.to(self.device) if self.device.type != "cpu" else model   # built on the CPU
@@ -423,6 +426,15 @@ class Trainer:
         # symbolic batch dimension: shapes seldom change in a member's life
         self._forward = torch.compile(self._model, dynamic=False) if self._train.compile else self._model
         self._optimizer = self._make_optimizer()
+
+    def _empty_moments(self, theirs: dict) -> None:
+        """Uninitialised Adam state, shaped as the optimizer state ``theirs``, for every parameter
+        that has state there (to be filled in place)."""
+        for their_group, group in zip(theirs["param_groups"], self._optimizer.param_groups):
+            for index, p in zip(their_group["params"], group["params"]):
+                src = theirs["state"].get(index)
+                if src:
+                    self._optimizer.state[p] = {k: torch.empty(v.shape, dtype=v.dtype) for k, v in src.items()}
 
     def _make_optimizer(self) -> torch.optim.AdamW:
         return make_optimizer(self._model, self._train, lr_at(self._train, self._step))
