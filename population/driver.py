@@ -28,8 +28,8 @@ import os
 import select
 import signal
 import statistics
-import threading
 import shutil
+import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -43,8 +43,8 @@ from evo.genome import Genome, diff, format_diff
 from evo.space import SearchSpace
 from evo.strategy import Crossover, Exploit, Keep, MemberView, Restart, Snapshot, StrategyConfig, make_strategy
 from population.config import LoggingConfig, PopulationConfig
-from population.member import Member, split_genome, threads_for
 from population.channel import Channel, ChannelClosed
+from population.member import Member, split_genome, threads_for
 from population.monitor import Monitor
 from population.shared_state import new_session_dir, shared_root
 from population.store import RunStore, StoreError
@@ -888,7 +888,7 @@ class _Search:
 
     def _copy_into(self, m: int, donor: int, genome: dict, round: int, event_name: str,
                    parents: list[int]) -> None:
-        """m takes donor's evaluated state through the object store, then ``genome``."""
+        """m takes donor's evaluated state (as an exploit does: _state_of, _load_states), then ``genome``."""
         t0 = time.perf_counter()
         self.published.pop(m, None)
         loaded = self._load_states({m: self._state_of(donor, m)}, t0)[0][m]

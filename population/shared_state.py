@@ -123,11 +123,11 @@ class Publisher:
         pickler = _TensorPickler(out)   # the tree, each tensor replaced by its number
         pickler.dump(state)
         tensors = pickler.tensors
-        flat = [t.detach().contiguous().reshape(-1).view(torch.uint8) for t in tensors]
+        flat = [_bytes_of(t.detach().contiguous()) for t in tensors]
         meta, offset = [], 0
         for t, f in zip(tensors, flat):
-            meta.append((str(t.dtype).removeprefix("torch."), tuple(t.shape), offset, f.numel()))
-            offset = _align(offset + f.numel())
+            meta.append((str(t.dtype).removeprefix("torch."), tuple(t.shape), offset, f.nbytes))
+            offset = _align(offset + f.nbytes)
         header = pickle.dumps((out.getvalue(), meta), protocol=pickle.HIGHEST_PROTOCOL)
         start = _align(_PREFIX.size + len(header))
         total = start + offset
@@ -148,7 +148,7 @@ class Publisher:
                 for (_, _, off, n), chunk in zip(meta, flat):
                     if off > at:
                         _write(f, bytes(off - at))
-                    _write(f, memoryview(chunk.numpy()))
+                    _write(f, chunk)
                     at = off + n
             os.rename(tmp, path)
         except OSError:   # ENOSPC between the check and the write, the directory removed, ...
@@ -204,10 +204,10 @@ class SharedFile:
             if magic != MAGIC or _PREFIX.size + length > self.size:
                 raise SharedStateError(f"shared state {path}: not an evo state file")
             self.tree, meta = pickle.loads(os.pread(self.fd, length, _PREFIX.size))   # tree: pickled bytes
-            self.start = _align(_PREFIX.size + length)
-            if meta and self.start + meta[-1][2] + meta[-1][3] > self.size:
+            start = _align(_PREFIX.size + length)
+            if meta and start + meta[-1][2] + meta[-1][3] > self.size:
                 raise SharedStateError(f"shared state {path}: truncated ({self.size} bytes)")
-            self.placeholders = [Placeholder(i, getattr(torch, dtype), shape, self.start + off, n)
+            self.placeholders = [Placeholder(i, getattr(torch, dtype), shape, start + off, n)
                                  for i, (dtype, shape, off, n) in enumerate(meta)]
             self.state = _unpickle(self.tree, self.placeholders)
         except BaseException:
@@ -271,7 +271,8 @@ class SharedFile:
 
 
 def _bytes_of(t: torch.Tensor) -> memoryview:
-    """The memory of a contiguous CPU tensor, writable (numpy's view; bfloat16 through uint8)."""
+    """The memory of a contiguous CPU tensor as bytes, writable (numpy's view; bfloat16 and empty
+    tensors through uint8)."""
     try:
         return memoryview(t.detach().numpy()).cast("B")
     except TypeError:   # a dtype numpy lacks

@@ -6,6 +6,7 @@ import os
 
 import pytest
 import ray
+import torch
 
 from evo.space import SearchSpace
 from evo.strategy import StrategyConfig
@@ -20,6 +21,20 @@ SEARCH = {
     "train.weight_decay": {"type": "float", "low": 0.0, "high": 0.2},
     "model.num_hidden_layers": {"type": "int", "low": 1, "high": 2},
 }
+
+
+def tensors_by_path(obj, prefix: str = "") -> dict:
+    """{path: tensor} of every tensor in a nested state (dicts, lists, tuples)."""
+    if isinstance(obj, torch.Tensor):
+        return {prefix: obj}
+    out = {}
+    if isinstance(obj, dict):
+        for k, v in obj.items():
+            out.update(tensors_by_path(v, f"{prefix}/{k}"))
+    elif isinstance(obj, (list, tuple)):
+        for i, v in enumerate(obj):
+            out.update(tensors_by_path(v, f"{prefix}/{i}"))
+    return out
 
 
 @pytest.fixture(scope="session")

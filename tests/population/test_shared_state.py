@@ -11,21 +11,8 @@ import torch
 
 from population import shared_state
 from population.shared_state import Publisher, SharedFile, SharedStateError, new_session_dir, read_shared
-from tests.population.conftest import tiny_parts
+from tests.population.conftest import tensors_by_path, tiny_parts
 from trainers.trainer import Trainer
-
-
-def _tensors(obj, prefix=""):
-    if isinstance(obj, torch.Tensor):
-        return {prefix: obj}
-    out = {}
-    if isinstance(obj, dict):
-        for k, v in obj.items():
-            out.update(_tensors(v, f"{prefix}/{k}"))
-    elif isinstance(obj, (list, tuple)):
-        for i, v in enumerate(obj):
-            out.update(_tensors(v, f"{prefix}/{i}"))
-    return out
 
 
 def _plain(obj):
@@ -41,7 +28,7 @@ def _plain(obj):
 
 def _assert_equal(a, b):
     assert _plain(a) == _plain(b)
-    ta, tb = _tensors(a), _tensors(b)
+    ta, tb = tensors_by_path(a), tensors_by_path(b)
     for key in ta:
         assert ta[key].dtype == tb[key].dtype and torch.equal(ta[key], tb[key]), key
 
