@@ -29,15 +29,17 @@ it with transformers' Llama):
   views: the CPU flash kernel, with no repeated k/v (enable_gqa measured ~10% faster than
   repeat_interleave for the attention on CPU);
 - RMSNorm has a hand-written backward (autograd's replays ~12 kernels on CPU);
-- fresh activation-sized tensors are expensive on the CPU machines (page faults: glibc hands
-  freed memory back to the kernel every step, see _BufferPool), so in fp32 on CPU the pre-norm
-  SwiGLU block (norm, three matmuls, SiLU, residual add and all their gradients) is one autograd
-  Function working in buffers kept across steps, so is attention's input side (norm, wqkv, RoPE
-  in place; q, k, v are views of one buffer and their gradients are written into one, with no
-  concatenation), the final norm is fused with the output head, each norm's weight is folded
-  into the matrix after it (a weight-sized product instead of a pass over the activations), and
-  the residual adds are addmm's. Autocast, torch.compile and GPUs take the plain modules
-  (RMSNorm, F.linear, F.silu).
+- in fp32 on CPU each decoder layer is one autograd Function (_DecoderLayerFn) with a
+  hand-written backward: on the tiny default model the per-op and per-node overhead of Python
+  and autograd costs more than most of the arithmetic, so the layer is one node instead of about
+  fifteen (attention stays `scaled_dot_product_attention`, on a graph local to the layer). It
+  works in buffers kept across steps (fresh activation-sized tensors cost page faults on the CPU
+  machines: glibc hands freed memory back to the kernel every step, see _BufferPool): RoPE is
+  applied in place, q, k, v are views of one buffer and their gradients are written into one,
+  each norm's weight is folded into the matrix after it (a weight-sized product instead of a pass
+  over the activations), and the residual adds are addmm's. The final norm is fused with the
+  output head (_NormLinearFn). Autocast, torch.compile and GPUs take the plain modules (RMSNorm,
+  F.linear, F.silu).
 Under torch.compile RoPE switches to real arithmetic on a [cos, sin] table (inductor generates no
 code for complex tensors), so the whole model compiles.
 """
@@ -177,9 +179,19 @@ class Linear(nn.Module):
         return F.linear(x, self.weight, self.bias)
 
 
+_EPS: dict[tuple, torch.Tensor] = {}  # eps as 0-dim tensors, per (eps, dtype, device)
+
+
 def _rstd(x: torch.Tensor, eps: float) -> torch.Tensor:
-    """(..., 1) = 1 / sqrt(mean(x^2) + eps) over the last dim, from the L2 norm: one reduction kernel."""
-    return torch.linalg.vector_norm(x, dim=-1, keepdim=True).square_().div_(x.shape[-1]).add_(eps).rsqrt_()
+    """(..., 1) = 1 / sqrt(mean(x^2) + eps) over the last dim, from the L2 norm: one reduction
+    kernel over x, then eps + norm^2 / C as one addcmul (three ops: each op on these small
+    tensors costs more in dispatch than in arithmetic)."""
+    key = (eps, x.dtype, x.device)
+    eps_t = _EPS.get(key)
+    if eps_t is None:
+        eps_t = _EPS[key] = torch.tensor(eps, dtype=x.dtype, device=x.device)
+    norm = torch.linalg.vector_norm(x, dim=-1, keepdim=True)
+    return torch.addcmul(eps_t, norm, norm, value=1.0 / x.shape[-1]).rsqrt_()
 
 
 class _RMSNormFn(torch.autograd.Function):
@@ -249,6 +261,7 @@ class RotaryEmbedding(nn.Module):
         self.scaling_type, self.scaling_factor = scaling["type"], scaling["factor"]
         self.register_buffer("inv_freq", self._inv_freq(self.base), persistent=False)
         self._cache: dict[tuple, torch.Tensor] = {}
+        self._conj: dict[tuple, torch.Tensor] = {}
 
     def _inv_freq(self, base: float, device: torch.device | None = None) -> torch.Tensor:
         # (D/2,) in fp32, as InternLM2: 1 / base^(2i/D)
@@ -285,8 +298,17 @@ class RotaryEmbedding(nn.Module):
             table = cis.repeat(1, self.rotated_heads)  # (T, (H + KV) * D/2)
             if len(self._cache) >= 8:  # a handful of lengths at most (train, eval, generation)
                 self._cache.clear()
+                self._conj.clear()
             self._cache[key] = table
         return table
+
+    def conjugate(self, table: torch.Tensor) -> torch.Tensor:
+        """The conjugate of a complex table from forward (rotation by -angle: RoPE's backward), cached with it."""
+        key = (table.shape[0], table.device)
+        conj = self._conj.get(key)
+        if conj is None or self._cache.get(key) is not table:
+            conj = self._conj[key] = torch.conj_physical(table)
+        return conj
 
 
 def qkv_compute_order(n_head: int, n_kv: int, head_dim: int) -> torch.Tensor:
@@ -333,47 +355,33 @@ class Attention(nn.Module):
         self.wo = Linear(self.n_head * self.head_dim, config.hidden_size, bias=config.bias)
         order = qkv_compute_order(self.n_head, self.n_kv, self.head_dim)
         self.register_buffer("qkv_order", order, persistent=False)
-        self._pool = _BufferPool()  # _AttentionInputFn's buffers
+        self.register_buffer("qkv_inverse", torch.argsort(order), persistent=False)  # compute row -> HF row
 
-    def forward(self, x: torch.Tensor, rope: torch.Tensor, norm: RMSNorm | None = None) -> torch.Tensor:
-        """attention(x), or with `norm` the pre-norm residual block x + attention(norm(x)): (B, T, C)
-        -> (B, T, C). In fp32 on CPU (outside autocast and torch.compile, no biases) the block's
-        norm, input projection and RoPE run as _AttentionInputFn and the residual add is the
-        output addmm."""
+    def forward(self, x: torch.Tensor, rope: torch.Tensor) -> torch.Tensor:
+        """attention(x): (B, T, C) -> (B, T, C) (in fp32 on CPU the whole layer runs as _DecoderLayerFn)."""
         B, T, C = x.shape
         H, KV, D = self.n_head, self.n_kv, self.head_dim
-        if (norm is not None and self.wqkv.bias is None and self.wo.bias is None and rope.is_complex()
-                and _fp32_cpu(x, norm.weight, self.wqkv.weight, self.wo.weight)):
-            wqkv = self.wqkv.weight
-            q, k, v, x = _AttentionInputFn.apply(x, norm.weight, norm.eps, wqkv, self.qkv_order, rope, (H, KV, D),
-                                                 self._pool, _graph_kept(x, norm.weight, wqkv))
-            y = self._attend(q, k, v)  # (B, T, H*D)
-            # x + y wo^T as one addmm: no separate (B, T, C) product to allocate and add
-            return torch.addmm(x.reshape(-1, C), y.view(-1, H * D), self.wo.weight.t()).view(B, T, C)
         # the weight rows gathered into compute order (a (H+2KV)*D x C copy; its backward scatters)
         w = self.wqkv.weight.index_select(0, self.qkv_order)
         b = None if self.wqkv.bias is None else self.wqkv.bias.index_select(0, self.qkv_order)
-        qkv = F.linear(x if norm is None else norm(x), w, b)  # (B, T, (H + 2KV) * D)
+        qkv = F.linear(x, w, b)  # (B, T, (H + 2KV) * D)
         # qkv = [q | k | v], RoPE pairs adjacent
         qk, v = qkv.split(((H + KV) * D, KV * D), dim=-1)
         # RoPE on q and k at once, in fp32: (B, T, (H+KV)*D/2) complex * (T, (H+KV)*D/2)
         qk = apply_rope(qk.float().unflatten(-1, (-1, 2)), rope)  # (B, T, (H+KV)*D/2, 2): pairs (re, im)
         q, k = qk.to(qkv.dtype).view(B, T, H + KV, D).split((H, KV), dim=2)
-        y = self._attend(q, k, v.view(B, T, KV, D))
-        if norm is None:
-            return self.wo(y)  # (B, T, C)
-        return x + self.wo(y)
+        y = _attend(q.transpose(1, 2), k.transpose(1, 2), v.view(B, T, KV, D).transpose(1, 2))
+        return self.wo(y.transpose(1, 2).reshape(B, T, H * D))  # (B, T, C)
 
-    def _attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-        """Causal attention of q (B, T, H, D) over k, v (B, T, KV, D): (B, T, H*D)."""
-        B, T, H, D = q.shape
-        # SDPA wants (B, heads, T, D): transposed views suit the CPU flash kernel, which lays its
-        # output out as (B, T, H, D). enable_gqa lets each kv head serve its G query heads without
-        # materialising repeated k/v (measured faster on CPU than repeat_interleave).
-        y = F.scaled_dot_product_attention(
-            q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), is_causal=True, enable_gqa=H != k.shape[2]
-        )
-        return y.transpose(1, 2).reshape(B, T, H * D)
+
+def _attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    """Causal attention of q (B, H, T, D) over k, v (B, KV, T, D): (B, H, T, D).
+
+    The inputs are transposed views of (B, T, heads, D) memory, which suits the CPU flash kernel
+    (it lays its output out as (B, T, H, D), so the transpose back is free). enable_gqa lets each
+    kv head serve its G query heads without materialising repeated k/v (measured faster on CPU
+    than repeat_interleave)."""
+    return F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=q.shape[1] != k.shape[1])
 
 
 def _fp32_cpu(x: torch.Tensor, *weights: torch.Tensor) -> bool:
@@ -431,8 +439,8 @@ def _xhat_backward_(gxhat: torch.Tensor, xhat: torch.Tensor, rstd: torch.Tensor,
     """The gradient of x from that of xhat (N, C), in place in gxhat; `tmp` (N, C) is scratch:
     dx = rstd * (gxhat - xhat * mean(gxhat * xhat)). Two-operand passes only: a ternary op with a
     broadcast (N, 1) operand (addcmul) takes ATen's slow non-vectorised path on CPU."""
-    m = torch.mul(gxhat, xhat, out=tmp).sum(-1, keepdim=True).div_(xhat.shape[-1])  # (N, 1)
-    return gxhat.sub_(torch.mul(xhat, m, out=tmp)).mul_(rstd)
+    m = torch.mul(gxhat, xhat, out=tmp).sum(-1, keepdim=True)  # (N, 1): C * mean(gxhat * xhat)
+    return gxhat.sub_(torch.mul(xhat, m, out=tmp), alpha=1.0 / xhat.shape[-1]).mul_(rstd)
 
 
 def _folded(w: torch.Tensor, norm_w: torch.Tensor) -> torch.Tensor:
@@ -484,130 +492,123 @@ class _NormLinearFn(torch.autograd.Function):
         return gx.view(*g.shape[:-1], xhat.shape[-1]), gnorm_w, None, gw, None, None
 
 
-class _AttentionInputFn(torch.autograd.Function):
-    """q, k, v of a pre-norm attention block on CPU: RMSNorm(x) * norm_w, the wqkv projection (rows
-    gathered into compute order, see qkv_compute_order) and RoPE on q and k, as one Function.
+class _DecoderLayerFn(torch.autograd.Function):
+    """A whole pre-norm decoder layer in fp32 on CPU, by hand, as one autograd Function:
 
-    Returns q (B, T, H, D), k and v (B, T, KV, D), views of one (N, (H + 2KV) * D) buffer kept
-    across steps (see _BufferPool) in which RoPE is applied in place, and x itself, passed
-    through, so that the backward also receives the residual path's gradient and adds it in place.
-    The backward writes the gradients of q and k, rotated back, and of v straight into one pooled
-    buffer: autograd's version allocates the RoPE product, its gradient and two concatenations
-    per step, and sums the residual and norm gradients into a fresh tensor. The norm weight is
-    folded into the projection (_folded). Backward only once: the buffers are reused by it.
+        h = x + wo(attention(rope(wqkv(RMSNorm(x) * attention_norm_w))))
+        out = h + w2(silu(w1 n) * w3 n),   n = RMSNorm(h) * ffn_norm_w
+
+    One node per layer in autograd's graph instead of about fifteen (the views, transposes and
+    addmm around attention, two Functions, their residual branches): on the tiny default model the
+    per-op and per-node overhead of Python and autograd, not arithmetic, is what separated the
+    step from the kernels it runs. Attention itself stays `F.scaled_dot_product_attention` on
+    views of q, k and v made leaves of a graph local to this layer; the backward asks autograd
+    for their gradients (torch.autograd.grad on that small graph).
+
+    - Norms: statistics in fp32, the weight folded into the matrix after it (_folded), the
+      backward in place in the gradient of xhat (_xhat_backward_).
+    - Attention input: wqkv's rows gathered into compute order ([q | k | v], RoPE pairs side by
+      side, see qkv_compute_order) and RoPE applied in place as one complex multiply; q, k, v are
+      views of that one buffer, and their gradients, rotated back, are written into it.
+    - SwiGLU: sigmoid(a) is kept from the forward (the one expensive elementwise kernel); every
+      gradient is computed in the forward's buffers.
+    - Residual adds are the output projections' addmm's; the residual gradients are added in place.
+
+    Activations live in buffers of the layer's pool (_BufferPool) from the forward to the end of
+    the backward. Backward only once: the buffers are overwritten by it.
     """
 
     @staticmethod
-    def forward(ctx, x, norm_w, eps: float, wqkv, order, rope, heads: tuple[int, int, int],
-                pool: _BufferPool, keep: bool):
+    def forward(ctx, x, attn_norm_w, wqkv, wo, ffn_norm_w, w1, w3, w2, layer: "DecoderLayer",
+                ropes: tuple[torch.Tensor, torch.Tensor], keep: bool):
         B, T, C = x.shape
-        H, KV, D = heads
+        rope = ropes[0]  # and ropes[1], its conjugate (the backward's rotation by -angle)
+        attention, pool = layer.attention, layer._pool
+        H, KV, D = attention.n_head, attention.n_kv, attention.head_dim
         x2 = x.reshape(-1, C)  # (N, C)
-        N, R = x2.shape[0], (H + 2 * KV) * D
-        xhat, rstd = _xhat_into(x2, eps, pool.take((N, C), x2))
-        w = wqkv.index_select(0, order)  # (R, C) rows in compute order: [q | k | v], RoPE pairs adjacent
-        wf = _folded(w, norm_w)
-        qkv = torch.mm(xhat, wf.t(), out=pool.take((N, R), x2) if keep else None).view(B, T, R)
-        # RoPE in place on q and k: (B, T, (H+KV)*D/2) complex * (T, (H+KV)*D/2)
-        torch.view_as_complex(qkv[..., :(H + KV) * D].unflatten(-1, (-1, 2))).mul_(rope)
-        q, k, v = qkv.view(B, T, H + 2 * KV, D).split((H, KV, KV), dim=2)
-        if keep:
-            ctx.save_for_backward(rstd, norm_w, w, wf, order, rope)
-            ctx.buffers, ctx.pool, ctx.heads = (xhat, qkv), pool, heads
-        else:
-            pool.give(xhat)
-        return q, k, v, x
-
-    @staticmethod
-    @torch.autograd.function.once_differentiable
-    def backward(ctx, gq, gk, gv, gx_residual):
-        if ctx.buffers is None:
-            raise RuntimeError("attention's CPU input backward ran twice (retain_graph): its buffers are gone")
-        rstd, norm_w, w, wf, order, rope = ctx.saved_tensors
-        (xhat, qkv), pool = ctx.buffers, ctx.pool
-        ctx.buffers = None
-        H, KV, D = ctx.heads
-        B, T = gq.shape[:2]
-        N, C = xhat.shape
-        # the gradient of [q | k | v] before RoPE, in the forward's q/k/v buffer (free now: SDPA's
-        # backward, the only reader of q, k and v, has run)
-        g4 = qkv.view(B, T, H + 2 * KV, D)
-        rope_back = torch.conj_physical(rope).view(T, H + KV, D // 2)  # rotation by -angle
-        for grad, heads in ((gq, slice(0, H)), (gk, slice(H, H + KV))):
-            if grad.stride(-1) != 1:
-                grad = grad.contiguous()
-            torch.mul(torch.view_as_complex(grad.unflatten(-1, (-1, 2))), rope_back[:, heads],
-                      out=torch.view_as_complex(g4[:, :, heads].unflatten(-1, (-1, 2))))
-        g4[:, :, H + KV:].copy_(gv)
-        g2 = qkv.view(N, -1)  # (N, R)
-        gw, gnorm_w = _unfold_grads(torch.mm(g2.t(), xhat), w, norm_w)  # (R, C) in compute order, (C,)
-        gwqkv = torch.empty_like(gw).index_copy_(0, order, gw)  # back to HF's row order
-        tmp = pool.take((N, C), xhat)
-        gx = _xhat_backward_(torch.mm(g2, wf), xhat, rstd, tmp)  # (N, C), a fresh tensor
-        gx.add_(gx_residual.reshape(N, C))  # norm path + residual path
-        pool.give(xhat, qkv, tmp)
-        return gx.view(B, T, C), gnorm_w, None, gwqkv, None, None, None, None, None
-
-
-class _NormSwiGLUFn(torch.autograd.Function):
-    """x + w2(silu(w1 n) * w3 n), n = RMSNorm(x) * norm_w: a pre-norm SwiGLU block on CPU, by hand.
-
-    The (N, F) intermediates a = w1 n, b = w3 n, sigmoid(a), h = silu(a) * b and the (N, C)
-    xhat = RMSNorm(x) without its weight live in buffers of a per-module pool (see _BufferPool)
-    from the forward to the end of the backward, which computes every gradient in those buffers
-    plus one more pooled (N, C) temporary. Autograd's version of the block allocates eight fresh
-    (N, F) tensors per step (three matmul outputs, silu, mul; silu_backward, two muls) and five
-    (N, C) ones. The norm weight is folded into w1 and w3 (_folded), the residual add is the
-    output matmul's addmm, and the gradients of the residual and the norm path are summed in one
-    pass. Elementwise work is two-operand in-place passes (vectorised ATen kernels on CPU).
-    Backward only once: the buffers are overwritten by it.
-    """
-
-    @staticmethod
-    def forward(ctx, x, norm_w, eps: float, w1, w3, w2, pool: _BufferPool, keep: bool):
-        C, Fd = x.shape[-1], w1.shape[0]
-        x2 = x.reshape(-1, C)  # (N, C)
-        N = x2.shape[0]
-        xhat, rstd = _xhat_into(x2, eps, pool.take((N, C), x2))  # (N, C), (N, 1)
-        w1f, w3f = _folded(w1, norm_w), _folded(w3, norm_w)  # (F, C)
-        a = torch.mm(xhat, w1f.t(), out=pool.take((N, Fd), x2))  # (N, F) gate
-        b = torch.mm(xhat, w3f.t(), out=pool.take((N, Fd), x2))  # (N, F) up
+        N, Fd = x2.shape[0], w1.shape[0]
+        # attention input: RMSNorm (weight folded), projection in compute order, RoPE in place
+        xhat1, rstd1 = _xhat_into(x2, layer.attention_norm.eps, pool.take((N, C), x2))
+        w = wqkv.index_select(0, attention.qkv_order)  # (R, C) rows in compute order
+        wf = _folded(w, attn_norm_w)
+        qkv = torch.mm(xhat1, wf.t(), out=pool.take((N, (H + 2 * KV) * D), x2))  # (N, R)
+        # (B, T, (H+KV)*D/2) complex * (T, (H+KV)*D/2)
+        torch.view_as_complex(qkv.view(B, T, -1)[..., :(H + KV) * D].unflatten(-1, (-1, 2))).mul_(rope)
+        q, k, v = qkv.view(B, T, H + 2 * KV, D).transpose(1, 2).split((H, KV, KV), dim=1)  # (B, heads, T, D)
+        if keep:  # leaves of a graph that holds only SDPA
+            q, k, v = q.detach().requires_grad_(), k.detach().requires_grad_(), v.detach().requires_grad_()
+        with torch.set_grad_enabled(keep):
+            y = _attend(q, k, v)  # (B, H, T, D) over (B, T, H, D) memory
+        y2 = y.detach().transpose(1, 2).reshape(N, H * D)  # a view
+        h1 = torch.addmm(x2, y2, wo.t(), out=pool.take((N, C), x2))  # x + attention
+        # SwiGLU block
+        xhat2, rstd2 = _xhat_into(h1, layer.ffn_norm.eps, pool.take((N, C), x2))
+        w1f, w3f = _folded(w1, ffn_norm_w), _folded(w3, ffn_norm_w)  # (F, C)
+        a = torch.mm(xhat2, w1f.t(), out=pool.take((N, Fd), x2))  # (N, F) gate
+        b = torch.mm(xhat2, w3f.t(), out=pool.take((N, Fd), x2))  # (N, F) up
         # silu(a) = a * sigmoid(a), with sigmoid(a) kept for the backward: sigmoid is the one
         # expensive elementwise kernel here (an exp per element), so it runs once per step
-        sig = torch.sigmoid(a, out=pool.take((N, Fd), x2))  # (N, F)
+        sig = torch.sigmoid(a, out=pool.take((N, Fd), x2))
         s = a.mul_(sig)  # silu(a), in a's buffer
-        h = torch.mul(s, b, out=pool.take((N, Fd), x2))  # (N, F)
-        y = torch.addmm(x2, h, w2.t()).view(x.shape)  # x + h w2^T: (B, T, C)
+        h = torch.mul(s, b, out=pool.take((N, Fd), x2))
+        out = torch.addmm(h1, h, w2.t())  # h1 + h w2^T: the layer's output, a fresh tensor
+        pool.give(h1)
         if keep:
-            ctx.save_for_backward(rstd, norm_w, w1, w3, w2, w1f, w3f)
-            ctx.buffers, ctx.pool = (xhat, s, b, h, sig), pool
+            ctx.save_for_backward(rstd1, attn_norm_w, w, wf, wo, rstd2, ffn_norm_w, w1, w3, w2, w1f, w3f)
+            ctx.buffers = (xhat1, qkv, xhat2, s, b, h, sig)
+            ctx.sdpa, ctx.layer, ctx.rope_back = (y, q, k, v, y2), layer, ropes[1]
         else:
-            pool.give(xhat, s, b, h, sig)
-        return y
+            pool.give(xhat1, qkv, xhat2, s, b, h, sig)
+        return out.view(B, T, C)
 
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx, g):
         if ctx.buffers is None:
-            raise RuntimeError("FeedForward's CPU backward ran twice (retain_graph): its buffers are gone")
-        rstd, norm_w, w1, w3, w2, w1f, w3f = ctx.saved_tensors
-        (xhat, s, b, h, sig), pool = ctx.buffers, ctx.pool
-        ctx.buffers = None
-        C = xhat.shape[-1]
-        g2 = g.reshape(-1, C)  # (N, C)
+            raise RuntimeError("a decoder layer's CPU backward ran twice (retain_graph): its buffers are gone")
+        rstd1, attn_norm_w, w, wf, wo, rstd2, ffn_norm_w, w1, w3, w2, w1f, w3f = ctx.saved_tensors
+        xhat1, qkv, xhat2, s, b, h, sig = ctx.buffers
+        y, q, k, v, y2 = ctx.sdpa
+        layer = ctx.layer
+        ctx.buffers = ctx.sdpa = None
+        pool, attention = layer._pool, layer.attention
+        H, KV, D = attention.n_head, attention.n_kv, attention.head_dim
+        B, T, C = g.shape
+        N = B * T
+        g2 = g.reshape(N, C)
+        # SwiGLU block, in its forward's buffers
         gw2 = torch.mm(g2.t(), h)  # (C, F); h is free after this
         gh = torch.mm(g2, w2, out=h)  # (N, F) grad of h, in h's buffer
         gs = b.mul_(gh)  # b * gh: the grad of silu(a), in b's buffer
         gb = gh.mul_(s)  # grad of b = gh * silu(a), in h's buffer
         ds = s.addcmul_(s, sig, value=-1.0).add_(sig)  # silu'(a) = sig + silu(a) * (1 - sig), in a's buffer
         ga = gs.mul_(ds)  # grad of a, in b's buffer
-        gw1, gnw1 = _unfold_grads(torch.mm(ga.t(), xhat), w1, norm_w)
-        gw3, gnw3 = _unfold_grads(torch.mm(gb.t(), xhat), w3, norm_w)
-        gxhat = torch.mm(ga, w1f).addmm_(gb, w3f)  # (N, C) grad of xhat: the fresh tensor returned
-        tmp = pool.take(tuple(xhat.shape), xhat)
-        gx = _xhat_backward_(gxhat, xhat, rstd, tmp).add_(g2)  # norm path + residual path
-        pool.give(xhat, s, b, h, sig, tmp)
-        return gx.view(g.shape), gnw1.add_(gnw3), None, gw1, gw3, gw2, None, None
+        gw1, gnw1 = _unfold_grads(torch.mm(ga.t(), xhat2), w1, ffn_norm_w)
+        gw3, gnw3 = _unfold_grads(torch.mm(gb.t(), xhat2), w3, ffn_norm_w)
+        gxhat2 = torch.mm(ga, w1f).addmm_(gb, w3f)  # (N, C) grad of xhat2, a fresh tensor
+        tmp = pool.take((N, C), xhat2)
+        gh1 = _xhat_backward_(gxhat2, xhat2, rstd2, tmp).add_(g2)  # grad of h1: norm path + residual
+        # output projection and attention
+        gwo = torch.mm(gh1.t(), y2)  # (C, H*D)
+        gy = torch.mm(gh1, wo).view(B, T, H, D).transpose(1, 2)  # (B, H, T, D)
+        gq, gk, gv = torch.autograd.grad(y, (q, k, v), gy)  # (B, heads, T, D)
+        # the gradient of [q | k | v] before RoPE, in the forward's q/k/v buffer (free now: SDPA's
+        # backward, the only reader of q, k and v, has run)
+        g4 = qkv.view(B, T, H + 2 * KV, D)
+        rope_back = ctx.rope_back.view(T, H + KV, D // 2)  # rotation by -angle
+        for grad, heads in ((gq, slice(0, H)), (gk, slice(H, H + KV))):
+            grad = grad.transpose(1, 2)  # (B, T, heads, D)
+            if grad.stride(-1) != 1:
+                grad = grad.contiguous()
+            torch.mul(torch.view_as_complex(grad.unflatten(-1, (-1, 2))), rope_back[:, heads],
+                      out=torch.view_as_complex(g4[:, :, heads].unflatten(-1, (-1, 2))))
+        g4[:, :, H + KV:].copy_(gv.transpose(1, 2))
+        gqkv = qkv.view(N, -1)  # (N, R)
+        gw, gattn_norm_w = _unfold_grads(torch.mm(gqkv.t(), xhat1), w, attn_norm_w)  # in compute order
+        gwqkv = gw.index_select(0, attention.qkv_inverse)  # back to HF's row order
+        gx = _xhat_backward_(torch.mm(gqkv, wf), xhat1, rstd1, tmp).add_(gh1)  # norm path + residual
+        pool.give(xhat1, qkv, xhat2, s, b, h, sig, tmp)
+        return gx.view(B, T, C), gattn_norm_w, gwqkv, gwo, gnw1.add_(gnw3), gw1, gw3, gw2, None, None, None
 
 
 class FeedForward(nn.Module):
@@ -622,25 +623,16 @@ class FeedForward(nn.Module):
         self.w1 = Linear(C, Fd)  # gate
         self.w3 = Linear(C, Fd)  # up
         self.w2 = Linear(Fd, C)  # down
-        self._pool = _BufferPool()  # _NormSwiGLUFn's buffers
 
-    def forward(self, x: torch.Tensor, norm: RMSNorm | None = None) -> torch.Tensor:
-        """ffn(x), or with `norm` the pre-norm residual block x + ffn(norm(x)): (B, T, C) -> (B, T, C).
-
-        The block runs as _NormSwiGLUFn in fp32 on CPU outside autocast and torch.compile. On the
-        benchmark models (bench/trainer_speed.py, 1 thread) that made the whole training step 4%
-        (tiny) and 5-7% (h256, L4) faster than autograd's SwiGLU after RMSNorm."""
-        if norm is None:
-            return self.w2(F.silu(self.w1(x)) * self.w3(x))  # (B, T, C) -> (B, T, F) -> (B, T, C)
-        weights = (norm.weight, self.w1.weight, self.w3.weight, self.w2.weight)
-        if _fp32_cpu(x, *weights):
-            return _NormSwiGLUFn.apply(x, weights[0], norm.eps, *weights[1:], self._pool, _graph_kept(x, *weights))
-        n = norm(x)
-        return x + self.w2(F.silu(self.w1(n)) * self.w3(n))
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.w2(F.silu(self.w1(x)) * self.w3(x))  # (B, T, C) -> (B, T, F) -> (B, T, C)
 
 
 class DecoderLayer(nn.Module):
-    """Pre-norm block: x + attn(norm(x)), then x + ffn(norm(x))."""
+    """Pre-norm block: x + attn(norm(x)), then x + ffn(norm(x)).
+
+    In fp32 on CPU, outside autocast and torch.compile and without biases, the layer runs as
+    _DecoderLayerFn (see InternLM2Model.unnormed); otherwise as these modules."""
 
     def __init__(self, config: InternLM2Config) -> None:
         super().__init__()
@@ -648,10 +640,19 @@ class DecoderLayer(nn.Module):
         self.attention = Attention(config)
         self.ffn_norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.feed_forward = FeedForward(config)
+        self._pool = _BufferPool()  # _DecoderLayerFn's buffers
 
     def forward(self, x: torch.Tensor, rope: torch.Tensor) -> torch.Tensor:
-        x = self.attention(x, rope, norm=self.attention_norm)  # x + attn(norm(x))
-        return self.feed_forward(x, norm=self.ffn_norm)  # x + ffn(norm(x))
+        x = x + self.attention(self.attention_norm(x), rope)
+        return x + self.feed_forward(self.ffn_norm(x))
+
+    def fused_weights(self) -> tuple[torch.Tensor, ...] | None:
+        """The parameters _DecoderLayerFn takes, in its order; None when it does not apply (biases)."""
+        attention, ffn = self.attention, self.feed_forward
+        if attention.wqkv.bias is not None or attention.wo.bias is not None:
+            return None
+        return (self.attention_norm.weight, attention.wqkv.weight, attention.wo.weight, self.ffn_norm.weight,
+                ffn.w1.weight, ffn.w3.weight, ffn.w2.weight)
 
 
 class InternLM2Model(nn.Module):
@@ -672,8 +673,15 @@ class InternLM2Model(nn.Module):
         """The last layer's output before the final norm: (B, T) -> (B, T, C)."""
         x = self.tok_embeddings(input_ids)  # (B, T, C)
         rope = self.rotary_emb(input_ids.shape[1], x.device)  # (T, (H + KV) * D/2) complex
+        ropes = None
         for layer in self.layers:
-            x = layer(x, rope)
+            weights = layer.fused_weights()
+            if weights is not None and rope.is_complex() and _fp32_cpu(x, *weights):
+                if ropes is None:
+                    ropes = (rope, self.rotary_emb.conjugate(rope))
+                x = _DecoderLayerFn.apply(x, *weights, layer, ropes, _graph_kept(x, *weights))
+            else:
+                x = layer(x, rope)
         return x
 
 

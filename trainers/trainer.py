@@ -114,21 +114,65 @@ def lr_at(cfg: TrainConfig, step: int) -> float:
     return cfg.lr * (cfg.min_lr_ratio + (1.0 - cfg.min_lr_ratio) * 0.5 * (1.0 + math.cos(math.pi * progress)))
 
 
-def make_optimizer(model: torch.nn.Module, cfg: TrainConfig, lr: float) -> torch.optim.AdamW:
+class FusedAdamW(torch.optim.AdamW):
+    """torch's fused AdamW (``fused=True``: one kernel per parameter group) with a leaner step.
+
+    ``torch.optim.AdamW.step`` walks every parameter in Python at each step (state checks, five
+    lists, a grouping by device and dtype, the functional dispatch) before its one kernel: about
+    half of the optimizer's time on the tiny default model (measured 0.20 -> 0.10 ms per step,
+    1 thread). This step builds the lists directly and calls the same two kernels torch's fused
+    path calls (``_foreach_add_`` on the step counters, then ``_fused_adamw_``), with the state
+    made lazily as torch makes it (step: a float32 0-dim tensor on the parameter's device), so
+    the updates, the state and the state_dict are torch's, bit for bit (tested). AMSGrad,
+    maximize, capturable and differentiable are not offered.
+    """
+
+    def __init__(self, params, lr: float, betas: tuple[float, float], eps: float, weight_decay: float = 0.0):
+        super().__init__(params, lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, fused=True)
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        for group in self.param_groups:
+            params = [p for p in group["params"] if p.grad is not None]
+            if not params:
+                continue
+            avgs, sqs, steps = [], [], []
+            for p in params:
+                state = self.state[p]
+                if not state:
+                    state["step"] = torch.zeros((), dtype=torch.float32, device=p.device)
+                    state["exp_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+                    state["exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+                avgs.append(state["exp_avg"])
+                sqs.append(state["exp_avg_sq"])
+                steps.append(state["step"])
+            beta1, beta2 = group["betas"]
+            torch._foreach_add_(steps, 1)
+            torch._fused_adamw_(params, [p.grad for p in params], avgs, sqs, [], steps, amsgrad=False,
+                                lr=group["lr"], beta1=beta1, beta2=beta2, weight_decay=group["weight_decay"],
+                                eps=group["eps"], maximize=False)
+        return loss
+
+
+def make_optimizer(model: torch.nn.Module, cfg: TrainConfig, lr: float) -> FusedAdamW:
     """The AdamW every member trains with (bench/trainer_speed.py times this same optimizer).
 
     Two parameter groups, in this order: decoupled weight decay on matrices (dim >= 2:
-    projections, embeddings), none on norms and biases. ``fused=True`` runs the whole update of
-    each parameter as one kernel (torch's CPU fused AdamW); the default for-each path replays
+    projections, embeddings), none on norms and biases. Fused (FusedAdamW): the whole update of
+    each group is one kernel (torch's CPU fused AdamW); torch's default for-each path replays
     ~10 elementwise ops per parameter on CPU: 0.50 -> 0.16 ms per step on the tiny default model,
     12.2 -> 2.1 ms on a 2.9M-parameter one (1 thread). State per parameter (exp_avg, exp_avg_sq,
     step) and the state_dict layout are the same as the for-each optimizer's.
     """
     decay = [p for p in model.parameters() if p.dim() >= 2]
     no_decay = [p for p in model.parameters() if p.dim() < 2]
-    return torch.optim.AdamW([{"params": decay, "weight_decay": cfg.weight_decay},
-                              {"params": no_decay, "weight_decay": 0.0}],
-                             lr=lr, betas=(cfg.beta1, cfg.beta2), eps=cfg.eps, fused=True)
+    return FusedAdamW([{"params": decay, "weight_decay": cfg.weight_decay},
+                       {"params": no_decay, "weight_decay": 0.0}],
+                      lr=lr, betas=(cfg.beta1, cfg.beta2), eps=cfg.eps)
 
 
 class NonFiniteLossError(RuntimeError):

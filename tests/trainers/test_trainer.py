@@ -1,6 +1,7 @@
 """trainers/trainer.py: exact resume, hot-swapped hyperparameters, learning, failures."""
 from __future__ import annotations
 
+import copy
 import math
 import pickle
 from dataclasses import replace
@@ -12,7 +13,7 @@ import torch.nn.functional as F
 
 from trainers.data import DataConfig, load_corpus
 from trainers.model import ConfigError, InternLM2Config
-from trainers.trainer import HPARAMS, NonFiniteLossError, Trainer, TrainConfig, lr_at
+from trainers.trainer import HPARAMS, FusedAdamW, NonFiniteLossError, Trainer, TrainConfig, lr_at
 
 
 def _train_cfg(**kw) -> TrainConfig:
@@ -73,6 +74,49 @@ def test_lr_schedule():
 
 
 # ----------------------------------------------------------------------------- exact resume
+
+def test_fused_adamw_steps_equal_torch_fused_adamw_bit_for_bit():
+    """FusedAdamW's lean step against torch.optim.AdamW(fused=True): two groups (decay / none), a
+    parameter without a gradient on some steps, lr and betas changed between steps; the weights,
+    the moments and the state_dicts must be identical, and a state_dict loads across the two."""
+    g = torch.Generator().manual_seed(0)
+    shapes = [(6, 5), (5,), (3, 4, 2), (7,)]
+    base = [torch.randn(s, generator=g) for s in shapes]
+    grads = [[torch.randn(s, generator=g) for s in shapes] for _ in range(5)]
+
+    def run(make):
+        params = [torch.nn.Parameter(t.clone()) for t in base]
+        opt = make([{"params": params[:3:2], "weight_decay": 0.1}, {"params": params[1::2], "weight_decay": 0.0}])
+        for i, step_grads in enumerate(grads):
+            for j, (p, gr) in enumerate(zip(params, step_grads)):
+                p.grad = None if (i == 2 and j == 3) else gr.clone()
+            for group in opt.param_groups:
+                group["lr"] = 1e-2 / (i + 1)
+                group["betas"] = (0.9, 0.95) if i < 3 else (0.8, 0.99)
+            opt.step()
+        return params, opt
+
+    ours, ours_opt = run(lambda groups: FusedAdamW(groups, lr=1e-2, betas=(0.9, 0.95), eps=1e-8))
+    ref, ref_opt = run(lambda groups: torch.optim.AdamW(groups, lr=1e-2, betas=(0.9, 0.95), eps=1e-8, fused=True))
+    assert all(torch.equal(a, b) for a, b in zip(ours, ref))
+    assert not torch.equal(ours[0], base[0])
+    mine, theirs = ours_opt.state_dict(), ref_opt.state_dict()
+    assert mine["param_groups"] == theirs["param_groups"]
+    assert mine["state"].keys() == theirs["state"].keys() == {0, 1, 2, 3}
+    for index, state in theirs["state"].items():
+        assert state.keys() == mine["state"][index].keys()
+        for key, value in state.items():
+            assert value.dtype == mine["state"][index][key].dtype and torch.equal(value, mine["state"][index][key])
+    assert float(mine["state"][3]["step"]) == 4.0 and float(mine["state"][0]["step"]) == 5.0
+    # interchangeable: one more step from the same (copied: loading keeps the tensors) state is the same update
+    ours_opt.load_state_dict(copy.deepcopy(theirs))
+    ref_opt.load_state_dict(copy.deepcopy(theirs))
+    for p, q in zip(ours, ref):
+        p.grad, q.grad = torch.ones_like(p), torch.ones_like(q)
+    ours_opt.step()
+    ref_opt.step()
+    assert all(torch.equal(a, b) for a, b in zip(ours, ref))
+
 
 def test_checkpoint_round_trip_is_bit_exact(tmp_path, small_data, tiny_model):
     whole = Trainer(tiny_model, _train_cfg(), small_data)
