@@ -534,12 +534,11 @@ class _DecoderLayerFn(torch.autograd.Function):
         qkv = torch.mm(xhat1, wf.t(), out=pool.take((N, (H + 2 * KV) * D), x2))  # (N, R)
         # (B, T, (H+KV)*D/2) complex * (T, (H+KV)*D/2)
         torch.view_as_complex(qkv.view(B, T, -1)[..., :(H + KV) * D].unflatten(-1, (-1, 2))).mul_(rope)
-        q, k, v = qkv.view(B, T, H + 2 * KV, D).transpose(1, 2).split((H, KV, KV), dim=1)  # (B, heads, T, D)
-        if keep:  # leaves of a graph that holds only SDPA
-            q, k, v = q.detach().requires_grad_(), k.detach().requires_grad_(), v.detach().requires_grad_()
-        with torch.set_grad_enabled(keep):
+        with torch.set_grad_enabled(keep):  # a graph local to the layer: the qkv leaf, its views, SDPA
+            q, k, v = (qkv.detach().requires_grad_() if keep else qkv).view(B, T, H + 2 * KV, D).transpose(1, 2).split(
+                (H, KV, KV), dim=1)  # (B, heads, T, D)
             y = _attend(q, k, v)  # (B, H, T, D) over (B, T, H, D) memory
-        y2 = y.detach().transpose(1, 2).reshape(N, H * D)  # a view
+        y2 = y.transpose(1, 2).reshape(N, H * D)  # a view (no graph: grad mode is off again)
         h1 = torch.addmm(x2, y2, wo.t(), out=pool.take((N, C), x2))  # x + attention
         # SwiGLU block
         xhat2, rstd2 = _xhat_into(h1, layer.ffn_norm.eps, pool.take((N, C), x2))
