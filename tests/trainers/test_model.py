@@ -62,7 +62,7 @@ def test_logits_match_transformers_llama(tmp_path, heads, kv):
     assert (ours - theirs).abs().max().item() <= 1e-4
 
 
-@pytest.mark.parametrize("bias", [True, False])  # without biases attention's input is _AttentionInputFn
+@pytest.mark.parametrize("bias", [True, False])  # without biases each layer is _DecoderLayerFn
 def test_gradients_match_transformers_llama(tmp_path, bias):
     """The hand-written backwards (RMSNorm, RoPE through the complex product) against autograd's."""
     config = tiny(num_attention_heads=8, num_key_value_heads=2, bias=bias)
@@ -109,8 +109,8 @@ def test_real_rope_used_under_torch_compile_equals_the_complex_one(monkeypatch, 
 
 @pytest.mark.parametrize("heads,kv", [(4, 2), (4, 4), (8, 2), (4, 1)])
 def test_fused_cpu_functions_equal_the_plain_modules(monkeypatch, heads, kv):
-    """In fp32 on CPU the model runs hand-written autograd Functions (_AttentionInputFn,
-    _NormSwiGLUFn, _NormLinearFn) in pooled buffers; they must give the plain modules' logits and
+    """In fp32 on CPU the model runs hand-written autograd Functions (_DecoderLayerFn per layer,
+    _NormLinearFn) in pooled buffers; they must give the plain modules' logits and
     gradients (the path autocast, torch.compile and GPUs take), also on a second step that reuses
     the buffers, and the same logits without a graph."""
     import trainers.model
