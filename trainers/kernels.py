@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import ctypes
 import hashlib
+import logging
 import os
 import platform
 import shutil
@@ -195,6 +196,9 @@ def library() -> ctypes.CDLL | None:
             _lib = lib
         except (OSError, RuntimeError, subprocess.SubprocessError) as e:
             _lib, _why_not = None, str(e)
+            if _why_not != "EVO_CPU_KERNELS=0":
+                logging.getLogger(__name__).warning("compiled CPU loops unavailable (%s); the model uses ATen ops",
+                                                    _why_not)
         _tried = True
     return _lib
 

@@ -82,13 +82,16 @@ def test_model_with_kernels_equals_the_aten_path(lib, monkeypatch):
         assert (with_grads[name] - grad).abs().max().item() <= 1e-5 * grad.abs().max().item(), name
 
 
-def test_without_a_compiler_the_model_keeps_aten(monkeypatch, tmp_path):
+def test_without_a_compiler_the_model_keeps_aten(monkeypatch, tmp_path, caplog):
     monkeypatch.setenv("CC", str(tmp_path / "no-such-gcc"))
     monkeypatch.setenv("EVO_CACHE_DIR", str(tmp_path))
     kernels.reset()
     try:
-        assert kernels.library() is None
+        with caplog.at_level("WARNING", logger="trainers.kernels"):
+            assert kernels.library() is None
         assert "no-such-gcc" in kernels.why_not()
+        assert [r.getMessage() for r in caplog.records] == [
+            f"compiled CPU loops unavailable ({kernels.why_not()}); the model uses ATen ops"]
         model = InternLM2ForCausalLM(InternLM2Config())
         logits = model(torch.randint(0, 256, (2, 16)))
         logits.sum().backward()
