@@ -8,7 +8,7 @@ ATen's per-op setup. Here each of those chains is one loop over the data, row by
 norms (a 64-float row stays in L1 between its reduction and its update).
 
 The C++ source below is compiled once per machine with the system's g++ (``-O3 -march=native
--fopenmp``, ~1 s) into ``~/.cache/evo/kernels/`` (``EVO_CACHE_DIR`` moves it) and loaded with
+-fopenmp``, ≈0.2 s here) into ``~/.cache/evo/kernels/`` (``EVO_CACHE_DIR`` moves it) and loaded with
 ctypes; the loops are parallel with OpenMP over the same runtime (``libgomp.so.1``) and thread
 count torch uses. Where there is no compiler, the build fails, or ``EVO_CPU_KERNELS=0``, the model
 keeps its ATen ops (trainers/model.py); both paths are tested against each other.
@@ -162,7 +162,8 @@ def _build(compiler: str) -> Path:
         done = subprocess.run([compiler, *FLAGS, "-x", "c", str(src), "-o", str(out), "-lm"],
                               capture_output=True, text=True, timeout=300)
         if done.returncode != 0:
-            raise RuntimeError(f"{compiler} failed: {done.stderr.strip().splitlines()[-1] if done.stderr else done.returncode}")
+            last = done.stderr.strip().splitlines()[-1] if done.stderr.strip() else f"exit {done.returncode}"
+            raise RuntimeError(f"{compiler} failed: {last}")
         os.replace(out, target)  # atomic: concurrent builders (population members) each write their own
     return target
 

@@ -447,7 +447,7 @@ def _xhat_backward_(gxhat: torch.Tensor, xhat: torch.Tensor, rstd: torch.Tensor,
     given; `tmp` (N, C) is scratch: dx = rstd * (gxhat - xhat * mean(gxhat * xhat)). Without the
     compiled kernels, two-operand passes only: a ternary op with a broadcast (N, 1) operand
     (addcmul) takes ATen's slow non-vectorised path on CPU."""
-    if kernels.usable(gxhat, xhat, rstd, *(() if residual is None else (residual,))):
+    if kernels.usable(gxhat, xhat, rstd) and (residual is None or kernels.usable(residual)):
         kernels.rms_bwd(gxhat, xhat, rstd, residual)  # one pass per row (trainers/kernels.py)
         return gxhat
     m = torch.mul(gxhat, xhat, out=tmp).sum(-1, keepdim=True)  # (N, 1): C * mean(gxhat * xhat)

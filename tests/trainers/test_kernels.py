@@ -61,7 +61,8 @@ def test_rms_kernels_equal_torch(lib, rows, c):
 def test_model_with_kernels_equals_the_aten_path(lib, monkeypatch):
     """The decoder layer and the final norm give the same logits and gradients (to fp32 rounding)
     with the kernels as with ATen's ops; the kernels were called."""
-    model = InternLM2ForCausalLM(InternLM2Config(num_attention_heads=4, num_key_value_heads=2), torch.Generator().manual_seed(3))
+    config = InternLM2Config(num_attention_heads=4, num_key_value_heads=2)
+    model = InternLM2ForCausalLM(config, torch.Generator().manual_seed(3))
     ids = torch.randint(0, 256, (4, 48), generator=torch.Generator().manual_seed(4))
     calls = []
     monkeypatch.setattr(kernels, "rms_bwd", lambda *a, _f=kernels.rms_bwd: (calls.append("rms_bwd"), _f(*a))[1])
