@@ -44,7 +44,7 @@ import yaml
 from evo.space import FloatGene, IntGene, SearchSpace
 from evo.strategy import StrategyConfig
 from population.config import LoggingConfig, PopulationConfig
-from population.driver import SearchSetup
+from population.config import SearchSetup
 from trainers.data import DataConfig
 from trainers.model import InternLM2Config
 from trainers.trainer import TrainConfig

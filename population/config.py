@@ -10,7 +10,14 @@ import dataclasses
 import difflib
 import math
 from dataclasses import dataclass, field
-from typing import Any, Mapping
+from typing import TYPE_CHECKING, Any, Mapping
+
+if TYPE_CHECKING:   # annotations only: SearchSetup holds these, this module imports none of them
+    from evo.space import SearchSpace
+    from evo.strategy import StrategyConfig
+    from trainers.data import DataConfig
+    from trainers.model import InternLM2Config
+    from trainers.trainer import TrainConfig
 
 
 class ConfigError(ValueError):
@@ -174,3 +181,22 @@ class LoggingConfig:
         if "wandb" in d:
             d["wandb"] = WandbConfig.from_dict(d["wandb"] or {}, f"{prefix}.wandb")
         return cls(**d)
+
+
+@dataclass
+class SearchSetup:
+    """Everything the driver needs, built by experiments/ from the YAML (population never
+    imports experiments). It lives here, beside the configs it holds, so that loading a config
+    never imports the driver (or ray)."""
+
+    name: str
+    seed: int
+    storage: str                 # directory or fsspec URI
+    data: DataConfig
+    model: InternLM2Config       # base model (vocab_size already set from the tokenizer)
+    train: TrainConfig           # base hyperparameters
+    space: SearchSpace
+    strategy: StrategyConfig
+    population: PopulationConfig
+    logging: LoggingConfig
+    config: dict                 # the resolved config (config.yaml); compared on resume

@@ -42,7 +42,7 @@ from ray.exceptions import RayActorError, RayTaskError
 from evo.genome import Genome, diff, format_diff
 from evo.space import SearchSpace
 from evo.strategy import Crossover, Exploit, Keep, MemberView, Restart, Snapshot, StrategyConfig, make_strategy
-from population.config import LoggingConfig, PopulationConfig
+from population.config import PopulationConfig, SearchSetup
 from population.channel import Channel, ChannelClosed
 from population.member import Member, split_genome, threads_for
 from population.monitor import Monitor
@@ -62,24 +62,6 @@ RESUMABLE_KEYS = (
 POLL_S = 0.1            # ray.wait timeout: how quickly a signal is noticed
 START_TIMEOUT_S = 600.0  # members that cannot be placed within this are an error, not a hang
 STATE_VERSION = 1
-
-
-@dataclass
-class SearchSetup:
-    """Everything the driver needs, built by experiments/ from the YAML (population never
-    imports experiments)."""
-
-    name: str
-    seed: int
-    storage: str                 # directory or fsspec URI
-    data: DataConfig
-    model: InternLM2Config       # base model (vocab_size already set from the tokenizer)
-    train: TrainConfig           # base hyperparameters
-    space: SearchSpace
-    strategy: StrategyConfig
-    population: PopulationConfig
-    logging: LoggingConfig
-    config: dict                 # the resolved config (config.yaml); compared on resume
 
 
 class SearchError(RuntimeError):

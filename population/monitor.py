@@ -35,7 +35,7 @@ from collections import Counter
 from typing import TYPE_CHECKING, Any, Callable, Mapping, Protocol, Sequence
 
 if TYPE_CHECKING:
-    from population.driver import SearchSetup
+    from population.config import SearchSetup
     from population.store import RunStore
 
 log = logging.getLogger(__name__)

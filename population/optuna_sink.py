@@ -37,7 +37,7 @@ from optuna.trial import Trial, TrialState
 from population.monitor import SEGMENT_EVENTS, evaluated
 
 if TYPE_CHECKING:
-    from population.driver import SearchSetup
+    from population.config import SearchSetup
     from population.store import RunStore
 
 DB_FILE = "optuna.db"

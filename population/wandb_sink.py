@@ -45,7 +45,7 @@ import wandb
 from population.monitor import EVENTS, evaluated, event_counts, population_stats
 
 if TYPE_CHECKING:
-    from population.driver import SearchSetup
+    from population.config import SearchSetup
     from population.store import RunStore
 
 STATE_FILE = "wandb_state.json"

@@ -11,7 +11,7 @@ import torch
 from evo.space import SearchSpace
 from evo.strategy import StrategyConfig
 from population.config import LoggingConfig, PopulationConfig, ResourcesConfig, WandbConfig
-from population.driver import SearchSetup
+from population.config import SearchSetup
 from trainers.data import DataConfig
 from trainers.model import InternLM2Config
 from trainers.trainer import TrainConfig

@@ -32,7 +32,7 @@ from evo.genome import Genome
 from evo.space import SearchSpace
 from evo.strategy import StrategyConfig
 from population.config import LoggingConfig, PopulationConfig, WandbConfig
-from population.driver import SearchSetup
+from population.config import SearchSetup
 from population.monitor import Monitor
 from population.optuna_sink import DB_FILE, JOURNAL_FILE, SEGMENTS_FILE
 from population.store import RunStore
