@@ -1,18 +1,14 @@
-"""The search space: typed genes over config fields, and the constraints between model genes.
+"""The search space: typed genes over config fields, and the model's rules between them.
 
 A gene names the config field it sets by its dotted path (`train.lr`, `model.hidden_size`).
 The space knows the whole base config (flattened to `{path: value}`): it is the list of valid
-paths, and it supplies the model fields that are not genes when checking the architecture
-constraints -- the same ones `trainers.model.InternLM2Config` enforces:
-
-    hidden_size % num_attention_heads == 0
-    num_attention_heads % num_key_value_heads == 0
-    head_dim = hidden_size / num_attention_heads is even (rotary embeddings rotate pairs)
-    parameters <= max_params                             (optional budget)
-
-so that no strategy ever hands a trainer a model it cannot build. Every genome the space
-returns (`sample`, `clip`, `decode`) satisfies them; `clip` repairs a violating genome by
-moving the architecture genes to the nearest valid combination in the normalised space.
+paths, and it supplies the model fields that are not genes when checking the model's rules.
+Those rules -- which shapes the model can be built with, and its parameter count for an
+optional `max_params` budget -- are the model's, handed to the space as `ArchitectureRules`
+by whoever builds it (for InternLM2, experiments/ passes `trainers/architecture.py`'s), so that
+no strategy ever hands a trainer a model it cannot build. Every genome the space returns
+(`sample`, `clip`, `decode`) satisfies them; `clip` repairs a violating genome by moving the
+architecture genes to the nearest valid combination in the normalised space.
 
 Operators work in the normalised space `[0, 1]^n` (`encode` / `decode`): log genes are
 uniform in log space there, int genes round to their step, choice genes map to their index.
@@ -22,6 +18,7 @@ from __future__ import annotations
 
 import difflib
 import heapq
+import itertools
 import math
 import re
 from collections import Counter
@@ -303,48 +300,25 @@ Gene = Union[FloatGene, IntGene, ChoiceGene]
 
 
 # ----------------------------------------------------------------------------------------------
-# InternLM2 parameter count and the architecture constraints
-
-_SHAPE_FIELDS = ("hidden_size", "num_attention_heads", "num_key_value_heads")
-_BUDGET_FIELDS = (
-    "vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers",
-    "num_attention_heads", "num_key_value_heads",
-)
+# the model's rules, given by whoever builds the space (evo knows no model)
 
 
-def count_parameters(fields: Mapping[str, Any]) -> int:
-    """Parameters of an InternLM2 model with these `model.*` fields (no prefix):
-    tok_embeddings + output (untied) + per layer [wqkv, wo, w1/w2/w3, 2 RMSNorms] + final norm;
-    with `bias`, wqkv and wo carry biases."""
-    missing = [f for f in _BUDGET_FIELDS if fields.get(f) is None]
-    if missing:
-        raise SpaceError(f"search: counting parameters needs model.{missing[0]}")
-    vocab, hidden, ffn = fields["vocab_size"], fields["hidden_size"], fields["intermediate_size"]
-    layers, heads, kv = fields["num_hidden_layers"], fields["num_attention_heads"], fields["num_key_value_heads"]
-    head_dim = hidden // heads
-    per_layer = (
-        hidden * (heads + 2 * kv) * head_dim  # wqkv: [(H + 2 KV) D, hidden]
-        + heads * head_dim * hidden           # wo: [hidden, H D]
-        + 3 * hidden * ffn                    # w1, w3: [ffn, hidden]; w2: [hidden, ffn]
-        + 2 * hidden                          # attention_norm, ffn_norm
-    )
-    if fields.get("bias"):
-        per_layer += (heads + 2 * kv) * head_dim + hidden
-    return 2 * vocab * hidden + layers * per_layer + hidden
+@dataclass(frozen=True)
+class ArchitectureRules:
+    """What the space must know of the model whose fields its `model.*` genes set: the shape
+    rules and the parameter count (for InternLM2, `trainers/architecture.py`'s; experiments/
+    builds this from that module). Fields are named without the `model.` prefix.
 
+    `shape_fields` are those `violations` reads, the first being a width the parameter count
+    grows with; `size_fields` (integers) and `switch_fields` (booleans) those
+    `count_parameters` reads. `violations(fields)` lists the rules broken by the fields given
+    (absent ones are not checked)."""
 
-def _structure_violations(f: Mapping[str, Any]) -> list[str]:
-    """The shape constraints broken by the model fields `f` (those that are known)."""
-    hidden, heads, kv = f.get("hidden_size"), f.get("num_attention_heads"), f.get("num_key_value_heads")
-    broken = []
-    if hidden is not None and heads is not None:
-        if hidden % heads:
-            broken.append(f"model.hidden_size ({hidden}) must be divisible by model.num_attention_heads ({heads})")
-        elif (hidden // heads) % 2:
-            broken.append(f"head_dim = model.hidden_size / model.num_attention_heads ({hidden // heads}) must be even")
-    if heads is not None and kv is not None and heads % kv:
-        broken.append(f"model.num_attention_heads ({heads}) must be divisible by model.num_key_value_heads ({kv})")
-    return broken
+    shape_fields: tuple[str, ...]
+    size_fields: tuple[str, ...]
+    switch_fields: tuple[str, ...]
+    violations: Callable[[Mapping[str, Any]], list[str]]
+    count_parameters: Callable[[Mapping[str, Any]], int]
 
 
 # ----------------------------------------------------------------------------------------------
@@ -363,18 +337,22 @@ def _suggest(word: str, options: Sequence[str]) -> str:
 
 
 class SearchSpace:
-    """Genes (sorted by path) over a base config, with the InternLM2 architecture constraints.
+    """Genes (sorted by path) over a base config, with the model's architecture rules.
 
     `base` is the flattened full config `{"train.lr": 1e-3, "model.hidden_size": 64, ...}`:
     gene paths must be among its keys, and its `model.*` values stand in for the model
-    fields that are not genes. Raises `SpaceError` when no genome can satisfy the constraints.
+    fields that are not genes. `architecture` holds the model's shape rules and parameter
+    count; without it the `model.*` genes are only kept inside their bounds, and a
+    `max_params` budget cannot be kept. Raises `SpaceError` when no genome can satisfy the rules.
     """
 
-    def __init__(self, genes: Sequence[Gene], base: Mapping[str, Any], max_params: int | None = None):
+    def __init__(self, genes: Sequence[Gene], base: Mapping[str, Any], max_params: int | None = None,
+                 architecture: ArchitectureRules | None = None):
         self.genes: tuple[Gene, ...] = tuple(sorted(genes, key=lambda g: g.path))
         self.paths: tuple[str, ...] = tuple(g.path for g in self.genes)
         self.base: dict[str, Any] = dict(base)
         self.max_params = max_params
+        self.architecture = architecture
         for g in self.genes:
             if not isinstance(g, (FloatGene, IntGene, ChoiceGene)):
                 raise SpaceError(f"search: {g!r} is not a FloatGene, IntGene or ChoiceGene")
@@ -386,6 +364,8 @@ class SearchSpace:
                 raise _err(g.path, "unknown field" + _suggest(g.path, sorted(self.base)))
         if max_params is not None and (not _is_int(max_params) or max_params <= 0):
             raise SpaceError(f"search: max_params must be a positive integer, got {max_params!r}")
+        if max_params is not None and architecture is None:
+            raise SpaceError("search: max_params needs the model's parameter count (SearchSpace(architecture=...))")
         self._by_path = {g.path: g for g in self.genes}
         n = len(ARCHITECTURE_PREFIX)
         self._base_fields = {p[n:]: v for p, v in self.base.items() if p.startswith(ARCHITECTURE_PREFIX)}
@@ -399,22 +379,23 @@ class SearchSpace:
         return path in self._by_path or self.base.get(path) is not None
 
     def _constrained_genes(self) -> tuple[IntGene | ChoiceGene, ...]:
-        """The model genes some active constraint reads (they must be integers >= 1)."""
+        """The model genes some active rule reads (integers >= 1, or booleans for a switch)."""
+        rules = self.architecture
+        if rules is None:
+            return ()
         fields: set[str] = set()
-        if self._known("hidden_size") and self._known("num_attention_heads"):
-            fields |= {"hidden_size", "num_attention_heads"}
-        if self._known("num_attention_heads") and self._known("num_key_value_heads"):
-            fields |= {"num_attention_heads", "num_key_value_heads"}
+        if all(self._known(f) for f in rules.shape_fields):
+            fields |= set(rules.shape_fields)
         if self.max_params is not None:
-            for f in _BUDGET_FIELDS:
+            for f in rules.size_fields:
                 if not self._known(f):
                     raise SpaceError(f"search: max_params needs model.{f} in the base config")
-            fields |= set(_BUDGET_FIELDS) | {"bias"}
+            fields |= set(rules.size_fields) | set(rules.switch_fields)
         out = []
         for f in sorted(fields):
             path = ARCHITECTURE_PREFIX + f
             g = self._by_path.get(path)
-            if f == "bias":
+            if f in rules.switch_fields:
                 if g is None:
                     values = [self.base.get(path, False)]
                 elif isinstance(g, ChoiceGene):
@@ -444,39 +425,40 @@ class SearchSpace:
         g = self._by_path.get(path)
         if g is None:
             v = self.base.get(path)
-            return [False if field == "bias" and v is None else v]
+            return [False if v is None and field in self.architecture.switch_fields else v]
         return sorted(g.value_at(i) for i in range(g.size))
 
     def _smallest_valid(self) -> dict[str, Any]:
         """The valid values of the constrained genes with the fewest parameters (the target
         of last resort for `clip`); raises SpaceError if there is none."""
-        if not self._constrained and not _structure_violations(self._fields({})):
-            if self.max_params is None or count_parameters(self._fields({})) <= self.max_params:
+        rules = self.architecture
+        if rules is None:
+            return {}
+        if not self._constrained and not rules.violations(self._fields({})):
+            if self.max_params is None or rules.count_parameters(self._fields({})) <= self.max_params:
                 return {}
-        hiddens, heads_dom, kv_dom = (self._domain(f) for f in _SHAPE_FIELDS)
-        smallest = {f: self._domain(f)[0] for f in ("vocab_size", "intermediate_size", "num_hidden_layers", "bias")}
+        width, *others = rules.shape_fields
+        widths = self._domain(width)
+        smallest = {f: self._domain(f)[0] for f in (*rules.size_fields, *rules.switch_fields)
+                    if f not in rules.shape_fields}
         best, best_count = None, None
-        for heads in heads_dom:
-            for kv in kv_dom:
-                if heads is not None and kv is not None and heads % kv:
-                    continue
-                # parameters grow with hidden_size, so the smallest valid one is best for this (H, KV)
-                hidden = next(
-                    (h for h in hiddens if not _structure_violations({"hidden_size": h, "num_attention_heads": heads})),
-                    None,
-                )
-                if hidden is None:
-                    continue
-                f = dict(smallest, hidden_size=hidden, num_attention_heads=heads, num_key_value_heads=kv)
-                n = count_parameters(f) if self.max_params is not None else 0
-                if best_count is None or n < best_count:
-                    best, best_count = f, n
+        for combo in itertools.product(*(self._domain(f) for f in others)):
+            shape = dict(zip(others, combo))
+            if rules.violations(shape):
+                continue
+            # parameters grow with the width, so the smallest valid one is best for this combination
+            w = next((w for w in widths if not rules.violations({**shape, width: w})), None)
+            if w is None:
+                continue
+            f = {**smallest, **shape, width: w}
+            n = rules.count_parameters(f) if self.max_params is not None else 0
+            if best_count is None or n < best_count:
+                best, best_count = f, n
         names = ", ".join(g.path for g in self._constrained) or "the base model fields"
         if best is None:
-            raise SpaceError(
-                f"search: no combination of {names} satisfies hidden_size % num_attention_heads == 0, "
-                "num_attention_heads % num_key_value_heads == 0 and an even head_dim"
-            )
+            example = rules.violations(self._fields({}))
+            raise SpaceError(f"search: no combination of {names} satisfies the model's shape rules"
+                             + (f" (e.g. {example[0]})" if example else ""))
         if self.max_params is not None and best_count > self.max_params:
             at = ", ".join(f"{g.path}={best[g.path[len(ARCHITECTURE_PREFIX):]]}" for g in self._constrained)
             raise SpaceError(
@@ -499,9 +481,9 @@ class SearchSpace:
         if not self._constrained and self._smallest == {}:
             return []  # nothing can vary: the base was checked at construction
         f = self._fields(values)
-        broken = _structure_violations(f)
+        broken = self.architecture.violations(f)
         if self.max_params is not None:
-            n = count_parameters(f)
+            n = self.architecture.count_parameters(f)
             if n > self.max_params:
                 broken.append(f"parameters ({n}) must not exceed max_params ({self.max_params})")
         return broken
@@ -524,7 +506,8 @@ class SearchSpace:
         found = self._nearest(values, self._constrained, lambda v: self._violation(v) is None)
         if found is not None:
             return found
-        shape_genes = [g for g in self._constrained if g.path[len(ARCHITECTURE_PREFIX):] in _SHAPE_FIELDS]
+        rules = self.architecture
+        shape_genes = [g for g in self._constrained if g.path[len(ARCHITECTURE_PREFIX):] in rules.shape_fields]
         genes = self._constrained
         x = np.array([g.encode(values[g.path]) for g in genes])  # (c,)
         target = np.array([g.encode(self._smallest[g.path]) for g in genes])  # (c,)
@@ -535,7 +518,7 @@ class SearchSpace:
             point = dict(values)
             for g, xi in zip(genes, x + mid * (target - x)):
                 point[g.path] = g.decode(xi)
-            fixed = self._nearest(point, shape_genes, lambda v: not _structure_violations(self._fields(v)))
+            fixed = self._nearest(point, shape_genes, lambda v: not rules.violations(self._fields(v)))
             if fixed is not None and self._violation(fixed) is None:
                 hi, best = mid, fixed
             else:
@@ -574,7 +557,8 @@ class SearchSpace:
 
     @classmethod
     def from_dict(
-        cls, spec: Mapping[str, Mapping], base: Mapping[str, Any], max_params: int | None = None
+        cls, spec: Mapping[str, Mapping], base: Mapping[str, Any], max_params: int | None = None,
+        architecture: ArchitectureRules | None = None,
     ) -> SearchSpace:
         """Parse the YAML `search:` mapping, e.g.
         `{"train.lr": {"type": "float", "low": 1e-4, "high": 1e-2, "log": True},
@@ -605,7 +589,7 @@ class SearchSpace:
                     raise _err(path, f"missing {key!r}")
             args = {k: v for k, v in gspec.items() if k != "type"}
             genes.append({"float": FloatGene, "int": IntGene, "choice": ChoiceGene}[kind](path, **args))
-        return cls(genes, base, max_params)
+        return cls(genes, base, max_params, architecture)
 
     def gene(self, path: str) -> Gene:
         return self._by_path[path]
@@ -632,7 +616,7 @@ class SearchSpace:
             broken = self._violations(values)
             if not broken:
                 return Genome.from_dict(values)
-            failures.update(re.sub(r" \(-?\d+\)", "", b) for b in broken)  # the constraints, no numbers
+            failures.update(re.sub(r" \([^()]*\)", "", b) for b in broken)  # the rules, no numbers
         worst = failures.most_common(1)[0][0]
         raise SpaceError(
             f"search: none of {_SAMPLE_TRIES} sampled genomes satisfied the constraints "
@@ -676,8 +660,10 @@ class SearchSpace:
         return self._fields(genome.as_dict())
 
     def count_parameters(self, genome: Genome) -> int:
-        """InternLM2 parameter count of the genome's model."""
-        return count_parameters(self.model_fields(genome))
+        """Parameter count of the genome's model (needs the space's `architecture`)."""
+        if self.architecture is None:
+            raise SpaceError("search: counting parameters needs the model's rules (SearchSpace(architecture=...))")
+        return self.architecture.count_parameters(self.model_fields(genome))
 
     def to_optuna(self) -> dict[str, optuna.distributions.BaseDistribution]:
         """`{path: distribution}` for Optuna (samplers, and the dashboard mirror study)."""

@@ -41,15 +41,19 @@ from typing import Any, Iterable, Mapping
 
 import yaml
 
-from evo.space import FloatGene, IntGene, SearchSpace
+from evo.space import ArchitectureRules, FloatGene, IntGene, SearchSpace
 from evo.strategy import StrategyConfig
 from population.config import LoggingConfig, PopulationConfig
 from population.config import SearchSetup
+from trainers import architecture
 from trainers.data import DataConfig
 from trainers.model import InternLM2Config
 from trainers.trainer import TrainConfig
 
 NAME_PATTERN = re.compile(r"[A-Za-z0-9._-]+")
+# The space keeps its model genes to shapes InternLM2Config accepts, by the same rules.
+INTERNLM2_RULES = ArchitectureRules(architecture.SHAPE_FIELDS, architecture.SIZE_FIELDS, architecture.SWITCH_FIELDS,
+                                    architecture.shape_violations, architecture.count_parameters)
 BYTES_VOCAB = 256
 
 
@@ -129,7 +133,8 @@ def build_space(cfg: ExperimentConfig) -> SearchSpace:
     """The search space of ``cfg``: its genes over the resolved train/model configs."""
     genes = {k: v for k, v in cfg.search.items() if k != "max_params"}
     try:
-        return SearchSpace.from_dict(genes, base=_space_base(cfg), max_params=cfg.search.get("max_params"))
+        return SearchSpace.from_dict(genes, base=_space_base(cfg), max_params=cfg.search.get("max_params"),
+                                     architecture=INTERNLM2_RULES)
     except (ValueError, TypeError) as e:
         raise ConfigError(_prefixed("search", e)) from None
 

@@ -28,3 +28,12 @@ def test_no_evo_module_imports_torch_or_ray():
     result = json.loads(out.stdout.strip().splitlines()[-1])
     assert {"evo.space", "evo.genome", "evo.selection", "evo.crossover", "evo.mutation"} <= set(result["imported"])
     assert result["heavy"] == []
+
+
+def test_the_model_rules_import_no_torch():
+    # tests/evo and experiments/ hand trainers.architecture's rules to the space: pure Python
+    check = "import sys, trainers.architecture; print(sorted({'torch', 'ray', 'evo'} & set(sys.modules)))"
+    env = dict(os.environ, PYTHONPATH=str(REPO))
+    out = subprocess.run([sys.executable, "-c", check], env=env, cwd=REPO, capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == "[]"

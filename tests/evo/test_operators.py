@@ -23,7 +23,7 @@ from evo.genome import Genome
 from evo.mutation import mut_perturb, mut_polynomial, mut_resample
 from evo.selection import pareto_front, sel_aging, sel_nsga2, sel_tournament, sel_truncation
 from evo.space import ChoiceGene, FloatGene, IntGene, SearchSpace
-from tests.evo.test_space import BASE, SETTINGS, bound_value, spaces
+from tests.evo.test_space import BASE, RULES, SETTINGS, bound_value, spaces
 
 # ----------------------------------------------------------------------------------------------
 # no operator leaves the space
@@ -92,7 +92,7 @@ def test_uniform_crossover_child_takes_each_gene_from_a_parent(space, seed):
 
 
 def one_gene_space(gene):
-    return SearchSpace([gene], dict(BASE, **{gene.path: 0}))
+    return SearchSpace([gene], dict(BASE, **{gene.path: 0}), architecture=RULES)
 
 
 def perturbed_values(gene, value, n=60, **kw):
@@ -142,6 +142,7 @@ def test_perturb_leaves_architecture_alone_when_asked():
             "model.hidden_size": {"type": "choice", "choices": [32, 64, 128]},
         },
         BASE,
+        architecture=RULES,
     )
     g = Genome.from_dict({"train.lr": 1e-3, "model.num_hidden_layers": 4, "model.hidden_size": 64})
     for seed in range(20):
@@ -152,7 +153,8 @@ def test_perturb_leaves_architecture_alone_when_asked():
 
 
 def test_resample_probability_zero_and_one():
-    space = SearchSpace.from_dict({"train.lr": {"type": "float", "low": 1e-4, "high": 1e-2, "log": True}}, BASE)
+    space = SearchSpace.from_dict({"train.lr": {"type": "float", "low": 1e-4, "high": 1e-2, "log": True}}, BASE,
+                                  architecture=RULES)
     g = Genome.from_dict({"train.lr": 1e-3})
     assert mut_resample(g, space, np.random.default_rng(0), 0.0) == g
     assert len({mut_resample(g, space, np.random.default_rng(s), 1.0)["train.lr"] for s in range(10)}) == 10
@@ -165,6 +167,7 @@ def test_polynomial_changes_choices_and_small_ints():
             "model.num_hidden_layers": {"type": "int", "low": 1, "high": 4},
         },
         BASE,
+        architecture=RULES,
     )
     g = Genome.from_dict({"train.schedule": "cosine", "model.num_hidden_layers": 2})
     for seed in range(20):
@@ -187,7 +190,7 @@ class _Draws:
 
 
 UNIT_GENES = [FloatGene(f"train.g{i}", 0.0, 1.0) for i in range(6)]
-UNIT_SPACE = SearchSpace(UNIT_GENES, dict(BASE, **{g.path: 0.0 for g in UNIT_GENES}))
+UNIT_SPACE = SearchSpace(UNIT_GENES, dict(BASE, **{g.path: 0.0 for g in UNIT_GENES}), architecture=RULES)
 
 
 def test_generator_scalar_draws_match_a_vector_of_draws():
@@ -216,7 +219,8 @@ def test_polynomial_is_deap_mut_polynomial_bounded(seed, monkeypatch):
 
 
 def test_sbx_works_in_log_space():
-    space = SearchSpace.from_dict({"train.lr": {"type": "float", "low": 1e-6, "high": 1.0, "log": True}}, BASE)
+    space = SearchSpace.from_dict({"train.lr": {"type": "float", "low": 1e-6, "high": 1.0, "log": True}}, BASE,
+                                  architecture=RULES)
     a, b = Genome.from_dict({"train.lr": 1e-5}), Genome.from_dict({"train.lr": 1e-3})
     children = [cx_sbx(a, b, space, np.random.default_rng(s), eta=15.0)["train.lr"] for s in range(200)]
     # children spread around the parents in log space: the geometric middle 1e-4 is as likely
@@ -241,6 +245,7 @@ ARCH = SearchSpace.from_dict(
     },
     BASE,
     max_params=400_000,
+    architecture=RULES,
 )
 
 

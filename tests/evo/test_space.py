@@ -14,7 +14,9 @@ from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
 
 from evo.genome import Genome
-from evo.space import ChoiceGene, FloatGene, IntGene, SearchSpace, SpaceError, count_parameters
+from evo.space import ArchitectureRules, ChoiceGene, FloatGene, IntGene, SearchSpace, SpaceError
+from trainers import architecture
+from trainers.architecture import count_parameters
 
 BASE = {
     "train.lr": 1e-3,
@@ -32,6 +34,11 @@ BASE = {
     "model.bias": False,
     "model.rope_theta": 10000.0,
 }
+
+# InternLM2's rules, as experiments/config.py hands them to the space (trainers.architecture is
+# pure Python: these tests still run without torch)
+RULES = ArchitectureRules(architecture.SHAPE_FIELDS, architecture.SIZE_FIELDS, architecture.SWITCH_FIELDS,
+                          architecture.shape_violations, architecture.count_parameters)
 
 SETTINGS = settings(
     max_examples=150, deadline=None, derandomize=True,
@@ -130,12 +137,12 @@ def spaces(draw, architecture=None):
         genes += draw(architecture_genes())
     max_params = None
     try:
-        space = SearchSpace(genes, base)
+        space = SearchSpace(genes, base, architecture=RULES)
         if architecture and draw(st.booleans()):
             # a budget that cuts through the space: a random member's size times 1-3
             probe = space.sample(np.random.default_rng(draw(st.integers(0, 2**16))))
             max_params = int(space.count_parameters(probe) * draw(st.floats(1.0, 3.0)))
-            space = SearchSpace(genes, base, max_params)
+            space = SearchSpace(genes, base, max_params, architecture=RULES)
     except SpaceError:
         assume(False)  # infeasible shape constraints: construction refuses it (tested below)
     return space
@@ -289,7 +296,8 @@ def test_choice_gene_keeps_types_apart():
 
 def test_gene_default_outside_its_range_is_fine():
     base = dict(BASE, **{"train.lr": 0.5})
-    space = SearchSpace.from_dict({"train.lr": {"type": "float", "low": 1e-4, "high": 1e-2, "log": True}}, base)
+    space = SearchSpace.from_dict({"train.lr": {"type": "float", "low": 1e-4, "high": 1e-2, "log": True}}, base,
+                                  architecture=RULES)
     genome = space.sample(np.random.default_rng(0))
     assert 1e-4 <= genome["train.lr"] <= 1e-2
 
@@ -308,7 +316,7 @@ GOOD_SPEC = {
 
 
 def test_from_dict_builds_typed_genes_sorted_by_path():
-    space = SearchSpace.from_dict(GOOD_SPEC, BASE)
+    space = SearchSpace.from_dict(GOOD_SPEC, BASE, architecture=RULES)
     assert space.paths == tuple(sorted(GOOD_SPEC))
     assert space.gene("train.lr") == FloatGene("train.lr", 1e-4, 1e-2, log=True)
     assert space.gene("train.warmup_steps") == IntGene("train.warmup_steps", 0, 100, step=10)
@@ -348,7 +356,7 @@ def test_from_dict_builds_typed_genes_sorted_by_path():
 )
 def test_bad_gene_spec_is_one_line_naming_the_gene(path, gene, expected):
     with pytest.raises(SpaceError) as info:
-        SearchSpace.from_dict({path: gene}, BASE)
+        SearchSpace.from_dict({path: gene}, BASE, architecture=RULES)
     message = str(info.value)
     assert message.startswith(f"search.{path}: ")
     assert expected in message
@@ -358,18 +366,18 @@ def test_bad_gene_spec_is_one_line_naming_the_gene(path, gene, expected):
 def test_impossible_constraints_are_refused_naming_the_genes():
     spec = {"model.hidden_size": {"type": "choice", "choices": [36, 44]}}  # head_dim 9, 11 with 4 heads
     with pytest.raises(SpaceError, match=r"model\.hidden_size") as info:
-        SearchSpace.from_dict(spec, BASE)
+        SearchSpace.from_dict(spec, BASE, architecture=RULES)
     assert "\n" not in str(info.value)
     spec = {"model.num_key_value_heads": {"type": "choice", "choices": [3]}}
     with pytest.raises(SpaceError, match=r"model\.num_key_value_heads"):
-        SearchSpace.from_dict(spec, BASE)
+        SearchSpace.from_dict(spec, BASE, architecture=RULES)
 
 
 def test_budget_below_the_smallest_model_is_refused():
     with pytest.raises(SpaceError, match=r"max_params \(1000\) is below the smallest .*model\.hidden_size=32"):
-        SearchSpace.from_dict(GOOD_SPEC, BASE, max_params=1000)
+        SearchSpace.from_dict(GOOD_SPEC, BASE, max_params=1000, architecture=RULES)
     with pytest.raises(SpaceError, match="max_params must be a positive integer"):
-        SearchSpace.from_dict(GOOD_SPEC, BASE, max_params=0)
+        SearchSpace.from_dict(GOOD_SPEC, BASE, max_params=0, architecture=RULES)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -394,7 +402,7 @@ def valid_shape(f):
 
 
 def test_samples_satisfy_the_shape_constraints_and_cover_them():
-    space = SearchSpace.from_dict(ARCH_SPEC, BASE)
+    space = SearchSpace.from_dict(ARCH_SPEC, BASE, architecture=RULES)
     rng = np.random.default_rng(1)
     genomes = [space.sample(rng) for _ in range(300)]
     assert all(valid_shape(space.model_fields(g)) for g in genomes)
@@ -403,7 +411,7 @@ def test_samples_satisfy_the_shape_constraints_and_cover_them():
 
 
 def test_clip_repairs_to_the_nearest_valid_architecture():
-    space = SearchSpace.from_dict(ARCH_SPEC, BASE)
+    space = SearchSpace.from_dict(ARCH_SPEC, BASE, architecture=RULES)
     bad = Genome.from_dict({
         "model.hidden_size": 72, "model.num_attention_heads": 8, "model.num_key_value_heads": 3,
         "model.num_hidden_layers": 2, "train.lr": 1e-3,
@@ -418,7 +426,7 @@ def test_clip_repairs_to_the_nearest_valid_architecture():
 
 
 def test_budget_is_respected_by_sample_and_clip():
-    space = SearchSpace.from_dict(ARCH_SPEC, BASE, max_params=200_000)
+    space = SearchSpace.from_dict(ARCH_SPEC, BASE, max_params=200_000, architecture=RULES)
     rng = np.random.default_rng(0)
     for _ in range(100):
         assert space.count_parameters(space.sample(rng)) <= 200_000
@@ -457,7 +465,7 @@ FINE_SPEC = {  # thousands of values per gene: the nearest-valid search cannot e
 
 
 def test_clip_with_fine_grained_genes_shrinks_into_the_budget():
-    space = SearchSpace.from_dict(FINE_SPEC, BASE, max_params=5_000_000)
+    space = SearchSpace.from_dict(FINE_SPEC, BASE, max_params=5_000_000, architecture=RULES)
     huge = Genome.from_dict({
         "model.hidden_size": 2048, "model.intermediate_size": 8192, "model.num_hidden_layers": 64,
         "model.num_attention_heads": 32, "model.num_key_value_heads": 32,
@@ -476,7 +484,7 @@ def test_clip_with_fine_grained_genes_shrinks_into_the_budget():
 
 
 def test_sampling_gives_up_naming_the_constraint_when_valid_genomes_are_too_rare():
-    space = SearchSpace.from_dict(FINE_SPEC, BASE, max_params=9584)  # exactly the smallest model
+    space = SearchSpace.from_dict(FINE_SPEC, BASE, max_params=9584, architecture=RULES)  # exactly the smallest model
     smallest = Genome.from_dict({
         "model.hidden_size": 16, "model.intermediate_size": 16, "model.num_hidden_layers": 1,
         "model.num_attention_heads": 8, "model.num_key_value_heads": 1,
@@ -490,14 +498,15 @@ def test_sampling_gives_up_naming_the_constraint_when_valid_genomes_are_too_rare
 
 def test_constraints_use_base_values_of_fields_that_are_not_genes():
     # heads fixed at 4 in the base: hidden must be a multiple of 8 (head_dim even)
-    space = SearchSpace.from_dict({"model.hidden_size": {"type": "int", "low": 20, "high": 40}}, BASE)
+    space = SearchSpace.from_dict({"model.hidden_size": {"type": "int", "low": 20, "high": 40}}, BASE,
+                                  architecture=RULES)
     rng = np.random.default_rng(0)
     assert {space.sample(rng)["model.hidden_size"] for _ in range(200)} == {24, 32, 40}
     assert space.model_fields(Genome.from_dict({"model.hidden_size": 24}))["num_attention_heads"] == 4
 
 
 def test_clip_refuses_a_genome_missing_a_gene_and_drops_extra_paths():
-    space = SearchSpace.from_dict(GOOD_SPEC, BASE)
+    space = SearchSpace.from_dict(GOOD_SPEC, BASE, architecture=RULES)
     g = space.sample(np.random.default_rng(0))
     with pytest.raises(SpaceError, match=r"search\.train\.lr: genome .* has no value"):
         space.clip(Genome.from_dict({p: v for p, v in g.as_dict().items() if p != "train.lr"}))
@@ -507,7 +516,7 @@ def test_clip_refuses_a_genome_missing_a_gene_and_drops_extra_paths():
 
 
 def test_sampling_is_deterministic_given_the_seed():
-    space = SearchSpace.from_dict(ARCH_SPEC, BASE, max_params=300_000)
+    space = SearchSpace.from_dict(ARCH_SPEC, BASE, max_params=300_000, architecture=RULES)
     a = [space.sample(np.random.default_rng(7)) for _ in range(3)]
     b = [space.sample(np.random.default_rng(7)) for _ in range(3)]
     assert a == b
@@ -519,14 +528,14 @@ def test_sampling_is_deterministic_given_the_seed():
 def test_space_pickles():
     import pickle
 
-    space = SearchSpace.from_dict(ARCH_SPEC, BASE, max_params=300_000)
+    space = SearchSpace.from_dict(ARCH_SPEC, BASE, max_params=300_000, architecture=RULES)
     again = pickle.loads(pickle.dumps(space))
     assert again.genes == space.genes
     assert again.sample(np.random.default_rng(3)) == space.sample(np.random.default_rng(3))
 
 
 def test_float_values_stay_floats_and_ints_stay_ints():
-    space = SearchSpace.from_dict(GOOD_SPEC, BASE)
+    space = SearchSpace.from_dict(GOOD_SPEC, BASE, architecture=RULES)
     g = space.clip(Genome.from_dict({
         "train.lr": np.float32(0.001), "train.warmup_steps": np.int64(33), "train.schedule": "constant",
         "model.num_hidden_layers": 3.4, "model.hidden_size": 64.0,
@@ -535,3 +544,14 @@ def test_float_values_stay_floats_and_ints_stay_ints():
     assert g["train.warmup_steps"] == 30 and type(g["train.warmup_steps"]) is int
     assert g["model.num_hidden_layers"] == 3 and g["model.hidden_size"] == 64
     assert type(g["model.hidden_size"]) is int
+
+
+def test_without_the_model_rules_model_genes_are_only_bounded():
+    # a space built without ArchitectureRules (evo knows no model) checks no shape and keeps no budget
+    spec = {"model.hidden_size": {"type": "choice", "choices": [36, 44]}}   # odd head_dim with 4 heads
+    space = SearchSpace.from_dict(spec, BASE)
+    assert space.contains(Genome.from_dict({"model.hidden_size": 36}))
+    with pytest.raises(SpaceError, match=r"^search: max_params needs the model's parameter count"):
+        SearchSpace.from_dict(spec, BASE, max_params=10**6)
+    with pytest.raises(SpaceError, match="counting parameters needs the model's rules"):
+        space.count_parameters(Genome.from_dict({"model.hidden_size": 36}))

@@ -30,6 +30,7 @@ from evo.strategy import (
     make_strategy,
 )
 from evo.toy import toy_space
+from tests.evo.test_space import RULES
 
 STRATEGIES = {
     "pbt": dict(name="pbt"),
@@ -68,7 +69,7 @@ def arch_space(max_params: int | None = None) -> SearchSpace:
         ChoiceGene("model.num_key_value_heads", (1, 2, 4)),
         FloatGene("model.rope_theta", 1e3, 1e6, log=True),
     ]
-    return SearchSpace(genes, BASE, max_params=max_params)
+    return SearchSpace(genes, BASE, max_params=max_params, architecture=RULES)
 
 
 SPACES = {"arch": arch_space, "arch-budget": lambda: arch_space(max_params=200_000), "toy": toy_space}
