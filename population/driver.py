@@ -25,14 +25,11 @@ import dataclasses
 import json
 import math
 import os
-import select
 import signal
 import statistics
-import shutil
 import threading
 import time
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any, Iterator, Mapping
 
 import numpy as np
@@ -43,10 +40,9 @@ from evo.genome import Genome, diff, format_diff
 from evo.space import SearchSpace
 from evo.strategy import Crossover, Exploit, Keep, MemberView, Restart, Snapshot, StrategyConfig, make_strategy
 from population.config import PopulationConfig, SearchSetup
-from population.channel import Channel, ChannelClosed
+from population.handoff import Handoff
 from population.member import Member, split_genome, threads_for
 from population.monitor import Monitor
-from population.shared_state import new_session_dir, shared_root
 from population.store import RunStore, StoreError
 from trainers.data import DataConfig, load_corpus
 from trainers.model import InternLM2Config
@@ -56,7 +52,7 @@ from trainers.trainer import TrainConfig
 # how it is watched. Everything else must match the stored config.
 RESUMABLE_KEYS = (
     "name", "storage", "population.total_steps", "population.resources", "population.max_failures",
-    "population.max_concurrent", "population.transfer",
+    "population.max_concurrent",
     "logging", "data.cache_dir", "train.device", "train.num_threads", "train.compile",
 )
 POLL_S = 0.1            # ray.wait timeout: how quickly a signal is noticed
@@ -337,6 +333,7 @@ def sync_rounds(search: _Search) -> None:
         results = training.wait()
         r += 1
         steps += n
+        search.handoff.keep_evaluated(results)
         search.record_results(results, r)
         search.replace_failed(results, r, event=r)
         if steps < pop.total_steps:
@@ -385,6 +382,7 @@ def async_events(search: _Search) -> None:
         del training[m]
         event += 1
         rec = search.records[m]
+        search.handoff.keep_evaluated({m: result})
         search.record_results({m: result}, round=event // pop.size)
         failed = search.replace_failed({m: result}, event // pop.size, event=event)
         if not failed and rec.step < pop.total_steps and rec.intervals < 2 * pop.num_rounds:
@@ -516,12 +514,7 @@ class _Search:
         self.strategy = make_strategy(setup.strategy, setup.space)
         self.num_threads = threads_for(self.pop.resources.num_cpus)
         self.slots = self.pop.size    # members training at once: set from the cluster by start_members
-        # member -> its evaluated state, while current: a shared-memory file's path (read by
-        # receivers on its node) or an ObjectRef in the object store
-        self.published: dict[int, Any] = {}
-        self.nodes: dict[int, str] = {}       # member -> the Ray node its actor runs on
-        self.channels: dict[int, Channel] = {}   # member -> its load_state pipe (on this node)
-        self.shared_dir: Path | None = None   # this session's shared-memory files (transfer: auto)
+        self.handoff = Handoff(self)
         self.step_s: dict[int, float] = {}   # member -> seconds per training step (its last part)
         self.eval_s: dict[int, float] = {}   # member -> seconds of its last evaluation + snapshot
         self.train = setup.train
@@ -613,16 +606,10 @@ class _Search:
         """One actor per member; resumed members continue from their committed checkpoint."""
         load_corpus(self.setup.data)   # tokenize once here, not in every member at once
         self.slots = concurrent_slots(self.pop, ray.cluster_resources())
-        root = shared_root() if self.pop.transfer == "auto" else None
-        if root is not None:
-            try:
-                self.shared_dir = new_session_dir(root)
-            except OSError:
-                self.shared_dir = None
         for m in self.ids:
             self.actors[m] = self._new_actor(m)
-        self._located(self.gather({m: a.where.remote() for m, a in self.actors.items()},
-                                  timeout=START_TIMEOUT_S, raise_errors=True))
+        self.gather({m: a.pid.remote() for m, a in self.actors.items()}, timeout=START_TIMEOUT_S,
+                    raise_errors=True)
         loads = {m: self.actors[m].load_checkpoint.remote(self.store.storage, self.store.name,
                                                            self.records[m].checkpoint)
                  for m in self.ids if self.records[m].checkpoint}
@@ -635,8 +622,7 @@ class _Search:
         rec, res = self.records[m], self.pop.resources
         options = dict(name=f"{self.setup.name}/m{m}", num_cpus=res.num_cpus, num_gpus=res.num_gpus,
                        max_concurrency=2, max_restarts=0)
-        args = (m, self.setup.model, self.train, self.setup.data, rec.genome, rec.seed, self.num_threads,
-                None if self.shared_dir is None else str(self.shared_dir))
+        args = (m, self.setup.model, self.train, self.setup.data, rec.genome, rec.seed, self.num_threads)
         deadline = time.monotonic() + 30
         while True:
             try:
@@ -652,24 +638,11 @@ class _Search:
         if self.bar is not None:
             self.bar.stop()
             self.bar = None
-        if self.shared_dir is not None:   # members on other nodes remove their own files
-            try:                           # (this node's go with the directory, below)
-                here = ray.get_runtime_context().get_node_id()
-                away = [a.close_shared.remote() for m, a in self.actors.items() if self.nodes.get(m, here) != here]
-                if away:
-                    ray.wait(away, num_returns=len(away), timeout=5)
-            except Exception:   # Ray itself is gone
-                pass
         for actor in self.actors.values():
             try:
                 ray.kill(actor, no_restart=True)
             except Exception:  # already dead, or Ray itself is gone
                 pass
-        for channel in self.channels.values():
-            channel.close()
-        self.channels.clear()
-        if self.shared_dir is not None:
-            shutil.rmtree(self.shared_dir, ignore_errors=True)
         deadline = time.monotonic() + 10
         for m in list(self.actors):
             while time.monotonic() < deadline:
@@ -691,7 +664,7 @@ class _Search:
 
     # -- waiting (signals are noticed within POLL_S) -------------------------------------------
 
-    def _done(self, refs: list) -> Iterator[tuple[Any, float]]:
+    def done(self, refs: list) -> Iterator[tuple[Any, float]]:
         """Yield each ref as it completes, with the time it was seen complete."""
         pending = list(refs)
         while pending:
@@ -723,7 +696,7 @@ class _Search:
 
     def first_done(self, refs: Mapping[int, Any]) -> tuple[int, Any]:
         by_ref = {ref: m for m, ref in refs.items()}
-        for ref, _ in self._done(list(by_ref)):
+        for ref, _ in self.done(list(by_ref)):
             return by_ref[ref], self._get(ref, raise_errors=False)
         raise SearchError("no member is training")
 
@@ -750,7 +723,6 @@ class _Search:
             self.cpu_s += float(res.get("cpu_seconds", 0.0))
             if res.get("failed"):
                 continue
-            self.published[m] = res.pop("shared") if "shared" in res else res.pop("state_ref")[0]
             rec.step = int(res["step"])
             rec.history.append([rec.step, res["val_bpb"]])
             rec.objectives = {"val_bpb": res["val_bpb"], "params": res["params"],
@@ -780,8 +752,7 @@ class _Search:
                 except Exception:
                     pass
                 self.actors[m] = self._new_actor(m)
-                self._located(self.gather({m: self.actors[m].where.remote()}, timeout=START_TIMEOUT_S,
-                                          raise_errors=True))
+                self.gather({m: self.actors[m].pid.remote()}, timeout=START_TIMEOUT_S, raise_errors=True)
             genome = _plain(self.space.sample(self.rng(round, m, 1 + self.failures)).as_dict())
             if best is not None:
                 self._copy_into(m, best.id, genome, round, "restart", parents=[best.id])
@@ -813,18 +784,10 @@ class _Search:
                 sources[d.member] = d.donor
             elif isinstance(d, Crossover) and d.weights_from != d.member:
                 sources[d.member] = d.weights_from
-        t0 = time.perf_counter()
-        taken: dict = {}
-        args = {m: self._state_of(donor, m, taken) for m, donor in sources.items()}
-        if set(sources.values()) & set(sources):   # a donor is also a receiver: take every state first
-            for _ in self._done(list(taken.values())):
-                pass
-        for m in set(sources) | {d.member for d in decisions if not isinstance(d, Keep)}:
-            self.published.pop(m, None)
-        loaded, latency = self._load_states(args, t0)
-        for m in [m for m, res in loaded.items() if "missing" in res]:   # the file went (async, rare)
-            loaded[m] = self._load_snapshot(m, sources[m])
-        del args, taken
+        loaded, latency = self.handoff.move(sources)
+        for d in decisions:
+            if not isinstance(d, Keep):
+                self.handoff.forget(d.member)
         calls = {}
         for d in decisions:
             if isinstance(d, (Exploit, Crossover)):
@@ -856,7 +819,6 @@ class _Search:
             if m in latency:
                 extra["latency_s"] = latency[m]
                 extra["receiver_s"] = {k: loaded[m][k] for k in ("read_s", "load_s") if k in loaded[m]}
-                extra["via"] = loaded[m].get("via")
                 self.exploit_latencies.append(latency[m])
             extra["parent_fitness"] = [before[p].fitness for p in parents]
             self._forget_speed(m, rec.genome, genome)
@@ -870,13 +832,9 @@ class _Search:
 
     def _copy_into(self, m: int, donor: int, genome: dict, round: int, event_name: str,
                    parents: list[int]) -> None:
-        """m takes donor's evaluated state (as an exploit does: _state_of, _load_states), then ``genome``."""
-        t0 = time.perf_counter()
-        self.published.pop(m, None)
-        loaded = self._load_states({m: self._state_of(donor, m)}, t0)[0][m]
-        latency = time.perf_counter() - t0
-        if "missing" in loaded:
-            loaded = self._load_snapshot(m, donor)
+        """m takes donor's evaluated state (as an exploit does), then ``genome``."""
+        loaded, latency = self.handoff.move({m: donor})
+        loaded, latency = loaded[m], latency[m]
         applied = self.gather({m: self.actors[m].apply_genome.remote(genome)}, raise_errors=True)[m]
         rec, src = self.records[m], self.records[donor]
         self._forget_speed(m, rec.genome, genome)
@@ -884,12 +842,12 @@ class _Search:
         rec.schedule = _inherit(src.schedule, rec.step, genome, rec.seed)
         rec.objectives = dict(rec.objectives, params=applied["params"])
         self._lineage(event_name, round, m, parents=parents, genome=genome, step=rec.step,
-                      fitness=src.fitness, changed_from=src.genome, latency_s=latency, via=loaded.get("via"))
+                      fitness=src.fitness, changed_from=src.genome, latency_s=latency)
 
     def _fresh(self, m: int, genome: dict, seed: int, round: int, parents: list[int]) -> None:
         """m throws its weights away: a fresh trainer with ``genome`` and a new seed."""
         old = self.records[m]
-        self.published.pop(m, None)
+        self.handoff.forget(m)
         self.gather({m: self.actors[m].restart.remote(genome, seed)}, raise_errors=True)
         self._forget_speed(m, old.genome, genome)
         self.records[m] = MemberRecord(id=m, genome=genome, seed=seed, checkpoint=old.checkpoint,
@@ -897,90 +855,6 @@ class _Search:
                                        schedule=[{"step": 0, "genome": genome, "seed": seed}])
         self._lineage("restart", round, m, parents=parents, genome=genome, step=0,
                       fitness=old.fitness, changed_from=old.genome, seed=seed)
-
-    def _state_of(self, donor: int, receiver: int, taken: dict | None = None) -> Any:
-        """What ``receiver.load_state`` is given to become the donor's current state: the one its
-        last evaluation published — its shared-memory file when the receiver is on its node,
-        else ``[ObjectRef]`` — or, if the donor changed since (it was exploited, restarted) or its
-        file is on another node, ``[ref]`` of a snapshot taken now (once per donor: ``taken``
-        collects these refs)."""
-        taken = {} if taken is None else taken
-        src = self.published.get(donor)
-        if isinstance(src, str):
-            if self.nodes.get(donor) == self.nodes.get(receiver):
-                return src
-            src = None
-        if src is None:
-            src = taken.get(donor)
-            if src is None:
-                src = taken[donor] = self.actors[donor].get_state.remote()
-        return [src]
-
-    def _located(self, where: Mapping[int, dict]) -> None:
-        """Record each member's node and open the pipe it takes load_state orders on (same node)."""
-        here = ray.get_runtime_context().get_node_id()
-        for m, w in where.items():
-            self.nodes[m] = w["node"]
-            old = self.channels.pop(m, None)
-            if old is not None:
-                old.close()
-            if w.get("channel") and w["node"] == here:
-                try:
-                    self.channels[m] = Channel(w["channel"])
-                except OSError:   # gone already: Ray calls it is
-                    pass
-
-    def _load_states(self, args: Mapping[int, Any], t0: float) -> tuple[dict[int, dict], dict[int, float]]:
-        """Every member of ``args`` runs ``load_state(args[m])``: by an order on its pipe when it
-        has one and the state is a file (population/channel.py), else as a Ray call. Returns
-        ({member: result}, {member: seconds from t0 until its result was seen})."""
-        piped: dict[Any, int] = {}
-        refs: dict[Any, int] = {}
-        for m, arg in args.items():
-            channel = self.channels.get(m) if isinstance(arg, str) else None
-            if channel is not None:
-                try:
-                    channel.send("load_state", arg)
-                    piped[channel] = m
-                    continue
-                except OSError:   # the member is gone: Ray reports how
-                    self.channels.pop(m).close()
-            refs[self.actors[m].load_state.remote(arg)] = m
-        loaded, latency = {}, {}
-        while piped or refs:
-            self.stop.check()
-            if piped:
-                ready, _, _ = select.select(list(piped), [], [], 0.0 if refs else POLL_S)
-                for channel in ready:
-                    m = piped[channel]
-                    try:
-                        result = channel.receive()
-                    except ChannelClosed:   # died while loading: the Ray call says how
-                        del piped[channel]
-                        self.channels.pop(m, None)
-                        channel.close()
-                        refs[self.actors[m].load_state.remote(args[m])] = m
-                        continue
-                    except RuntimeError as e:
-                        raise SearchError(f"member {m}: load_state failed: {e}") from e
-                    if result is not None:
-                        del piped[channel]
-                        loaded[m], latency[m] = result, time.perf_counter() - t0
-            if refs:
-                ready, _ = ray.wait(list(refs), num_returns=1, timeout=0.0 if piped else POLL_S, fetch_local=False)
-                now = time.perf_counter()
-                for ref in ready:
-                    m = refs.pop(ref)
-                    loaded[m], latency[m] = ray.get(ref), now - t0
-        return loaded, latency
-
-    def _load_snapshot(self, m: int, donor: int) -> dict:
-        """m loads a snapshot of the donor taken now, through the object store: the fallback when
-        the donor's published file is gone (it published two newer ones since the decision)."""
-        self.console.print(f"member {m}: {self.published.get(donor, 'the published state')} of member "
-                           f"{donor} is gone; taking its current state instead")
-        ref = self.actors[donor].get_state.remote()
-        return self.gather({m: self.actors[m].load_state.remote([ref])}, raise_errors=True)[m]
 
     def _forget_speed(self, m: int, old: Mapping[str, Any], new: Mapping[str, Any]) -> None:
         """A member whose architecture genes changed trains at another speed: _Interval probes it."""

@@ -1,16 +1,14 @@
 """One member of the population: a Ray actor that keeps a Trainer resident between rounds.
 
 The actor lives for the whole search, so an exploit never restarts a process, re-imports torch
-or rebuilds an optimizer: the donor's state (weights + Adam moments + step + RNG) goes straight
-into the receiver's tensors — on one node through a shared-memory file the donor published when
-it was evaluated, the order arriving on a pipe (population/shared_state.py, channel.py), across
-nodes through the Ray object store (``load_state(donor.get_state())``).
+or rebuilds an optimizer: the donor's state (weights + Adam moments + step + RNG) goes through
+Ray's object store into the receiver's tensors (population/handoff.py).
 
-Every evaluation keeps an immutable snapshot (a copy) of the evaluated state; ``get_state``
-and ``save_checkpoint`` hand out that snapshot. The actor runs with ``max_concurrency=2`` so
-the driver can take a donor's state or wait for a checkpoint write while the member already
-trains its next interval: the snapshot is never touched by training, so that is safe. The
-state crosses the object store as one flat buffer (``WireState``), not tensor by tensor.
+Every evaluation keeps an immutable snapshot (a copy) of the evaluated state and puts it in the
+object store; ``get_state`` and ``save_checkpoint`` hand out that snapshot. The actor runs with
+``max_concurrency=2`` so the driver can take a donor's state or wait for a checkpoint write while
+the member already trains its next interval: the snapshot is never touched by training, so that
+is safe.
 
 ``build_trainer`` and ``apply_genome`` are plain functions so that a replay (population/replay.py)
 builds and steers its Trainer exactly as a member does.
@@ -22,15 +20,12 @@ import math
 import os
 import threading
 import time
-from pathlib import Path
 from typing import Any, Mapping
 
-import numpy as np
 import ray
 import torch
 
-from population.channel import Listener
-from population.shared_state import Publisher, SharedFile, SharedStateError
+from population.handoff import WireState, put_state, take_state
 from trainers.data import DataConfig
 from trainers.model import InternLM2Config
 from trainers.trainer import HPARAMS, NonFiniteLossError, TrainConfig, Trainer
@@ -79,91 +74,6 @@ def apply_genome(trainer: Trainer, base_model: InternLM2Config, genome: Mapping[
         trainer.set_hparams(**train_fields)
 
 
-class WireState:
-    """A trainer state that pickles as one flat byte buffer plus a small tree of metadata.
-
-    ``get_state`` returns one; whoever unpickles it (the receiver of an exploit, a test) gets
-    the plain state dict back. pickle 5 sends the buffer out of band, so crossing the object
-    store costs one memcpy in and one out. (torch's own pickling saves every storage through
-    torch.save, ~50 µs per tensor: more than the transfer itself for small models.) The packing
-    happens on construction, so a member packs its evaluated state while it still counts as
-    training time, not while a receiver waits.
-    """
-
-    ALIGN = 16   # bytes; every tensor starts aligned so its slice can be viewed as its dtype
-
-    def __init__(self, state: dict) -> None:
-        tensors: list[torch.Tensor] = []
-        self.tree = _strip_tensors(state, tensors)
-        self.meta: list[tuple] = []
-        chunks, offset = [], 0
-        for t in tensors:
-            flat = t.detach().cpu().contiguous().reshape(-1).view(torch.uint8)
-            self.meta.append((str(t.dtype).removeprefix("torch."), tuple(t.shape), offset, flat.numel()))
-            pad = -flat.numel() % self.ALIGN
-            chunks += [flat, torch.zeros(pad, dtype=torch.uint8)] if pad else [flat]
-            offset += flat.numel() + pad
-        self.buffer = torch.cat(chunks).numpy() if chunks else np.zeros(0, dtype=np.uint8)   # (bytes,)
-
-    def __reduce__(self) -> tuple:
-        return _unpack_state, (self.tree, self.meta, self.buffer)
-
-
-class _Slot:
-    """Where tensor number ``index`` sits in a packed state's tree."""
-
-    __slots__ = ("index",)
-
-    def __init__(self, index: int) -> None:
-        self.index = index
-
-    def __reduce__(self) -> tuple:
-        return _Slot, (self.index,)
-
-
-def _map_leaves(obj: Any, leaf: Any) -> Any:
-    """The same dict/list/tuple nesting with ``leaf(x)`` in place of every other value."""
-    if isinstance(obj, dict):
-        return {k: _map_leaves(v, leaf) for k, v in obj.items()}
-    if isinstance(obj, list):
-        return [_map_leaves(v, leaf) for v in obj]
-    if isinstance(obj, tuple):
-        return tuple(_map_leaves(v, leaf) for v in obj)
-    return leaf(obj)
-
-
-def _strip_tensors(obj: Any, out: list[torch.Tensor]) -> Any:
-    """``obj`` with each tensor moved to ``out`` and replaced by its _Slot (traversal order)."""
-    def leaf(x: Any) -> Any:
-        if not isinstance(x, torch.Tensor):
-            return x
-        out.append(x)
-        return _Slot(len(out) - 1)
-    return _map_leaves(obj, leaf)
-
-
-def _fill_tensors(obj: Any, tensors: list[torch.Tensor]) -> Any:
-    """Inverse of _strip_tensors."""
-    return _map_leaves(obj, lambda x: tensors[x.index] if isinstance(x, _Slot) else x)
-
-
-def _unpack_state(tree: Any, meta: list[tuple], buffer: np.ndarray) -> dict:
-    """Inverse of WireState.__reduce__. The buffer arrives as a read-only view of shared
-    memory: it is copied out once (one memcpy) into memory of the receiver's own, and the tensors
-    are views into that copy, so they never alias the object store (the optimizer moments are
-    updated in place). The RNG state is copied alone (torch.Generator.set_state wants its own
-    storage at offset 0)."""
-    own = torch.from_numpy(buffer.copy()) if buffer.size else torch.empty(0, dtype=torch.uint8)
-    tensors = [own[offset:offset + n].view(getattr(torch, dtype)).reshape(shape)
-               if n else torch.empty(shape, dtype=getattr(torch, dtype))
-               for dtype, shape, offset, n in meta]
-    state = _fill_tensors(tree, tensors)
-    rng = state.get("rng") if isinstance(state, dict) else None
-    if isinstance(rng, dict):
-        state["rng"] = {k: v.clone() if isinstance(v, torch.Tensor) else v for k, v in rng.items()}
-    return state
-
-
 def _interval_totals() -> dict:
     return {"losses": [], "tokens": 0, "train_s": 0.0, "seconds": 0.0, "cpu_seconds": 0.0}
 
@@ -188,8 +98,7 @@ class Member:
     """
 
     def __init__(self, member_id: int, base_model: InternLM2Config, base_train: TrainConfig,
-                 data: DataConfig, genome: Mapping[str, Any], seed: int, num_threads: int,
-                 shared_dir: str | None = None) -> None:
+                 data: DataConfig, genome: Mapping[str, Any], seed: int, num_threads: int) -> None:
         os.environ["EVO_NUM_THREADS"] = str(num_threads)
         torch.set_num_threads(num_threads)
         self.member_id = member_id
@@ -204,28 +113,9 @@ class Member:
         self._saver: threading.Thread | None = None
         self._saved: int | BaseException = 0
         self._interval = _interval_totals()  # the parts of the interval trained so far
-        self._publisher: Publisher | None = None   # evaluated states as shared-memory files
-        self._listener: Listener | None = None     # the driver's pipe for load_state orders
-        if shared_dir is not None:
-            try:   # the driver's session directory; on another node it is made here
-                Path(shared_dir).mkdir(mode=0o700, parents=True, exist_ok=True)
-                self._publisher = Publisher(shared_dir, f"m{member_id}")
-                self._listener = Listener(shared_dir, f"m{member_id}", self._order)
-            except OSError:
-                self._publisher = self._listener = None
 
     def pid(self) -> int:
         return os.getpid()
-
-    def where(self) -> dict:
-        """This member's node, and the pipes (request, reply) it takes load_state orders on."""
-        return {"node": ray.get_runtime_context().get_node_id(),
-                "channel": None if self._listener is None else self._listener.paths}
-
-    def _order(self, name: str, *args: Any) -> Any:
-        if name != "load_state":
-            raise ValueError(f"unknown order {name!r}")
-        return self.load_state(*args)
 
     def _current(self) -> dict:
         """The snapshot, taken from the (idle) trainer if the state changed since the last one.
@@ -279,11 +169,9 @@ class Member:
             return {"failed": True, "error": f"non-finite validation loss ({ev['val_bpb']})",
                     "step": self.trainer.step, "seconds": acc["seconds"] + time.perf_counter() - t0}
         snapshot = self.trainer.state_dict()
-        # published now, while this still counts as the member's training time: an exploit is
-        # then one call on the receiver. A file in /dev/shm for receivers on this node (read
-        # with one copy straight into their tensors), else the object store
-        shared = self._publisher.publish(snapshot) if self._publisher is not None else None
-        published = {"shared": shared} if shared is not None else {"state_ref": [ray.put(WireState(snapshot))]}
+        # into the object store now, while this still counts as the member's own time: an
+        # exploit is then one call on the receiver
+        state_ref = put_state(snapshot)
         with self._lock:
             self._snapshot, self._wire = snapshot, None
         losses = acc["losses"]
@@ -299,9 +187,7 @@ class Member:
             "cpu_seconds": acc["cpu_seconds"] + time.process_time() - cpu0,   # < seconds when the CPU is shared
             "part_seconds": part["seconds"],                 # this call's training part
             "eval_seconds": tail_s,                          # evaluation + snapshot
-            # the published state: "shared" (a file path) or "state_ref" (in a list: handed to
-            # the driver as a reference, not fetched)
-            **published,
+            "state_ref": state_ref,                          # [ref]: the driver gets the reference
         }
 
     def get_state(self) -> WireState:
@@ -318,40 +204,19 @@ class Member:
                     self._wire = wire
         return wire
 
-    def load_state(self, state: dict | list | str) -> dict:
+    def load_state(self, state: dict | list) -> dict:
         """Become a copy of ``state`` (weights, optimizer, step, RNG, hyperparameters).
 
-        ``state`` is a state dict (an ObjectRef argument arrives resolved), ``[ref]``: read here
-        from the object store (measured ~0.3 ms faster per exploit than having Ray resolve it as
-        a task argument), or the path of a donor's shared-memory file on this node, read here
-        (population/shared_state.py)."""
+        ``state`` is ``[ref]`` of a state in the object store (the driver's form: read here, see
+        population/handoff.py) or a state dict (an ObjectRef argument arrives resolved)."""
         t0 = time.perf_counter()
-        if isinstance(state, str):
-            try:
-                shared = SharedFile(state)   # the header only: the tensors are read in place
-            except SharedStateError as e:    # the driver falls back to a snapshot of the donor
-                return {"missing": str(e)}
-            t1 = time.perf_counter()
-            with shared:
-                self.trainer.load_state_dict(shared.state, read_into=shared.read_into)
-            via = "shared_memory"
-        else:
-            if isinstance(state, list):
-                [state] = ray.get(state)
-            t1 = time.perf_counter()
-            self.trainer.load_state_dict(state)
-            via = "object_store"
+        state = take_state(state)
+        t1 = time.perf_counter()
+        self.trainer.load_state_dict(state)
         del state
         self._changed()
         return {"step": self.trainer.step, "params": int(self.trainer.num_parameters()),
-                "read_s": t1 - t0, "load_s": time.perf_counter() - t1, "via": via}
-
-    def close_shared(self) -> None:
-        """Remove this member's shared-memory files (the driver calls it when the run ends)."""
-        if self._publisher is not None:
-            self._publisher.close()
-        if self._listener is not None:
-            self._listener.close()
+                "read_s": t1 - t0, "load_s": time.perf_counter() - t1}
 
     def apply_genome(self, genome: Mapping[str, Any]) -> dict:
         """Take ``genome``: hyperparameters set in place, architecture changed with weights carried."""

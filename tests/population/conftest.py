@@ -70,8 +70,8 @@ def tiny_parts(cache_dir: str) -> tuple[InternLM2Config, TrainConfig, DataConfig
 
 def make_setup(storage, name: str, cache_dir: str, *, size: int = 2, interval: int = 5, total: int = 20,
                mode: str = "sync", strategy: str = "pbt", num_cpus: float = 0.5, seed: int = 0,
-               max_failures: int = 3, train: dict | None = None, max_concurrent: int | None = None,
-               transfer: str = "auto") -> SearchSetup:
+               max_failures: int = 3, train: dict | None = None,
+               max_concurrent: int | None = None) -> SearchSetup:
     """A search small enough to take seconds on 2 cores (hidden 32, 1-2 layers, seq_len 32)."""
     model, base_train, data = tiny_parts(cache_dir)
     if train:
@@ -79,7 +79,7 @@ def make_setup(storage, name: str, cache_dir: str, *, size: int = 2, interval: i
     strategy_cfg = StrategyConfig(name=strategy, quantile=0.5)
     population = PopulationConfig(size=size, mode=mode, interval_steps=interval, total_steps=total,
                                   resources=ResourcesConfig(num_cpus=num_cpus), max_failures=max_failures,
-                                  max_concurrent=max_concurrent, transfer=transfer)
+                                  max_concurrent=max_concurrent)
     logging = LoggingConfig(wandb=WandbConfig(mode="disabled"), optuna=False)
     base = {f"train.{k}": v for k, v in dataclasses.asdict(base_train).items()}
     base.update({f"model.{k}": v for k, v in dataclasses.asdict(model).items()})

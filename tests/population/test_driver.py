@@ -16,7 +16,6 @@ from population.config import ConfigError, PopulationConfig, ResourcesConfig
 from population.driver import ConfigConflictError, ResourceFitError, SearchError, concurrent_slots, run_search
 from population.inspect import export_run, run_status
 from population.replay import replay_run
-from population.shared_state import shared_root
 from population.store import RunStore
 from tests.population.conftest import make_setup
 
@@ -133,24 +132,6 @@ def test_slots_change_when_members_train_not_what_they_compute(reference, cache_
     assert state["timing"]["slots"] == 3
     assert _table(state) == _table(_state(storage / "ref"))
     assert _comparable(_lineage(storage / "all-at-once")) == _comparable(_lineage(storage / "ref"))
-
-
-def test_exploits_through_shared_memory_equal_those_through_the_object_store(reference, cache_dir):
-    """The reference moved every exploit through the donors' shared-memory files (one node):
-    the object store carries the same bytes, so the search is the same. Each run removes its
-    files when it ends."""
-    storage, _ = reference
-    moved = [r["via"] for r in _lineage(storage / "ref") if "latency_s" in r]
-    assert moved and set(moved) == {"shared_memory" if shared_root() else "object_store"}
-    run_search(_reference(storage, "object-store", cache_dir, transfer="object_store"), console=_quiet())
-    assert _table(_state(storage / "object-store")) == _table(_state(storage / "ref"))
-    lineage = _lineage(storage / "object-store")
-    assert [r["via"] for r in lineage if "latency_s" in r] == ["object_store"] * len(moved)
-    same = [{k: v for k, v in r.items() if k != "via"} for r in _comparable(lineage)]
-    assert same == [{k: v for k, v in r.items() if k != "via"} for r in _comparable(_lineage(storage / "ref"))]
-    root = shared_root()
-    if root is not None and root.exists():   # no session directory of this process is left
-        assert not [d for d in root.iterdir() if d.name.startswith(f"{os.getpid()}-")]
 
 
 def test_sigterm_stops_at_a_committed_round_and_resume_equals_uninterrupted(reference, cache_dir):

@@ -2,14 +2,11 @@
 from __future__ import annotations
 
 import dataclasses
-import os
-import select
 
 import pytest
 import ray
 import torch
 
-from population.channel import Channel, ChannelClosed
 from population.member import Member
 from population.store import RunStore
 from tests.population.conftest import tensors_by_path, tiny_parts
@@ -163,7 +160,7 @@ def _with_hparams(state: dict, **hp) -> dict:
 def test_wire_state_round_trips_every_dtype_and_shape():
     import pickle
 
-    from population.member import WireState
+    from population.handoff import WireState
 
     state = {"model": {"w": torch.randn(3, 5), "b": torch.randn(7).to(torch.bfloat16)},
              "optimizer": {"state": {0: {"step": torch.tensor(3.0), "mask": torch.tensor([True, False])}},
@@ -179,75 +176,3 @@ def test_wire_state_round_trips_every_dtype_and_shape():
     assert back["step"] == 9 and back["name"] == ("a", 1) and back["optimizer"]["param_groups"][0]["lr"] == 1e-3
     torch.Generator().set_state(back["rng"]["torch"])   # a tensor of its own, usable as RNG state
     back["optimizer"]["state"][0]["step"] += 1           # writable: not a view of the sender's buffer
-
-
-@pytest.fixture
-def shared_pair(ray_local, cache_dir, tmp_path):
-    """Two fresh members with a shared directory (as the driver starts them on one node), each
-    trained and evaluated once: (donor, receiver, the directory, the donor's result)."""
-    model, train, data = tiny_parts(cache_dir)
-    shared = tmp_path / "session"
-    donor, receiver = [Member.options(num_cpus=0.5, max_concurrency=2).remote(
-        i, model, train, data, GENOME, 1 + i, 1, str(shared)) for i in range(2)]
-    try:
-        result, _ = ray.get([donor.train_and_evaluate.remote(4), receiver.train_and_evaluate.remote(2)])
-        yield donor, receiver, shared, result
-    finally:
-        for actor in (donor, receiver):
-            ray.kill(actor)
-
-
-def _reply(channel: Channel):
-    """The reply to the last order sent on ``channel`` (waits for it)."""
-    while True:
-        select.select([channel], [], [], 10.0)
-        reply = channel.receive()
-        if reply is not None:
-            return reply
-
-
-def test_members_on_one_node_hand_states_over_through_shared_memory_files(shared_pair):
-    """With a shared directory a member publishes its evaluated state as a file (no object
-    store); a receiver reads it into its own tensors bit for bit. A file that is gone is
-    reported, not raised, and changes nothing; close_shared removes the member's files."""
-    donor, receiver, shared, result = shared_pair
-    assert "state_ref" not in result and os.path.dirname(result["shared"]) == str(shared)
-    snapshot = ray.get(donor.get_state.remote())
-
-    loaded = ray.get(receiver.load_state.remote(result["shared"]))
-    assert loaded["via"] == "shared_memory" and loaded["step"] == 4
-    _assert_same_state(ray.get(receiver.get_state.remote()), snapshot)
-
-    before = ray.get(receiver.get_state.remote())
-    missing = ray.get(receiver.load_state.remote(str(shared / "m0-99.state")))
-    assert "is gone" in missing["missing"]
-    _assert_same_state(ray.get(receiver.get_state.remote()), before)
-
-    files = sorted(os.listdir(shared))   # states, and each member's order pipes
-    pids = ray.get([donor.pid.remote(), receiver.pid.remote()])
-    assert files == sorted(["m0-1.state", "m1-1.state"] + [f"m{i}-{pid}.{end}" for i, pid in enumerate(pids)
-                                                           for end in ("req", "rep")])
-    ray.get(donor.close_shared.remote())
-    assert sorted(os.listdir(shared)) == sorted(["m1-1.state", f"m1-{pids[1]}.req", f"m1-{pids[1]}.rep"])
-
-
-def test_a_load_state_order_through_the_pipe_equals_the_ray_call(shared_pair):
-    """The driver's fast line to a member on its node: the order runs load_state in the member
-    and the reply is its result; a failing order comes back as the member's error; when the
-    member is gone the reply pipe says so (the driver then calls through Ray)."""
-    donor, receiver, _, result = shared_pair
-    channel = Channel(ray.get(receiver.where.remote())["channel"])
-    channel.send("load_state", result["shared"])
-    reply = _reply(channel)
-    assert reply["via"] == "shared_memory" and reply["step"] == 4
-    _assert_same_state(ray.get(receiver.get_state.remote()), ray.get(donor.get_state.remote()))
-
-    channel.send("train", 5)
-    with pytest.raises(RuntimeError, match="unknown order 'train'"):
-        _reply(channel)
-
-    ray.kill(receiver)
-    select.select([channel], [], [], 30.0)
-    with pytest.raises(ChannelClosed):
-        channel.receive()
-    channel.close()
