@@ -31,21 +31,8 @@ from evo.genome import Genome
 from evo.mutation import mut_polynomial
 from evo.selection import sel_tournament
 from evo.space import SearchSpace
-from evo.strategy import (
-    Crossover,
-    Decision,
-    Exploit,
-    Keep,
-    MemberView,
-    Snapshot,
-    Strategy,
-    StrategyConfig,
-    fitness_key,
-    inside,
-    is_fitter,
-    ranked,
-    ready_members,
-)
+from evo.strategy import Crossover, Decision, Exploit, Keep, MemberView, Snapshot, Strategy
+from evo.strategies import StrategyConfig, fitness_key, inside, is_fitter, ranked, ready_members
 
 
 def crossover_operator(config: StrategyConfig) -> Callable[[Genome, Genome, SearchSpace, np.random.Generator], Genome]:

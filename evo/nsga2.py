@@ -29,15 +29,8 @@ import numpy as np
 
 from evo.ga import breed
 from evo.selection import sel_nsga2
-from evo.strategy import (
-    OBJECTIVE_SENSE,
-    Decision,
-    Keep,
-    MemberView,
-    Snapshot,
-    Strategy,
-    ready_members,
-)
+from evo.strategy import OBJECTIVE_SENSE, Decision, Keep, MemberView, Snapshot, Strategy
+from evo.strategies import ready_members
 
 
 def objective_vector(member: MemberView, objectives: Sequence[str]) -> np.ndarray | None:

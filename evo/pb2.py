@@ -33,17 +33,8 @@ import numpy as np
 from evo.genome import Genome
 from evo.pbt import explore, truncation_donors
 from evo.space import SearchSpace
-from evo.strategy import (
-    Decision,
-    Exploit,
-    Keep,
-    MemberView,
-    Snapshot,
-    Strategy,
-    StrategyConfig,
-    inside,
-    ready_members,
-)
+from evo.strategy import Decision, Exploit, Keep, MemberView, Snapshot, Strategy
+from evo.strategies import StrategyConfig, inside, ready_members
 
 MIN_OBSERVATIONS = 8  # below this the model knows too little: explore like PBT
 WINDOW = 4  # the model sees the observations of the last WINDOW evaluation steps

@@ -29,19 +29,8 @@ from evo.genome import Genome
 from evo.mutation import mut_perturb, mut_resample
 from evo.selection import sel_truncation
 from evo.space import SearchSpace
-from evo.strategy import (
-    Decision,
-    Exploit,
-    Keep,
-    MemberView,
-    Snapshot,
-    Strategy,
-    fitness_key,
-    inside,
-    is_fitter,
-    ranked,
-    ready_members,
-)
+from evo.strategy import Decision, Exploit, Keep, MemberView, Snapshot, Strategy
+from evo.strategies import fitness_key, inside, is_fitter, ranked, ready_members
 
 
 def explore(

@@ -11,7 +11,8 @@ from typing import Sequence
 
 import numpy as np
 
-from evo.strategy import Decision, Keep, Snapshot, Strategy, ready_members
+from evo.strategy import Decision, Keep, Snapshot, Strategy
+from evo.strategies import ready_members
 
 
 class RandomSearch(Strategy):

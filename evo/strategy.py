@@ -18,17 +18,15 @@ Conventions every strategy follows (checked by tests/evo/test_strategies.py):
   stopped.
 
 The implementations live in evo/pbt.py, evo/ga.py, evo/nsga2.py, evo/pb2.py and
-evo/random_search.py; `make_strategy` picks one by `StrategyConfig.name`.
+evo/random_search.py; evo/strategies.py holds their config (`StrategyConfig`), the factory that
+picks one by name (`make_strategy`) and the ranking helpers they share.
 """
 
 from __future__ import annotations
 
-import difflib
-import importlib.util
-import math
 from abc import ABC, abstractmethod
-from dataclasses import dataclass, field, fields
-from typing import TYPE_CHECKING, Any, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Mapping, Sequence
 
 import numpy as np
 
@@ -36,9 +34,10 @@ from evo.genome import Genome
 
 if TYPE_CHECKING:
     from evo.space import SearchSpace
+    from evo.strategies import StrategyConfig
 
+# The objectives a member may report (`MemberView.objectives`) and which way is better.
 OBJECTIVE_SENSE = {"val_bpb": "min", "val_loss": "min", "params": "min", "tokens_per_s": "max"}
-STRATEGIES = ("pbt", "ga", "nsga2", "pb2", "random")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -128,107 +127,6 @@ Decision = Keep | Exploit | Crossover | Restart
 
 
 # ----------------------------------------------------------------------------------------------
-# Configuration
-
-
-class StrategyConfigError(ValueError):
-    """A bad `strategy:` value; the message is one line naming `strategy.<field>`."""
-
-
-def _did_you_mean(word: str, options: Sequence[str]) -> str:
-    close = difflib.get_close_matches(word, options, n=1)
-    return f"; did you mean {close[0]!r}?" if close else ""
-
-
-def _choice(name: str, value: Any, options: Sequence[str], noun: str) -> None:
-    if not isinstance(value, str) or value not in options:
-        hint = _did_you_mean(value, options) if isinstance(value, str) else ""
-        raise StrategyConfigError(
-            f"strategy.{name}: unknown {noun} {value!r} (choose from {', '.join(options)}{hint})"
-        )
-
-
-def _number(name: str, value: Any, low: float, high: float, *, integer: bool = False) -> float:
-    kind = "an integer" if integer else "a number"
-    ok_type = (int,) if integer else (int, float)
-    if isinstance(value, bool) or not isinstance(value, ok_type):
-        raise StrategyConfigError(f"strategy.{name}: must be {kind}, got {value!r}")
-    if not (low <= value <= high) or (not integer and not math.isfinite(value)):
-        bounds = f"at least {low:g}" if high == math.inf else f"between {low:g} and {high:g}"
-        raise StrategyConfigError(f"strategy.{name}: must be {bounds}, got {value!r}")
-    return value if integer else float(value)
-
-
-@dataclass
-class StrategyConfig:
-    """The YAML `strategy:` mapping. Fields that a strategy does not use are ignored by it."""
-
-    name: str = "pbt"  # pbt | ga | nsga2 | pb2 | random
-    quantile: float = 0.25  # pbt/pb2/nsga2: share of the ranked members replaced each round
-    resample_probability: float = 0.25  # pbt/pb2: per gene, resample from the prior instead of perturbing
-    perturb_factors: tuple[float, float] = (0.8, 1.2)  # pbt/pb2: multiplicative perturbations
-    selection: str = "truncation"  # pbt: truncation | tournament
-    tournament_size: int = 2  # pbt (tournament), ga: members drawn per tournament
-    elitism: int = 1  # ga: the best `elitism` members are kept as they are
-    crossover: str = "uniform"  # ga/nsga2: uniform | sbx
-    crossover_probability: float = 0.9  # ga/nsga2
-    mutation_probability: float = 0.2  # ga/nsga2: per gene, polynomial mutation
-    objectives: tuple[str, ...] = ("val_bpb",)  # nsga2 uses several (see OBJECTIVE_SENSE)
-    sampler: str = "tpe"  # pb2: tpe | gp (gp needs scipy and torch)
-    seed: int = 0  # for the caller that derives the rng passed to plan(); strategies never seed themselves
-
-    def __post_init__(self) -> None:
-        _choice("name", self.name, STRATEGIES, "strategy")
-        # 0.5 at most: the bottom and top quantiles must not overlap (as in Ray Tune's PBT)
-        self.quantile = _number("quantile", self.quantile, 0.0, 0.5)
-        self.resample_probability = _number("resample_probability", self.resample_probability, 0.0, 1.0)
-        factors = self.perturb_factors
-        if isinstance(factors, (str, bytes)) or not isinstance(factors, Sequence) or len(factors) != 2:
-            raise StrategyConfigError(f"strategy.perturb_factors: must be two numbers, got {factors!r}")
-        for f in factors:
-            if isinstance(f, bool) or not isinstance(f, (int, float)) or not (0 < f < math.inf):
-                raise StrategyConfigError(f"strategy.perturb_factors: must be positive numbers, got {factors!r}")
-        self.perturb_factors = (float(factors[0]), float(factors[1]))
-        _choice("selection", self.selection, ("truncation", "tournament"), "selection")
-        self.tournament_size = int(_number("tournament_size", self.tournament_size, 2, math.inf, integer=True))
-        self.elitism = int(_number("elitism", self.elitism, 0, math.inf, integer=True))
-        _choice("crossover", self.crossover, ("uniform", "sbx"), "crossover")
-        self.crossover_probability = _number("crossover_probability", self.crossover_probability, 0.0, 1.0)
-        self.mutation_probability = _number("mutation_probability", self.mutation_probability, 0.0, 1.0)
-        objectives = self.objectives
-        if isinstance(objectives, str):
-            objectives = (objectives,)
-        if not isinstance(objectives, Sequence) or len(objectives) == 0:
-            raise StrategyConfigError(f"strategy.objectives: must be a non-empty list, got {self.objectives!r}")
-        for o in objectives:
-            _choice("objectives", o, tuple(OBJECTIVE_SENSE), "objective")
-        if len(set(objectives)) != len(objectives):
-            raise StrategyConfigError(f"strategy.objectives: listed twice in {list(objectives)}")
-        self.objectives = tuple(objectives)
-        _choice("sampler", self.sampler, ("tpe", "gp"), "sampler")
-        if self.name == "pb2" and self.sampler == "gp":
-            missing = [m for m in ("scipy", "torch") if importlib.util.find_spec(m) is None]
-            if missing:
-                raise StrategyConfigError(
-                    f"strategy.sampler: 'gp' needs {' and '.join(missing)} installed "
-                    f"(pip install {' '.join(missing)}), or use 'tpe'"
-                )
-        self.seed = int(_number("seed", self.seed, 0, math.inf, integer=True))
-
-    @classmethod
-    def from_dict(cls, d: Mapping[str, Any]) -> StrategyConfig:
-        """Build from the YAML mapping; unknown keys are refused with a suggestion."""
-        if not isinstance(d, Mapping):
-            raise StrategyConfigError(f"strategy: must be a mapping, got {type(d).__name__}")
-        known = [f.name for f in fields(cls)]
-        for key in d:
-            if key not in known:
-                hint = _did_you_mean(str(key), known) or f" (known: {', '.join(known)})"
-                raise StrategyConfigError(f"strategy.{key}: unknown key{hint}")
-        return cls(**dict(d))
-
-
-# ----------------------------------------------------------------------------------------------
 # The interface
 
 
@@ -267,75 +165,3 @@ class Strategy(ABC):
         """Restore what `state_dict` returned (called once on resume, before `plan`)."""
         if state:
             raise ValueError(f"{type(self).__name__}: unexpected state keys {sorted(state)}")
-
-
-def make_strategy(config: StrategyConfig, space: SearchSpace) -> Strategy:
-    """The strategy named by `config.name`."""
-    if config.name == "pbt":
-        from evo.pbt import PBT
-
-        return PBT(space, config)
-    elif config.name == "ga":
-        from evo.ga import GA
-
-        return GA(space, config)
-    elif config.name == "nsga2":
-        from evo.nsga2 import NSGA2
-
-        return NSGA2(space, config)
-    elif config.name == "pb2":
-        from evo.pb2 import PB2
-
-        return PB2(space, config)
-    elif config.name == "random":
-        from evo.random_search import RandomSearch
-
-        return RandomSearch(space, config)
-    raise StrategyConfigError(f"strategy.name: unknown strategy {config.name!r}")
-
-
-# ----------------------------------------------------------------------------------------------
-# Helpers shared by the implementations
-
-
-def fitness_key(member: MemberView) -> float:
-    """The member's fitness for ranking: non-finite (diverged) counts as +inf, i.e. worst.
-    Only meaningful for members with a fitness."""
-    f = member.fitness
-    return float(f) if f is not None and math.isfinite(f) else math.inf
-
-
-def is_fitter(a: MemberView, b: MemberView) -> bool:
-    """a is strictly fitter than b (lower val_bpb); both must have a fitness."""
-    return fitness_key(a) < fitness_key(b)
-
-
-def ranked(snapshot: Snapshot) -> list[MemberView]:
-    """The members with a fitness, best first (ties broken by id so the order is stable)."""
-    return sorted((m for m in snapshot.members if m.history), key=lambda m: (fitness_key(m), m.id))
-
-
-def ready_members(snapshot: Snapshot, ready: Sequence[int] | None) -> list[MemberView]:
-    """The members to decide for, in order; refuses unknown or repeated ids."""
-    if ready is None:
-        return list(snapshot.members)
-    ids = [int(i) for i in ready]
-    if len(set(ids)) != len(ids):
-        raise ValueError(f"plan: ready lists a member twice: {ids}")
-    return [snapshot.member(i) for i in ids]
-
-
-def inside(space: SearchSpace, candidate: Genome, fallback: Genome) -> Genome:
-    """`candidate` brought inside the space.
-
-    `space.clip` first; if a constraint still fails (e.g. heads no longer divide the width),
-    the architecture genes come from `fallback` (a genome already in the space, usually the
-    donor's), and in the last resort `fallback` itself.
-    """
-    genome = space.clip(candidate)
-    if space.contains(genome):
-        return genome
-    genome = space.clip(candidate.replace(fallback.architecture()))
-    if space.contains(genome):
-        return genome
-    return fallback

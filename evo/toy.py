@@ -32,16 +32,8 @@ import numpy as np
 
 from evo.genome import Genome
 from evo.space import FloatGene, SearchSpace
-from evo.strategy import (
-    Crossover,
-    Exploit,
-    Keep,
-    MemberView,
-    Restart,
-    Snapshot,
-    StrategyConfig,
-    make_strategy,
-)
+from evo.strategy import Crossover, Exploit, Keep, MemberView, Restart, Snapshot
+from evo.strategies import StrategyConfig, make_strategy
 
 
 @dataclass(frozen=True)

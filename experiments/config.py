@@ -42,7 +42,7 @@ from typing import Any, Iterable, Mapping
 import yaml
 
 from evo.space import ArchitectureRules, FloatGene, IntGene, SearchSpace
-from evo.strategy import StrategyConfig
+from evo.strategies import StrategyConfig
 from population.config import LoggingConfig, PopulationConfig
 from population.config import SearchSetup
 from trainers import architecture

@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING, Any, Mapping
 
 if TYPE_CHECKING:   # annotations only: SearchSetup holds these, this module imports none of them
     from evo.space import SearchSpace
-    from evo.strategy import StrategyConfig
+    from evo.strategies import StrategyConfig
     from trainers.data import DataConfig
     from trainers.model import InternLM2Config
     from trainers.trainer import TrainConfig

@@ -38,7 +38,8 @@ from ray.exceptions import RayActorError, RayTaskError
 
 from evo.genome import Genome, diff, format_diff
 from evo.space import SearchSpace
-from evo.strategy import Crossover, Exploit, Keep, MemberView, Restart, Snapshot, StrategyConfig, make_strategy
+from evo.strategies import StrategyConfig, make_strategy
+from evo.strategy import Crossover, Exploit, Keep, MemberView, Restart, Snapshot
 from population.config import PopulationConfig, SearchSetup
 from population.handoff import Handoff
 from population.member import Member, split_genome, threads_for

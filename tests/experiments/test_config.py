@@ -8,7 +8,7 @@ import pytest
 import yaml
 
 from evo.space import SearchSpace
-from evo.strategy import StrategyConfig
+from evo.strategies import StrategyConfig
 from experiments.config import (
     ConfigError,
     ExperimentConfig,

@@ -9,7 +9,7 @@ import ray
 import torch
 
 from evo.space import SearchSpace
-from evo.strategy import StrategyConfig
+from evo.strategies import StrategyConfig
 from population.config import LoggingConfig, PopulationConfig, ResourcesConfig, WandbConfig
 from population.config import SearchSetup
 from trainers.data import DataConfig

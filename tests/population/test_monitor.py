@@ -30,7 +30,7 @@ from optuna.trial import TrialState
 
 from evo.genome import Genome
 from evo.space import SearchSpace
-from evo.strategy import StrategyConfig
+from evo.strategies import StrategyConfig
 from population.config import LoggingConfig, PopulationConfig, WandbConfig
 from population.config import SearchSetup
 from population.monitor import Monitor

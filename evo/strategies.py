@@ -1,0 +1,139 @@
+"""What the strategy implementations share: their config, the factory that picks one, and the
+ranking helpers.
+
+The interface they implement (`Strategy`, `Snapshot`, the decisions) is evo/strategy.py; the
+implementations are evo/pbt.py, evo/ga.py, evo/nsga2.py, evo/pb2.py and evo/random_search.py.
+"""
+
+from __future__ import annotations
+
+import difflib
+import importlib.util
+import math
+from typing import TYPE_CHECKING, Annotated, Literal
+
+from pydantic import ConfigDict, Field, StrictFloat, StrictInt
+from pydantic.dataclasses import dataclass
+
+from evo.genome import Genome
+from evo.strategy import OBJECTIVE_SENSE, MemberView, Snapshot, Strategy
+
+if TYPE_CHECKING:
+    from collections.abc import Sequence
+
+    from evo.space import SearchSpace
+
+STRATEGIES = ("pbt", "ga", "nsga2", "pb2", "random")
+
+Probability = Annotated[StrictFloat, Field(ge=0, le=1)]
+Factor = Annotated[StrictFloat, Field(gt=0, allow_inf_nan=False)]
+Objective = Literal[tuple(OBJECTIVE_SENSE)]
+
+
+@dataclass(config=ConfigDict(extra="forbid"))
+class StrategyConfig:
+    """The YAML `strategy:` mapping. Fields that a strategy does not use are ignored by it.
+
+    Validated by pydantic on construction (a bad value raises its ValidationError, a
+    ValueError, naming the field); it stays a dataclass (`dataclasses.replace`, `asdict`)."""
+
+    name: str = "pbt"  # pbt | ga | nsga2 | pb2 | random
+    # pbt/pb2/nsga2: share of the ranked members replaced each round; 0.5 at most, so that the
+    # bottom and top quantiles never overlap (as in Ray Tune's PBT)
+    quantile: Annotated[StrictFloat, Field(ge=0, le=0.5)] = 0.25
+    resample_probability: Probability = 0.25  # pbt/pb2: per gene, resample from the prior instead of perturbing
+    perturb_factors: tuple[Factor, Factor] = (0.8, 1.2)  # pbt/pb2: multiplicative perturbations
+    selection: Literal["truncation", "tournament"] = "truncation"  # pbt
+    tournament_size: Annotated[StrictInt, Field(ge=2)] = 2  # pbt (tournament), ga: members drawn per tournament
+    elitism: Annotated[StrictInt, Field(ge=0)] = 1  # ga: the best `elitism` members are kept as they are
+    crossover: Literal["uniform", "sbx"] = "uniform"  # ga/nsga2
+    crossover_probability: Probability = 0.9  # ga/nsga2
+    mutation_probability: Probability = 0.2  # ga/nsga2: per gene, polynomial mutation
+    objectives: Annotated[tuple[Objective, ...], Field(min_length=1)] = ("val_bpb",)  # nsga2 uses several
+    sampler: Literal["tpe", "gp"] = "tpe"  # pb2 (gp needs scipy and torch)
+    seed: Annotated[StrictInt, Field(ge=0)] = 0  # for the caller that derives the rng passed to plan()
+
+    def __post_init__(self) -> None:
+        if self.name not in STRATEGIES:
+            close = difflib.get_close_matches(self.name, STRATEGIES, n=1)
+            hint = f"; did you mean {close[0]!r}?" if close else ""
+            raise ValueError(f"strategy.name: unknown strategy {self.name!r} (choose from {', '.join(STRATEGIES)}{hint})")
+        if len(set(self.objectives)) != len(self.objectives):
+            raise ValueError(f"strategy.objectives: listed twice in {list(self.objectives)}")
+        if self.name == "pb2" and self.sampler == "gp":
+            missing = [m for m in ("scipy", "torch") if importlib.util.find_spec(m) is None]
+            if missing:
+                raise ValueError(f"strategy.sampler: 'gp' needs {' and '.join(missing)} installed "
+                                 f"(pip install {' '.join(missing)}), or use 'tpe'")
+
+
+def make_strategy(config: StrategyConfig, space: SearchSpace) -> Strategy:
+    """The strategy named by `config.name`."""
+    if config.name == "pbt":
+        from evo.pbt import PBT
+
+        return PBT(space, config)
+    elif config.name == "ga":
+        from evo.ga import GA
+
+        return GA(space, config)
+    elif config.name == "nsga2":
+        from evo.nsga2 import NSGA2
+
+        return NSGA2(space, config)
+    elif config.name == "pb2":
+        from evo.pb2 import PB2
+
+        return PB2(space, config)
+    elif config.name == "random":
+        from evo.random_search import RandomSearch
+
+        return RandomSearch(space, config)
+    raise ValueError(f"strategy.name: unknown strategy {config.name!r}")
+
+
+# ----------------------------------------------------------------------------------------------
+# Helpers shared by the implementations
+
+
+def fitness_key(member: MemberView) -> float:
+    """The member's fitness for ranking: non-finite (diverged) counts as +inf, i.e. worst.
+    Only meaningful for members with a fitness."""
+    f = member.fitness
+    return float(f) if f is not None and math.isfinite(f) else math.inf
+
+
+def is_fitter(a: MemberView, b: MemberView) -> bool:
+    """a is strictly fitter than b (lower val_bpb); both must have a fitness."""
+    return fitness_key(a) < fitness_key(b)
+
+
+def ranked(snapshot: Snapshot) -> list[MemberView]:
+    """The members with a fitness, best first (ties broken by id so the order is stable)."""
+    return sorted((m for m in snapshot.members if m.history), key=lambda m: (fitness_key(m), m.id))
+
+
+def ready_members(snapshot: Snapshot, ready: Sequence[int] | None) -> list[MemberView]:
+    """The members to decide for, in order; refuses unknown or repeated ids."""
+    if ready is None:
+        return list(snapshot.members)
+    ids = [int(i) for i in ready]
+    if len(set(ids)) != len(ids):
+        raise ValueError(f"plan: ready lists a member twice: {ids}")
+    return [snapshot.member(i) for i in ids]
+
+
+def inside(space: SearchSpace, candidate: Genome, fallback: Genome) -> Genome:
+    """`candidate` brought inside the space.
+
+    `space.clip` first; if a constraint still fails (e.g. heads no longer divide the width),
+    the architecture genes come from `fallback` (a genome already in the space, usually the
+    donor's), and in the last resort `fallback` itself.
+    """
+    genome = space.clip(candidate)
+    if space.contains(genome):
+        return genome
+    genome = space.clip(candidate.replace(fallback.architecture()))
+    if space.contains(genome):
+        return genome
+    return fallback
