@@ -1,4 +1,4 @@
-"""Fused elementwise CPU kernels for the decoder layer's glue (RMSNorm, SwiGLU), built on first use.
+"""Fused elementwise CPU kernels for the CPU fast path's glue (RMSNorm, SwiGLU), built on first use.
 
 On the tiny default model the layer's matmuls and attention are ATen's, near the machine's peak;
 what else a step costs is mostly the glue between them, run as chains of ATen ops that each
@@ -7,11 +7,11 @@ backward; RMSNorm: a reduction and a multiply forward, five passes backward) and
 ATen's per-op setup. Here each of those chains is one loop over the data, row by row for the
 norms (a 64-float row stays in L1 between its reduction and its update).
 
-The C++ source below is compiled once per machine with the system's g++ (``-O3 -march=native
--fopenmp``, ≈0.2 s here) into ``~/.cache/evo/kernels/`` (``EVO_CACHE_DIR`` moves it) and loaded with
-ctypes; the loops are parallel with OpenMP over the same runtime (``libgomp.so.1``) and thread
-count torch uses. Where there is no compiler, the build fails, or ``EVO_CPU_KERNELS=0``, the model
-keeps its ATen ops (trainers/model.py); both paths are tested against each other.
+The C source below is compiled once per machine with the system's gcc (``-O3 -march=native
+-fopenmp``) into ``~/.cache/evo/kernels/`` (``EVO_CACHE_DIR`` moves it) and loaded with ctypes; the
+loops are parallel with OpenMP over the same runtime (``libgomp.so.1``) and thread count torch
+uses. Where there is no compiler, the build fails, or ``EVO_CPU_KERNELS=0``, trainers/cpu_fused.py
+keeps its ATen ops; both paths are tested against each other.
 
 Numerics: fp32 throughout; sigmoid uses a Cephes-style exp (max relative error ~2e-7), the norms
 sum their squares in a different order than ATen's: results agree with the ATen path to fp32
@@ -198,8 +198,8 @@ def library() -> ctypes.CDLL | None:
         except (OSError, RuntimeError, subprocess.SubprocessError) as e:
             _lib, _why_not = None, str(e)
             if _why_not != "EVO_CPU_KERNELS=0":
-                logging.getLogger(__name__).warning("compiled CPU loops unavailable (%s); the model uses ATen ops",
-                                                    _why_not)
+                logging.getLogger(__name__).warning(
+                    "compiled CPU loops unavailable (%s); the CPU fast path uses ATen ops", _why_not)
         _tried = True
     return _lib
 

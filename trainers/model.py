@@ -1,9 +1,21 @@
-"""InternLM2 decoder (the model every population member trains), in plain PyTorch.
+"""InternLM2, the decoder every population member trains, as plain PyTorch modules.
 
-The architecture and the state-dict keys are exactly Hugging Face InternLM2's
-(InternLM/InternEvo `huggingface_model/internlm2_model/`), so a checkpoint exports with a
-rename-free dump (trainers/export.py) and weight transfer (trainers/transfer.py) can reason about
-the same tensors a released model has:
+InternLM2 (Cai et al. 2024, "InternLM2 Technical Report") is a Llama-style decoder-only
+transformer; this file follows the official modeling code (`modeling_internlm2.py` of the
+InternLM2 checkpoints on the Hugging Face Hub, InternLM/InternEvo's `internlm2_model/`):
+
+    tokens -> tok_embeddings -> num_hidden_layers x DecoderLayer -> RMSNorm -> output (untied)
+    DecoderLayer (pre-norm):  h   = x + Attention(RMSNorm(x))
+                              out = h + FeedForward(RMSNorm(h))
+    Attention:   one packed projection `wqkv` for q, k and v, grouped-query attention
+                 (num_key_value_heads <= num_attention_heads), rotate-half RoPE on q and k
+                 (default, linear or dynamic NTK scaling), causal softmax, projection `wo`
+    FeedForward: SwiGLU, w2(silu(w1 x) * w3 x)
+    RMSNorm:     x / sqrt(mean(x^2) + eps) * weight, statistics in fp32
+
+No biases unless `bias` (then on wqkv and wo only, as HF's `bias`). The state-dict keys are
+HF InternLM2's, so a checkpoint exports with a rename-free dump (trainers/export.py) and weight
+transfer (trainers/transfer.py) reasons about the tensors a released model has:
 
     model.tok_embeddings.weight                       (vocab, C)
     model.layers.{i}.attention_norm.weight            (C,)
@@ -15,33 +27,14 @@ the same tensors a released model has:
     model.norm.weight                                 (C,)
     output.weight                                     (vocab, C)            untied
 
-`wqkv` rows, viewed as (KV, G + 2, D, C) with G = H // KV, hold for each kv group g its G query
-heads, then its key head, then its value head: with H=4, KV=2 the row blocks are
-[q0, q1, k0, v0, q2, q3, k1, v1].
+C hidden_size, H num_attention_heads, KV num_key_value_heads, D = C / H head_dim,
+G = H / KV query heads per kv head, F intermediate_size. `wqkv` rows, viewed as (KV, G + 2, D, C),
+hold for each kv group g its G query heads, then its key head, then its value head: with H=4,
+KV=2 the row blocks are [q0, q1, k0, v0, q2, q3, k1, v1].
 
-Written for speed on CPU, where every population member trains (bench/trainer_speed.py compares
-it with transformers' Llama):
-- the wqkv rows are gathered (a weight-sized copy per step) into a compute order [q | k | v] with
-  each RoPE pair (i, i + D/2) side by side, so RoPE for q and k is one contiguous complex multiply
-  with a cached table and needs no rotate_half copies (dot products q.k do not care about the
-  order of head dims as long as q and k share it);
-- causal attention is `scaled_dot_product_attention(is_causal=True, enable_gqa=True)` on strided
-  views: the CPU flash kernel, with no repeated k/v (enable_gqa measured ~10% faster than
-  repeat_interleave for the attention on CPU);
-- RMSNorm has a hand-written backward (autograd's replays ~12 kernels on CPU);
-- in fp32 on CPU each decoder layer is one autograd Function (_DecoderLayerFn) with a
-  hand-written backward: on the tiny default model the per-op and per-node overhead of Python
-  and autograd costs more than most of the arithmetic, so the layer is one node instead of about
-  fifteen (attention stays `scaled_dot_product_attention`, on a graph local to the layer). It
-  works in buffers kept across steps (fresh activation-sized tensors cost page faults on the CPU
-  machines: glibc hands freed memory back to the kernel every step, see _BufferPool): RoPE is
-  applied in place, q, k, v are views of one buffer and their gradients are written into one,
-  each norm's weight is folded into the matrix after it (a weight-sized product instead of a pass
-  over the activations), and the residual adds are addmm's. The final norm is fused with the
-  output head (_NormLinearFn). Autocast, torch.compile and GPUs take the plain modules (RMSNorm,
-  F.linear, F.silu).
-Under torch.compile RoPE switches to real arithmetic on a [cos, sin] table (inductor generates no
-code for complex tensors), so the whole model compiles.
+These modules are what runs on GPUs, under autocast and under torch.compile. On CPU in fp32 the
+Trainer runs the same model through trainers/cpu_fused.py, hand-written autograd Functions over
+these modules' parameters, tested equal to them.
 """
 
 from __future__ import annotations
@@ -54,8 +47,6 @@ from typing import Any, Mapping
 import torch
 import torch.nn.functional as F
 from torch import nn
-
-from trainers import kernels
 
 
 class ConfigError(ValueError):
@@ -169,8 +160,8 @@ def _check_rope_scaling(rope_scaling: Any) -> dict | None:
 
 class Linear(nn.Module):
     """y = x W^T (+ b), like nn.Linear but created uninitialised: nn.Linear's constructor draws
-    from the global RNG (and skip_init's meta-device route imports torch._dynamo, ~2 s), while
-    every weight here is set once, from an explicit generator, by InternLM2ForCausalLM."""
+    from the global RNG (and skip_init's meta-device route imports torch._dynamo), while every
+    weight here is set once, from an explicit generator, by InternLM2ForCausalLM."""
 
     def __init__(self, in_features: int, out_features: int, bias: bool = False) -> None:
         super().__init__()
@@ -181,54 +172,9 @@ class Linear(nn.Module):
         return F.linear(x, self.weight, self.bias)
 
 
-_EPS: dict[tuple, torch.Tensor] = {}  # eps as 0-dim tensors, per (eps, dtype, device)
-
-
-def _rstd(x: torch.Tensor, eps: float) -> torch.Tensor:
-    """(..., 1) = 1 / sqrt(mean(x^2) + eps) over the last dim, from the L2 norm: one reduction
-    kernel over x, then eps + norm^2 / C as one addcmul (three ops: each op on these small
-    tensors costs more in dispatch than in arithmetic)."""
-    key = (eps, x.dtype, x.device)
-    eps_t = _EPS.get(key)
-    if eps_t is None:
-        eps_t = _EPS[key] = torch.tensor(eps, dtype=x.dtype, device=x.device)
-    norm = torch.linalg.vector_norm(x, dim=-1, keepdim=True)
-    return torch.addcmul(eps_t, norm, norm, value=1.0 / x.shape[-1]).rsqrt_()
-
-
-class _RMSNormFn(torch.autograd.Function):
-    """y = x * rsqrt(mean(x^2) + eps) * w with statistics in fp32 and a hand-written backward.
-
-    On CPU `F.rms_norm` only fuses the forward; under autograd it records pow/mean/add/rsqrt/mul/mul
-    and replays ~12 kernels backward. Here the forward is one reduction and two multiplies over
-    the activations, the backward two reductions and three elementwise passes.
-    """
-
-    @staticmethod
-    def forward(ctx, x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
-        xf = x.to(torch.promote_types(x.dtype, torch.float32))  # statistics in (at least) fp32
-        rstd = _rstd(xf, eps)
-        xhat = (xf * rstd).to(x.dtype)  # (..., C)
-        ctx.save_for_backward(xhat, weight, rstd)
-        return xhat * weight
-
-    @staticmethod
-    def backward(ctx, g: torch.Tensor):
-        xhat, weight, rstd = ctx.saved_tensors
-        C = xhat.shape[-1]
-        gw = torch.linalg.vecdot(g.reshape(-1, C).t(), xhat.reshape(-1, C).t())  # (C,) = sum over rows of g*xhat
-        f32 = torch.promote_types(xhat.dtype, torch.float32)
-        gxhat = (g * weight).to(f32)  # (..., C), a fresh tensor
-        xhat_f = xhat.to(f32)
-        dot = torch.linalg.vecdot(gxhat, xhat_f).unsqueeze_(-1).div_(C)  # (..., 1) = mean(gxhat * xhat)
-        # dx = rstd * (gxhat - xhat * mean(gxhat * xhat)); two-operand ops only: a ternary op with a
-        # broadcast (..., 1) operand (addcmul) takes ATen's slow non-vectorised path on CPU
-        gx = gxhat.sub_(xhat_f * dot).mul_(rstd)
-        return gx.to(g.dtype), gw.to(weight.dtype), None
-
-
 class RMSNorm(nn.Module):
-    """RMSNorm with statistics in fp32 (cast back to the input dtype), as InternLM2RMSNorm."""
+    """x / sqrt(mean(x^2) + eps) * weight, with the statistics in fp32 and the result cast back
+    to the input's dtype before the weight, as InternLM2RMSNorm."""
 
     def __init__(self, dim: int, eps: float) -> None:
         super().__init__()
@@ -236,34 +182,30 @@ class RMSNorm(nn.Module):
         self.eps = eps
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return _RMSNormFn.apply(x, self.weight, self.eps)  # (B, T, C) -> (B, T, C)
+        input_dtype = x.dtype
+        x = x.to(torch.float32)  # (B, T, C)
+        variance = x.pow(2).mean(-1, keepdim=True)  # (B, T, 1)
+        x = x * torch.rsqrt(variance + self.eps)
+        return self.weight * x.to(input_dtype)
 
 
 class RotaryEmbedding(nn.Module):
-    """Rotate-half RoPE as HF InternLM2 builds it (default, linear or dynamic NTK), as a complex table.
+    """Rotate-half RoPE tables as HF InternLM2 builds them: default, linear or dynamic NTK scaling.
 
-    HF rotates the pairs (i, i + D/2) of each head: out_i = x_i cos - x_{i+D/2} sin and
-    out_{i+D/2} = x_{i+D/2} cos + x_i sin, with angle t * inv_freq_i. That is the complex product
-    (x_i + j x_{i+D/2}) * e^{j angle}, so once Attention stores each pair next to each other
-    (see `qkv_compute_order`) RoPE is one contiguous complex multiply for q and k together.
-
-    `inv_freq` is a non-persistent buffer (not in the state dict), as in InternLM2. Tables are
-    cached per (seq_len, device): training uses one length, so they are built once. Dynamic NTK
-    scaling is a pure function of the sequence length here (HF InternLM2 keeps its grown table
-    after a long call; for a single forward both agree).
+    Head dim i and i + D/2 form a pair rotated by the angle t * inv_freq_i at position t
+    (`rotate_half` below). `inv_freq` is a non-persistent buffer (not in the state dict), as in
+    InternLM2. Dynamic NTK scaling is a pure function of the current sequence length here (HF
+    InternLM2 keeps its grown table after a long call; for a single forward both agree).
     """
 
     def __init__(self, config: InternLM2Config) -> None:
         super().__init__()
         self.dim = config.head_dim
-        self.rotated_heads = config.num_attention_heads + config.num_key_value_heads  # q and k heads
         self.base = config.rope_theta
         self.max_position_embeddings = config.max_position_embeddings
         scaling = config.rope_scaling or {"type": None, "factor": 1.0}
         self.scaling_type, self.scaling_factor = scaling["type"], scaling["factor"]
         self.register_buffer("inv_freq", self._inv_freq(self.base), persistent=False)
-        self._cache: dict[tuple, torch.Tensor] = {}
-        self._conj: dict[tuple, torch.Tensor] = {}
 
     def _inv_freq(self, base: float, device: torch.device | None = None) -> torch.Tensor:
         # (D/2,) in fp32, as InternLM2: 1 / base^(2i/D)
@@ -281,67 +223,24 @@ class RotaryEmbedding(nn.Module):
             inv_freq = self._inv_freq(base, device)
         return torch.outer(t, inv_freq)  # (T, D/2)
 
-    def forward(self, seq_len: int, device: torch.device) -> torch.Tensor:
-        """complex64 (T, (H + KV) * D/2): e^{j angle} for every rotated pair of every q and k head.
-
-        While torch.compile traces, a real (T, (H + KV) * D/2, 2) table of [cos, sin] instead, built
-        in the graph (no cache): inductor generates no code for complex tensors, so the complex
-        product would run as a separate eager kernel, while the real form fuses with its neighbours.
-        """
-        if torch.compiler.is_compiling():
-            freqs = self.angles(seq_len, device).repeat(1, self.rotated_heads)  # (T, (H+KV)*D/2)
-            return torch.stack((freqs.cos(), freqs.sin()), dim=-1)
-        key = (seq_len, device)
-        table = self._cache.get(key)
-        if table is None:
-            freqs = self.angles(seq_len, device)  # (T, D/2)
-            cis = torch.complex(freqs.cos(), freqs.sin())  # cos/sin in fp32, as HF's tables
-            # repeat over the q and k heads so the multiply has no broadcast (long contiguous runs)
-            table = cis.repeat(1, self.rotated_heads)  # (T, (H + KV) * D/2)
-            if len(self._cache) >= 8:  # a handful of lengths at most (train, eval, generation)
-                self._cache.clear()
-                self._conj.clear()
-            self._cache[key] = table
-        return table
-
-    def conjugate(self, table: torch.Tensor) -> torch.Tensor:
-        """The conjugate of a complex table from forward (rotation by -angle: RoPE's backward), cached with it."""
-        key = (table.shape[0], table.device)
-        conj = self._conj.get(key)
-        if conj is None or self._cache.get(key) is not table:
-            conj = self._conj[key] = torch.conj_physical(table)
-        return conj
+    def forward(self, seq_len: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+        """(cos, sin), each (T, D) in fp32."""
+        freqs = self.angles(seq_len, device)  # (T, D/2)
+        emb = torch.cat((freqs, freqs), dim=-1)  # (T, D): dims i and i + D/2 share an angle
+        return emb.cos(), emb.sin()
 
 
-def qkv_compute_order(n_head: int, n_kv: int, head_dim: int) -> torch.Tensor:
-    """Row order of `wqkv` that the forward computes in: [q heads | k heads | v heads].
-
-    HF's rows are grouped per kv head g: [q_{gG}, .., q_{gG+G-1}, k_g, v_g] (G = H / KV). Within
-    each q and k head, dims i and i + D/2 (a RoPE pair) are placed side by side. Scores q.k are
-    sums over the head dim, so permuting q's and k's dims alike changes nothing but speed.
-    Returns index (H + 2 KV) * D: computed row r is HF row order[r].
-    """
-    G, D = n_head // n_kv, head_dim
-    pairs = torch.stack((torch.arange(D // 2), torch.arange(D // 2) + D // 2), dim=1).flatten()  # 0, D/2, 1, ..
-
-    def hf_rows(group: int, slot: int, dims: torch.Tensor) -> torch.Tensor:
-        return (group * (G + 2) + slot) * D + dims  # slot < G: query, G: key, G + 1: value
-
-    q = [hf_rows(h // G, h % G, pairs) for h in range(n_head)]  # query head h = g * G + j
-    k = [hf_rows(g, G, pairs) for g in range(n_kv)]
-    v = [hf_rows(g, G + 1, torch.arange(D)) for g in range(n_kv)]
-    return torch.cat(q + k + v)
+def rotate_half(x: torch.Tensor) -> torch.Tensor:
+    """(..., D): [x1, x2] -> [-x2, x1], the halves of the last dim."""
+    x1, x2 = x[..., : x.shape[-1] // 2], x[..., x.shape[-1] // 2:]
+    return torch.cat((-x2, x1), dim=-1)
 
 
-def apply_rope(pairs: torch.Tensor, table: torch.Tensor) -> torch.Tensor:
-    """Rotate (..., n, 2) pairs (x_i, x_{i+D/2}) by a RotaryEmbedding table: one complex multiply
-    with a complex (T, n) table (eager), or the same product written out in real arithmetic with a
-    real (T, n, 2) [cos, sin] table (under torch.compile, where inductor fuses it)."""
-    if table.is_complex():
-        return torch.view_as_real(torch.view_as_complex(pairs) * table)
-    x0, x1 = pairs.unbind(-1)
-    cos, sin = table.unbind(-1)
-    return torch.stack((x0 * cos - x1 * sin, x1 * cos + x0 * sin), dim=-1)
+def apply_rotary_pos_emb(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
+                         ) -> tuple[torch.Tensor, torch.Tensor]:
+    """RoPE on q (B, H, T, D) and k (B, KV, T, D) with (T, D) tables, in q's dtype as InternLM2."""
+    cos, sin = cos.to(q.dtype), sin.to(q.dtype)
+    return q * cos + rotate_half(q) * sin, k * cos + rotate_half(k) * sin
 
 
 class Attention(nn.Module):
@@ -352,295 +251,28 @@ class Attention(nn.Module):
         self.n_head = config.num_attention_heads
         self.n_kv = config.num_key_value_heads
         self.head_dim = config.head_dim
-        qkv_out = (self.n_head + 2 * self.n_kv) * self.head_dim
-        self.wqkv = Linear(config.hidden_size, qkv_out, bias=config.bias)
+        self.wqkv = Linear(config.hidden_size, (self.n_head + 2 * self.n_kv) * self.head_dim, bias=config.bias)
         self.wo = Linear(self.n_head * self.head_dim, config.hidden_size, bias=config.bias)
-        order = qkv_compute_order(self.n_head, self.n_kv, self.head_dim)
-        self.register_buffer("qkv_order", order, persistent=False)
-        self.register_buffer("qkv_inverse", torch.argsort(order), persistent=False)  # compute row -> HF row
 
-    def forward(self, x: torch.Tensor, rope: torch.Tensor) -> torch.Tensor:
-        """attention(x): (B, T, C) -> (B, T, C) (in fp32 on CPU the whole layer runs as _DecoderLayerFn)."""
+    def forward(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
+        """(B, T, C) -> (B, T, C); `rope` is RotaryEmbedding's (cos, sin)."""
         B, T, C = x.shape
         H, KV, D = self.n_head, self.n_kv, self.head_dim
-        # the weight rows gathered into compute order (a (H+2KV)*D x C copy; its backward scatters)
-        w = self.wqkv.weight.index_select(0, self.qkv_order)
-        b = None if self.wqkv.bias is None else self.wqkv.bias.index_select(0, self.qkv_order)
-        qkv = F.linear(x, w, b)  # (B, T, (H + 2KV) * D)
-        # qkv = [q | k | v], RoPE pairs adjacent
-        qk, v = qkv.split(((H + KV) * D, KV * D), dim=-1)
-        # RoPE on q and k at once, in fp32: (B, T, (H+KV)*D/2) complex * (T, (H+KV)*D/2)
-        qk = apply_rope(qk.float().unflatten(-1, (-1, 2)), rope)  # (B, T, (H+KV)*D/2, 2): pairs (re, im)
-        q, k = qk.to(qkv.dtype).view(B, T, H + KV, D).split((H, KV), dim=2)
-        y = _attend(q.transpose(1, 2), k.transpose(1, 2), v.view(B, T, KV, D).transpose(1, 2))
+        G = H // KV
+        # InternLM2: rearrange(qkv, "b q (h gs d) -> b q h gs d", gs=2 + G), then per kv group
+        # its G query heads, its key head, its value head
+        qkv = self.wqkv(x).view(B, T, KV, G + 2, D)
+        q = qkv[..., :G, :].reshape(B, T, H, D).transpose(1, 2)  # (B, H, T, D), query head h = g * G + j
+        k = qkv[..., -2, :].transpose(1, 2)  # (B, KV, T, D)
+        v = qkv[..., -1, :].transpose(1, 2)  # (B, KV, T, D)
+        q, k = apply_rotary_pos_emb(q, k, *rope)
+        # enable_gqa: query head h attends with kv head h // G, as repeat_kv + softmax attention
+        y = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=H != KV)  # (B, H, T, D)
         return self.wo(y.transpose(1, 2).reshape(B, T, H * D))  # (B, T, C)
 
 
-def _attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-    """Causal attention of q (B, H, T, D) over k, v (B, KV, T, D): (B, H, T, D).
-
-    The inputs are transposed views of (B, T, heads, D) memory, which suits the CPU flash kernel
-    (it lays its output out as (B, T, H, D), so the transpose back is free). enable_gqa lets each
-    kv head serve its G query heads without materialising repeated k/v (measured faster on CPU
-    than repeat_interleave)."""
-    return F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=q.shape[1] != k.shape[1])
-
-
-def _fp32_cpu(x: torch.Tensor, *weights: torch.Tensor) -> bool:
-    """Whether the hand-written CPU paths apply: fp32 on CPU, outside autocast and torch.compile
-    (GPUs and compiled graphs fuse the plain ops themselves; autocast needs its own casts)."""
-    return (x.device.type == "cpu" and x.dtype == torch.float32 and all(w.dtype == torch.float32 for w in weights)
-            and not torch.is_autocast_enabled("cpu") and not torch.compiler.is_compiling())
-
-
-def _graph_kept(*inputs: torch.Tensor) -> bool:
-    """Whether autograd will keep a graph through a Function of these inputs (its buffers must then
-    live until the backward; otherwise they go straight back to the pool)."""
-    return torch.is_grad_enabled() and any(t.requires_grad for t in inputs)
-
-
-class _BufferPool:
-    """Free activation buffers of one module's hand-written autograd Function, kept from one
-    training step to the next.
-
-    On this project's CPU machines a fresh tensor of a few MB costs more than the arithmetic
-    done in it: glibc returns the freed activations of every step to the kernel (its heap trim)
-    and each new buffer is paid again in page faults. Measured on the 2.9M-parameter benchmark
-    model (16x128 tokens, F = 684, a 5.6 MB buffer): an elementwise multiply into a fresh tensor
-    took ~5 ms inside a training step, the same multiply in place 0.36 ms. A buffer is taken by
-    a forward and given back by its backward (or at once when no graph is kept), so a forward
-    that runs while another's graph is alive simply allocates. Between steps a pool holds what
-    its Function needs for one step (one set per batch shape seen, e.g. train and eval): memory
-    autograd allocates at every step's peak anyway (profiled with torch.profiler, 1 thread).
-    """
-
-    def __init__(self) -> None:
-        self._free: dict[tuple, list[torch.Tensor]] = {}
-
-    def take(self, shape: tuple[int, ...], like: torch.Tensor) -> torch.Tensor:
-        free = self._free.get((shape, like.dtype, like.device))
-        return free.pop() if free else torch.empty(shape, dtype=like.dtype, device=like.device)
-
-    def give(self, *buffers: torch.Tensor) -> None:
-        for t in buffers:
-            free = self._free.setdefault((tuple(t.shape), t.dtype, t.device), [])
-            if len(free) < 8:  # more only if forwards overlap; let the rest go
-                free.append(t)
-
-
-def _xhat_into(x2: torch.Tensor, eps: float, out: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """xhat = x * rsqrt(mean(x^2) + eps) for fp32 rows x2 (N, C), written into `out`; returns
-    (xhat, rstd (N, 1)). The norm's weight is not applied: the fused Functions fold it into the
-    matrix that follows (n W^T = xhat (W diag(norm_w))^T), a weight-sized product instead of a
-    pass over the activations, and likewise for its gradient."""
-    if kernels.usable(x2, out):  # one pass per row (trainers/kernels.py)
-        rstd = torch.empty((x2.shape[0], 1), dtype=x2.dtype)
-        kernels.rms_fwd(x2, out, rstd, eps)
-        return out, rstd
-    rstd = _rstd(x2, eps)
-    return torch.mul(x2, rstd, out=out), rstd
-
-
-def _xhat_backward_(gxhat: torch.Tensor, xhat: torch.Tensor, rstd: torch.Tensor, tmp: torch.Tensor,
-                    residual: torch.Tensor | None = None) -> torch.Tensor:
-    """The gradient of x from that of xhat (N, C), in place in gxhat, plus `residual` (N, C) when
-    given; `tmp` (N, C) is scratch: dx = rstd * (gxhat - xhat * mean(gxhat * xhat)). Without the
-    compiled kernels, two-operand passes only: a ternary op with a broadcast (N, 1) operand
-    (addcmul) takes ATen's slow non-vectorised path on CPU."""
-    if kernels.usable(gxhat, xhat, rstd) and (residual is None or kernels.usable(residual)):
-        kernels.rms_bwd(gxhat, xhat, rstd, residual)  # one pass per row (trainers/kernels.py)
-        return gxhat
-    m = torch.mul(gxhat, xhat, out=tmp).sum(-1, keepdim=True)  # (N, 1): C * mean(gxhat * xhat)
-    gx = gxhat.sub_(torch.mul(xhat, m, out=tmp), alpha=1.0 / xhat.shape[-1]).mul_(rstd)
-    return gx if residual is None else gx.add_(residual)
-
-
-def _folded(w: torch.Tensor, norm_w: torch.Tensor) -> torch.Tensor:
-    """W diag(norm_w): a (out, C) projection with the preceding norm's weight folded in."""
-    return w * norm_w
-
-
-def _unfold_grads(gwf: torch.Tensor, w: torch.Tensor, norm_w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Gradients of W and of norm_w from that of W diag(norm_w) (gwf, (out, C), scaled in place)."""
-    gnorm_w = torch.linalg.vecdot(gwf.t(), w.t())  # (C,): sum over rows of gwf * W (weight-sized)
-    return gwf.mul_(norm_w), gnorm_w
-
-
-class _NormLinearFn(torch.autograd.Function):
-    """n @ w^T with n = RMSNorm(x) * norm_w, on CPU: the final norm and the output head.
-
-    xhat (saved for the weight gradient and the norm's backward) lives in a pooled buffer (see
-    _BufferPool), the norm weight is folded into w (_folded), and the norm's backward runs in
-    place in the gradient of xhat: three fresh (N, C) tensors and two passes over them fewer per
-    step than _RMSNormFn followed by F.linear.
-    """
-
-    @staticmethod
-    def forward(ctx, x, norm_w, eps: float, w, pool: _BufferPool, keep: bool):
-        x2 = x.reshape(-1, x.shape[-1])  # (N, C)
-        xhat, rstd = _xhat_into(x2, eps, pool.take(tuple(x2.shape), x2))
-        wf = _folded(w, norm_w)  # (out, C)
-        y = torch.mm(xhat, wf.t())  # (N, out)
-        if keep:
-            ctx.save_for_backward(rstd, w, norm_w, wf)
-            ctx.buffers, ctx.pool = xhat, pool
-        else:
-            pool.give(xhat)
-        return y.view(*x.shape[:-1], w.shape[0])
-
-    @staticmethod
-    @torch.autograd.function.once_differentiable
-    def backward(ctx, g):
-        if ctx.buffers is None:
-            raise RuntimeError("a norm + projection CPU backward ran twice (retain_graph): its buffers are gone")
-        rstd, w, norm_w, wf = ctx.saved_tensors
-        xhat, pool = ctx.buffers, ctx.pool
-        ctx.buffers = None
-        g2 = g.reshape(-1, g.shape[-1])  # (N, out)
-        gw, gnorm_w = _unfold_grads(torch.mm(g2.t(), xhat), w, norm_w)  # (out, C), (C,)
-        tmp = pool.take(tuple(xhat.shape), xhat)
-        gx = _xhat_backward_(torch.mm(g2, wf), xhat, rstd, tmp)  # (N, C), a fresh tensor
-        pool.give(xhat, tmp)
-        return gx.view(*g.shape[:-1], xhat.shape[-1]), gnorm_w, None, gw, None, None
-
-
-class _DecoderLayerFn(torch.autograd.Function):
-    """A whole pre-norm decoder layer in fp32 on CPU, by hand, as one autograd Function:
-
-        h = x + wo(attention(rope(wqkv(RMSNorm(x) * attention_norm_w))))
-        out = h + w2(silu(w1 n) * w3 n),   n = RMSNorm(h) * ffn_norm_w
-
-    One node per layer in autograd's graph instead of about fifteen (the views, transposes and
-    addmm around attention, two Functions, their residual branches): on the tiny default model the
-    per-op and per-node overhead of Python and autograd, not arithmetic, is what separated the
-    step from the kernels it runs. Attention itself stays `F.scaled_dot_product_attention` on
-    views of q, k and v made leaves of a graph local to this layer; the backward asks autograd
-    for their gradients (torch.autograd.grad on that small graph).
-
-    - Norms: statistics in fp32, the weight folded into the matrix after it (_folded), the
-      backward in place in the gradient of xhat (_xhat_backward_).
-    - Attention input: wqkv's rows gathered into compute order ([q | k | v], RoPE pairs side by
-      side, see qkv_compute_order) and RoPE applied in place as one complex multiply; q, k, v are
-      views of that one buffer, and their gradients, rotated back, are written into it.
-    - SwiGLU: sigmoid(a) is kept from the forward (the one expensive elementwise kernel); every
-      gradient is computed in the forward's buffers.
-    - Residual adds are the output projections' addmm's; the residual gradients are added in place.
-
-    Where the compiled kernels of trainers/kernels.py are available, each norm (forward; backward
-    with its residual add) and the SwiGLU elementwise work (forward; backward) is one loop over
-    the data instead of a chain of ATen ops (measured: 1.2% of the tiny default model's step at 2
-    threads, 3.5% at 1 thread); otherwise the ATen ops below run.
-
-    Activations live in buffers of the layer's pool (_BufferPool) from the forward to the end of
-    the backward. Backward only once: the buffers are overwritten by it.
-    """
-
-    @staticmethod
-    def forward(ctx, x, attn_norm_w, wqkv, wo, ffn_norm_w, w1, w3, w2, layer: "DecoderLayer",
-                ropes: tuple[torch.Tensor, torch.Tensor], keep: bool):
-        B, T, C = x.shape
-        rope = ropes[0]  # and ropes[1], its conjugate (the backward's rotation by -angle)
-        attention, pool = layer.attention, layer._pool
-        H, KV, D = attention.n_head, attention.n_kv, attention.head_dim
-        x2 = x.reshape(-1, C)  # (N, C)
-        N, Fd = x2.shape[0], w1.shape[0]
-        # attention input: RMSNorm (weight folded), projection in compute order, RoPE in place
-        xhat1, rstd1 = _xhat_into(x2, layer.attention_norm.eps, pool.take((N, C), x2))
-        w = wqkv.index_select(0, attention.qkv_order)  # (R, C) rows in compute order
-        wf = _folded(w, attn_norm_w)
-        qkv = torch.mm(xhat1, wf.t(), out=pool.take((N, (H + 2 * KV) * D), x2))  # (N, R)
-        # (B, T, (H+KV)*D/2) complex * (T, (H+KV)*D/2)
-        torch.view_as_complex(qkv.view(B, T, -1)[..., :(H + KV) * D].unflatten(-1, (-1, 2))).mul_(rope)
-        with torch.set_grad_enabled(keep):  # a graph local to the layer: the qkv leaf, its views, SDPA
-            q, k, v = (qkv.detach().requires_grad_() if keep else qkv).view(B, T, H + 2 * KV, D).transpose(1, 2).split(
-                (H, KV, KV), dim=1)  # (B, heads, T, D)
-            y = _attend(q, k, v)  # (B, H, T, D) over (B, T, H, D) memory
-        y2 = y.transpose(1, 2).reshape(N, H * D)  # a view (no graph: grad mode is off again)
-        h1 = torch.addmm(x2, y2, wo.t(), out=pool.take((N, C), x2))  # x + attention
-        # SwiGLU block
-        xhat2, rstd2 = _xhat_into(h1, layer.ffn_norm.eps, pool.take((N, C), x2))
-        w1f, w3f = _folded(w1, ffn_norm_w), _folded(w3, ffn_norm_w)  # (F, C)
-        a = torch.mm(xhat2, w1f.t(), out=pool.take((N, Fd), x2))  # (N, F) gate
-        b = torch.mm(xhat2, w3f.t(), out=pool.take((N, Fd), x2))  # (N, F) up
-        # silu(a) = a * sigmoid(a), with sigmoid(a) kept for the backward: sigmoid is the one
-        # expensive elementwise kernel here (an exp per element), so it runs once per step
-        sig, h = pool.take((N, Fd), x2), pool.take((N, Fd), x2)
-        if kernels.usable(a, b, sig, h):
-            kernels.swiglu_fwd(a, b, sig, h)  # one pass (trainers/kernels.py)
-            s = a  # silu(a), in a's buffer
-        else:
-            torch.sigmoid(a, out=sig)
-            s = a.mul_(sig)
-            torch.mul(s, b, out=h)
-        out = torch.addmm(h1, h, w2.t())  # h1 + h w2^T: the layer's output, a fresh tensor
-        pool.give(h1)
-        if keep:
-            ctx.save_for_backward(rstd1, attn_norm_w, w, wf, wo, rstd2, ffn_norm_w, w1, w3, w2, w1f, w3f)
-            ctx.buffers = (xhat1, qkv, xhat2, s, b, h, sig)
-            ctx.sdpa, ctx.layer, ctx.rope_back = (y, q, k, v, y2), layer, ropes[1]
-        else:
-            pool.give(xhat1, qkv, xhat2, s, b, h, sig)
-        return out.view(B, T, C)
-
-    @staticmethod
-    @torch.autograd.function.once_differentiable
-    def backward(ctx, g):
-        if ctx.buffers is None:
-            raise RuntimeError("a decoder layer's CPU backward ran twice (retain_graph): its buffers are gone")
-        rstd1, attn_norm_w, w, wf, wo, rstd2, ffn_norm_w, w1, w3, w2, w1f, w3f = ctx.saved_tensors
-        xhat1, qkv, xhat2, s, b, h, sig = ctx.buffers
-        y, q, k, v, y2 = ctx.sdpa
-        layer = ctx.layer
-        ctx.buffers = ctx.sdpa = None
-        pool, attention = layer._pool, layer.attention
-        H, KV, D = attention.n_head, attention.n_kv, attention.head_dim
-        B, T, C = g.shape
-        N = B * T
-        g2 = g.reshape(N, C)
-        # SwiGLU block, in its forward's buffers
-        gw2 = torch.mm(g2.t(), h)  # (C, F); h is free after this
-        gh = torch.mm(g2, w2, out=h)  # (N, F) grad of h, in h's buffer
-        if kernels.usable(gh, s, sig, b):
-            kernels.swiglu_bwd(gh, s, sig, b)  # one pass (trainers/kernels.py)
-            ga, gb = b, gh
-        else:
-            gs = b.mul_(gh)  # b * gh: the grad of silu(a), in b's buffer
-            gb = gh.mul_(s)  # grad of b = gh * silu(a), in h's buffer
-            ds = s.addcmul_(s, sig, value=-1.0).add_(sig)  # silu'(a) = sig + silu(a) * (1 - sig), in a's buffer
-            ga = gs.mul_(ds)  # grad of a, in b's buffer
-        gw1, gnw1 = _unfold_grads(torch.mm(ga.t(), xhat2), w1, ffn_norm_w)
-        gw3, gnw3 = _unfold_grads(torch.mm(gb.t(), xhat2), w3, ffn_norm_w)
-        gxhat2 = torch.mm(ga, w1f).addmm_(gb, w3f)  # (N, C) grad of xhat2, a fresh tensor
-        tmp = pool.take((N, C), xhat2)
-        gh1 = _xhat_backward_(gxhat2, xhat2, rstd2, tmp, g2)  # grad of h1: norm path + residual
-        # output projection and attention
-        gwo = torch.mm(gh1.t(), y2)  # (C, H*D)
-        gy = torch.mm(gh1, wo).view(B, T, H, D).transpose(1, 2)  # (B, H, T, D)
-        gq, gk, gv = torch.autograd.grad(y, (q, k, v), gy)  # (B, heads, T, D)
-        # the gradient of [q | k | v] before RoPE, in the forward's q/k/v buffer (free now: SDPA's
-        # backward, the only reader of q, k and v, has run)
-        g4 = qkv.view(B, T, H + 2 * KV, D)
-        rope_back = ctx.rope_back.view(T, H + KV, D // 2)  # rotation by -angle
-        for grad, heads in ((gq, slice(0, H)), (gk, slice(H, H + KV))):
-            grad = grad.transpose(1, 2)  # (B, T, heads, D)
-            if grad.stride(-1) != 1:
-                grad = grad.contiguous()
-            torch.mul(torch.view_as_complex(grad.unflatten(-1, (-1, 2))), rope_back[:, heads],
-                      out=torch.view_as_complex(g4[:, :, heads].unflatten(-1, (-1, 2))))
-        g4[:, :, H + KV:].copy_(gv.transpose(1, 2))
-        gqkv = qkv.view(N, -1)  # (N, R)
-        gw, gattn_norm_w = _unfold_grads(torch.mm(gqkv.t(), xhat1), w, attn_norm_w)  # in compute order
-        gwqkv = gw.index_select(0, attention.qkv_inverse)  # back to HF's row order
-        gx = _xhat_backward_(torch.mm(gqkv, wf), xhat1, rstd1, tmp, gh1)  # norm path + residual
-        pool.give(xhat1, qkv, xhat2, s, b, h, sig, tmp)
-        return gx.view(B, T, C), gattn_norm_w, gwqkv, gwo, gnw1.add_(gnw3), gw1, gw3, gw2, None, None, None
-
-
 class FeedForward(nn.Module):
-    """SwiGLU: w2(silu(w1 x) * w3 x).
-
-    w1 and w3 stay two matmuls: one fused (2F, C) matmul measured slower on CPU below hidden 256.
-    """
+    """SwiGLU: w2(silu(w1 x) * w3 x)."""
 
     def __init__(self, config: InternLM2Config) -> None:
         super().__init__()
@@ -654,10 +286,7 @@ class FeedForward(nn.Module):
 
 
 class DecoderLayer(nn.Module):
-    """Pre-norm block: x + attn(norm(x)), then x + ffn(norm(x)).
-
-    In fp32 on CPU, outside autocast and torch.compile and without biases, the layer runs as
-    _DecoderLayerFn (see InternLM2Model.unnormed); otherwise as these modules."""
+    """Pre-norm block: h = x + attention(norm(x)), then h + feed_forward(norm(h))."""
 
     def __init__(self, config: InternLM2Config) -> None:
         super().__init__()
@@ -665,23 +294,14 @@ class DecoderLayer(nn.Module):
         self.attention = Attention(config)
         self.ffn_norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.feed_forward = FeedForward(config)
-        self._pool = _BufferPool()  # _DecoderLayerFn's buffers
 
-    def forward(self, x: torch.Tensor, rope: torch.Tensor) -> torch.Tensor:
-        x = x + self.attention(self.attention_norm(x), rope)
-        return x + self.feed_forward(self.ffn_norm(x))
-
-    def fused_weights(self) -> tuple[torch.Tensor, ...] | None:
-        """The parameters _DecoderLayerFn takes, in its order; None when it does not apply (biases)."""
-        attention, ffn = self.attention, self.feed_forward
-        if attention.wqkv.bias is not None or attention.wo.bias is not None:
-            return None
-        return (self.attention_norm.weight, attention.wqkv.weight, attention.wo.weight, self.ffn_norm.weight,
-                ffn.w1.weight, ffn.w3.weight, ffn.w2.weight)
+    def forward(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
+        h = x + self.attention(self.attention_norm(x), rope)  # (B, T, C)
+        return h + self.feed_forward(self.ffn_norm(h))
 
 
 class InternLM2Model(nn.Module):
-    """Embeddings + decoder layers + final norm (HF's `model.` prefix)."""
+    """Embeddings + decoder layers + final norm (HF's `model.` prefix): (B, T) -> (B, T, C)."""
 
     def __init__(self, config: InternLM2Config) -> None:
         super().__init__()
@@ -692,22 +312,11 @@ class InternLM2Model(nn.Module):
         self.rotary_emb = RotaryEmbedding(config)
 
     def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
-        return self.norm(self.unnormed(input_ids))
-
-    def unnormed(self, input_ids: torch.Tensor) -> torch.Tensor:
-        """The last layer's output before the final norm: (B, T) -> (B, T, C)."""
         x = self.tok_embeddings(input_ids)  # (B, T, C)
-        rope = self.rotary_emb(input_ids.shape[1], x.device)  # (T, (H + KV) * D/2) complex
-        ropes = None
+        rope = self.rotary_emb(input_ids.shape[1], x.device)  # (T, D) cos, sin
         for layer in self.layers:
-            weights = layer.fused_weights()
-            if weights is not None and rope.is_complex() and _fp32_cpu(x, *weights):
-                if ropes is None:
-                    ropes = (rope, self.rotary_emb.conjugate(rope))
-                x = _DecoderLayerFn.apply(x, *weights, layer, ropes, _graph_kept(x, *weights))
-            else:
-                x = layer(x, rope)
-        return x
+            x = layer(x, rope)
+        return self.norm(x)
 
 
 class InternLM2ForCausalLM(nn.Module):
@@ -725,7 +334,6 @@ class InternLM2ForCausalLM(nn.Module):
         self.config = config
         self.model = InternLM2Model(config)
         self.output = Linear(config.hidden_size, config.vocab_size)
-        self._pool = _BufferPool()  # final norm + output head as _NormLinearFn
         if not init:   # the caller loads every parameter next (uninitialised memory until then)
             return
         if generator is None:
@@ -748,11 +356,7 @@ class InternLM2ForCausalLM(nn.Module):
                 p.normal_(0.0, std, generator=generator)
 
     def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
-        x = self.model.unnormed(input_ids)  # (B, T, C)
-        norm, w = self.model.norm, self.output.weight
-        if self.output.bias is None and _fp32_cpu(x, norm.weight, w):  # final norm + head: _NormLinearFn
-            return _NormLinearFn.apply(x, norm.weight, norm.eps, w, self._pool, _graph_kept(x, norm.weight, w))
-        return self.output(norm(x))  # (B, T, vocab)
+        return self.output(self.model(input_ids))  # (B, T, vocab)
 
     def num_parameters(self) -> int:
         return sum(p.numel() for p in self.parameters())

@@ -19,6 +19,7 @@ from typing import Any, Callable
 import torch
 import torch.nn.functional as F
 
+from trainers import cpu_fused
 from trainers.data import DataConfig, load_corpus
 from trainers.model import ConfigError, InternLM2Config, InternLM2ForCausalLM
 from trainers.transfer import transfer_weights
@@ -30,9 +31,9 @@ HPARAMS = ("batch_size", "lr", "weight_decay", "beta1", "beta2", "eps", "grad_cl
 SCHEDULES = ("cosine", "constant")
 DEVICES = ("auto", "cpu", "cuda")
 STATE_FORMAT = 1
-# An exploit that changes the architecture would build a model and optimizer (~1.4 ms of Python
-# at hidden 64, 2-3 ms in a busy member): a CPU trainer keeps the last few it left, each at most
-# SPARE_BYTES of weights + Adam moments, and copies the next state of that shape into one.
+# An exploit that changes the architecture would build a model and optimizer (milliseconds of
+# Python, a large part of an exploit: BENCHMARKS.md): a CPU trainer keeps the last few it left,
+# each at most SPARE_BYTES of weights + Adam moments, and copies the next state of that shape into one.
 SPARE_MODELS = 2
 SPARE_BYTES = 64 * 2**20
 
@@ -119,12 +120,12 @@ class FusedAdamW(torch.optim.AdamW):
 
     ``torch.optim.AdamW.step`` walks every parameter in Python at each step (state checks, five
     lists, a grouping by device and dtype, the functional dispatch) before its one kernel: about
-    half of the optimizer's time on the tiny default model (measured 0.20 -> 0.10 ms per step,
-    1 thread). This step builds the lists directly and calls the same two kernels torch's fused
-    path calls (``_foreach_add_`` on the step counters, then ``_fused_adamw_``), with the state
-    made lazily as torch makes it (step: a float32 0-dim tensor on the parameter's device), so
-    the updates, the state and the state_dict are torch's, bit for bit (tested). AMSGrad,
-    maximize, capturable and differentiable are not offered.
+    half of the optimizer's time on the tiny default model (BENCHMARKS.md). This step builds the
+    lists directly and calls the same two kernels torch's fused path calls (``_foreach_add_`` on
+    the step counters, then ``_fused_adamw_``), with the state made lazily as torch makes it
+    (step: a float32 0-dim tensor on the parameter's device), so the updates, the state and the
+    state_dict are torch's, bit for bit (tested). AMSGrad, maximize, capturable and
+    differentiable are not offered.
     """
 
     def __init__(self, params, lr: float, betas: tuple[float, float], eps: float, weight_decay: float = 0.0):
@@ -163,10 +164,9 @@ def make_optimizer(model: torch.nn.Module, cfg: TrainConfig, lr: float) -> Fused
 
     Two parameter groups, in this order: decoupled weight decay on matrices (dim >= 2:
     projections, embeddings), none on norms and biases. Fused (FusedAdamW): the whole update of
-    each group is one kernel (torch's CPU fused AdamW); torch's default for-each path replays
-    ~10 elementwise ops per parameter on CPU: 0.50 -> 0.16 ms per step on the tiny default model,
-    12.2 -> 2.1 ms on a 2.9M-parameter one (1 thread). State per parameter (exp_avg, exp_avg_sq,
-    step) and the state_dict layout are the same as the for-each optimizer's.
+    each group is one kernel (torch's CPU fused AdamW), where torch's default for-each path
+    replays ~10 elementwise ops per parameter on CPU (BENCHMARKS.md). State per parameter
+    (exp_avg, exp_avg_sq, step) and the state_dict layout are the same as the for-each optimizer's.
     """
     decay = [p for p in model.parameters() if p.dim() >= 2]
     no_decay = [p for p in model.parameters() if p.dim() < 2]
@@ -459,16 +459,22 @@ class Trainer:
         for the caller to fill) and a fresh optimizer; the one it replaces may become a spare."""
         if hasattr(self, "_model"):
             self._keep_spare()
-        # given weights: no init at all (it would cost ~0.7 ms per architecture-changing exploit
-        # at hidden 64, and must not advance our generator); load_state_dict checks every key
+        # given weights: no init at all (a random draw per weight, wasted on an architecture-
+        # changing exploit, and it must not advance our generator); load_state_dict checks every key
         model = InternLM2ForCausalLM(cfg, generator=self._generator, init=weights is None and not empty)
         if weights is not None:
             model.load_state_dict(weights)
         self._model = model.to(self.device) if self.device.type != "cpu" else model   # built on the CPU
         self._model_cfg = cfg
-        # dynamic=False: one static graph per shape (the train batch, the eval batch), never a
-        # symbolic batch dimension: shapes seldom change in a member's life
-        self._forward = torch.compile(self._model, dynamic=False) if self._train.compile else self._model
+        if self._train.compile:
+            # dynamic=False: one static graph per shape (the train batch, the eval batch), never a
+            # symbolic batch dimension: shapes seldom change in a member's life
+            self._forward = torch.compile(self._model, dynamic=False)
+        elif self.device.type == "cpu":
+            # the hand-written fp32 CPU path over the model's own parameters (trainers/cpu_fused.py)
+            self._forward = cpu_fused.FusedForward(self._model)
+        else:
+            self._forward = self._model
         self._optimizer = self._make_optimizer()
 
     def _empty_moments(self, theirs: dict) -> None:

@@ -13,9 +13,10 @@ import pytest
 from rich.console import Console
 
 from population.config import ConfigError, PopulationConfig, ResourcesConfig
-from population.driver import ConfigConflictError, ResourceFitError, SearchError, concurrent_slots, run_search
+from population.driver import ConfigConflictError, ResourceFitError, SearchError, run_search
 from population.inspect import export_run, run_status
 from population.replay import replay_run
+from population.slots import concurrent_slots
 from population.store import RunStore
 from tests.population.conftest import make_setup
 

@@ -1,4 +1,5 @@
-"""trainers/kernels.py: the compiled glue kernels against torch, and the model with and without them."""
+"""trainers/kernels.py: the compiled glue kernels against torch, and the CPU fast path
+(trainers/cpu_fused.py) with and without them."""
 from __future__ import annotations
 
 import pytest
@@ -6,6 +7,7 @@ import torch
 import torch.nn.functional as F
 
 from trainers import kernels
+from trainers.cpu_fused import FusedForward
 from trainers.model import InternLM2Config, InternLM2ForCausalLM
 
 
@@ -59,17 +61,18 @@ def test_rms_kernels_equal_torch(lib, rows, c):
 
 
 def test_model_with_kernels_equals_the_aten_path(lib, monkeypatch):
-    """The decoder layer and the final norm give the same logits and gradients (to fp32 rounding)
-    with the kernels as with ATen's ops; the kernels were called."""
+    """The fused decoder layer and the final norm give the same logits and gradients (to fp32
+    rounding) with the kernels as with ATen's ops; the kernels were called."""
     config = InternLM2Config(num_attention_heads=4, num_key_value_heads=2)
     model = InternLM2ForCausalLM(config, torch.Generator().manual_seed(3))
+    fused = FusedForward(model)
     ids = torch.randint(0, 256, (4, 48), generator=torch.Generator().manual_seed(4))
     calls = []
     monkeypatch.setattr(kernels, "rms_bwd", lambda *a, _f=kernels.rms_bwd: (calls.append("rms_bwd"), _f(*a))[1])
 
     def run():
         model.zero_grad()
-        logits = model(ids)
+        logits = fused(ids)
         F.cross_entropy(logits.flatten(0, 1), ids.roll(-1, 1).flatten()).backward()
         return logits.detach(), {n: p.grad.clone() for n, p in model.named_parameters()}
 
@@ -92,9 +95,9 @@ def test_without_a_compiler_the_model_keeps_aten(monkeypatch, tmp_path, caplog):
             assert kernels.library() is None
         assert "no-such-gcc" in kernels.why_not()
         assert [r.getMessage() for r in caplog.records] == [
-            f"compiled CPU loops unavailable ({kernels.why_not()}); the model uses ATen ops"]
+            f"compiled CPU loops unavailable ({kernels.why_not()}); the CPU fast path uses ATen ops"]
         model = InternLM2ForCausalLM(InternLM2Config())
-        logits = model(torch.randint(0, 256, (2, 16)))
+        logits = FusedForward(model)(torch.randint(0, 256, (2, 16)))
         logits.sum().backward()
         assert torch.isfinite(model.output.weight.grad).all()
         monkeypatch.setenv("EVO_CPU_KERNELS", "0")

@@ -1,0 +1,335 @@
+"""The population's records: what the driver knows of each member, the lineage, the commits.
+
+``MemberRecord`` is the contract between the loop, the run store and the sinks: one member as
+committed in ``state.json`` (``members``), as the monitor's sinks and ``evo status`` read it.
+``Records`` holds one record per member plus the run's counters, writes the lineage and commits
+the state; it calls no actor and imports no ray (it knows the members only by id).
+
+Lineage (``lineage.jsonl``): one record per event, ``event`` one of born | exploit | explore |
+crossover | restart | died, with round, member, parents, genome, changed (the readable diff
+against the genome the weights came from), diff, step and fitness. A round's records are
+written with its commit, before ``state.json`` names them.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import statistics
+import time
+from dataclasses import dataclass, field
+from typing import Any, Mapping
+
+import numpy as np
+
+from evo.genome import Genome, diff, format_diff
+from evo.strategy import MemberView, Snapshot, Strategy
+from population.config import SearchSetup
+from population.store import RunStore, StoreError
+
+STATE_VERSION = 1
+
+
+@dataclass
+class MemberRecord:
+    """One member as committed: its genome, its evaluations and the schedule that produced it."""
+
+    id: int
+    genome: dict[str, Any]
+    seed: int                    # the trainer's seed (init + batch order); kept on exploit
+    step: int = 0
+    history: list[list] = field(default_factory=list)    # [[step, val_bpb], ...] own evaluations
+    objectives: dict[str, float] = field(default_factory=dict)   # val_bpb, params, tokens_per_s
+    checkpoint: str | None = None                        # committed checkpoint (None: fresh init)
+    parent: int | None = None                            # where the weights last came from
+    # the hyperparameter schedule in effect: [{"step", "genome", "seed"}], inherited on exploit
+    schedule: list[dict] = field(default_factory=list)
+    alive: bool = True
+    age: int = 0                 # rounds (sync) / intervals (async) since born or restart
+    intervals: int = 0           # intervals trained (async: the member's own round counter)
+
+    @property
+    def fitness(self) -> float | None:
+        return self.history[-1][1] if self.history else None
+
+    def view(self) -> MemberView:
+        return MemberView(id=self.id, genome=Genome.from_dict(self.genome),
+                          history=tuple((int(s), float(f)) for s, f in self.history),
+                          age=self.age, step=self.step, objectives=dict(self.objectives))
+
+    @classmethod
+    def from_dict(cls, d: Mapping[str, Any]) -> MemberRecord:
+        names = {f.name for f in dataclasses.fields(cls)}
+        return cls(**{k: v for k, v in d.items() if k in names})
+
+
+def plain(x: Any) -> Any:
+    """JSON-shaped copy (tuples -> lists), so records compare equal before and after a commit."""
+    return json.loads(json.dumps(x))
+
+
+def member_seed(seed: int, member: int, *more: int) -> int:
+    """A trainer seed derived from (run seed, member, *more)."""
+    return int(np.random.SeedSequence([seed, member, *more]).generate_state(1)[0])
+
+
+def inherit(schedule: list[dict], step: int, genome: dict, seed: int) -> list[dict]:
+    """The donor's schedule up to ``step``, then ``genome`` (with the receiver's seed) from ``step``."""
+    out = [dict(e) for e in schedule if e["step"] <= step]
+    if out and out[-1]["step"] == step:
+        out.pop()
+    return out + [{"step": step, "genome": genome, "seed": seed}]
+
+
+class Records:
+    """Every member's record, the run's counters and timing, the lineage not yet committed."""
+
+    def __init__(self, setup: SearchSetup, store: RunStore, strategy: Strategy, num_threads: int) -> None:
+        self.setup = setup
+        self.store = store
+        self.strategy = strategy          # its state is committed with the records
+        self.pop = setup.population
+        self.train = setup.train          # with the cosine horizon of this run (open)
+        self.num_threads = num_threads
+        self.members: dict[int, MemberRecord] = {}
+        self.ids = list(range(self.pop.size))
+        self.round = 0
+        self.steps_done = 0
+        self.events = 0
+        self.lineage_count = 0
+        self.failures = 0
+        self.exploit_latencies: list[float] = []
+        self.compute_s = 0.0          # seconds members spent inside train_part / train_and_evaluate
+        self.cpu_s = 0.0              # CPU seconds of the member processes in the same calls
+        self.wall_s = 0.0             # seconds of the round loop (all sessions)
+        self.slots = self.pop.size    # members training at once (committed with the timing)
+        self.loop_start: float | None = None
+        self.committed: dict | None = None
+        self.pending_lineage: list[dict] = []
+
+    def __getitem__(self, m: int) -> MemberRecord:
+        return self.members[m]
+
+    # -- open / resume -------------------------------------------------------------------------
+
+    def open(self) -> str:
+        """Create the run (genomes sampled, "born" records, round 0 committed) or load its last
+        commit. Returns "new", "resumed", or "finished" for a run whose budget is spent."""
+        store = self.store
+        state = store.read_state() if store.exists() else None
+        if state is None:
+            if not store.exists():
+                store.create(self.setup.config)
+            self._new_population()
+            return "new"
+        self._load(state)
+        if state.get("status") == "finished" and self._budget_reached():
+            return "finished"
+        store.truncate_lineage(self.lineage_count)   # records written after the last commit
+        return "resumed"
+
+    def _new_population(self) -> None:
+        setup = self.setup
+        if self.train.decay_steps is None:   # the cosine horizon is the budget
+            self.train = dataclasses.replace(self.train, decay_steps=self.pop.total_steps)
+        self.store.truncate_lineage(0)
+        rng = np.random.default_rng([setup.seed, 0])
+        for m in self.ids:
+            genome = plain(setup.space.sample(rng).as_dict())
+            seed = member_seed(setup.seed, m)
+            self.members[m] = MemberRecord(id=m, genome=genome, seed=seed,
+                                           schedule=[{"step": 0, "genome": genome, "seed": seed}])
+            self.lineage("born", 0, m, parents=[], genome=genome, step=0, fitness=None, seed=seed)
+        self.commit(0, steps_done=0)
+
+    def _load(self, state: dict) -> None:
+        self.round = int(state["round"])
+        self.steps_done = int(state.get("steps_done", 0))
+        self.events = int(state.get("events", 0))
+        self.lineage_count = int(state["lineage_count"])
+        self.failures = int(state.get("failures", 0))
+        self.exploit_latencies = list(state.get("exploit_latencies", []))
+        timing = state.get("timing", {})
+        self.compute_s = float(timing.get("member_compute_s", 0.0))
+        self.cpu_s = float(timing.get("member_cpu_s", 0.0))
+        self.wall_s = float(timing.get("wall_s", 0.0))
+        self.members = {int(d["id"]): MemberRecord.from_dict(d) for d in state["members"]}
+        self.ids = sorted(self.members)
+        # the cosine horizon stays the one the members were trained with (extending the budget
+        # on resume keeps the learning rate at its floor rather than jumping back up)
+        self.train = dataclasses.replace(self.train, decay_steps=state.get("decay_steps", self.train.decay_steps))
+        self.strategy.load_state_dict(state.get("strategy") or {})
+        self.committed = state
+
+    def _budget_reached(self) -> bool:
+        if self.pop.mode == "sync":
+            return self.steps_done >= self.pop.total_steps
+        return all(r.step >= self.pop.total_steps for r in self.members.values())
+
+    # -- what happened to the members ----------------------------------------------------------
+
+    def start_clock(self, slots: int) -> None:
+        """The round loop starts now, on ``slots`` slots (wall time counts from here)."""
+        self.slots = slots
+        self.loop_start = time.perf_counter()
+
+    def record_results(self, results: Mapping[int, Any]) -> None:
+        """Each member trained an interval: its counters, its time, and — when it succeeded — its
+        step, history and objectives."""
+        for m, res in results.items():
+            rec = self.members[m]
+            rec.intervals += 1
+            rec.age += 1
+            if not isinstance(res, dict):
+                continue
+            self.compute_s += float(res.get("seconds", 0.0))
+            self.cpu_s += float(res.get("cpu_seconds", 0.0))
+            if res.get("failed"):
+                continue
+            rec.step = int(res["step"])
+            rec.history.append([rec.step, res["val_bpb"]])
+            rec.objectives = {"val_bpb": res["val_bpb"], "params": res["params"],
+                              "tokens_per_s": res["tokens_per_s"]}
+
+    def died(self, m: int, why: str, round: int) -> None:
+        """A "died" record for m (diverged, or its process died); counts the failure."""
+        rec = self.members[m]
+        self.failures += 1
+        self.lineage("died", round, m, parents=[], genome=rec.genome, step=rec.step,
+                     fitness=rec.fitness, error=why)
+
+    def took_weights(self, m: int, src: MemberRecord, genome: dict, step: int, params: int) -> None:
+        """m runs ``genome`` on the weights of ``src`` (m itself for an explore) at ``step``:
+        its schedule becomes src's up to ``step``, then ``genome``."""
+        rec = self.members[m]
+        rec.genome, rec.step = genome, step
+        rec.schedule = inherit(src.schedule, step, genome, rec.seed)
+        if src.id != m:
+            rec.parent = src.id
+        rec.objectives = dict(rec.objectives, params=params)
+
+    def fresh(self, m: int, genome: dict, seed: int) -> MemberRecord:
+        """m starts again from step 0 with ``genome`` and ``seed``; returns its old record."""
+        old = self.members[m]
+        self.members[m] = MemberRecord(id=m, genome=genome, seed=seed, checkpoint=old.checkpoint,
+                                       intervals=old.intervals,
+                                       schedule=[{"step": 0, "genome": genome, "seed": seed}])
+        return old
+
+    def lineage(self, event: str, round: int, member: int, *, parents: list[int], genome: dict,
+                step: int, fitness: float | None, changed_from: dict | None = None, **extra: Any) -> None:
+        """One lineage record, written with the next commit."""
+        record = {"event": event, "round": round, "member": member, "parents": parents,
+                  "genome": genome, "step": step, "fitness": fitness, "time": time.time()}
+        if changed_from is not None:
+            a, b = Genome.from_dict(changed_from), Genome.from_dict(genome)
+            record["changed"] = format_diff(a, b)
+            record["diff"] = {p: list(v) for p, v in diff(a, b).items()}
+        record.update(extra)
+        self.pending_lineage.append(plain(record))
+
+    def set_checkpoints(self, ids: list[int], round: int) -> dict[int, tuple[str, int]]:
+        """Each member of ``ids`` names its checkpoint of ``round`` (committed once written);
+        returns {member: (path in the store, the step the checkpoint must hold)}."""
+        out = {}
+        for m in ids:
+            rec = self.members[m]
+            rec.checkpoint = self.store.checkpoint_path(m, round)
+            out[m] = (rec.checkpoint, rec.step)
+        return out
+
+    # -- the population as the strategy sees it ------------------------------------------------
+
+    def snapshot(self, round: int) -> Snapshot:
+        return Snapshot(round=round, members=tuple(self.members[m].view() for m in self.ids))
+
+    def best(self) -> MemberRecord | None:
+        alive = [r for r in self.members.values() if r.alive and r.history]
+        return min(alive, key=lambda r: (r.fitness, r.id)) if alive else None
+
+    # -- commit --------------------------------------------------------------------------------
+
+    def commit(self, round: int, steps_done: int, events: int | None = None) -> tuple[list[dict], list[dict]]:
+        """Append the pending lineage, commit state.json atomically, prune the checkpoints no
+        record names. Returns (the committed member dicts, the lineage records committed)."""
+        lineage, self.pending_lineage = self.pending_lineage, []
+        if lineage:
+            self.lineage_count = self.store.append_lineage(lineage)
+        now = time.perf_counter()
+        wall = self.wall_s + (now - self.loop_start if self.loop_start is not None else 0.0)
+        self.round, self.steps_done = round, steps_done
+        if events is not None:
+            self.events = events
+        state = {
+            "version": STATE_VERSION,
+            "name": self.setup.name,
+            "status": "running",
+            "mode": self.pop.mode,
+            "round": round,
+            "steps_done": steps_done,
+            "events": self.events,
+            "total_steps": self.pop.total_steps,
+            "interval_steps": self.pop.interval_steps,
+            "size": self.pop.size,
+            "seed": self.setup.seed,
+            "decay_steps": self.train.decay_steps,
+            "num_threads": self.num_threads,
+            "members": self.member_dicts(),
+            "strategy": self.strategy.state_dict(),
+            "lineage_count": self.lineage_count,
+            "failures": self.failures,
+            "exploit_latencies": self.exploit_latencies,
+            "timing": {"member_compute_s": self.compute_s, "wall_s": wall, "slots": self.slots,
+                       "member_cpu_s": self.cpu_s},
+            "updated": time.time(),
+        }
+        self.store.commit_state(state)
+        self.committed = state
+        self.store.prune_checkpoints({r.checkpoint for r in self.members.values() if r.checkpoint})
+        return state["members"], lineage
+
+    def member_dicts(self) -> list[dict]:
+        return [plain(dataclasses.asdict(self.members[m])) for m in self.ids]
+
+    def flush_lineage(self) -> None:
+        """Write the records of an uncommitted round (a resume drops them again)."""
+        try:
+            if self.pending_lineage:
+                self.store.append_lineage(self.pending_lineage)
+                self.pending_lineage = []
+        except (StoreError, OSError):
+            pass
+
+    def mark(self, status: str) -> None:
+        """Commit the last committed state again with ``status`` (never a half round)."""
+        if self.committed is None:
+            return
+        try:
+            self.store.commit_state(dict(self.committed, status=status, updated=time.time()))
+            self.committed = dict(self.committed, status=status)
+        except (StoreError, OSError):
+            if status != "failed":
+                raise
+
+    def summary(self, status: str) -> dict:
+        best = self.best()
+        state = self.committed or {}
+        timing = dict(state.get("timing", {}))
+        if timing.get("wall_s"):
+            timing["efficiency"] = timing["member_compute_s"] / (timing["wall_s"] * self.pop.size)
+        lat = self.exploit_latencies
+        return {
+            "name": self.setup.name,
+            "status": status,
+            "mode": self.pop.mode,
+            "round": self.round,
+            "steps": self.steps_done,
+            "total_steps": self.pop.total_steps,
+            "best": None if best is None else {"member": best.id, "val_bpb": best.fitness,
+                                               "genome": best.genome, "step": best.step},
+            "members": [{"id": r.id, "step": r.step, "val_bpb": r.fitness, "genome": r.genome,
+                         "parent": r.parent, "alive": r.alive} for r in self.members.values()],
+            "exploits": len(lat),
+            "failures": self.failures,
+            "exploit_latency_s": {"count": len(lat), "median": statistics.median(lat) if lat else None},
+            "timing": timing,
+        }
