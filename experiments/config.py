@@ -1,7 +1,8 @@
 """The experiment config: one YAML file composed of each package's own sub-config.
 
 A YAML file (``experiments/*.yaml``) has the sections below; every section is optional and
-falls back to its dataclass defaults::
+falls back to its dataclass defaults (``evo config-keys`` lists every key with its default and
+meaning; the README's table is generated from the same schema)::
 
     name: quickstart          # run name (default: the file's stem); [A-Za-z0-9._-]+
     seed: 0                   # run seed: every random choice derives from it
@@ -10,19 +11,24 @@ falls back to its dataclass defaults::
     model:      trainers.model.InternLM2Config   (vocab_size derived from the tokenizer)
     train:      trainers.trainer.TrainConfig     (base hyperparameters)
     search:     {"train.lr": {type: float, low: .., high: .., log: true}, ...}  -> evo.space.SearchSpace
-    strategy:   evo.strategy.StrategyConfig
+    strategy:   evo.strategies.StrategyConfig
     population: population.config.PopulationConfig
     logging:    population.config.LoggingConfig
 
-Loading is strict because a typo that passes silently costs a whole search: unknown keys are
-refused with the nearest valid key, values are type-checked against the dataclass fields, and
-every problem is reported as :class:`ConfigError` with a one-line message that says where it
-came from (``file:line`` or ``--set key=value``) and names the field.
+Each sub-config is a pydantic dataclass that validates itself (types, bounds, unknown keys,
+checks across its fields); this module composes them and turns the first problem into
+:class:`ConfigError`, one line that says where it came from (``file:line`` or
+``--set key=value``), names the full key and the value (``train.lr: must be > 0, got -1``), and
+suggests the nearest key for an unknown one. Loading is strict because a typo that passes
+silently costs a whole search.
+
+YAML 1.1 reads ``1e-3`` (no dot) as a string: the loader reads it as a number, as YAML 1.2
+does. ``yes``/``true`` are booleans and never pass as numbers.
 
 ``--set a.b.c=value`` overrides are applied to the parsed mapping before validation; the value
-is parsed as YAML (``1e-3``-style numbers, ``true``, ``[a, b]`` work). In ``search`` the gene
-path is the two components after ``search`` (``search.train.lr.high=0.1``); setting a gene to
-``null`` removes it.
+is parsed as YAML (``3e-4``, ``true``, ``[a, b]`` work). In ``search`` the gene path is the two
+components after ``search`` (``search.train.lr.high=0.1``); setting a gene to ``null``
+(``--set search.train.lr=null``) removes it from the search.
 
 Besides genes, ``search`` may hold ``max_params: N``, a parameter budget for the architecture
 genes (``SearchSpace(max_params=N)``): no genome above it is ever proposed.
@@ -32,29 +38,32 @@ from __future__ import annotations
 import copy
 import dataclasses
 import difflib
+import functools
 import re
 import types
 import typing
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterable, Mapping
+from typing import Annotated, Any, Iterable, Literal, Mapping
 
 import yaml
+from pydantic import ConfigDict, Field, StrictInt, TypeAdapter, ValidationError
+from pydantic.dataclasses import dataclass
 
 from evo.space import ArchitectureRules, FloatGene, IntGene, SearchSpace
 from evo.strategies import StrategyConfig
-from population.config import LoggingConfig, PopulationConfig
-from population.config import SearchSetup
+from population.config import LoggingConfig, PopulationConfig, SearchSetup
 from trainers import architecture
 from trainers.data import DataConfig
 from trainers.model import InternLM2Config
 from trainers.trainer import TrainConfig
 
 NAME_PATTERN = re.compile(r"[A-Za-z0-9._-]+")
+BYTES_VOCAB = 256
 # The space keeps its model genes to shapes InternLM2Config accepts, by the same rules.
 INTERNLM2_RULES = ArchitectureRules(architecture.SHAPE_FIELDS, architecture.SIZE_FIELDS, architecture.SWITCH_FIELDS,
                                     architecture.shape_violations, architecture.count_parameters)
-BYTES_VOCAB = 256
+SEARCH_HELP = ("genes: {'train.<field>' or 'model.<field>': {type: float|int|choice, low, high, log, step, "
+               "choices}}, and max_params (a parameter budget); a gene set to null is dropped")
 
 
 class ConfigError(ValueError):
@@ -64,21 +73,38 @@ class ConfigError(ValueError):
         super().__init__(" ".join(str(message).split()))
 
 
-@dataclass
+@dataclass(config=ConfigDict(extra="forbid"))
 class ExperimentConfig:
     """A fully validated experiment: each part's own config, plus the search spec as a mapping
     (validated by building the space; every gene's defaults written out, so it round-trips)."""
 
-    name: str
-    seed: int = 0
-    storage: str = "runs"
+    name: Annotated[str, Field(description="run name (default: the config file's stem); [A-Za-z0-9._-]+")]
+    seed: Annotated[StrictInt, Field(description="run seed: every random choice derives from it")] = 0
+    storage: Annotated[str, Field(description=(
+        "run store root: a directory or an fsspec URI (s3://..., file://...)"))] = "runs"
     data: DataConfig = dataclasses.field(default_factory=DataConfig)
     model: InternLM2Config = dataclasses.field(default_factory=InternLM2Config)
     train: TrainConfig = dataclasses.field(default_factory=TrainConfig)
-    search: dict[str, dict] = dataclasses.field(default_factory=dict)
+    search: Annotated[dict[str, Any], Field(description=SEARCH_HELP)] = dataclasses.field(default_factory=dict)
     strategy: StrategyConfig = dataclasses.field(default_factory=StrategyConfig)
     population: PopulationConfig = dataclasses.field(default_factory=PopulationConfig)
     logging: LoggingConfig = dataclasses.field(default_factory=LoggingConfig)
+
+    def __post_init__(self) -> None:
+        if not NAME_PATTERN.fullmatch(self.name) or self.name in (".", ".."):
+            raise ValueError(f"name: must match [A-Za-z0-9._-]+, got {self.name!r}")
+        if not self.storage.strip():
+            raise ValueError(f"storage: must be a non-empty path or URI, got {self.storage!r}")
+        # constraints between sections, which no single sub-config can see
+        if self.data.seq_len > self.model.max_position_embeddings:
+            raise ValueError(f"data.seq_len ({self.data.seq_len}) exceeds "
+                             f"model.max_position_embeddings ({self.model.max_position_embeddings})")
+        size = self.population.size
+        if self.strategy.name == "ga" and self.strategy.elitism >= size:
+            raise ValueError(f"strategy.elitism ({self.strategy.elitism}) must be below population.size ({size})")
+        if self.strategy.selection == "tournament" and self.strategy.tournament_size > size:
+            raise ValueError(f"strategy.tournament_size ({self.strategy.tournament_size}) exceeds "
+                             f"population.size ({size})")
 
 
 # ------------------------------------------------------------------------------------------
@@ -95,8 +121,8 @@ def load_config(path: str | Path, overrides: Iterable[str] = ()) -> ExperimentCo
     except (OSError, UnicodeDecodeError) as e:
         raise ConfigError(f"{path}: cannot read: {e}") from None
     try:
-        raw = yaml.safe_load(text)
-        lines = _key_lines(yaml.compose(text)) if raw is not None else {}
+        raw = yaml.load(text, Loader=_Loader)
+        lines = _key_lines(yaml.compose(text, Loader=_Loader)) if raw is not None else {}
     except yaml.YAMLError as e:
         mark = getattr(e, "problem_mark", None) or getattr(e, "context_mark", None)
         where = f"{path}:{mark.line + 1}" if mark is not None else str(path)
@@ -122,11 +148,7 @@ def config_to_dict(cfg: ExperimentConfig) -> dict[str, Any]:
 
     ``config_from_dict(config_to_dict(cfg)) == cfg``; this is what the run store keeps.
     """
-    out: dict[str, Any] = {}
-    for f in dataclasses.fields(ExperimentConfig):
-        value = getattr(cfg, f.name)
-        out[f.name] = _plain(dataclasses.asdict(value) if dataclasses.is_dataclass(value) else value)
-    return out
+    return _plain(dataclasses.asdict(cfg))
 
 
 def build_space(cfg: ExperimentConfig) -> SearchSpace:
@@ -149,11 +171,39 @@ def build_setup(cfg: ExperimentConfig) -> SearchSetup:
     )
 
 
+def config_keys() -> list[tuple[str, Any, str]]:
+    """Every key of the schema as ``(dotted key, default, meaning)``, in the YAML's order.
+
+    ``name`` has no default (the file's stem stands in); ``model.vocab_size`` is derived from
+    the tokenizer. The README's config table is :func:`config_keys_markdown` of this."""
+    return _keys(ExperimentConfig, ())
+
+
+def config_keys_markdown() -> str:
+    """The README's config table: one row per key of :func:`config_keys`."""
+    rows = ["| key | default | meaning |", "|---|---|---|"]
+    for key, default, meaning in config_keys():
+        shown = "(the file's stem)" if default is dataclasses.MISSING else f"`{_yaml_scalar(default)}`"
+        rows.append(f"| `{key}` | {shown} | {meaning.replace('|', '&#124;')} |")
+    return "\n".join(rows) + "\n"
+
+
 # ------------------------------------------------------------------------------------------
-# resolution: overrides -> keys -> values -> cross-section checks -> search space
+# resolution: overrides -> name -> vocabulary -> every section (pydantic) -> search space
 
 
-@dataclass
+class _Loader(yaml.SafeLoader):
+    """PyYAML's safe loader, with YAML 1.2's floats: ``1e-3`` is a number, not a string."""
+
+
+_Loader.add_implicit_resolver(
+    "tag:yaml.org,2002:float",
+    re.compile(r"^[-+]?(?:[0-9][0-9_]*)(?:\.[0-9_]*)?[eE][-+]?[0-9]+$"),
+    list("-+0123456789"),
+)
+
+
+@dataclasses.dataclass
 class _Origin:
     """Where keys came from, to say ``file:line`` or ``--set k=v`` in a message."""
 
@@ -177,7 +227,7 @@ class _Origin:
         return best
 
     def where_message(self, section: tuple[str, ...], message: str) -> str:
-        """Location of a sub-config's error: the field it names if found, else the section."""
+        """Location of a check's message: the field it names if found, else the section."""
         # "population.size: ..." names population.size; "model: hidden_size (66) ..." model.hidden_size
         m = re.match(r"([A-Za-z_][\w.]*)(?::\s+([A-Za-z_][\w.]*)\s+\()?", message)
         named = tuple(m.group(1).strip(".").split(".")) if m else ()
@@ -193,46 +243,103 @@ def _resolve(raw: dict, overrides: list[str], origin: _Origin,
              default_name: str | None) -> ExperimentConfig:
     for text in overrides:
         origin.overrides.append((_apply_override(raw, text), text))
+    if raw.get("name") is None:
+        if default_name is None:
+            raise ConfigError(f"{origin.source}: name: missing (give the run a name)")
+        raw["name"] = default_name
+    _empty_sections(raw, ExperimentConfig)
+    raw["search"] = _search(raw.get("search"), origin)
 
-    hints = _hints(ExperimentConfig)
-    for key in raw:
-        if key not in hints:
-            raise _unknown((str(key),), list(hints), origin.where((str(key),)))
-
-    name = raw.get("name", default_name)
-    if name is None:
-        raise ConfigError(f"{origin.source}: name: missing (give the run a name)")
-    if not isinstance(name, str) or not NAME_PATTERN.fullmatch(name) or name in (".", ".."):
-        raise ConfigError(f"{origin.where(('name',))}: name: must match [A-Za-z0-9._-]+, got {name!r}")
-    seed = _coerce(raw.get("seed", 0), int, ("seed",), origin)
-    storage = raw.get("storage", "runs")
-    if not isinstance(storage, str) or not storage.strip():
-        raise ConfigError(f"{origin.where(('storage',))}: storage: must be a non-empty path or URI, got {storage!r}")
-
-    data = _section(DataConfig, raw, "data", origin)
-    model_raw = _mapping(raw.get("model"), ("model",), origin)
+    # model.vocab_size is the tokenizer's: validate data first to know it
+    data = _validate(DataConfig, raw.get("data", {}), ("data",), origin)
     vocab = BYTES_VOCAB if data.tokenizer == "bytes" else data.vocab_size
-    if "vocab_size" in model_raw and model_raw["vocab_size"] != vocab:
-        raise ConfigError(
-            f"{origin.where(('model', 'vocab_size'))}: model.vocab_size ({model_raw['vocab_size']!r}) does not "
-            f"match the {data.tokenizer} tokenizer's vocabulary ({vocab}); leave it out to derive it")
-    model_raw["vocab_size"] = vocab
-    model = _build(InternLM2Config, model_raw, ("model",), origin)
-    train = _section(TrainConfig, raw, "train", origin)
-    strategy = _section(StrategyConfig, raw, "strategy", origin)
-    population = _section(PopulationConfig, raw, "population", origin)
-    logging = _section(LoggingConfig, raw, "logging", origin)
-    search = _search(raw.get("search"), train, model, origin)
+    model_raw = raw.setdefault("model", {})
+    if isinstance(model_raw, dict):
+        if "vocab_size" in model_raw and model_raw["vocab_size"] != vocab:
+            raise ConfigError(
+                f"{origin.where(('model', 'vocab_size'))}: model.vocab_size ({model_raw['vocab_size']!r}) does not "
+                f"match the {data.tokenizer} tokenizer's vocabulary ({vocab}); leave it out to derive it")
+        model_raw["vocab_size"] = vocab
 
-    cfg = ExperimentConfig(name=name, seed=seed, storage=storage, data=data, model=model, train=train,
-                           search=search, strategy=strategy, population=population, logging=logging)
-    _check_cross(cfg, origin)
+    cfg = _validate(ExperimentConfig, raw, (), origin)
     try:
         space = build_space(cfg)  # validates genes, bounds and architecture constraints
     except ConfigError as e:
         raise ConfigError(f"{origin.where_message(('search',), str(e))}: {e}") from None
     cfg.search = _normalised_search(space, cfg.search)
     return cfg
+
+
+def _empty_sections(raw: dict, cls: type) -> None:
+    """An empty YAML section (``data:`` or ``resources: null``) means all its defaults."""
+    for name, hint in _hints(cls).items():
+        hint = _unwrap(hint)
+        if dataclasses.is_dataclass(hint) and name in raw:
+            if raw[name] is None:
+                raw[name] = {}
+            if isinstance(raw[name], dict):
+                _empty_sections(raw[name], hint)
+
+
+@functools.cache
+def _adapter(cls: type) -> TypeAdapter:
+    return TypeAdapter(cls)
+
+
+def _validate(cls: type, data: Any, path: tuple[str, ...], origin: _Origin) -> Any:
+    """``data`` validated into ``cls`` (a pydantic dataclass), or ConfigError on its first problem."""
+    try:
+        return _adapter(cls).validate_python(data)
+    except ValidationError as e:
+        raise ConfigError(_describe(e.errors(include_url=False)[0], path, origin)) from None
+
+
+def _describe(error: dict, section: tuple[str, ...], origin: _Origin) -> str:
+    """One line for one pydantic error: where, the full key, what was expected, the value."""
+    loc = section + tuple(error["loc"])
+    kind = error["type"]
+    if kind == "value_error":  # a check across fields (__post_init__): its message names them
+        message = str(error["ctx"]["error"])
+        return f"{origin.where_message(tuple(str(p) for p in loc), message)}: {message}"
+    if kind in ("unexpected_keyword_argument", "invalid_key"):
+        path = tuple(str(p) for p in loc)
+        return f"{origin.where(path)}: {_unknown(path, [f.name for f in dataclasses.fields(_hint_at(path[:-1]))])}"
+    path = tuple(str(p) for p in loc if not isinstance(p, int))  # a list item is named by its list
+    hint = _hint_at(path)
+    value = error["input"]
+    ctx = error.get("ctx", {})
+    got = f", got {value!r}"
+    bounds = {"greater_than": ">", "greater_than_equal": ">=", "less_than": "<", "less_than_equal": "<="}
+    if kind in bounds:
+        bound = next(iter(ctx.values()))
+        expected = f"must be {bounds[kind]} {int(bound) if float(bound).is_integer() else bound}"
+    elif kind in ("float_type", "float_parsing"):
+        expected = "expected a number"
+    elif kind == "finite_number":
+        expected = "must be finite"
+    elif kind in ("int_type", "int_parsing", "int_from_float"):
+        expected = "expected an integer"
+    elif kind in ("bool_type", "bool_parsing"):
+        expected = "expected true or false"
+    elif kind == "string_type":
+        expected = "expected a string"
+    elif kind in ("string_too_short", "too_short") and not _fixed_length(hint):
+        expected = "must not be empty"
+    elif kind in ("too_short", "too_long", "missing") and _fixed_length(hint):
+        expected, value = f"expected a list of {_fixed_length(hint)} values", _list_input(value)
+        got = f", got {value!r}"
+    elif kind in ("tuple_type", "list_type"):
+        expected = "expected a list"
+    elif kind in ("dataclass_type", "dataclass_args_type", "dict_type"):
+        expected, got = "expected a mapping", f", got {_kind(value)}"
+    elif kind == "literal_error":
+        choices = [str(c) for c in _literal_choices(hint)]
+        close = difflib.get_close_matches(str(value), choices, n=1) if isinstance(value, str) else []
+        expected = f"must be one of {', '.join(choices)}"
+        got += f" (did you mean {close[0]!r}?)" if close else ""
+    else:
+        expected = error["msg"][:1].lower() + error["msg"][1:]
+    return f"{origin.where(path)}: {'.'.join(path)}: {expected}{got}"
 
 
 def _normalised_search(space: SearchSpace, spec: dict[str, Any]) -> dict[str, Any]:
@@ -253,23 +360,6 @@ def _normalised_search(space: SearchSpace, spec: dict[str, Any]) -> dict[str, An
     return out
 
 
-def _check_cross(cfg: ExperimentConfig, origin: _Origin) -> None:
-    """Constraints between sections, which no single sub-config can see."""
-    if cfg.data.seq_len > cfg.model.max_position_embeddings:
-        raise ConfigError(
-            f"{origin.where(('data', 'seq_len'))}: data.seq_len ({cfg.data.seq_len}) exceeds "
-            f"model.max_position_embeddings ({cfg.model.max_position_embeddings})")
-    size = cfg.population.size
-    if cfg.strategy.name == "ga" and cfg.strategy.elitism >= size:
-        raise ConfigError(
-            f"{origin.where(('strategy', 'elitism'))}: strategy.elitism ({cfg.strategy.elitism}) must be "
-            f"below population.size ({size})")
-    if cfg.strategy.selection == "tournament" and cfg.strategy.tournament_size > size:
-        raise ConfigError(
-            f"{origin.where(('strategy', 'tournament_size'))}: strategy.tournament_size "
-            f"({cfg.strategy.tournament_size}) exceeds population.size ({size})")
-
-
 def _space_base(cfg: ExperimentConfig) -> dict[str, Any]:
     """The flattened ``{"train.lr": .., "model.hidden_size": ..}`` view the space is built on."""
     base = {f"train.{k}": v for k, v in dataclasses.asdict(cfg.train).items()}
@@ -277,107 +367,27 @@ def _space_base(cfg: ExperimentConfig) -> dict[str, Any]:
     return base
 
 
-def _search(raw: Any, train: TrainConfig, model: InternLM2Config, origin: _Origin) -> dict[str, dict]:
-    """The raw search spec, its gene paths checked against the train/model fields."""
-    spec = _mapping(raw, ("search",), origin)
-    valid = [f"train.{f.name}" for f in dataclasses.fields(train)]
-    valid += [f"model.{f.name}" for f in dataclasses.fields(model)]
-    out: dict[str, dict] = {}
-    for path, gene in spec.items():
+def _search(raw: Any, origin: _Origin) -> dict[str, Any]:
+    """The raw search spec, its gene paths checked against the train/model fields (the genes
+    themselves are checked by building the space)."""
+    if raw is None:
+        return {}
+    if not isinstance(raw, Mapping):
+        raise ConfigError(f"{origin.where(('search',))}: search: expected a mapping, got {_kind(raw)}")
+    valid = [f"train.{f.name}" for f in dataclasses.fields(TrainConfig)]
+    valid += [f"model.{f.name}" for f in dataclasses.fields(InternLM2Config)]
+    out: dict[str, Any] = {}
+    for path, gene in raw.items():
+        where = origin.where(("search", str(path)))
         if path == "max_params":
-            out[path] = _coerce(gene, int | None, ("search", path), origin)
-            continue
-        if path not in valid:
-            raise _unknown(("search", str(path)), valid, origin.where(("search", str(path))))
-        gene = _mapping(gene, ("search", path), origin)
-        # YAML reads 1e-3 (no dot) as a string; bounds are numbers.
-        for bound in ("low", "high"):
-            if isinstance(gene.get(bound), str):
-                gene[bound] = _coerce(gene[bound], float, ("search", path, bound), origin)
-        out[path] = gene
+            if gene is not None and (isinstance(gene, bool) or not isinstance(gene, int)):
+                raise ConfigError(f"{where}: search.max_params: expected an integer, got {gene!r}")
+        elif path not in valid:
+            raise ConfigError(f"{where}: {_unknown(('search', str(path)), valid)}")
+        elif not isinstance(gene, Mapping):
+            raise ConfigError(f"{where}: search.{path}: expected a mapping, got {_kind(gene)}")
+        out[path] = dict(gene) if isinstance(gene, Mapping) else gene
     return out
-
-
-def _section(cls: type, raw: dict, key: str, origin: _Origin) -> Any:
-    return _build(cls, _mapping(raw.get(key), (key,), origin), (key,), origin)
-
-
-def _build(cls: type, d: dict, path: tuple[str, ...], origin: _Origin) -> Any:
-    """``cls(**d)`` after refusing unknown keys and coercing each value to its field type."""
-    hints = _hints(cls)
-    kwargs = {}
-    for key, value in d.items():
-        if key not in hints:
-            raise _unknown(path + (str(key),), list(hints), origin.where(path + (str(key),)))
-        kwargs[key] = _coerce(value, hints[key], path + (key,), origin)
-    try:
-        return cls(**kwargs)
-    except (ValueError, TypeError) as e:
-        msg = _prefixed(".".join(path), e)
-        raise ConfigError(f"{origin.where_message(path, msg)}: {msg}") from None
-
-
-def _coerce(value: Any, hint: Any, path: tuple[str, ...], origin: _Origin) -> Any:
-    """``value`` checked against the type hint ``hint`` (YAML gives lists for tuples, ints for floats)."""
-    name = ".".join(path)
-
-    def bad(expected: str) -> ConfigError:
-        return ConfigError(f"{origin.where(path)}: {name}: expected {expected}, got {value!r}")
-
-    if value is None:
-        if _optional(hint) or hint is Any:
-            return None
-        if dataclasses.is_dataclass(hint):
-            value = {}
-        else:
-            raise bad(_describe(hint))
-    hint = _unwrap_optional(hint)
-    if dataclasses.is_dataclass(hint):
-        return _build(hint, _mapping(value, path, origin), path, origin)
-    if hint is bool:
-        if not isinstance(value, bool):
-            raise bad("true or false")
-        return value
-    if hint is int:
-        if isinstance(value, bool) or not isinstance(value, int):
-            raise bad("an integer")
-        return value
-    if hint is float:
-        if isinstance(value, str):
-            try:
-                return float(value)
-            except ValueError:
-                raise bad("a number") from None
-        if isinstance(value, bool) or not isinstance(value, (int, float)):
-            raise bad("a number")
-        return float(value)
-    if hint is str:
-        if not isinstance(value, str):
-            raise bad("a string")
-        return value
-    origin_type = typing.get_origin(hint)
-    if origin_type is tuple:
-        if not isinstance(value, (list, tuple)):
-            raise bad("a list")
-        args = typing.get_args(hint)
-        if len(args) == 2 and args[1] is Ellipsis:   # tuple[str, ...]
-            kinds = [args[0]] * len(value)
-        elif args:                                   # tuple[float, float]
-            if len(args) != len(value):
-                raise bad(f"a list of {len(args)} values")
-            kinds = list(args)
-        else:
-            kinds = [Any] * len(value)
-        return tuple(_coerce(v, kind, path, origin) for v, kind in zip(value, kinds))
-    if hint is dict or origin_type in (dict, Mapping) or hint is Mapping:
-        if not isinstance(value, Mapping):
-            raise bad("a mapping")
-        return dict(value)
-    if hint is list or origin_type is list:
-        if not isinstance(value, list):
-            raise bad("a list")
-        return list(value)
-    return value
 
 
 # ------------------------------------------------------------------------------------------
@@ -392,7 +402,7 @@ def _apply_override(raw: dict, text: str) -> tuple[str, ...]:
     if not sep or not key or any(not p for p in parts):
         raise ConfigError(f"--set {text}: expected KEY=VALUE with a dotted KEY (e.g. population.size=8)")
     try:
-        value = yaml.safe_load(value_text) if value_text.strip() else None
+        value = yaml.load(value_text, Loader=_Loader) if value_text.strip() else None
     except yaml.YAMLError as e:
         problem = getattr(e, "problem", None) or str(e)
         raise ConfigError(f"--set {text}: could not parse the value as YAML: {problem}") from None
@@ -406,23 +416,20 @@ def _apply_override(raw: dict, text: str) -> tuple[str, ...]:
             fields = _hints(hint)
             k = parts[i]
             if k not in fields:
-                raise _unknown(tuple(done) + (k,), list(fields), f"--set {text}")
-            child_hint = _SEARCH if (hint is ExperimentConfig and k == "search") else _unwrap_optional(fields[k])
+                raise ConfigError(f"--set {text}: {_unknown(tuple(done) + (k,), list(fields))}")
+            child_hint = _SEARCH if (hint is ExperimentConfig and k == "search") else _unwrap(fields[k])
             i += 1
         elif hint is _SEARCH and parts[i] == "max_params":
-            k = parts[i]
-            child_hint = int
+            k, child_hint = parts[i], int
             i += 1
         elif hint is _SEARCH:
             if len(parts) - i < 2:
                 raise ConfigError(f"--set {text}: a search gene is named like search.train.lr "
                                   "(or search.max_params for the parameter budget)")
-            k = f"{parts[i]}.{parts[i + 1]}"
-            child_hint = dict
+            k, child_hint = f"{parts[i]}.{parts[i + 1]}", dict
             i += 2
         elif hint is dict or typing.get_origin(hint) in (dict, Mapping) or hint is Any:
-            k = parts[i]
-            child_hint = Any
+            k, child_hint = parts[i], Any
             i += 1
         else:
             raise ConfigError(f"--set {text}: '{'.'.join(done)}' is a single value, not a mapping")
@@ -448,10 +455,81 @@ _SEARCH = object()  # marker: the schema position of the search spec (gene paths
 
 
 # ------------------------------------------------------------------------------------------
+# the schema, read from the dataclasses
+
+
+def _hints(cls: type) -> dict[str, Any]:
+    """Field name -> resolved type hint of a dataclass (``Annotated`` kept)."""
+    resolved = typing.get_type_hints(cls, include_extras=True)
+    return {f.name: resolved[f.name] for f in dataclasses.fields(cls)}
+
+
+def _unwrap(hint: Any) -> Any:
+    """``hint`` without ``Annotated[...]`` and ``| None``."""
+    while True:
+        if typing.get_origin(hint) is Annotated:
+            hint = typing.get_args(hint)[0]
+        elif typing.get_origin(hint) in (typing.Union, types.UnionType):
+            args = [a for a in typing.get_args(hint) if a is not type(None)]
+            if len(args) != 1:
+                return hint
+            hint = args[0]
+        else:
+            return hint
+
+
+def _hint_at(path: tuple[str, ...]) -> Any:
+    """The type hint of the key at ``path`` (Any where the schema does not say)."""
+    hint: Any = ExperimentConfig
+    for name in path:
+        hint = _unwrap(hint)
+        if not dataclasses.is_dataclass(hint):
+            return Any
+        hint = _hints(hint).get(name, Any)
+    return _unwrap(hint)
+
+
+def _fixed_length(hint: Any) -> int:
+    """N for ``tuple[X1, ..., XN]``; 0 for anything else."""
+    args = typing.get_args(hint) if typing.get_origin(hint) is tuple else ()
+    return 0 if not args or args[-1] is Ellipsis else len(args)
+
+
+def _literal_choices(hint: Any) -> tuple:
+    """The values of the ``Literal`` in ``hint`` (also inside ``tuple[Literal[...], ...]``)."""
+    hint = _unwrap(hint)
+    if typing.get_origin(hint) is Literal:
+        return typing.get_args(hint)
+    for arg in typing.get_args(hint):
+        found = _literal_choices(arg)
+        if found:
+            return found
+    return ()
+
+
+def _keys(cls: type, prefix: tuple[str, ...]) -> list[tuple[str, Any, str]]:
+    out = []
+    described = getattr(cls, "__pydantic_fields__", {})
+    for f in dataclasses.fields(cls):
+        key = (*prefix, f.name)
+        hint = _unwrap(_hints(cls)[f.name])
+        if dataclasses.is_dataclass(hint):
+            out += _keys(hint, key)
+            continue
+        default = f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default
+        info = described.get(f.name)
+        meaning = info.description if info is not None and info.description else ""
+        if key == ("model", "vocab_size"):
+            meaning = "derived from the tokenizer (256 for bytes, data.vocab_size for bpe); leave it out"
+        out.append((".".join(key), default, meaning))
+    return out
+
+
+# ------------------------------------------------------------------------------------------
 # helpers
 
 
-def _unknown(path: tuple[str, ...], valid: list[str], where: str) -> ConfigError:
+def _unknown(path: tuple[str, ...], valid: list[str]) -> str:
     """``unknown key 'population.sise' (did you mean 'population.size'?)``."""
     key = path[-1]
     prefix = ".".join(path[:-1])
@@ -462,15 +540,7 @@ def _unknown(path: tuple[str, ...], valid: list[str], where: str) -> ConfigError
         hint = f"did you mean '{suggestion}'?"
     else:
         hint = "valid keys: " + ", ".join(valid)
-    return ConfigError(f"{where}: unknown key '{full}' ({hint})")
-
-
-def _mapping(value: Any, path: tuple[str, ...], origin: _Origin) -> dict:
-    if value is None:
-        return {}
-    if not isinstance(value, Mapping):
-        raise ConfigError(f"{origin.where(path)}: {'.'.join(path)}: expected a mapping, got {_kind(value)}")
-    return dict(value)
+    return f"unknown key '{full}' ({hint})"
 
 
 def _prefixed(section: str, e: Exception) -> str:
@@ -482,37 +552,19 @@ def _prefixed(section: str, e: Exception) -> str:
     return f"{section}: {msg}"
 
 
-def _hints(cls: type) -> dict[str, Any]:
-    """Field name -> resolved type hint of a dataclass (``from __future__`` strings evaluated)."""
-    try:
-        resolved = typing.get_type_hints(cls)
-    except Exception:  # an unresolvable annotation: fall back to no coercion for that class
-        resolved = {}
-    return {f.name: resolved.get(f.name, Any) for f in dataclasses.fields(cls)}
-
-
-def _optional(hint: Any) -> bool:
-    return _is_union(hint) and type(None) in typing.get_args(hint)
-
-
-def _unwrap_optional(hint: Any) -> Any:
-    if _is_union(hint):
-        args = [a for a in typing.get_args(hint) if a is not type(None)]
-        return args[0] if len(args) == 1 else Any
-    return hint
-
-
-def _is_union(hint: Any) -> bool:
-    return typing.get_origin(hint) in (typing.Union, types.UnionType)
-
-
-def _describe(hint: Any) -> str:
-    return {int: "an integer", float: "a number", str: "a string", bool: "true or false"}.get(hint, "a value")
-
-
 def _kind(value: Any) -> str:
-    return {list: "a list", str: "a string", int: "a number", float: "a number", bool: "a boolean"}.get(
+    return {list: "a list", str: "a string", int: "a number", float: "a number", bool: "a boolean",
+            type(None): "null"}.get(
         type(value), type(value).__name__)
+
+
+def _list_input(value: Any) -> Any:
+    return list(value) if isinstance(value, tuple) else value
+
+
+def _yaml_scalar(value: Any) -> str:
+    """A default as it is written in YAML (``null``, ``true``, ``[0.8, 1.2]``, ``1.0e-08``)."""
+    return yaml.safe_dump(_plain(value), default_flow_style=True, width=1000).strip().removesuffix("...").strip()
 
 
 def _plain(value: Any) -> Any:

@@ -21,13 +21,14 @@ import os
 import shutil
 import sysconfig
 import uuid
-from dataclasses import dataclass
 from pathlib import Path
+from typing import Annotated, Literal
 
 import numpy as np
 import torch
+from pydantic import ConfigDict, Field, StrictFloat, StrictInt
+from pydantic.dataclasses import dataclass
 
-TOKENIZERS = ("bytes", "bpe")
 # Bump when the cache layout or the tokenization changes: old entries are then ignored.
 CACHE_VERSION = 1
 # Directories never read as corpus text (tests of the standard library, installed packages).
@@ -38,46 +39,33 @@ class DataError(ValueError):
     """The corpus cannot be used (missing path, no text, too small); one line naming it."""
 
 
-@dataclass
+@dataclass(config=ConfigDict(extra="forbid"))
 class DataConfig:
-    """Where the text comes from, how it is tokenized and how it is split."""
+    """Where the text comes from, how it is tokenized and how it is split.
 
-    corpus: str = "stdlib"        # "stdlib" | path to a text file | a directory | a glob
-    tokenizer: str = "bytes"      # "bytes" | "bpe"
-    vocab_size: int = 1024        # only for bpe (bytes is always 256)
-    seq_len: int = 128
-    val_fraction: float = 0.05    # split by document, deterministic
-    eval_batches: int = 8         # fixed held-out set = eval_batches x eval_batch_size windows
-    eval_batch_size: int = 16
-    max_bytes: int | None = 8_000_000   # cap on corpus size read (keeps the default fast)
-    cache_dir: str | None = None  # default $EVO_CACHE_DIR or ~/.cache/evo/tokens
+    A pydantic dataclass: a bad value raises pydantic's ValidationError (a ValueError) that
+    locates the field; it stays a plain dataclass to `dataclasses.replace` / `asdict` / pickle."""
+
+    corpus: Annotated[str, Field(min_length=1, description=(
+        "'stdlib' (the Python standard library's source), a text file, a directory or a glob"))] = "stdlib"
+    tokenizer: Annotated[Literal["bytes", "bpe"], Field(description=(
+        "'bytes' (256 symbols) or 'bpe' (trained on the corpus, vocab_size symbols)"))] = "bytes"
+    vocab_size: Annotated[StrictInt, Field(gt=0, description="bpe vocabulary size (bytes is always 256)")] = 1024
+    seq_len: Annotated[StrictInt, Field(gt=0, description="tokens per training window")] = 128
+    val_fraction: Annotated[StrictFloat, Field(gt=0, lt=1, description=(
+        "share of the documents held out for validation (split by a hash of the path)"))] = 0.05
+    eval_batches: Annotated[StrictInt, Field(gt=0, description=(
+        "batches in the fixed held-out set that fitness is measured on"))] = 8
+    eval_batch_size: Annotated[StrictInt, Field(gt=0, description="windows per held-out batch")] = 16
+    max_bytes: Annotated[StrictInt | None, Field(gt=0, description=(
+        "cap on the corpus bytes read (keeps the default fast); null reads everything"))] = 8_000_000
+    cache_dir: Annotated[str | None, Field(description=(
+        "token cache directory; null: $EVO_CACHE_DIR, else ~/.cache/evo/tokens"))] = None
 
     def __post_init__(self) -> None:
-        if not isinstance(self.corpus, str) or not self.corpus:
-            raise DataError(f"data.corpus: must be a non-empty string, got {self.corpus!r}")
-        if self.tokenizer not in TOKENIZERS:
-            raise DataError(f"data.tokenizer: must be one of {', '.join(TOKENIZERS)}, got {self.tokenizer!r}")
-        for name in ("vocab_size", "seq_len", "eval_batches", "eval_batch_size"):
-            setattr(self, name, _positive_int(f"data.{name}", getattr(self, name)))
         if self.tokenizer == "bpe" and not 256 < self.vocab_size <= 2**32:
-            raise DataError(f"data.vocab_size: bpe needs 256 < vocab_size <= 2**32 (256 byte symbols + merges), "
-                            f"got {self.vocab_size}")
-        if isinstance(self.val_fraction, bool) or not isinstance(self.val_fraction, (int, float)) \
-                or not 0.0 < self.val_fraction < 1.0:
-            raise DataError(f"data.val_fraction: must be a number in (0, 1), got {self.val_fraction!r}")
-        self.val_fraction = float(self.val_fraction)
-        if self.max_bytes is not None:
-            self.max_bytes = _positive_int("data.max_bytes", self.max_bytes)
-        if self.cache_dir is not None and not isinstance(self.cache_dir, str):
-            raise DataError(f"data.cache_dir: must be a path string or null, got {self.cache_dir!r}")
-
-
-def _positive_int(name: str, value: object) -> int:
-    if isinstance(value, bool) or not isinstance(value, (int, np.integer)):
-        raise DataError(f"{name}: must be an integer, got {value!r}")
-    if value <= 0:
-        raise DataError(f"{name}: must be positive, got {value}")
-    return int(value)
+            raise ValueError(f"data.vocab_size: bpe needs 256 < vocab_size <= 2**32 (256 byte symbols + merges), "
+                             f"got {self.vocab_size}")
 
 
 class Corpus:

@@ -13,11 +13,13 @@ import contextlib
 import math
 import os
 import time
-from dataclasses import asdict, dataclass, replace
-from typing import Any, Callable
+from dataclasses import asdict, replace
+from typing import Annotated, Any, Callable, Literal
 
 import torch
 import torch.nn.functional as F
+from pydantic import ConfigDict, Field, StrictBool, StrictFloat, StrictInt
+from pydantic.dataclasses import dataclass
 
 from trainers import cpu_fused
 from trainers.data import DataConfig, load_corpus
@@ -28,8 +30,6 @@ from trainers.transfer import transfer_weights
 # (compile, device, num_threads, seed) belong to the member, not to the search.
 HPARAMS = ("batch_size", "lr", "weight_decay", "beta1", "beta2", "eps", "grad_clip",
            "warmup_steps", "schedule", "decay_steps", "min_lr_ratio")
-SCHEDULES = ("cosine", "constant")
-DEVICES = ("auto", "cpu", "cuda")
 STATE_FORMAT = 1
 # An exploit that changes the architecture would build a model and optimizer (milliseconds of
 # Python, a large part of an exploit: BENCHMARKS.md): a CPU trainer keeps the last few it left,
@@ -38,68 +38,34 @@ SPARE_MODELS = 2
 SPARE_BYTES = 64 * 2**20
 
 
-@dataclass
+@dataclass(config=ConfigDict(extra="forbid"))
 class TrainConfig:
-    """Optimizer, schedule and run settings of one trainer; validated on construction."""
+    """Optimizer, schedule and run settings of one trainer.
 
-    batch_size: int = 16
-    lr: float = 1e-3
-    weight_decay: float = 0.1
-    beta1: float = 0.9
-    beta2: float = 0.95
-    eps: float = 1e-8
-    grad_clip: float = 1.0          # max global grad norm; 0 = off
-    warmup_steps: int = 20          # linear warmup from lr/warmup_steps to lr
-    schedule: str = "cosine"        # "cosine" | "constant"
-    decay_steps: int | None = None  # step where the cosine reaches min_lr_ratio*lr; None = constant after warmup
-    min_lr_ratio: float = 0.1
-    compile: bool = False           # torch.compile the model
-    device: str = "auto"            # "auto" | "cpu" | "cuda"
-    num_threads: int | None = None  # torch threads; None = $EVO_NUM_THREADS, else the CPU affinity count
-    seed: int = 0                   # model init + batch order
+    A pydantic dataclass: a bad value raises pydantic's ValidationError (a ValueError) that
+    locates the field; it stays a plain dataclass to `dataclasses.replace` / `asdict` / pickle."""
 
-    def __post_init__(self) -> None:
-        self.batch_size = _int("batch_size", self.batch_size, low=1)
-        self.warmup_steps = _int("warmup_steps", self.warmup_steps, low=0)
-        self.seed = _int("seed", self.seed, low=0)
-        if self.decay_steps is not None:
-            self.decay_steps = _int("decay_steps", self.decay_steps, low=1)
-        if self.num_threads is not None:
-            self.num_threads = _int("num_threads", self.num_threads, low=1)
-        self.lr = _float("lr", self.lr, low=0.0, low_open=True)
-        self.weight_decay = _float("weight_decay", self.weight_decay, low=0.0)
-        self.beta1 = _float("beta1", self.beta1, low=0.0, high=1.0)
-        self.beta2 = _float("beta2", self.beta2, low=0.0, high=1.0)
-        self.eps = _float("eps", self.eps, low=0.0, low_open=True)
-        self.grad_clip = _float("grad_clip", self.grad_clip, low=0.0)
-        self.min_lr_ratio = _float("min_lr_ratio", self.min_lr_ratio, low=0.0, high=1.0, high_open=False)
-        if self.schedule not in SCHEDULES:
-            raise ConfigError(f"train.schedule: must be one of {', '.join(SCHEDULES)}, got {self.schedule!r}")
-        if self.device not in DEVICES:
-            raise ConfigError(f"train.device: must be one of {', '.join(DEVICES)}, got {self.device!r}")
-        if not isinstance(self.compile, bool):
-            raise ConfigError(f"train.compile: must be true or false, got {self.compile!r}")
-
-
-def _int(name: str, value: Any, low: int) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) and not hasattr(value, "__index__"):
-        raise ConfigError(f"train.{name}: must be an integer, got {value!r}")
-    if value < low:
-        raise ConfigError(f"train.{name}: must be >= {low}, got {value}")
-    return int(value)
-
-
-def _float(name: str, value: Any, low: float, high: float = math.inf,
-           low_open: bool = False, high_open: bool = True) -> float:
-    if isinstance(value, bool) or not isinstance(value, (int, float)) and not hasattr(value, "__float__"):
-        raise ConfigError(f"train.{name}: must be a number, got {value!r}")
-    v = float(value)
-    too_low = v <= low if low_open else v < low
-    too_high = v >= high if high_open else v > high
-    if not math.isfinite(v) or too_low or too_high:
-        lo, hi = "(" if low_open else "[", ")" if high_open else "]"
-        raise ConfigError(f"train.{name}: must be in {lo}{low:g}, {high:g}{hi}, got {value!r}")
-    return v
+    batch_size: Annotated[StrictInt, Field(ge=1, description="sequences per optimizer step")] = 16
+    lr: Annotated[StrictFloat, Field(gt=0, allow_inf_nan=False, description="peak learning rate (AdamW)")] = 1e-3
+    weight_decay: Annotated[StrictFloat, Field(ge=0, allow_inf_nan=False, description="AdamW weight decay")] = 0.1
+    beta1: Annotated[StrictFloat, Field(ge=0, lt=1, description="AdamW beta1")] = 0.9
+    beta2: Annotated[StrictFloat, Field(ge=0, lt=1, description="AdamW beta2")] = 0.95
+    eps: Annotated[StrictFloat, Field(gt=0, allow_inf_nan=False, description="AdamW epsilon")] = 1e-8
+    grad_clip: Annotated[StrictFloat, Field(ge=0, allow_inf_nan=False, description=(
+        "max global gradient norm; 0 turns clipping off"))] = 1.0
+    warmup_steps: Annotated[StrictInt, Field(ge=0, description=(
+        "steps of linear warmup from lr / warmup_steps to lr"))] = 20
+    schedule: Annotated[Literal["cosine", "constant"], Field(description=(
+        "after warmup: 'cosine' down to min_lr_ratio * lr at decay_steps, or 'constant'"))] = "cosine"
+    decay_steps: Annotated[StrictInt | None, Field(ge=1, description=(
+        "step where the cosine reaches min_lr_ratio * lr; null: constant after warmup"))] = None
+    min_lr_ratio: Annotated[StrictFloat, Field(ge=0, le=1, description="the cosine's floor, as a share of lr")] = 0.1
+    compile: Annotated[StrictBool, Field(description="torch.compile the model")] = False
+    device: Annotated[Literal["auto", "cpu", "cuda"], Field(description=(
+        "'auto' takes a GPU when the member has one, else the CPU"))] = "auto"
+    num_threads: Annotated[StrictInt | None, Field(ge=1, description=(
+        "torch threads per member; null: $EVO_NUM_THREADS, else the member's CPU affinity count"))] = None
+    seed: Annotated[StrictInt, Field(ge=0, description="model init and batch order (set per member by the driver)")] = 0
 
 
 def lr_at(cfg: TrainConfig, step: int) -> float:
