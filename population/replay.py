@@ -38,7 +38,7 @@ def replay_run(storage: str, name: str, *, console: Any = None) -> dict:
     target = int(best["history"][-1][0])   # the step of its last evaluation
     schedule = best["schedule"]
 
-    model = InternLM2Config.from_dict(config["model"])
+    model = InternLM2Config(**config["model"])
     # the cosine horizon the members trained with (the driver sets it to the budget)
     decay_steps = state.get("decay_steps", config["train"].get("decay_steps"))
     train = TrainConfig(**dict(config["train"], decay_steps=decay_steps))

@@ -18,7 +18,7 @@ from typing import Any, Mapping
 import torch
 from torch import nn
 
-from trainers.model import ConfigError, InternLM2Config
+from trainers.model import InternLM2Config
 
 CONFIG_FILE = "config.json"
 WEIGHTS_FILE = "model.safetensors"
@@ -232,9 +232,9 @@ def load_internlm2(path: str | os.PathLike) -> tuple[InternLM2Config, dict[str, 
         raise ExportError(f"load: {str(config_path)!r} needs untied embeddings and silu, which this model assumes")
     fields = {k: raw[k] for k in InternLM2Config.__dataclass_fields__ if k in raw}
     try:
-        config = InternLM2Config.from_dict(fields)
-    except ConfigError as e:
-        raise ExportError(f"load: {str(config_path)!r}: {e}") from None
+        config = InternLM2Config(**fields)
+    except ValueError as e:   # pydantic's ValidationError: one line here
+        raise ExportError(f"load: {str(config_path)!r}: {' '.join(str(e).split())}") from None
     if not weights_path.is_file():
         raise ExportError(f"load: {str(weights_path)!r} is missing")
     try:

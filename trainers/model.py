@@ -41,99 +41,56 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from dataclasses import dataclass
-from typing import Any, Mapping
+from typing import Annotated, Any
 
 import torch
 import torch.nn.functional as F
+from pydantic import ConfigDict, Field, StrictBool, StrictFloat, StrictInt
+from pydantic.dataclasses import dataclass
 from torch import nn
 
-
-class ConfigError(ValueError):
-    """An impossible model configuration; the message is one line naming the fields."""
+from trainers import architecture
 
 
-_INT_FIELDS = (
-    "vocab_size",
-    "hidden_size",
-    "intermediate_size",
-    "num_hidden_layers",
-    "num_attention_heads",
-    "num_key_value_heads",
-    "max_position_embeddings",
-)
-_ROPE_TYPES = ("linear", "dynamic")
+Count = Annotated[StrictInt, Field(gt=0)]
 
 
-@dataclass
+@dataclass(config=ConfigDict(extra="forbid"))
 class InternLM2Config:
-    """InternLM2 architecture; field names (and their meaning) as in HF `InternLM2Config`."""
+    """InternLM2 architecture; field names (and their meaning) as in HF `InternLM2Config`.
 
-    vocab_size: int = 256
-    hidden_size: int = 64
-    intermediate_size: int = 172
-    num_hidden_layers: int = 2
-    num_attention_heads: int = 4
-    num_key_value_heads: int = 2
-    rms_norm_eps: float = 1e-5
-    rope_theta: float = 10000.0
-    rope_scaling: dict | None = None  # {"type": "linear" | "dynamic", "factor": float >= 1}
-    bias: bool = False  # biases on wqkv / wo (as HF InternLM2's `bias`)
-    max_position_embeddings: int = 2048
-    initializer_range: float = 0.02
+    A pydantic dataclass: a bad value raises pydantic's ValidationError (a ValueError) that
+    locates the field; the shape rules (trainers/architecture.py) raise a ValueError naming the
+    fields. It stays a plain dataclass to `dataclasses.replace` / `asdict` / pickle."""
+
+    vocab_size: Annotated[Count, Field(description="vocabulary size")] = 256
+    hidden_size: Annotated[Count, Field(description="width of the residual stream")] = 64
+    intermediate_size: Annotated[Count, Field(description="SwiGLU feed-forward width")] = 172
+    num_hidden_layers: Annotated[Count, Field(description="decoder layers")] = 2
+    num_attention_heads: Annotated[Count, Field(description="query heads (hidden_size / heads is head_dim, even)")] = 4
+    num_key_value_heads: Annotated[Count, Field(description=(
+        "key/value heads (grouped-query attention; divides num_attention_heads)"))] = 2
+    rms_norm_eps: Annotated[StrictFloat, Field(gt=0, allow_inf_nan=False, description="RMSNorm epsilon")] = 1e-5
+    rope_theta: Annotated[StrictFloat, Field(gt=1, allow_inf_nan=False, description="RoPE base")] = 10000.0
+    rope_scaling: Annotated[dict | None, Field(description=(
+        "null, or {type: linear or dynamic, factor: >= 1} (HF InternLM2's rope_scaling)"))] = None
+    bias: Annotated[StrictBool, Field(description="biases on wqkv and wo (HF InternLM2's bias)")] = False
+    max_position_embeddings: Annotated[Count, Field(description="longest sequence the model is built for")] = 2048
+    initializer_range: Annotated[StrictFloat, Field(ge=0, allow_inf_nan=False, description=(
+        "std of the normal initialisation"))] = 0.02
 
     def __post_init__(self) -> None:
-        for name in _INT_FIELDS:
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int):
-                raise ConfigError(f"model: {name} ({value!r}) must be an integer")
-            if value <= 0:
-                raise ConfigError(f"model: {name} ({value}) must be positive")
-        for name in ("rms_norm_eps", "rope_theta", "initializer_range"):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
-                raise ConfigError(f"model: {name} ({value!r}) must be a finite number")
-            setattr(self, name, float(value))
-        if self.rms_norm_eps <= 0:
-            raise ConfigError(f"model: rms_norm_eps ({self.rms_norm_eps}) must be positive")
-        if self.rope_theta <= 1:
-            raise ConfigError(f"model: rope_theta ({self.rope_theta}) must be greater than 1")
-        if self.initializer_range < 0:
-            raise ConfigError(f"model: initializer_range ({self.initializer_range}) must be non-negative")
-        if not isinstance(self.bias, bool):
-            raise ConfigError(f"model: bias ({self.bias!r}) must be true or false")
-        if self.hidden_size % self.num_attention_heads:
-            raise ConfigError(
-                f"model: hidden_size ({self.hidden_size}) must be divisible by "
-                f"num_attention_heads ({self.num_attention_heads})"
-            )
-        if self.num_attention_heads % self.num_key_value_heads:
-            raise ConfigError(
-                f"model: num_attention_heads ({self.num_attention_heads}) must be divisible by "
-                f"num_key_value_heads ({self.num_key_value_heads})"
-            )
-        if self.head_dim % 2:
-            raise ConfigError(
-                f"model: head_dim = hidden_size / num_attention_heads "
-                f"({self.hidden_size} / {self.num_attention_heads} = {self.head_dim}) must be even for RoPE"
-            )
+        broken = architecture.shape_violations({f: getattr(self, f) for f in architecture.SHAPE_FIELDS})
+        if broken:
+            raise ValueError(f"model: {broken[0]}")
         self.rope_scaling = _check_rope_scaling(self.rope_scaling)
 
     @property
     def head_dim(self) -> int:
         return self.hidden_size // self.num_attention_heads
 
-    @classmethod
-    def from_dict(cls, d: Mapping[str, Any]) -> InternLM2Config:
-        """Build from a plain mapping (YAML `model:` section); unknown keys are refused."""
-        names = {f.name for f in dataclasses.fields(cls)}
-        for key in d:
-            if key not in names:
-                raise ConfigError(f"model: unknown field {key!r} (known: {', '.join(sorted(names))})")
-        return cls(**d)
-
     def to_dict(self) -> dict[str, Any]:
-        """Plain JSON/YAML-friendly values; `from_dict(to_dict())` gives an equal config."""
+        """Plain JSON/YAML-friendly values; `InternLM2Config(**to_dict())` gives an equal config."""
         return dataclasses.asdict(self)
 
 
@@ -141,16 +98,14 @@ def _check_rope_scaling(rope_scaling: Any) -> dict | None:
     """Validate HF InternLM2's `rope_scaling` ({"type", "factor"}); returns a fresh dict."""
     if rope_scaling is None:
         return None
-    if not isinstance(rope_scaling, Mapping):
-        raise ConfigError(f"model: rope_scaling ({rope_scaling!r}) must be null or a mapping with type and factor")
     extra = sorted(set(rope_scaling) - {"type", "factor"})
     if extra:
-        raise ConfigError(f"model: rope_scaling has unknown key {extra[0]!r} (expected type and factor)")
+        raise ValueError(f"model: rope_scaling has unknown key {extra[0]!r} (expected type and factor)")
     kind, factor = rope_scaling.get("type"), rope_scaling.get("factor")
-    if kind not in _ROPE_TYPES:
-        raise ConfigError(f"model: rope_scaling.type ({kind!r}) must be 'linear' or 'dynamic'")
+    if kind not in ("linear", "dynamic"):
+        raise ValueError(f"model: rope_scaling.type ({kind!r}) must be 'linear' or 'dynamic'")
     if isinstance(factor, bool) or not isinstance(factor, (int, float)) or not factor >= 1.0 or math.isinf(factor):
-        raise ConfigError(f"model: rope_scaling.factor ({factor!r}) must be a finite number >= 1")
+        raise ValueError(f"model: rope_scaling.factor ({factor!r}) must be a finite number >= 1")
     return {"type": kind, "factor": float(factor)}
 
 

@@ -23,7 +23,7 @@ from pydantic.dataclasses import dataclass
 
 from trainers import cpu_fused
 from trainers.data import DataConfig, load_corpus
-from trainers.model import ConfigError, InternLM2Config, InternLM2ForCausalLM
+from trainers.model import InternLM2Config, InternLM2ForCausalLM
 from trainers.transfer import transfer_weights
 
 # Fields of TrainConfig that may change during training (set_hparams); the others
@@ -302,7 +302,7 @@ class Trainer:
             raise ValueError(f"state: format {state.get('format')!r} is not {STATE_FORMAT}")
         model_cfg = InternLM2Config(**state["model_config"])
         if model_cfg.vocab_size != self.corpus.vocab_size:
-            raise ConfigError(f"model.vocab_size: state has {model_cfg.vocab_size}, "
+            raise ValueError(f"model.vocab_size: state has {model_cfg.vocab_size}, "
                               f"the corpus has {self.corpus.vocab_size}")
         self._train = replace(self._train, **{k: state["train_config"][k] for k in HPARAMS})
         if model_cfg != self._model_cfg and not self._take_spare(model_cfg) and read_into is not None \
@@ -475,7 +475,7 @@ def _device(name: str) -> torch.device:
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if name == "cuda" and not torch.cuda.is_available():
-        raise ConfigError("train.device: cuda requested but torch.cuda.is_available() is False")
+        raise ValueError("train.device: cuda requested but torch.cuda.is_available() is False")
     return torch.device(name)
 
 
@@ -491,7 +491,7 @@ def _num_threads(requested: int | None) -> int:
         except ValueError:
             n = 0
         if n < 1:
-            raise ConfigError(f"EVO_NUM_THREADS: must be a positive integer, got {env!r}")
+            raise ValueError(f"EVO_NUM_THREADS: must be a positive integer, got {env!r}")
         return n
     if hasattr(os, "sched_getaffinity"):
         return max(1, len(os.sched_getaffinity(0)))
