@@ -37,21 +37,31 @@ class StrategyConfig:
     Validated by pydantic on construction (a bad value raises its ValidationError, a
     ValueError, naming the field); it stays a dataclass (`dataclasses.replace`, `asdict`)."""
 
-    name: str = "pbt"  # pbt | ga | nsga2 | pb2 | random
-    # pbt/pb2/nsga2: share of the ranked members replaced each round; 0.5 at most, so that the
-    # bottom and top quantiles never overlap (as in Ray Tune's PBT)
-    quantile: Annotated[StrictFloat, Field(ge=0, le=0.5)] = 0.25
-    resample_probability: Probability = 0.25  # pbt/pb2: per gene, resample from the prior instead of perturbing
-    perturb_factors: tuple[Factor, Factor] = (0.8, 1.2)  # pbt/pb2: multiplicative perturbations
-    selection: Literal["truncation", "tournament"] = "truncation"  # pbt
-    tournament_size: Annotated[StrictInt, Field(ge=2)] = 2  # pbt (tournament), ga: members drawn per tournament
-    elitism: Annotated[StrictInt, Field(ge=0)] = 1  # ga: the best `elitism` members are kept as they are
-    crossover: Literal["uniform", "sbx"] = "uniform"  # ga/nsga2
-    crossover_probability: Probability = 0.9  # ga/nsga2
-    mutation_probability: Probability = 0.2  # ga/nsga2: per gene, polynomial mutation
-    objectives: Annotated[tuple[Objective, ...], Field(min_length=1)] = ("val_bpb",)  # nsga2 uses several
-    sampler: Literal["tpe", "gp"] = "tpe"  # pb2 (gp needs scipy and torch)
-    seed: Annotated[StrictInt, Field(ge=0)] = 0  # for the caller that derives the rng passed to plan()
+    name: Annotated[str, Field(description="the strategy: pbt, ga, nsga2, pb2 or random")] = "pbt"
+    quantile: Annotated[StrictFloat, Field(ge=0, le=0.5, description=(
+        # 0.5 at most: the bottom and top quantiles never overlap (as in Ray Tune's PBT)
+        "pbt/pb2/nsga2: share of the ranked members replaced each round (at most 0.5)"))] = 0.25
+    resample_probability: Annotated[Probability, Field(description=(
+        "pbt/pb2: per gene, the chance to resample from the prior instead of perturbing"))] = 0.25
+    perturb_factors: Annotated[tuple[Factor, Factor], Field(description=(
+        "pbt/pb2: the two multiplicative perturbations of a float gene"))] = (0.8, 1.2)
+    selection: Annotated[Literal["truncation", "tournament"], Field(description=(
+        "pbt: how a member finds its donor"))] = "truncation"
+    tournament_size: Annotated[StrictInt, Field(ge=2, description=(
+        "pbt (tournament), ga: members drawn per tournament"))] = 2
+    elitism: Annotated[StrictInt, Field(ge=0, description="ga: the best members kept as they are")] = 1
+    crossover: Annotated[Literal["uniform", "sbx"], Field(description=(
+        "ga/nsga2: uniform, or simulated binary crossover"))] = "uniform"
+    crossover_probability: Annotated[Probability, Field(description=(
+        "ga/nsga2: chance that a child is a crossover of two parents"))] = 0.9
+    mutation_probability: Annotated[Probability, Field(description=(
+        "ga/nsga2: per gene, the chance of a polynomial mutation"))] = 0.2
+    objectives: Annotated[tuple[Objective, ...], Field(min_length=1, description=(
+        "nsga2: objectives among val_bpb, val_loss, params, tokens_per_s"))] = ("val_bpb",)
+    sampler: Annotated[Literal["tpe", "gp"], Field(description=(
+        "pb2: Optuna sampler proposing hyperparameters (gp needs scipy and torch)"))] = "tpe"
+    seed: Annotated[StrictInt, Field(ge=0, description=(
+        "for the caller that derives the rng passed to plan(); strategies never seed themselves"))] = 0
 
     def __post_init__(self) -> None:
         if self.name not in STRATEGIES:

@@ -1,12 +1,16 @@
 """The ``evo`` command line: run, resume, watch, list, export and replay searches.
 
     evo run experiments/quickstart.yaml [--name N] [--storage S] [--set key=value ...]
-    evo resume NAME [--storage S] [--set population.total_steps=N]
-    evo status NAME [--storage S] [--json] [--watch SECONDS]
+    evo resume RUN [--storage S] [--set population.total_steps=N]
+    evo status RUN [--storage S] [--json] [--watch SECONDS]
     evo list [--storage S]
-    evo export NAME --format internlm2|llama --out DIR [--member ID] [--storage S]
-    evo replay NAME [--storage S]
-    evo report NAME [--storage S] [--out DIR]
+    evo export RUN --format internlm2|llama --out DIR [--member ID] [--storage S]
+    evo replay RUN [--storage S]
+    evo report RUN [--storage S] [--out DIR]
+    evo config-keys [--markdown]
+
+RUN is a run's name in the storage (``--storage``, default ``runs``) or its directory
+(``runs/quickstart``, or a URI such as ``s3://bucket/evo/quickstart``).
 
 Exit codes: 0 done; 2 bad input (config errors, unknown run, a config that conflicts with the
 stored run, a population that does not fit the cluster) -- reported before anything is written;
@@ -29,6 +33,18 @@ from pathlib import Path
 from typing import Any, Sequence
 
 DEFAULT_STORAGE = "runs"
+RUN_HELP = "run name (in --storage), or the run's directory, e.g. runs/quickstart"
+RUN_EXAMPLES = """\
+--set examples (KEY is a dotted config key, VALUE is parsed as YAML; every key: evo config-keys):
+  --set population.size=8 --set train.lr=3e-4     change values
+  --set logging.wandb.mode=disabled               turn Weights & Biases off
+  --set logging.optuna=false                      turn the Optuna study off
+  --set search.train.lr=null                      drop a gene from the search (lr stays train.lr)
+  --set search.train.beta2='{type: float, low: 0.9, high: 0.99}'   add a gene
+  --set train.num_threads=1                       torch threads per member
+  --set population.max_concurrent=2               members training at once (the driver's slots)
+  --set population.resources.num_cpus=1           CPUs each member reserves in Ray
+"""
 
 
 class UsageError(Exception):
@@ -113,7 +129,7 @@ def cmd_resume(args: argparse.Namespace) -> int:
     from experiments.config import ConfigError, build_setup, config_from_dict
     from population.driver import resume_setup
 
-    _require_run(args.storage, args.run)
+    _locate_run(args)
     stored = resume_setup(args.storage, args.run)
     # The run lives where we found it and keeps its name, wherever config.yaml says it was.
     overrides = [*(args.set or []), f"name={args.run}", f"storage={args.storage}"]
@@ -128,7 +144,7 @@ def cmd_status(args: argparse.Namespace) -> int:
     """Print (or watch) the state of one run."""
     from population.inspect import run_status
 
-    _require_run(args.storage, args.run)
+    _locate_run(args)
     if args.json:
         print(json.dumps(run_status(args.storage, args.run), indent=2, default=str))
         return 0
@@ -193,7 +209,7 @@ def cmd_export(args: argparse.Namespace) -> int:
     """Write one member (default: the best) as a Hugging Face model directory."""
     from population.inspect import export_run
 
-    _require_run(args.storage, args.run)
+    _locate_run(args)
     try:
         out = export_run(args.storage, args.run, args.format, args.out, member=args.member)
     except (KeyError, ValueError) as e:  # an unknown member, an unfinished run
@@ -208,7 +224,7 @@ def cmd_replay(args: argparse.Namespace) -> int:
 
     from population.replay import replay_run
 
-    _require_run(args.storage, args.run)
+    _locate_run(args)
     try:
         result = replay_run(args.storage, args.run, console=Console(stderr=True))
     except ValueError as e:  # nothing committed or evaluated yet
@@ -217,11 +233,24 @@ def cmd_replay(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_config_keys(args: argparse.Namespace) -> int:
+    """Every config key with its default and meaning, from the schema."""
+    from experiments.config import config_keys, config_keys_markdown
+
+    if args.markdown:
+        print(config_keys_markdown(), end="")
+        return 0
+    width = max(len(key) for key, _, _ in config_keys())
+    for key, default, meaning in config_keys():
+        print(f"{key:<{width}}  {default.strip('`')}: {meaning}")
+    return 0
+
+
 def cmd_report(args: argparse.Namespace) -> int:
     """Write a run's self-contained HTML report (and its plots as PNG files)."""
     from population.report import write_report
 
-    _require_run(args.storage, args.run)
+    _locate_run(args)
     print(f"wrote {write_report(args.storage, args.run, out_dir=args.out)}")
     return 0
 
@@ -267,17 +296,29 @@ def _search(setup: Any) -> int:
     return 0
 
 
-def _require_run(storage: str, name: str) -> None:
-    """Refuse (exit 2) a run that is not in the storage, without creating anything."""
+def _locate_run(args: argparse.Namespace) -> None:
+    """Resolve ``args.run`` to a stored run, in place: a name in ``args.storage``, or a run's
+    directory (``runs/quickstart``: storage ``runs``, name ``quickstart``). Refuses (exit 2),
+    without creating anything, what is neither."""
     from population.store import RunStore, StoreError, list_runs
 
+    run = args.run.rstrip("/") or args.run
+    is_path = "/" in run
+    if is_path:  # the run's directory: its parent is the storage
+        storage, name = run.rsplit("/", 1)
+        storage = storage or "/"
+    else:
+        storage, name = args.storage or DEFAULT_STORAGE, run
     try:
         if RunStore(storage, name).exists():
+            args.storage, args.run = storage, name
             return
         names = list_runs(storage)
     except StoreError as e:
         raise UsageError(_one_line(e)) from e
     known = f"; runs there: {', '.join(names)}" if names else ""
+    if is_path:
+        raise UsageError(f"no run at {run}: {storage} holds no run named {name!r}{known}")
     raise UsageError(f"no run named {name!r} in {storage}{known}")
 
 
@@ -366,22 +407,24 @@ def _parser() -> argparse.ArgumentParser:
                 parents=[debug])
     sub = p.add_subparsers(metavar="COMMAND", required=True)
 
-    run = sub.add_parser("run", parents=[debug], help="run a search from a YAML config (resumes it if it exists)")
+    run = sub.add_parser("run", parents=[debug], help="run a search from a YAML config (resumes it if it exists)",
+                         epilog=RUN_EXAMPLES, formatter_class=argparse.RawDescriptionHelpFormatter)
     run.add_argument("config", help="experiments/<name>.yaml")
     run.add_argument("--name", help="run name (default: the config's name, else the file's stem)")
     run.add_argument("--storage", help="run store root (default: the config's storage)")
     run.add_argument("--set", action="append", metavar="KEY=VALUE",
-                     help="override a config value, e.g. --set population.size=8 (repeatable)")
+                     help="override a config value, e.g. --set population.size=8 (repeatable; "
+                          "examples below, every key: evo config-keys)")
     run.set_defaults(command=cmd_run)
 
     resume = sub.add_parser("resume", parents=[debug, storage], help="continue a stopped run")
-    resume.add_argument("run", help="run name")
+    resume.add_argument("run", help=RUN_HELP)
     resume.add_argument("--set", action="append", metavar="KEY=VALUE",
                         help="override a value, e.g. --set population.total_steps=1000 (repeatable)")
     resume.set_defaults(command=cmd_resume)
 
     status = sub.add_parser("status", parents=[debug, storage], help="show a run's round, best and members")
-    status.add_argument("run", help="run name")
+    status.add_argument("run", help=RUN_HELP)
     status.add_argument("--json", action="store_true", help="print the status as JSON")
     status.add_argument("--watch", type=float, metavar="SECONDS", help="refresh every SECONDS until the run ends")
     status.set_defaults(command=cmd_status)
@@ -390,7 +433,7 @@ def _parser() -> argparse.ArgumentParser:
     lst.set_defaults(command=cmd_list)
 
     export = sub.add_parser("export", parents=[debug, storage], help="export a member as a Hugging Face model")
-    export.add_argument("run", help="run name")
+    export.add_argument("run", help=RUN_HELP)
     export.add_argument("--format", required=True, choices=("internlm2", "llama"))
     export.add_argument("--out", required=True, help="output directory")
     export.add_argument("--member", type=int, help="member id (default: the best)")
@@ -398,12 +441,17 @@ def _parser() -> argparse.ArgumentParser:
 
     replay = sub.add_parser("replay", parents=[debug, storage],
                             help="retrain the best member from scratch on its hyperparameter schedule")
-    replay.add_argument("run", help="run name")
+    replay.add_argument("run", help=RUN_HELP)
     replay.set_defaults(command=cmd_replay)
 
     report = sub.add_parser("report", parents=[debug, storage],
                             help="write a self-contained HTML report of a run (plots, lineage, best schedule)")
-    report.add_argument("run", help="run name")
+    report.add_argument("run", help=RUN_HELP)
     report.add_argument("--out", help="output directory (default: <storage>/<run>/report)")
     report.set_defaults(command=cmd_report)
+
+    keys = sub.add_parser("config-keys", parents=[debug],
+                          help="list every config key with its default and meaning (what --set takes)")
+    keys.add_argument("--markdown", action="store_true", help="as the README's Markdown table")
+    keys.set_defaults(command=cmd_config_keys)
     return p

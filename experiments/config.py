@@ -171,11 +171,9 @@ def build_setup(cfg: ExperimentConfig) -> SearchSetup:
     )
 
 
-def config_keys() -> list[tuple[str, Any, str]]:
-    """Every key of the schema as ``(dotted key, default, meaning)``, in the YAML's order.
-
-    ``name`` has no default (the file's stem stands in); ``model.vocab_size`` is derived from
-    the tokenizer. The README's config table is :func:`config_keys_markdown` of this."""
+def config_keys() -> list[tuple[str, str, str]]:
+    """Every key of the schema as ``(dotted key, default as YAML, meaning)``, in the YAML's order
+    (what ``--set`` takes and ``evo config-keys`` prints)."""
     return _keys(ExperimentConfig, ())
 
 
@@ -183,8 +181,7 @@ def config_keys_markdown() -> str:
     """The README's config table: one row per key of :func:`config_keys`."""
     rows = ["| key | default | meaning |", "|---|---|---|"]
     for key, default, meaning in config_keys():
-        shown = "(the file's stem)" if default is dataclasses.MISSING else f"`{_yaml_scalar(default)}`"
-        rows.append(f"| `{key}` | {shown} | {meaning.replace('|', '&#124;')} |")
+        rows.append(f"| `{key}` | {default} | {meaning.replace('|', '&#124;')} |")
     return "\n".join(rows) + "\n"
 
 
@@ -507,7 +504,7 @@ def _literal_choices(hint: Any) -> tuple:
     return ()
 
 
-def _keys(cls: type, prefix: tuple[str, ...]) -> list[tuple[str, Any, str]]:
+def _keys(cls: type, prefix: tuple[str, ...]) -> list[tuple[str, str, str]]:
     out = []
     described = getattr(cls, "__pydantic_fields__", {})
     for f in dataclasses.fields(cls):
@@ -516,11 +513,16 @@ def _keys(cls: type, prefix: tuple[str, ...]) -> list[tuple[str, Any, str]]:
         if dataclasses.is_dataclass(hint):
             out += _keys(hint, key)
             continue
-        default = f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default
         info = described.get(f.name)
         meaning = info.description if info is not None and info.description else ""
+        if f.default_factory is not dataclasses.MISSING:
+            default = f"`{_yaml_scalar(f.default_factory())}`"
+        elif f.default is not dataclasses.MISSING:
+            default = f"`{_yaml_scalar(f.default)}`"
+        else:
+            default = "the file's stem"
         if key == ("model", "vocab_size"):
-            meaning = "derived from the tokenizer (256 for bytes, data.vocab_size for bpe); leave it out"
+            default, meaning = "from the tokenizer", "256 for bytes, data.vocab_size for bpe (leave it out)"
         out.append((".".join(key), default, meaning))
     return out
 

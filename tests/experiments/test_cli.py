@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 from concurrent.futures import ThreadPoolExecutor
@@ -237,6 +238,26 @@ def test_report_at_the_end_and_on_demand(finished_run, workdir: Path, env: dict[
     assert {p.name for p in out.glob("*.png")} >= {"fitness.png", "hyperparameters.png", "lineage.png"}
 
 
+def test_reading_commands_take_the_run_directory(finished_run, workdir: Path, env: dict[str, str]):
+    storage, _ = finished_run
+    by_name = evo("status", "quickstart", "--storage", str(storage), "--json", cwd=workdir, env=env)
+    for run in (str(storage / "quickstart"), str(storage / "quickstart") + "/"):
+        result = evo("status", run, "--json", cwd=workdir, env=env)
+        assert result.returncode == 0, result.stderr
+        assert json.loads(result.stdout) == json.loads(by_name.stdout)
+    relative = os.path.relpath(storage / "quickstart", workdir)           # as typed: runs/quickstart
+    out = workdir / "report-by-dir"
+    result = evo("report", relative, "--out", str(out), cwd=workdir, env=env)
+    assert result.returncode == 0, result.stderr
+    assert (out / "report.html").is_file()
+    # neither a run's directory nor a run's name: one line, exit 2
+    result = evo("status", str(storage / "nope"), cwd=workdir, env=env)
+    assert_bad_input(result, f"no run at {storage / 'nope'}: {storage} holds no run named 'nope'; runs there: "
+                             "quickstart")
+    result = evo("replay", "nope", "--storage", str(storage), cwd=workdir, env=env)
+    assert_bad_input(result, f"no run named 'nope' in {storage}; runs there: quickstart")
+
+
 def test_bad_input_leaves_an_existing_run_untouched(finished_run, workdir: Path, env: dict[str, str]):
     storage, _ = finished_run
     before = files_of(storage)
@@ -268,6 +289,26 @@ def test_resume_extends_the_budget(finished_run, workdir: Path, env: dict[str, s
                             cwd=workdir, env=env).stdout)
     assert status["status"] == "finished" and status["round"] == 3
     assert all(m["step"] == 30 for m in status["members"] if m["alive"])
+
+
+def test_run_help_shows_worked_set_examples(workdir: Path, env: dict[str, str]):
+    result = evo("run", "--help", cwd=workdir, env=env)
+    assert result.returncode == 0, result.stderr
+    for example in ("--set logging.wandb.mode=disabled", "--set logging.optuna=false", "--set search.train.lr=null",
+                    "--set train.num_threads=1", "--set population.max_concurrent=2",
+                    "--set population.resources.num_cpus=1", "evo config-keys"):
+        assert example in result.stdout
+
+
+def test_config_keys_prints_the_schema(workdir: Path, env: dict[str, str]):
+    from experiments.config import config_keys, config_keys_markdown
+
+    result = evo("config-keys", "--markdown", cwd=workdir, env=env)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout == config_keys_markdown()
+    result = evo("config-keys", cwd=workdir, env=env)
+    assert [line.split()[0] for line in result.stdout.splitlines()] == [key for key, _, _ in config_keys()]
+    assert re.search(r"^logging\.optuna +true: mirror every evaluated segment", result.stdout, re.M)
 
 
 def test_relative_storage_under_a_ray_job_outlives_the_job(monkeypatch, tmp_path: Path):

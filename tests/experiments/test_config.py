@@ -2,6 +2,7 @@
 it came from; good input resolves to the sub-configs, round-trips through config_to_dict."""
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 
 import pytest
@@ -15,10 +16,12 @@ from experiments.config import (
     build_setup,
     build_space,
     config_from_dict,
+    config_keys,
+    config_keys_markdown,
     config_to_dict,
     load_config,
 )
-from population.config import PopulationConfig
+from population.config import LoggingConfig, PopulationConfig, ResourcesConfig
 from trainers.data import DataConfig
 from trainers.model import InternLM2Config
 from trainers.trainer import TrainConfig
@@ -279,3 +282,79 @@ def test_config_from_dict_validates_like_load(tmp_path: Path):
 def test_config_error_is_a_value_error():
     assert issubclass(ConfigError, ValueError)
     assert str(ConfigError("two\nlines")) == "two lines"
+
+
+# ------------------------------------------------------------------------------------------
+# one schema: pydantic's errors as one line, YAML's gotchas, the README's table
+
+
+@pytest.mark.parametrize("override, expected", [
+    ("train.lr=-1", "--set train.lr=-1: train.lr: must be > 0, got -1"),
+    ("train.beta2=1", "--set train.beta2=1: train.beta2: must be < 1, got 1"),
+    ("train.eps=.inf", "--set train.eps=.inf: train.eps: must be finite, got inf"),
+    ("population.size=yes", "--set population.size=yes: population.size: expected an integer, got True"),
+    ("train.lr=true", "--set train.lr=true: train.lr: expected a number, got True"),
+    ("data.tokenizer=byte", "--set data.tokenizer=byte: data.tokenizer: must be one of bytes, bpe, got 'byte' "
+                            "(did you mean 'bytes'?)"),
+    ("strategy.objectives=[val_bpb, latency]", "strategy.objectives: must be one of val_bpb, val_loss, params, "
+                                               "tokens_per_s, got 'latency'"),
+    ("strategy.objectives=[]", "--set strategy.objectives=[]: strategy.objectives: must not be empty, got []"),
+    ("data=3", "--set data=3: data: expected a mapping, got a number"),
+    ("model.hidden_size=yes", "--set model.hidden_size=yes: model.hidden_size: expected an integer, got True"),
+    ("search.max_params=2e5", "--set search.max_params=2e5: search.max_params: expected an integer, got 200000.0"),
+    ("train.lrr=1", "--set train.lrr=1: unknown key 'train.lrr' (did you mean 'train.lr'?)"),
+])
+def test_schema_errors_are_one_line_with_key_and_value(tmp_path: Path, override: str, expected: str):
+    assert expected in error_of(write(tmp_path, MINIMAL), [override])
+
+
+def test_yaml_gotchas(tmp_path: Path):
+    # YAML 1.1 reads 1e-3 (no dot) as a string: the loader reads a number
+    cfg = load_config(write(tmp_path, MINIMAL.replace("lr: 1.0e-3", "lr: 3e-4").replace("low: 1.0e-4", "low: 1e-4")))
+    assert cfg.train.lr == 3e-4 and cfg.search["train.lr"]["low"] == 1e-4
+    # `yes` is a boolean, never a number; an int for a float field is fine
+    path = write(tmp_path, MINIMAL.replace("size: 4", "size: yes"))
+    assert error_of(path) == f"{path}:5: population.size: expected an integer, got True"
+    assert load_config(write(tmp_path, MINIMAL), ["train.weight_decay=0"]).train.weight_decay == 0.0
+    # an empty section is all its defaults
+    cfg = load_config(write(tmp_path, MINIMAL + "logging:\n  wandb:\n"), ["population.resources=null"])
+    assert cfg.logging == LoggingConfig() and cfg.population.resources == ResourcesConfig()
+
+
+def test_every_default_of_the_schema_is_the_dataclass_default(tmp_path: Path):
+    d = config_to_dict(load_config(write(tmp_path, "name: bare\n")))
+    assert d["train"] == dataclasses.asdict(TrainConfig()) and d["data"] == dataclasses.asdict(DataConfig())
+    assert d["strategy"] == config_to_dict(ExperimentConfig(name="x"))["strategy"]
+    assert d["model"] == dataclasses.asdict(InternLM2Config()) and d["search"] == {}
+
+
+def test_readme_config_table_is_the_schema():
+    readme = (REPO / "README.md").read_text()
+    begin = readme.index("<!-- config-keys:")
+    begin = readme.index("\n", begin) + 1
+    table = readme[begin:readme.index("<!-- /config-keys -->")]
+    assert table == config_keys_markdown(), "regenerate it: evo config-keys --markdown"
+    listed = [row.split("`")[1] for row in table.splitlines()[2:]]
+    assert listed == [key for key, _, _ in config_keys()]
+    assert all(meaning for _, _, meaning in config_keys())        # every key says what it means
+
+
+def test_every_listed_key_exists_and_takes_its_default(tmp_path: Path):
+    # each key of the table set to the default it lists: the loader accepts it and reads it back
+    path = write(tmp_path, "name: keys\n")
+    base = config_to_dict(load_config(path))
+    for key, default, _ in config_keys():
+        if key in ("name", "model.vocab_size"):
+            continue
+        value = default.strip("`")
+        cfg = config_to_dict(load_config(path, [f"{key}={value}"]))
+        node = cfg
+        for part in key.split("."):
+            node = node[part]
+        assert node == yaml.safe_load(value) and cfg == base, key
+    flat = {f"{section}.{k}" for section, v in base.items() if isinstance(v, dict) and section != "search"
+            for k in v}
+    flat |= {f"population.resources.{k}" for k in base["population"]["resources"]}
+    flat |= {f"logging.wandb.{k}" for k in base["logging"]["wandb"]}
+    flat -= {"population.resources", "logging.wandb"}
+    assert flat | {"name", "seed", "storage", "search"} == {key for key, _, _ in config_keys()}
