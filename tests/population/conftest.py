@@ -37,6 +37,17 @@ def tensors_by_path(obj, prefix: str = "") -> dict:
     return out
 
 
+def assert_same_state(a: dict, b: dict) -> None:
+    """The same weights, optimizer state, RNG, step and architecture, bit for bit."""
+    ta, tb = tensors_by_path({"model": a["model"], "optimizer": a["optimizer"], "rng": a["rng"]}), \
+        tensors_by_path({"model": b["model"], "optimizer": b["optimizer"], "rng": b["rng"]})
+    assert ta.keys() == tb.keys()
+    for key in ta:
+        assert torch.equal(ta[key], tb[key]), key
+    assert a["step"] == b["step"]
+    assert a["model_config"] == b["model_config"]
+
+
 @pytest.fixture(scope="session")
 def cache_dir(tmp_path_factory):
     """A token cache of the session's own (EVO_CACHE_DIR is set before ray.init: workers inherit it)."""

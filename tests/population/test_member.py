@@ -9,7 +9,7 @@ import torch
 
 from population.member import Member
 from population.store import RunStore
-from tests.population.conftest import tensors_by_path, tiny_parts
+from tests.population.conftest import assert_same_state, tiny_parts
 from trainers.trainer import TrainConfig, lr_at
 
 GENOME = {"train.lr": 3e-3, "model.num_hidden_layers": 1}
@@ -34,16 +34,6 @@ def pair(actors):
     return actors
 
 
-def _assert_same_state(a: dict, b: dict) -> None:
-    ta, tb = tensors_by_path({"model": a["model"], "optimizer": a["optimizer"], "rng": a["rng"]}), \
-        tensors_by_path({"model": b["model"], "optimizer": b["optimizer"], "rng": b["rng"]})
-    assert ta.keys() == tb.keys()
-    for key in ta:
-        assert torch.equal(ta[key], tb[key]), key
-    assert a["step"] == b["step"]
-    assert a["model_config"] == b["model_config"]
-
-
 def test_exploit_copies_weights_and_optimizer_bit_for_bit_without_restart(pair):
     donor, receiver = pair
     ray.get(donor.restart.remote({"train.lr": 2e-3, "model.num_hidden_layers": 2}, 1))
@@ -55,7 +45,7 @@ def test_exploit_copies_weights_and_optimizer_bit_for_bit_without_restart(pair):
     assert loaded["step"] == 4
     assert ray.get(receiver.pid.remote()) == pid   # same process: no actor restart
     donor_state, receiver_state = ray.get([donor.get_state.remote(), receiver.get_state.remote()])
-    _assert_same_state(donor_state, receiver_state)
+    assert_same_state(donor_state, receiver_state)
     assert len(receiver_state["optimizer"]["state"]) > 0   # Adam moments came along
     assert receiver_state["train_config"]["lr"] == donor_state["train_config"]["lr"] == 2e-3
     # the receiver keeps its own batch order
@@ -70,14 +60,14 @@ def test_the_evaluated_state_is_published_with_the_result_and_loads_bit_for_bit(
     [ref] = result["state_ref"]
     assert isinstance(ref, ray.ObjectRef)
     published, snapshot = ray.get([ref, donor.get_state.remote()])
-    _assert_same_state(published, snapshot)
+    assert_same_state(published, snapshot)
     assert published["step"] == result["step"] == 3
 
     assert ray.get(receiver.load_state.remote(ref))["step"] == 3
-    _assert_same_state(ray.get(receiver.get_state.remote()), snapshot)
+    assert_same_state(ray.get(receiver.get_state.remote()), snapshot)
     ray.get(receiver.restart.remote(GENOME, 2))
     assert ray.get(receiver.load_state.remote([ref]))["step"] == 3     # the driver's form: read inside
-    _assert_same_state(ray.get(receiver.get_state.remote()), snapshot)
+    assert_same_state(ray.get(receiver.get_state.remote()), snapshot)
 
 
 def test_an_interval_in_parts_trains_exactly_like_one_call(pair):
@@ -91,7 +81,7 @@ def test_an_interval_in_parts_trains_exactly_like_one_call(pair):
     assert [p["step"] for p in parts] == [2, 3] and last["step"] == whole["step"] == 6
     assert last["val_bpb"] == whole["val_bpb"] and last["train_loss"] == whole["train_loss"]
     assert last["seconds"] >= sum(p["seconds"] for p in parts) + last["part_seconds"]
-    _assert_same_state(ray.get(a.get_state.remote()), ray.get(b.get_state.remote()))
+    assert_same_state(ray.get(a.get_state.remote()), ray.get(b.get_state.remote()))
 
 
 def test_get_state_is_the_evaluated_snapshot_while_training(pair):
@@ -139,7 +129,7 @@ def test_checkpoint_save_wait_load_round_trip(pair, tmp_path):
     assert saved["step"] == 3 and written > 0
     assert (tmp_path / "ckpt" / path).stat().st_size == written
     assert ray.get(other.load_checkpoint.remote(store.storage, store.name, path))["step"] == 3
-    _assert_same_state(store.load_checkpoint(path), ray.get(other.get_state.remote()))
+    assert_same_state(store.load_checkpoint(path), ray.get(other.get_state.remote()))
 
 
 def test_divergence_is_a_result_not_a_crash(pair):
@@ -155,24 +145,3 @@ def test_divergence_is_a_result_not_a_crash(pair):
 
 def _with_hparams(state: dict, **hp) -> dict:
     return dict(state, train_config=dict(state["train_config"], **hp))
-
-
-def test_wire_state_round_trips_every_dtype_and_shape():
-    import pickle
-
-    from population.handoff import WireState
-
-    state = {"model": {"w": torch.randn(3, 5), "b": torch.randn(7).to(torch.bfloat16)},
-             "optimizer": {"state": {0: {"step": torch.tensor(3.0), "mask": torch.tensor([True, False])}},
-                           "param_groups": [{"lr": 1e-3, "params": [0]}]},
-             "rng": {"torch": torch.Generator().manual_seed(5).get_state()},
-             "ids": torch.arange(4), "empty": torch.zeros(0, 2), "step": 9, "name": ("a", 1)}
-    back = pickle.loads(pickle.dumps(WireState(state), protocol=5))
-    flat_in, flat_out = tensors_by_path(state), tensors_by_path(back)
-    assert flat_in.keys() == flat_out.keys()
-    for key, t in flat_in.items():
-        assert flat_out[key].dtype == t.dtype and flat_out[key].shape == t.shape, key
-        assert torch.equal(flat_out[key], t), key
-    assert back["step"] == 9 and back["name"] == ("a", 1) and back["optimizer"]["param_groups"][0]["lr"] == 1e-3
-    torch.Generator().set_state(back["rng"]["torch"])   # a tensor of its own, usable as RNG state
-    back["optimizer"]["state"][0]["step"] += 1           # writable: not a view of the sender's buffer
