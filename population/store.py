@@ -81,6 +81,12 @@ _NAME_RE = re.compile(r"[A-Za-z0-9._-]+")
 _STATE_BODY_RE = re.compile(r"(\d+)\.json")
 
 
+# Config keys an older evo wrote into config.yaml that the schema no longer has: a stored run
+# that carries them still resumes (read_config drops them). population.transfer chose between
+# shared-memory files and the object store; exploits now always go through the object store.
+RETIRED_KEYS = (("population", "transfer"),)
+
+
 class StoreError(RuntimeError):
     """A run-store operation that cannot be done; the message is one line."""
 
@@ -165,6 +171,9 @@ class RunStore:
             raise CorruptRunError(f"{self._uri(CONFIG)} is not valid YAML: {_first_line(e)}") from e
         if not isinstance(config, dict):
             raise CorruptRunError(f"{self._uri(CONFIG)} does not hold a mapping")
+        for section, key in RETIRED_KEYS:   # written by an older evo; nothing reads them now
+            if isinstance(config.get(section), dict):
+                config[section].pop(key, None)
         return config
 
     # ------------------------------------------------------------------ state
