@@ -60,7 +60,7 @@ def main(argv: list[str] | None = None) -> int:
     before = trainer.evaluate()
     t0 = time.perf_counter()
     warm = trainer.train(10)
-    w1_dtype = seen.get("w1 output", "n/a (fused CPU path)")
+    w1_dtype = seen.get("w1 output", "not seen")
     print(f"warm-up 10 steps {time.perf_counter() - t0:.1f} s; w1 output dtype under autocast: {w1_dtype}; "
           f"weights {trainer.model.output.weight.dtype}; "
           f"Adam exp_avg {next(iter(trainer._optimizer.state.values()))['exp_avg'].dtype}")

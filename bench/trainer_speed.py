@@ -1,11 +1,14 @@
 """Training-step speed of trainers.model.InternLM2ForCausalLM against transformers' Llama.
 
 One step = forward + cross-entropy + backward + grad clip + AdamW step, the unit every population
-member repeats. Both models get the same config (our weights exported to Llama's layout), the same
+member repeats. The models get the same config (our weights exported to Llama's layout), the same
 batches, the same loss expression, the same optimizer settings (ours: the Trainer's own AdamW,
 trainers.trainer.make_optimizer; the others: torch's default AdamW) and the same torch thread count;
-their steps are interleaved in blocks so that machine noise hits both alike. Prints the median
+their steps are interleaved in blocks so that machine noise hits all alike. Prints the median
 step time of each and the ratio ours / reference (goal on CPU: <= 0.8).
+
+On CPU "ours" is what a Trainer runs there: the model through trainers/cpu_fused.py; "plain" is
+the same model through its own modules (trainers/model.py), what the fast path is measured against.
 
 It also times a "kernel floor": a model with our parameter shapes that runs only the shared heavy
 kernels (the same matmuls, the same SDPA call, embedding, cross-entropy, AdamW) and none of the
@@ -37,6 +40,7 @@ from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
 
+from trainers.cpu_fused import FusedForward  # noqa: E402
 from trainers.export import internlm2_to_llama_state  # noqa: E402
 from trainers.model import InternLM2Config, InternLM2ForCausalLM  # noqa: E402
 from trainers.trainer import TrainConfig, make_optimizer  # noqa: E402
@@ -119,13 +123,14 @@ class KernelFloor(nn.Module):
         return F.linear(x, p["output_weight"])
 
 
-def make_step(model: nn.Module, autocast: bool, compile: bool = False,
+def make_step(model: nn.Module, autocast: bool, compile: bool = False, fused: bool = False,
               ) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:
     """A closure doing one full training step; the loss expression is the same for every model.
 
     Ours steps with the Trainer's own optimizer (trainers.trainer.make_optimizer: fused AdamW);
     the others with torch's default AdamW, as a user of transformers would (fused on CUDA, one
-    launch per step instead of a dozen). Same lr, betas and weight decay."""
+    launch per step instead of a dozen). Same lr, betas and weight decay. `fused`: the forward is
+    trainers.cpu_fused.FusedForward(model), as the Trainer runs on CPU."""
     device_type = next(model.parameters()).device.type
     if isinstance(model, InternLM2ForCausalLM):
         opt = make_optimizer(model, TrainConfig(lr=1e-3, beta1=0.9, beta2=0.95, weight_decay=0.1), lr=1e-3)
@@ -135,12 +140,13 @@ def make_step(model: nn.Module, autocast: bool, compile: bool = False,
     from transformers import PreTrainedModel
 
     is_hf = isinstance(model, PreTrainedModel)  # returns an output object, not logits
+    forward = FusedForward(model) if fused else model
     if compile:
-        model = torch.compile(model)
+        forward = torch.compile(model)
 
     def step(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         with torch.autocast(device_type, dtype=torch.bfloat16, enabled=autocast):
-            logits = model(x, use_cache=False).logits if is_hf else model(x)  # (B, T, V)
+            logits = forward(x, use_cache=False).logits if is_hf else forward(x)  # (B, T, V)
             loss = F.cross_entropy(logits.float().view(-1, logits.size(-1)), y.view(-1))
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
@@ -158,10 +164,12 @@ def _sync(device: str) -> None:
 
 def time_models(models: dict[str, nn.Module], case: Case, steps: int, block: int, device: str,
                 autocast: bool, clock: Callable[[], float] = time.perf_counter, compile: bool = False,
-                ) -> tuple[dict[str, list[float]], dict[str, float]]:
+                fused: frozenset[str] = frozenset()) -> tuple[dict[str, list[float]], dict[str, float]]:
     """Per-step seconds of each model, run in interleaved blocks of `block` steps (rotating order),
-    and each model's loss on its first step (equal weights and batch: a sanity check)."""
-    runners = {name: make_step(m.to(device).train(), autocast, compile) for name, m in models.items()}
+    and each model's loss on its first step (equal weights and batch: a sanity check). The models
+    named in `fused` run through trainers.cpu_fused."""
+    runners = {name: make_step(m.to(device).train(), autocast, compile, fused=name in fused)
+               for name, m in models.items()}
     g = torch.Generator().manual_seed(0)
     windows = [torch.randint(0, case.config.vocab_size, (case.batch, case.seq_len + 1), generator=g) for _ in range(8)]
     batches = [(w[:, :-1].contiguous().to(device), w[:, 1:].contiguous().to(device)) for w in windows]
@@ -202,18 +210,22 @@ def run_cpu(args: argparse.Namespace) -> None:
     clock = time.process_time if args.clock == "cpu" else time.perf_counter
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, fp32, {args.steps} timed steps per model "
           f"in interleaved blocks of {args.block}; step = fwd + CE + bwd + clip + AdamW; median {args.clock} ms")
-    print(f"{'case':<15} {'params':>10} {'B x T':>7} {'ours':>8} {'llama':>8} {'floor':>8} "
-          f"{'ours/llama':>10} {'floor/llama':>11} {'ours tok/s':>10} {'|dloss|':>8}")
+    print("ours: trainers/cpu_fused.py (as the Trainer runs on CPU); plain: trainers/model.py's modules")
+    print(f"{'case':<15} {'params':>10} {'B x T':>7} {'ours':>8} {'plain':>8} {'llama':>8} {'floor':>8} "
+          f"{'ours/llama':>10} {'plain/llama':>11} {'floor/llama':>11} {'ours tok/s':>10} {'|dloss|':>8}")
     for case in cases:
         ours = InternLM2ForCausalLM(case.config, torch.Generator().manual_seed(0))
-        models = {"ours": ours, "llama": llama_twin(ours), "floor": KernelFloor(ours)}
-        times, loss = time_models(models, case, args.steps, args.block, "cpu", autocast=False, clock=clock)
+        plain = InternLM2ForCausalLM(case.config, torch.Generator().manual_seed(0))
+        models = {"ours": ours, "plain": plain, "llama": llama_twin(ours), "floor": KernelFloor(ours)}
+        times, loss = time_models(models, case, args.steps, args.block, "cpu", autocast=False, clock=clock,
+                                  fused=frozenset({"ours"}))
         med = {name: statistics.median(t) for name, t in times.items()}
         tok = case.batch * case.seq_len
+        dloss = max(abs(loss[name] - loss["llama"]) for name in ("ours", "plain"))
         print(f"{case.name:<15} {ours.num_parameters():>10,} {f'{case.batch}x{case.seq_len}':>7} "
-              f"{med['ours'] * 1e3:>8.2f} {med['llama'] * 1e3:>8.2f} {med['floor'] * 1e3:>8.2f} "
-              f"{med['ours'] / med['llama']:>10.3f} {med['floor'] / med['llama']:>11.3f} "
-              f"{tok / med['ours']:>10,.0f} {abs(loss['ours'] - loss['llama']):>8.1e}", flush=True)
+              f"{med['ours'] * 1e3:>8.2f} {med['plain'] * 1e3:>8.2f} {med['llama'] * 1e3:>8.2f} "
+              f"{med['floor'] * 1e3:>8.2f} {med['ours'] / med['llama']:>10.3f} {med['plain'] / med['llama']:>11.3f} "
+              f"{med['floor'] / med['llama']:>11.3f} {tok / med['ours']:>10,.0f} {dloss:>8.1e}", flush=True)
 
 
 def run_cuda(args: argparse.Namespace) -> None:
