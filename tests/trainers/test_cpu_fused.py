@@ -6,36 +6,11 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from tests.trainers.tiny_models import batch, spread_model, tiny
 from trainers import cpu_fused
 from trainers.cpu_fused import FusedForward, qkv_compute_order
-from trainers.model import InternLM2Config, InternLM2ForCausalLM
+from trainers.model import InternLM2ForCausalLM
 from trainers.trainer import Trainer, TrainConfig
-
-
-def tiny(**overrides) -> InternLM2Config:
-    fields = dict(
-        vocab_size=61, hidden_size=32, intermediate_size=44, num_hidden_layers=2, num_attention_heads=4,
-        num_key_value_heads=2, rope_theta=500000.0, max_position_embeddings=64, initializer_range=0.15,
-    )
-    fields.update(overrides)
-    return InternLM2Config(**fields)
-
-
-def spread_model(config: InternLM2Config, seed: int = 0) -> InternLM2ForCausalLM:
-    """Norm weights and biases random too, so every tensor matters for the logits."""
-    g = torch.Generator().manual_seed(seed)
-    model = InternLM2ForCausalLM(config, g)
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if name.endswith("norm.weight"):
-                p.copy_(1.0 + 0.3 * torch.randn(p.shape, generator=g))
-            elif name.endswith(".bias"):
-                p.copy_(0.3 * torch.randn(p.shape, generator=g))
-    return model
-
-
-def batch(config: InternLM2Config, T: int, B: int = 3, seed: int = 1) -> torch.Tensor:
-    return torch.randint(0, config.vocab_size, (B, T), generator=torch.Generator().manual_seed(seed))
 
 
 @pytest.mark.parametrize("overrides", [
@@ -52,8 +27,8 @@ def test_fused_equals_the_plain_modules(overrides):
     second step that runs in the reused buffers, and the same logits without a graph."""
     model = spread_model(tiny(**overrides))
     fused = FusedForward(model)
-    ids = batch(model.config, T=20)
-    targets = batch(model.config, T=20, seed=2)
+    ids = batch(model.config, T=20, B=3)
+    targets = batch(model.config, T=20, B=3, seed=2)
 
     def two_steps(forward):
         model.zero_grad()
