@@ -14,7 +14,7 @@ import math
 import os
 import time
 from dataclasses import asdict, replace
-from typing import Annotated, Any, Callable, Literal
+from typing import Annotated, Any, Literal
 
 import torch
 import torch.nn.functional as F
@@ -283,7 +283,7 @@ class Trainer:
             "rng": {"torch": self._generator.get_state()},
         }
 
-    def load_state_dict(self, state: dict, read_into: Callable[[list | None], Any] | None = None) -> None:
+    def load_state_dict(self, state: dict) -> None:
         """Continue from ``state`` (this trainer's or another member's).
 
         When the state's architecture (this trainer's, or one it keeps a spare model of) and
@@ -292,11 +292,6 @@ class Trainer:
         rebuilt (the optimizer may keep the state's tensors). The hyperparameters (HPARAMS) come
         from the state; seed, device, threads and compile stay this trainer's own, so a member
         that copies a donor keeps its own batch order.
-
-        ``read_into`` is for a state not read yet (population/shared_state.py): its tensors are
-        placeholders with a ``shape`` and a ``dtype`` only, ``read_into(pairs)`` fills each
-        (destination tensor, placeholder) pair's destination with the placeholder's data, and
-        ``read_into(None)`` returns the state with its real tensors.
         """
         if state.get("format") != STATE_FORMAT:
             raise ValueError(f"state: format {state.get('format')!r} is not {STATE_FORMAT}")
@@ -305,25 +300,17 @@ class Trainer:
             raise ValueError(f"model.vocab_size: state has {model_cfg.vocab_size}, "
                               f"the corpus has {self.corpus.vocab_size}")
         self._train = replace(self._train, **{k: state["train_config"][k] for k in HPARAMS})
-        if model_cfg != self._model_cfg and not self._take_spare(model_cfg) and read_into is not None \
-                and self.device.type == "cpu":
-            # a new model and moments to read the state into, uninitialised: one copy, not two
-            self._build(model_cfg, empty=True)
-            self._empty_moments(state["optimizer"])
+        if model_cfg != self._model_cfg:
+            self._take_spare(model_cfg)
         pairs = self._in_place_pairs(state) if model_cfg == self._model_cfg else None
         if pairs is not None:
             theirs = state["rng"]["torch"]
             rng = torch.empty(theirs.shape, dtype=theirs.dtype)
             pairs.append((rng, theirs))
             with torch.no_grad():
-                if read_into is not None:
-                    read_into(pairs)
-                else:
-                    for dst, src in pairs:
-                        dst.copy_(src)
+                for dst, src in pairs:
+                    dst.copy_(src)
         else:
-            if read_into is not None:
-                state = read_into(None)
             if model_cfg != self._model_cfg:
                 self._build(model_cfg, state["model"])
             else:
@@ -420,14 +407,14 @@ class Trainer:
         self._spares.append((self._model_cfg, self._model, self._forward, self._optimizer))
         del self._spares[:-SPARE_MODELS]
 
-    def _build(self, cfg: InternLM2Config, weights: dict | None = None, empty: bool = False) -> None:
-        """Create the model (from the generator, with ``weights``, or ``empty``: uninitialised,
-        for the caller to fill) and a fresh optimizer; the one it replaces may become a spare."""
+    def _build(self, cfg: InternLM2Config, weights: dict | None = None) -> None:
+        """Create the model (from the generator, or with ``weights``) and a fresh optimizer; the
+        one it replaces may become a spare."""
         if hasattr(self, "_model"):
             self._keep_spare()
         # given weights: no init at all (a random draw per weight, wasted on an architecture-
         # changing exploit, and it must not advance our generator); load_state_dict checks every key
-        model = InternLM2ForCausalLM(cfg, generator=self._generator, init=weights is None and not empty)
+        model = InternLM2ForCausalLM(cfg, generator=self._generator, init=weights is None)
         if weights is not None:
             model.load_state_dict(weights)
         self._model = model.to(self.device) if self.device.type != "cpu" else model   # built on the CPU
@@ -442,15 +429,6 @@ class Trainer:
         else:
             self._forward = self._model
         self._optimizer = self._make_optimizer()
-
-    def _empty_moments(self, theirs: dict) -> None:
-        """Uninitialised Adam state, shaped as the optimizer state ``theirs``, for every parameter
-        that has state there (to be filled in place)."""
-        for their_group, group in zip(theirs["param_groups"], self._optimizer.param_groups):
-            for index, p in zip(their_group["params"], group["params"]):
-                src = theirs["state"].get(index)
-                if src:
-                    self._optimizer.state[p] = {k: torch.empty(v.shape, dtype=v.dtype) for k, v in src.items()}
 
     def _make_optimizer(self) -> torch.optim.AdamW:
         return make_optimizer(self._model, self._train, lr_at(self._train, self._step))
