@@ -679,7 +679,7 @@ def render_html(run: RunView, plots: dict[str, tuple[bytes, str, str]]) -> str:
     ]
     if best:
         out += ["<h2>Best member's schedule</h2>",
-                f"<p class=sub>The hyperparameters m{best['member']}'s weights were trained with, "
+                f"<p class=sub>The hyperparameters m{e(str(best['member']))}'s weights were trained with, "
                 "inherited through every exploit: from each step on, the genes that changed.</p>",
                 "<table><tr><th>from step</th><th>genes</th><th>seed</th></tr>"]
         out += [f"<tr><td class=num>{step}</td><td><code>{e(text)}</code></td><td class=num>{e(str(seed))}</td></tr>"
@@ -709,11 +709,11 @@ def _population_table(run: RunView, best: int | None) -> str:
         obj = m.get("objectives") or {}
         cls = " class=best" if m["id"] == best else ""
         rows.append(
-            f"<tr{cls}><td>m{m['id']}</td><td>{'yes' if m.get('alive', True) else 'no'}</td>"
-            f"<td class=num>{m.get('step', 0)}</td><td class=num>{_num(hist[-1][1] if hist else None, 4)}</td>"
+            f"<tr{cls}><td>m{e(str(m['id']))}</td><td>{'yes' if m.get('alive', True) else 'no'}</td>"
+            f"<td class=num>{e(str(m.get('step', 0)))}</td><td class=num>{_num(hist[-1][1] if hist else None, 4)}</td>"
             f"<td class=num>{_int(obj.get('params'))}</td><td class=num>{_int(obj.get('tokens_per_s'))}</td>"
-            f"<td>{'—' if m.get('parent') is None else 'm' + str(m['parent'])}</td>"
-            f"<td class=num>{m.get('age', '')}</td><td><code>{e(_genome_text(m.get('genome', {})))}</code></td></tr>")
+            f"<td>{'—' if m.get('parent') is None else 'm' + e(str(m['parent']))}</td>"
+            f"<td class=num>{e(str(m.get('age', '')))}</td><td><code>{e(_genome_text(m.get('genome', {})))}</code></td></tr>")
     rows.append("</table>")
     return "\n".join(rows)
 
@@ -729,13 +729,14 @@ def _events_table(lineage: list[dict]) -> str:
                   "<th>fitness before</th><th>what changed</th></tr>"]
     for r in shown:
         parents = ", ".join(f"m{p}" for p in r.get("parents") or [])
-        what = r.get("changed") or (_genome_text(r["genome"]) if r.get("event") == "born" else "")
+        what = str(r.get("changed") or (_genome_text(r["genome"]) if r.get("event") == "born" else ""))
         if r.get("how"):
             what = f"[{r['how']}] {what}"
         if r.get("error"):
             what = f"{what} {r['error']}".strip()
-        rows.append(f"<tr><td class=num>{r.get('round', '')}</td><td>{e(str(r.get('event', '')))}</td>"
-                    f"<td>m{r.get('member', '')}</td><td>{e(parents)}</td><td class=num>{r.get('step', '')}</td>"
+        rows.append(f"<tr><td class=num>{e(str(r.get('round', '')))}</td><td>{e(str(r.get('event', '')))}</td>"
+                    f"<td>m{e(str(r.get('member', '')))}</td><td>{e(parents)}</td>"
+                    f"<td class=num>{e(str(r.get('step', '')))}</td>"
                     f"<td class=num>{_num(r.get('fitness'), 4)}</td><td><code>{e(what)}</code></td></tr>")
     rows.append("</table>")
     return "\n".join(rows)

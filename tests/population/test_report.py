@@ -207,6 +207,42 @@ def test_run_without_a_committed_round(tmp_path, storage):
     assert len(_parse(report.read_text()).imgs) == 3
 
 
+MARKUP = "<img src=x onerror=alert(1)>"
+
+
+def test_every_value_shown_is_html_escaped(storage, tmp_path):
+    """Markup planted in a genome string value, the run's config, lineage lines (error text, what
+    changed, how, member, step) and the population's fields is shown as text, never as a tag."""
+    store = _copy_run(storage, "pbt", tmp_path)
+    state = copy.deepcopy(store.read_state())
+    best = _best(state)
+    best["genome"]["train.lr"] = MARKUP               # the best genome is shown twice
+    best["schedule"][-1]["genome"]["train.lr"] = MARKUP
+    best["schedule"][-1]["seed"] = MARKUP
+    other = next(m for m in state["members"] if m["id"] != best["id"])
+    other.update(parent=MARKUP, age=MARKUP)
+    state["status"] = MARKUP
+    store.commit_state(state)
+    lineage = store.read_lineage()
+    planted = [
+        dict(lineage[-1], event="died", error=MARKUP),
+        dict(lineage[-1], event="explore", changed=MARKUP, how=MARKUP),
+        dict(lineage[-1], event="born", genome={"train.lr": MARKUP}),
+        dict(lineage[-1], event=MARKUP, member=MARKUP, round=MARKUP, step=MARKUP, parents=[MARKUP]),
+    ]
+    state["lineage_count"] = store.append_lineage(planted)
+    store.commit_state(state)
+    config = store.read_config()
+    config["strategy"]["name"] = MARKUP
+    (tmp_path / "pbt" / "config.yaml").write_text(__import__("yaml").safe_dump(config))
+
+    page = Path(write_report(str(tmp_path), "pbt")).read_text()
+    assert "<img src=x" not in page
+    assert "onerror=alert(1)>" not in page
+    assert page.count("&lt;img src=x onerror=alert(1)&gt;") >= 9
+    assert len(_parse(page).imgs) == len(PLOTS)   # only the plots are images
+
+
 def test_unknown_run_is_a_one_line_store_error(storage):
     with pytest.raises(StoreError) as e:
         write_report(str(storage), "no-such-run")
