@@ -57,7 +57,9 @@ class PopulationConfig:
     total_steps: Annotated[StrictInt, Field(description="optimizer-step budget of every member")] = 500
     resources: ResourcesConfig = dataclasses.field(default_factory=ResourcesConfig)
     max_failures: Annotated[StrictInt, Field(ge=0, description=(
-        "member failures (crash, diverged loss) tolerated before the search stops"))] = 3
+        "members that diverge (non-finite loss) or die again and again on one state, tolerated "
+        "before the search stops; a killed process (preemption, OOM, lost node) does not count: "
+        "the member is restored from its own state"))] = 3
     max_concurrent: Annotated[StrictInt | None, Field(ge=1, description=(
         "members training at the same moment; null: as many as the cluster's CPUs hold at one "
         "member's thread count (every member on GPUs)"))] = None

@@ -13,8 +13,9 @@ The loops are made of a few parts, each in its own file (:class:`Search` holds o
 - population/records.py — the members' records, the lineage, the commits of ``state.json``;
 - population/members.py — the member actors: starting, replacing, calling and waiting for them;
 - population/slots.py — where and when members train (fit on the cluster, slots, intervals);
-- population/handoff.py — exploits: the donor's state through Ray's object store;
-- population/decisions.py — the strategy's decisions applied, failed members replaced;
+- population/handoff.py — every member's state in Ray's object store: exploits, restores;
+- population/decisions.py — the strategy's decisions applied, dead members restored, failed
+  members replaced;
 - population/progress.py and population/monitor.py — the progress line and the sinks.
 
 Every round (sync) or event (async) is committed to the run store atomically: checkpoints
@@ -37,10 +38,10 @@ import ray
 from evo.strategies import make_strategy
 from evo.strategy import Strategy
 from population.config import SearchSetup
-from population.decisions import apply_decisions, replace_failed
+from population.decisions import apply_decisions, checkpoint_dead, finish_interval, replace_failed, restore_dead
 from population.handoff import Handoff
 from population.member import threads_for
-from population.members import Members, SearchError, failures
+from population.members import Members, SearchError, failure, failures
 from population.monitor import Monitor
 from population.progress import Progress
 from population.records import Records, plain
@@ -188,46 +189,55 @@ def sync_rounds(s: Search) -> None:
     """Sync mode: every member trains the same interval, then the population evolves at once.
 
         round, steps = the last committed round (0, 0 for a new run)
+        every member publishes its state (the object store keeps it: exploits, restores)
         every member starts training n = min(interval_steps, total_steps - steps) steps
             (on the driver's slots: with fewer slots than members they take turns)
         while members are training:
             wait until every member has trained and evaluated        (signals handled here)
+                a member whose process died is restored from its own state (a new process)
+                and trains the interval again; the round waits for it
             round += 1;  steps += n
-            keep each evaluated member's state reference (in the object store) for exploits
+            keep each evaluated member's state reference (in the object store)
             record the results: history, step, objectives
-            a member that failed: a new actor if its process died; "died", then a copy of the
-                best member with a resampled genome
+            a member that diverged: "died", then a copy of the best member with a resampled
+                genome
             if steps < total_steps:
                 decisions = strategy.plan(snapshot, rng([seed, round]))
                 apply them: Exploit/Crossover -> the receiver loads the donor's state from the
                             object store, then takes its new genome; Restart -> fresh trainer
+            members that died meanwhile: restored from their own state
             every member starts writing its checkpoint of this round (background thread)
             if steps < total_steps: every member starts training its next interval
-            wait for the checkpoints; commit the round to state.json; prune old checkpoints
+            wait for the checkpoints (a member that died: restored, its checkpoint written
+                again); commit the round to state.json; prune old checkpoints
             tell the monitor (W&B, Optuna, Ray metrics); print the round's progress line
 
     No plan after the last interval: the final weights are the ones that were evaluated.
     """
     pop, ids = s.setup.population, s.records.ids
     r, steps = s.records.round, s.records.steps_done
+    s.handoff.refresh(ids)
+    restore_dead(s, r)
     n = min(pop.interval_steps, pop.total_steps - steps)
+    started = dict(s.members.generation)
     training = s.slots.start_interval(ids, n) if n > 0 else None
     while training:
-        results = training.wait()
+        results = finish_interval(s, training, r, steps + n, started)
         r += 1
         steps += n
         s.handoff.keep_evaluated(results)
         s.records.record_results(results)
-        failed = failures(results)
-        s.members.restart_dead(failed, s.records)
-        replace_failed(s, failed, r, event=r)
+        replace_failed(s, failures(results), r, event=r)
         if steps < pop.total_steps:
             decisions = s.strategy.plan(s.records.snapshot(r), s.rng(r))
             apply_decisions(s, decisions, r, event=r)
+        restore_dead(s, r)
         s.members.start_checkpoints(s.records.set_checkpoints(ids, r))
         n = min(pop.interval_steps, pop.total_steps - steps)
+        started = dict(s.members.generation)
         training = s.slots.start_interval(ids, n) if n > 0 else None
         s.members.finish_checkpoints(ids)
+        checkpoint_dead(s, r, lambda m: r)
         members, lineage = s.records.commit(r, steps_done=steps)
         s.monitor.on_round(r, members, lineage, results)
         s.progress.update(r, steps)
@@ -240,15 +250,18 @@ def async_events(s: Search) -> None:
             a free slot goes to the idle member furthest behind)
         while members are training:
             m = the first member to finish                            (signals handled here)
+            if m's process died: m is restored from its own state (a new process) and
+                starts the interval again; no event
             event += 1;  round = event // size
             keep m's evaluated state reference; record its result
-            if m failed: a new actor if its process died; "died", then a copy of the best
-                member with a resampled genome
+            if m diverged: "died", then a copy of the best member with a resampled genome
             elif m is below the budget:
                 [decision] = strategy.plan(snapshot, rng([seed, m, event]), ready=[m])
-                apply it: a donor hands over its last evaluated state even while it trains
+                apply it: a donor's current state is read from the object store (the donor
+                is not called: it may be training)
             m starts writing its checkpoint; free slots start the next intervals
-            wait for m's checkpoint; commit; prune old checkpoints; tell the monitor
+            wait for m's checkpoint (if m died: restored, written again); commit; prune old
+            checkpoints; tell the monitor
 
     A member is done when its step reaches total_steps. The committed ``round`` is the number of
     events divided by the population size (each member's own count is ``intervals``). A member
@@ -265,26 +278,34 @@ def async_events(s: Search) -> None:
     def fill_slots() -> None:   # free slots go to the idle members furthest behind
         idle = [m for m in ids if m not in training and next_interval(m) > 0]
         for m in sorted(idle, key=lambda m: (s.records[m].step, m))[:s.slots.count - len(training)]:
-            training[m] = s.members[m].train_and_evaluate.remote(next_interval(m))
+            training[m] = s.members.train_and_evaluate(m, next_interval(m))
 
+    s.handoff.refresh(ids)
+    restore_dead(s, event // pop.size)
     fill_slots()
     while training:
         m, result = s.members.first_done(training)
         del training[m]
+        if (f := failure(result)) is not None and f[1]:   # its process died
+            s.members.note_dead(m, result)
+            restore_dead(s, event // pop.size)
+            fill_slots()
+            continue
         event += 1
         r = event // pop.size
         s.handoff.keep_evaluated({m: result})
         s.records.record_results({m: result})
         failed = failures({m: result})
-        s.members.restart_dead(failed, s.records)
         replace_failed(s, failed, r, event=event)
         rec = s.records[m]
         if not failed and rec.step < pop.total_steps and rec.intervals < 2 * pop.num_rounds:
             decisions = s.strategy.plan(s.records.snapshot(r), s.rng(m, event), ready=[m])
             apply_decisions(s, decisions, r, event=event)
+        restore_dead(s, r)
         s.members.start_checkpoints(s.records.set_checkpoints([m], s.records[m].intervals))
         fill_slots()
         s.members.finish_checkpoints([m])
+        checkpoint_dead(s, r, lambda j: s.records[j].intervals)
         steps = min(x.step for x in s.records.members.values())
         members, lineage = s.records.commit(r, steps_done=steps, events=event)
         s.monitor.on_round(r, members, lineage, {m: result})

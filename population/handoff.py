@@ -5,15 +5,19 @@ state — weights, Adam moments, step, RNG, hyperparameters — into the receive
 process, with no checkpoint and no restart:
 
 1. When a member is evaluated it packs a snapshot of the evaluated state into one flat buffer
-   (:class:`WireState`) and puts it into the object store once (:func:`put_state`, counted as
-   the member's own time); ``train_and_evaluate`` returns the reference, not the bytes.
-2. The driver keeps each member's last evaluated reference (:meth:`Handoff.keep_evaluated`) and
-   forgets it when the member's state changes (:meth:`Handoff.forget`).
-3. On exploit the driver gives the reference to ``receiver.load_state`` (:meth:`Handoff.move`).
-   The receiver reads it from the object store — on one node a read of the shared plasma
-   memory, across nodes Ray pulls the object to the receiver's node — and copies it into its
-   own tensors. The bytes never pass through the driver. A donor whose state changed since its
-   evaluation is asked for a snapshot now (``donor.get_state``), once per donor and plan.
+   (:class:`WireState`) and returns it as a second return value of ``train_and_evaluate``
+   (counted as the member's own time): the object is in the object store, owned by the driver.
+2. The driver keeps, for every member, a reference to the state its record describes
+   (:attr:`Handoff.current`): the evaluated state, or — after the state changed between
+   intervals (exploit, new genome, restart, restore) — a snapshot the member publishes then
+   (:meth:`Handoff.refresh`, ``Member.publish``). Because the driver owns these objects they
+   outlive the member's process: a member that dies is restored from its own reference
+   (population/decisions.py), losing at most the interval it was training.
+3. On exploit the driver gives the donor's reference to ``receiver.load_state``
+   (:meth:`Handoff.move`). The receiver reads it from the object store — on one node a read of
+   the shared plasma memory, across nodes Ray pulls the object to the receiver's node — and
+   copies it into its own tensors. The bytes never pass through the driver, and the donor is
+   not called (it may be training, or dead).
 
 Everything moves through Ray: ObjectRefs and Ray's own (de)serialisation. ``WireState`` is only
 the form the state takes in the store: pickle protocol 5 carries its one buffer out of band, so
@@ -27,7 +31,7 @@ could not be verified without a GPU.
 from __future__ import annotations
 
 import time
-from typing import TYPE_CHECKING, Any, Mapping
+from typing import TYPE_CHECKING, Any, Iterable, Mapping
 
 import numpy as np
 import ray
@@ -64,68 +68,59 @@ class WireState:
         return _unpack_state, (self.tree, self.meta, self.buffer)
 
 
-def put_state(state: dict) -> list:
-    """Member side: ``state`` packed and put into the object store; ``[ref]`` (in a list, so that
-    a task returning it hands the driver the reference, not the fetched bytes)."""
-    return [ray.put(WireState(state))]
-
-
 def take_state(state: dict | list) -> dict:
     """Member side: the state dict that ``load_state`` was given — ``[ref]`` read from the object
-    store here, or a state dict already (a test, or a ref Ray resolved as the argument)."""
+    store here (the driver's form: a list, so Ray does not resolve it before the call), or a
+    state dict already (a test, or a ref Ray resolved as the argument)."""
     if isinstance(state, list):
         [state] = ray.get(state)
     return state
 
 
 class Handoff:
-    """Driver side: each member's last evaluated state in the object store, and the moves."""
+    """Driver side: each member's current state in the object store, and the moves."""
 
     def __init__(self, members: Members) -> None:
         self.members = members
-        self.evaluated: dict[int, Any] = {}   # member -> ObjectRef of its evaluated state, while current
+        self.current: dict[int, Any] = {}   # member -> ObjectRef of the state its record describes
 
     def keep_evaluated(self, results: Mapping[int, Any]) -> None:
-        """Keep the state reference of every member evaluated in ``results`` (taken out of the
-        result, so what goes on to the records and sinks is plain data)."""
+        """Every member evaluated in ``results`` is now its evaluated state (the object its
+        ``train_and_evaluate`` returned beside the figures)."""
         for m, res in results.items():
-            if isinstance(res, dict) and "state_ref" in res:
-                [self.evaluated[m]] = res.pop("state_ref")
+            ref = self.members.take_published(m)
+            if isinstance(res, dict) and not res.get("failed") and ref is not None:
+                self.current[m] = ref
 
-    def forget(self, m: int) -> None:
-        """m's state changed (exploit, new genome, restart): its evaluated state is no longer it."""
-        self.evaluated.pop(m, None)
+    def refresh(self, ids: Iterable[int]) -> set[int]:
+        """The states of ``ids`` changed between intervals: each publishes its new state, kept
+        once it is in the object store; returns the members that did. One that died meanwhile
+        keeps its previous reference (the caller does not record its change: it is restored to
+        that state)."""
+        calls = {m: self.members[m].publish.remote() for m in sorted(ids)}
+        done = self.members.call({m: info for m, (info, _) in calls.items()})
+        for m in done:
+            self.current[m] = calls[m][1]
+        return set(done)
 
-    def move(self, sources: Mapping[int, int]) -> tuple[dict[int, dict], dict[int, float]]:
-        """Every receiver ``m`` of ``sources`` becomes a copy of donor ``sources[m]``'s state.
-
-        Donors without a current evaluated state are snapshotted first (once each); when a donor
-        is also a receiver, every donor state is taken before any member loads. The receivers
-        are forgotten (their states change). Returns ({receiver: load_state result},
-        {receiver: seconds from the first call until its load was seen done})."""
+    def move(self, sources: Mapping[int, int], states: Mapping[int, Any] | None = None,
+             ) -> tuple[dict[int, dict], dict[int, float]]:
+        """Every receiver ``m`` of ``sources`` becomes a copy of donor ``sources[m]``'s current
+        state, or its state in ``states`` (a copy of ``current`` taken earlier: a plan's donors
+        as they were judged). Read from the object store; the donor is not called, so it may be
+        training or dead. Returns ({receiver: load_state result}, {receiver: seconds from the first call
+        until its load was seen done}) for the receivers that loaded; a receiver that died is
+        in ``members.dead``, and one whose donor's state was lost (its node) keeps its own."""
         actors = self.members.actors
         t0 = time.perf_counter()
-        taken: dict[int, Any] = {}
-        refs = {}
-        for m, donor in sources.items():
-            ref = self.evaluated.get(donor)
-            if ref is None:
-                ref = taken.get(donor)
-                if ref is None:
-                    ref = taken[donor] = actors[donor].get_state.remote()
-            refs[m] = ref
-        if taken and set(sources.values()) & set(sources):
-            for _ in self.members.done(list(taken.values())):
-                pass
-        for m in sources:
-            self.forget(m)
-        loads = {actors[m].load_state.remote([ref]): m for m, ref in refs.items()}
-        del refs, taken
+        states = self.current if states is None else states
+        loads = {actors[m].load_state.remote([states[donor]]): m for m, donor in sources.items()}
         loaded, latency = {}, {}
         for ref, seen in self.members.done(list(loads)):
             m = loads[ref]
-            loaded[m] = ray.get(ref)
-            latency[m] = seen - t0
+            for m, res in self.members.call({m: ref}).items():
+                loaded[m] = res
+                latency[m] = seen - t0
         return loaded, latency
 
 

@@ -4,8 +4,10 @@ The actor lives for the whole search, so an exploit never restarts a process, re
 or rebuilds an optimizer: the donor's state (weights + Adam moments + step + RNG) goes through
 Ray's object store into the receiver's tensors (population/handoff.py).
 
-Every evaluation keeps an immutable snapshot (a copy) of the evaluated state and puts it in the
-object store; ``get_state`` and ``save_checkpoint`` hand out that snapshot. The actor runs with
+Every evaluation keeps an immutable snapshot (a copy) of the evaluated state and returns it packed
+as a second return value, so the object in Ray's object store is owned by the driver and outlives
+this process (an object this process ``ray.put`` would die with it); ``publish``, ``get_state`` and
+``save_checkpoint`` hand out the same snapshot. The actor runs with
 ``max_concurrency=2`` so the driver can take a donor's state or wait for a checkpoint write while
 the member already trains its next interval: the snapshot is never touched by training, so that
 is safe.
@@ -25,7 +27,7 @@ from typing import Any, Mapping
 import ray
 import torch
 
-from population.handoff import WireState, put_state, take_state
+from population.handoff import WireState, take_state
 from trainers.data import DataConfig
 from trainers.model import InternLM2Config
 from trainers.trainer import HPARAMS, NonFiniteLossError, TrainConfig, Trainer
@@ -152,28 +154,33 @@ class Member:
         acc["cpu_seconds"] += time.process_time() - cpu0
         return {"step": self.trainer.step, "seconds": part_s}
 
-    def train_and_evaluate(self, n_steps: int) -> dict:
+    @ray.method(num_returns=2)
+    def train_and_evaluate(self, n_steps: int) -> tuple[dict, WireState | None]:
         """Train the (last) ``n_steps`` of the interval, evaluate on the held-out set, keep a
         snapshot of the evaluated state. Figures cover the whole interval (every part of it).
+
+        Two return values: the figures, and the evaluated state packed (None on failure). The
+        second lands in the object store owned by the caller, so it survives this process: the
+        driver restores this member from it if the process dies, and exploits read it.
 
         A diverged member (non-finite loss) is reported as ``{"failed": True, "error": ...}``
         rather than crashing the actor: the driver decides what to do with it.
         """
         part = self.train_part(n_steps)
         if part.get("failed"):
-            return part
+            return part, None
         t0, cpu0 = time.perf_counter(), time.process_time()
         acc, self._interval = self._interval, _interval_totals()
         ev = self.trainer.evaluate()
         if not math.isfinite(ev["val_bpb"]):
             return {"failed": True, "error": f"non-finite validation loss ({ev['val_bpb']})",
-                    "step": self.trainer.step, "seconds": acc["seconds"] + time.perf_counter() - t0}
+                    "step": self.trainer.step, "seconds": acc["seconds"] + time.perf_counter() - t0}, None
         snapshot = self.trainer.state_dict()
-        # into the object store now, while this still counts as the member's own time: an
-        # exploit is then one call on the receiver
-        state_ref = put_state(snapshot)
+        # packed now, while this still counts as the member's own time: an exploit is then one
+        # call on the receiver
+        wire = WireState(snapshot)
         with self._lock:
-            self._snapshot, self._wire = snapshot, None
+            self._snapshot, self._wire = snapshot, wire
         losses = acc["losses"]
         tail_s = time.perf_counter() - t0
         return {
@@ -187,14 +194,11 @@ class Member:
             "cpu_seconds": acc["cpu_seconds"] + time.process_time() - cpu0,   # < seconds when the CPU is shared
             "part_seconds": part["seconds"],                 # this call's training part
             "eval_seconds": tail_s,                          # evaluation + snapshot
-            "state_ref": state_ref,                          # [ref]: the driver gets the reference
-        }
+        }, wire
 
     def get_state(self) -> WireState:
         """The snapshot (the last evaluated state unless changed since): safe to take while this
-        member trains on. Unpickled (by the receiver, or ray.get) it is the trainer's state dict.
-        (The evaluated snapshot is also in train_and_evaluate's result, already in the object
-        store; the driver asks for this one when it has none that is current.)"""
+        member trains on. Unpickled (by the receiver, or ray.get) it is the trainer's state dict."""
         snapshot = self._current()
         wire = self._wire
         if wire is None:
@@ -203,6 +207,14 @@ class Member:
                 if self._snapshot is snapshot:
                     self._wire = wire
         return wire
+
+    @ray.method(num_returns=2)
+    def publish(self) -> tuple[dict, WireState]:
+        """({"step"}, the snapshot packed): the driver keeps the second as this member's state in
+        the object store (owned by the driver, so it outlives this process) after the state
+        changed between intervals; the first tells it the object is there without fetching it."""
+        wire = self.get_state()
+        return {"step": int(wire.tree["step"])}, wire
 
     def load_state(self, state: dict | list) -> dict:
         """Become a copy of ``state`` (weights, optimizer, step, RNG, hyperparameters).

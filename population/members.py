@@ -2,17 +2,22 @@
 
 ``Members`` owns the Ray actors (population/member.py's ``Member``, one per member, named
 ``<run>/m<id>`` for the dashboard): it starts them (continuing from their committed checkpoints
-on resume), replaces an actor whose process died, starts and joins their checkpoint writes, and
-kills them when the session ends. Every wait polls, so a SIGTERM/SIGINT is noticed within
-POLL_S (``stop.check()`` raises inside the wait).
+on resume), gives a member whose process died a new one (``revive``), starts and joins their
+checkpoint writes, and kills them when the session ends. Every wait polls, so a SIGTERM/SIGINT
+is noticed within POLL_S (``stop.check()`` raises inside the wait).
+
+A member's process may die under any call (SIGKILL, OOM kill, a lost node): ``call`` and the
+checkpoint calls note it in ``dead`` instead of raising, and the loop restores the member
+(population/decisions.py). Any other error inside a member is raised.
 """
 from __future__ import annotations
 
+import re
 import time
 from typing import Any, Iterator, Mapping, Protocol
 
 import ray
-from ray.exceptions import RayActorError, RayTaskError
+from ray.exceptions import ObjectLostError, RayActorError, RayTaskError
 
 from population.config import SearchSetup
 from population.member import Member
@@ -21,6 +26,7 @@ from trainers.data import load_corpus
 from trainers.trainer import TrainConfig
 
 POLL_S = 0.1             # ray.wait timeout: how quickly a signal is noticed
+MAX_STARTS = 3           # a member that dies this often while starting is a SearchError
 START_TIMEOUT_S = 600.0  # members that cannot be placed within this are an error, not a hang
 
 
@@ -43,6 +49,9 @@ class Members:
         self.stop = stop
         self.train: TrainConfig = setup.train   # the run's base hyperparameters (set by start)
         self.actors: dict[int, Any] = {}
+        self.generation: dict[int, int] = {}    # processes started for each member (revive adds one)
+        self.dead: dict[int, str] = {}          # members whose current process died -> why
+        self.published: dict[int, Any] = {}     # member -> state ref of its train_and_evaluate in flight
 
     def __getitem__(self, m: int) -> Any:
         return self.actors[m]
@@ -51,29 +60,38 @@ class Members:
 
     def start(self, records: Mapping[int, Any], train: TrainConfig) -> None:
         """One actor per record (its genome and seed); members with a committed checkpoint
-        continue from it. ``train`` is the run's base TrainConfig (its cosine horizon set)."""
+        continue from it. ``train`` is the run's base TrainConfig (its cosine horizon set).
+        A member whose process dies meanwhile is started again (at most MAX_STARTS times)."""
         load_corpus(self.setup.data)   # tokenize once here, not in every member at once
         self.train = train
-        for m, rec in records.items():
-            self.actors[m] = self._new_actor(m, rec.genome, rec.seed)
-        self.gather({m: a.pid.remote() for m, a in self.actors.items()}, timeout=START_TIMEOUT_S,
-                    raise_errors=True)
-        loads = {m: self.actors[m].load_checkpoint.remote(self.store.storage, self.store.name, rec.checkpoint)
-                 for m, rec in records.items() if rec.checkpoint}
-        self.gather(loads, raise_errors=True)
+        todo = dict(records)
+        for _ in range(MAX_STARTS):
+            for m, rec in todo.items():
+                self.dead.pop(m, None)
+                self.actors[m] = self._new_actor(m, rec.genome, rec.seed)
+            self.call({m: self.actors[m].pid.remote() for m in todo}, timeout=START_TIMEOUT_S)
+            self.call({m: self.actors[m].load_checkpoint.remote(self.store.storage, self.store.name,
+                                                                rec.checkpoint)
+                       for m, rec in todo.items() if rec.checkpoint and m not in self.dead})
+            todo = {m: todo[m] for m in self.dead}
+            if not todo:
+                return
+        raise SearchError(f"members {sorted(todo)} died {MAX_STARTS} times while starting "
+                          f"({next(iter(self.dead.values()))})")
 
-    def restart_dead(self, failed: Mapping[int, tuple[str, bool]], records: Mapping[int, Any]) -> None:
-        """A new actor (a new process) for each failed member whose process died; the caller then
-        gives it a state. ``failed`` is :func:`failures`' {member: (why, process died)}."""
-        for m, (_, died) in sorted(failed.items()):
-            if not died:
-                continue
-            try:
-                ray.kill(self.actors[m], no_restart=True)
-            except Exception:   # already gone
-                pass
-            self.actors[m] = self._new_actor(m, records[m].genome, records[m].seed)
-            self.gather({m: self.actors[m].pid.remote()}, timeout=START_TIMEOUT_S, raise_errors=True)
+    def revive(self, m: int, genome: dict, seed: int) -> None:
+        """A new process for member m if its process died (a fresh trainer of ``genome`` and
+        ``seed``: the caller then gives it its state)."""
+        if m not in self.dead:
+            return
+        try:
+            ray.kill(self.actors[m], no_restart=True)
+        except Exception:   # already gone
+            pass
+        del self.dead[m]
+        self.published.pop(m, None)
+        self.actors[m] = self._new_actor(m, genome, seed)
+        self.call({m: self.actors[m].pid.remote()}, timeout=START_TIMEOUT_S)
 
     def _new_actor(self, m: int, genome: dict, seed: int) -> Any:
         res = self.setup.population.resources
@@ -83,7 +101,9 @@ class Members:
         deadline = time.monotonic() + 30
         while True:
             try:
-                return Member.options(**options).remote(*args)
+                actor = Member.options(**options).remote(*args)
+                self.generation[m] = self.generation.get(m, 0) + 1
+                return actor
             except ValueError as e:   # the name of a member just killed is not released yet
                 if "already" not in str(e) or time.monotonic() > deadline:
                     raise
@@ -111,17 +131,58 @@ class Members:
 
     def start_checkpoints(self, checkpoints: Mapping[int, tuple[str, int]]) -> None:
         """Each member snapshots its state now and writes it to ``checkpoints[m]``'s path in a
-        background thread; the snapshot must be at the record's step (else SearchError)."""
+        background thread; the snapshot must be at the record's step (else SearchError). A
+        member that died is noted in ``dead`` (its checkpoint is not written)."""
         refs = {m: self.actors[m].save_checkpoint.remote(self.store.storage, self.store.name, path)
                 for m, (path, _) in checkpoints.items()}
-        for m, info in self.gather(refs, raise_errors=True).items():
+        for m, info in self.call(refs).items():
             if info["step"] != checkpoints[m][1]:
                 raise SearchError(f"member {m}: checkpoint at step {info['step']}, "
                                   f"record at step {checkpoints[m][1]}")
 
     def finish_checkpoints(self, ids: list[int]) -> None:
-        """Wait until the checkpoint writes of ``ids`` are complete."""
-        self.gather({m: self.actors[m].wait_saved.remote() for m in ids}, raise_errors=True)
+        """Wait until the checkpoint writes of ``ids`` are complete (a member that died meanwhile
+        is noted in ``dead``: its checkpoint is not written)."""
+        self.call({m: self.actors[m].wait_saved.remote() for m in ids})
+
+    # -- calls -----------------------------------------------------------------------------------
+
+    def train_and_evaluate(self, m: int, n_steps: int) -> Any:
+        """Start member m's last part of an interval; returns the ref of its figures and keeps
+        the ref of its evaluated state for ``take_published``."""
+        figures, state = self.actors[m].train_and_evaluate.remote(n_steps)
+        self.published[m] = state
+        return figures
+
+    def take_published(self, m: int) -> Any:
+        """The state ref of member m's last train_and_evaluate (None if already taken)."""
+        return self.published.pop(m, None)
+
+    def call(self, refs: Mapping[int, Any], timeout: float | None = None,
+             failed_ok: bool = False) -> dict[int, Any]:
+        """{member: result} of calls on members, once all are done. A member whose process died
+        is noted in ``dead`` and left out; so is one whose call could not read its input (a state
+        lost with its node: the member itself is fine). Any other error is raised, or returned
+        as the member's result if ``failed_ok``."""
+        out = {}
+        for m, res in self.gather(refs, timeout=timeout).items():
+            if isinstance(res, RayActorError):
+                self.note_dead(m, res)
+            elif isinstance(res, RayTaskError):
+                if not isinstance(res.cause, (RayActorError, ObjectLostError)):
+                    if not failed_ok:
+                        raise res
+                    out[m] = res
+            else:
+                out[m] = res
+        return out
+
+    def note_dead(self, m: int, error: RayActorError) -> None:
+        """Member m's process died (if the error is about its current process, not one that a
+        revive already replaced)."""
+        actor_id = getattr(error, "actor_id", None)
+        if actor_id is None or actor_id == self.actors[m]._actor_id.hex():
+            self.dead.setdefault(m, death_line(error))
 
     # -- waiting ---------------------------------------------------------------------------------
 
@@ -178,10 +239,19 @@ def result(ref: Any, raise_errors: bool) -> Any:
         return e
 
 
+def death_line(error: RayActorError) -> str:
+    """One line saying why a member's process is gone (Ray's message runs over many lines: a
+    header, the actor's fields, then why and how the worker exited)."""
+    text = " ".join(str(error).split())
+    why = [m.group(1) for pattern in (r"The actor is dead because (.*?)\.", r"Worker exit detail: (.*?)\.")
+           if (m := re.search(pattern, text))]
+    return ("process died: " + "; ".join(why))[:240] if why else "process died"
+
+
 def failure(res: Any) -> tuple[str, bool] | None:
     """(why, its process died) for a failed train_and_evaluate result, None for a success."""
     if isinstance(res, RayActorError):
-        return f"actor died: {str(res).splitlines()[0] if str(res) else type(res).__name__}", True
+        return death_line(res), True
     if isinstance(res, RayTaskError):
         cause = res.cause if getattr(res, "cause", None) is not None else res
         return f"{type(cause).__name__}: {str(cause).splitlines()[-1] if str(cause) else ''}", False

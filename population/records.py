@@ -6,8 +6,10 @@ committed in ``state.json`` (``members``), as the monitor's sinks and ``evo stat
 the state; it calls no actor and imports no ray (it knows the members only by id).
 
 Lineage (``lineage.jsonl``): one record per event, ``event`` one of born | exploit | explore |
-crossover | restart | died, with round, member, parents, genome, changed (the readable diff
-against the genome the weights came from), diff, step and fitness. A round's records are
+crossover | restart | died | restored, with round, member, parents, genome, changed (the readable
+diff against the genome the weights came from), diff, step and fitness. ``restored``: the
+member's process died and it came back to its own state at ``step`` (``source``: object store or
+checkpoint), the lost steps to be trained again; it is not a "died" (not a failure). A round's records are
 written with its commit, before ``state.json`` names them.
 """
 from __future__ import annotations
@@ -96,7 +98,10 @@ class Records:
         self.steps_done = 0
         self.events = 0
         self.lineage_count = 0
-        self.failures = 0
+        self.failures = 0             # members that diverged or were given up (population.max_failures)
+        self.restores = 0             # members restored after their process died (not failures)
+        self.deaths_on_state: dict[int, int] = {}   # member -> deaths since its state last changed
+        self.diverged: list[dict] = []    # genomes of the members that diverged in this session
         self.exploit_latencies: list[float] = []
         self.compute_s = 0.0          # seconds members spent inside train_part / train_and_evaluate
         self.cpu_s = 0.0              # CPU seconds of the member processes in the same calls
@@ -147,6 +152,7 @@ class Records:
         self.events = int(state.get("events", 0))
         self.lineage_count = int(state["lineage_count"])
         self.failures = int(state.get("failures", 0))
+        self.restores = int(state.get("restores", 0))
         self.exploit_latencies = list(state.get("exploit_latencies", []))
         timing = state.get("timing", {})
         self.compute_s = float(timing.get("member_compute_s", 0.0))
@@ -185,23 +191,41 @@ class Records:
             self.cpu_s += float(res.get("cpu_seconds", 0.0))
             if res.get("failed"):
                 continue
+            self.deaths_on_state.pop(m, None)
             rec.step = int(res["step"])
             rec.history.append([rec.step, res["val_bpb"]])
             rec.objectives = {"val_bpb": res["val_bpb"], "params": res["params"],
                               "tokens_per_s": res["tokens_per_s"]}
 
-    def died(self, m: int, why: str, round: int) -> None:
-        """A "died" record for m (diverged, or its process died); counts the failure."""
+    def died(self, m: int, why: str, round: int, *, counts: bool = True) -> None:
+        """A "died" record for m: it diverged, or was given up; ``counts`` it as a failure
+        (population.max_failures) unless the platform took its state (no fault of the member)."""
         rec = self.members[m]
-        self.failures += 1
+        self.failures += int(counts)
+        self.deaths_on_state.pop(m, None)
         self.lineage("died", round, m, parents=[], genome=rec.genome, step=rec.step,
                      fitness=rec.fitness, error=why)
+
+    def restored(self, m: int, round: int, why: str, source: str) -> None:
+        """A "restored" record: m's process died and m is back at its record's step, from
+        ``source`` ("object store" or "checkpoint")."""
+        rec = self.members[m]
+        self.restores += 1
+        self.lineage("restored", round, m, parents=[], genome=rec.genome, step=rec.step,
+                     fitness=rec.fitness, error=why, source=source)
+
+    def set_back(self, m: int) -> MemberRecord:
+        """m's record as last committed (its state is that commit's checkpoint); returns it."""
+        committed = {d["id"]: d for d in (self.committed or {}).get("members", [])}
+        self.members[m] = MemberRecord.from_dict(committed[m])
+        return self.members[m]
 
     def took_weights(self, m: int, src: MemberRecord, genome: dict, step: int, params: int) -> None:
         """m runs ``genome`` on the weights of ``src`` (m itself for an explore) at ``step``:
         its schedule becomes src's up to ``step``, then ``genome``."""
         rec = self.members[m]
         rec.genome, rec.step = genome, step
+        self.deaths_on_state.pop(m, None)
         rec.schedule = inherit(src.schedule, step, genome, rec.seed)
         if src.id != m:
             rec.parent = src.id
@@ -210,6 +234,7 @@ class Records:
     def fresh(self, m: int, genome: dict, seed: int) -> MemberRecord:
         """m starts again from step 0 with ``genome`` and ``seed``; returns its old record."""
         old = self.members[m]
+        self.deaths_on_state.pop(m, None)
         self.members[m] = MemberRecord(id=m, genome=genome, seed=seed, checkpoint=old.checkpoint,
                                        intervals=old.intervals,
                                        schedule=[{"step": 0, "genome": genome, "seed": seed}])
@@ -277,6 +302,7 @@ class Records:
             "strategy": self.strategy.state_dict(),
             "lineage_count": self.lineage_count,
             "failures": self.failures,
+            "restores": self.restores,
             "exploit_latencies": self.exploit_latencies,
             "timing": {"member_compute_s": self.compute_s, "wall_s": wall, "slots": self.slots,
                        "member_cpu_s": self.cpu_s},
@@ -330,6 +356,7 @@ class Records:
                          "parent": r.parent, "alive": r.alive} for r in self.members.values()],
             "exploits": len(lat),
             "failures": self.failures,
+            "restores": self.restores,
             "exploit_latency_s": {"count": len(lat), "median": statistics.median(lat) if lat else None},
             "timing": timing,
         }

@@ -175,8 +175,9 @@ class Interval:
             m = max(waiting, key=lambda j: (j not in est, self._work(j), -j))
             k = self._part(m, waiting, busy)
             self.left[m] -= k
-            call = actors[m].train_and_evaluate if self.left[m] == 0 else actors[m].train_part
-            self.running[call.remote(k)] = (m, k, time.perf_counter())
+            ref = (self.slots.members.train_and_evaluate(m, k) if self.left[m] == 0
+                   else actors[m].train_part.remote(k))
+            self.running[ref] = (m, k, time.perf_counter())
 
     def wait(self) -> dict[int, Any]:
         """{member: train_and_evaluate result (or its error)} once every member is done."""

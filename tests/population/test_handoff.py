@@ -3,7 +3,9 @@ object store, packed as one buffer, and a swap takes both states before either m
 from __future__ import annotations
 
 import dataclasses
+import os
 import pickle
+import signal
 
 import pytest
 import ray
@@ -52,23 +54,42 @@ def handoff(ray_local, cache_dir, tmp_path):
 
 def test_two_members_swap_states_in_one_plan(handoff):
     """Each is the other's donor: the receivers get the evaluated states kept from the results
-    (through the object store, bit for bit); a second swap, with those forgotten, snapshots both
-    members first and then loads, so the swap is exact both ways."""
-    a, b = handoff.members[0], handoff.members[1]
-    results = dict(enumerate(ray.get([a.train_and_evaluate.remote(3), b.train_and_evaluate.remote(5)])))
+    (through the object store, bit for bit); after both publish their new states, a second
+    swap gives each its own state back."""
+    members = handoff.members
+    a, b = members[0], members[1]
+    results = dict(enumerate(ray.get([members.train_and_evaluate(0, 3), members.train_and_evaluate(1, 5)])))
     handoff.keep_evaluated(results)
-    assert "state_ref" not in results[0] and set(handoff.evaluated) == {0, 1}
+    assert set(handoff.current) == {0, 1} and members.published == {}
     state_a, state_b = ray.get([a.get_state.remote(), b.get_state.remote()])
 
     loaded, latency = handoff.move({0: 1, 1: 0})
 
     assert loaded[0]["step"] == 5 and loaded[1]["step"] == 3 and set(latency) == {0, 1}
-    assert handoff.evaluated == {}   # the receivers' evaluated states are no longer theirs
     assert_same_state(ray.get(a.get_state.remote()), state_b)
     assert_same_state(ray.get(b.get_state.remote()), state_a)
+    assert_same_state(ray.get(handoff.current[0]), state_a)   # until the receivers publish
+    handoff.refresh([0, 1])
+    assert_same_state(ray.get(handoff.current[0]), state_b)
 
     loaded, _ = handoff.move({0: 1, 1: 0})
 
     assert loaded[0]["step"] == 3 and loaded[1]["step"] == 5
     assert_same_state(ray.get(a.get_state.remote()), state_a)
     assert_same_state(ray.get(b.get_state.remote()), state_b)
+
+
+def test_a_receiver_that_died_is_noted_not_raised(handoff):
+    """A receiver killed before its load: the move leaves it out and notes it dead; the donor's
+    state is the driver's, so the other receiver still loads it."""
+    members = handoff.members
+    handoff.refresh([0, 1])
+    os.kill(ray.get(members[1].pid.remote()), signal.SIGKILL)
+    loaded, _ = handoff.move({1: 0})
+    assert loaded == {} and set(members.dead) == {1} and "process died" in members.dead[1]
+    handoff.refresh([0, 1])                      # publishing on a dead member is noted too
+    assert set(members.dead) == {1}
+    members.revive(1, GENOME, 2)
+    assert members.dead == {} and members.generation[1] >= 1
+    loaded, _ = handoff.move({1: 0})
+    assert loaded[1]["step"] == 0

@@ -2,6 +2,8 @@
 from __future__ import annotations
 
 import dataclasses
+import os
+import signal
 
 import pytest
 import ray
@@ -37,7 +39,7 @@ def pair(actors):
 def test_exploit_copies_weights_and_optimizer_bit_for_bit_without_restart(pair):
     donor, receiver = pair
     ray.get(donor.restart.remote({"train.lr": 2e-3, "model.num_hidden_layers": 2}, 1))
-    ray.get([donor.train_and_evaluate.remote(4), receiver.train_and_evaluate.remote(2)])
+    ray.get([donor.train_and_evaluate.remote(4)[0], receiver.train_and_evaluate.remote(2)[0]])
     pid = ray.get(receiver.pid.remote())
 
     loaded = ray.get(receiver.load_state.remote(donor.get_state.remote()))
@@ -53,12 +55,11 @@ def test_exploit_copies_weights_and_optimizer_bit_for_bit_without_restart(pair):
 
 
 def test_the_evaluated_state_is_published_with_the_result_and_loads_bit_for_bit(pair):
-    """train_and_evaluate puts the evaluated state in the object store and returns its reference:
-    an exploit is then one call on the receiver."""
+    """train_and_evaluate returns the evaluated state as a second return value (in the object
+    store, owned by the caller): an exploit is then one call on the receiver."""
     donor, receiver = pair
-    result = ray.get(donor.train_and_evaluate.remote(3))
-    [ref] = result["state_ref"]
-    assert isinstance(ref, ray.ObjectRef)
+    figures, ref = donor.train_and_evaluate.remote(3)
+    result = ray.get(figures)
     published, snapshot = ray.get([ref, donor.get_state.remote()])
     assert_same_state(published, snapshot)
     assert published["step"] == result["step"] == 3
@@ -70,14 +71,36 @@ def test_the_evaluated_state_is_published_with_the_result_and_loads_bit_for_bit(
     assert_same_state(ray.get(receiver.get_state.remote()), snapshot)
 
 
+def test_the_published_state_outlives_the_member_process(ray_local, cache_dir):
+    """The driver owns the evaluated state (a return value, not the member's own ray.put), so it
+    survives a SIGKILL of the member's process and restores a new one bit for bit."""
+    model, train, data = tiny_parts(cache_dir)
+    doomed, heir = [Member.options(num_cpus=0.5, max_concurrency=2).remote(0, model, train, data, GENOME, 1, 1)
+                    for _ in range(2)]
+    try:
+        figures, ref = doomed.train_and_evaluate.remote(3)
+        ray.get(figures)
+        snapshot = ray.get(doomed.get_state.remote())
+        info, changed = doomed.publish.remote()
+        assert ray.get(info) == {"step": 3}
+        os.kill(ray.get(doomed.pid.remote()), signal.SIGKILL)
+        with pytest.raises(ray.exceptions.RayActorError):
+            ray.get(doomed.pid.remote())
+        assert ray.get(heir.load_state.remote([ref]))["step"] == 3
+        assert_same_state(ray.get(heir.get_state.remote()), snapshot)
+        assert_same_state(ray.get(changed), snapshot)
+    finally:
+        ray.kill(heir)
+
+
 def test_an_interval_in_parts_trains_exactly_like_one_call(pair):
     """The driver's slots cut an interval into train_part calls: the same steps, losses and state,
     and train_and_evaluate's figures cover every part."""
     a, b = pair
     ray.get(b.restart.remote(GENOME, 1))                      # b is a twin of a (seed 1)
-    whole = ray.get(a.train_and_evaluate.remote(6))
+    whole = ray.get(a.train_and_evaluate.remote(6)[0])
     parts = [ray.get(b.train_part.remote(2)), ray.get(b.train_part.remote(1))]
-    last = ray.get(b.train_and_evaluate.remote(3))
+    last = ray.get(b.train_and_evaluate.remote(3)[0])
     assert [p["step"] for p in parts] == [2, 3] and last["step"] == whole["step"] == 6
     assert last["val_bpb"] == whole["val_bpb"] and last["train_loss"] == whole["train_loss"]
     assert last["seconds"] >= sum(p["seconds"] for p in parts) + last["part_seconds"]
@@ -86,8 +109,8 @@ def test_an_interval_in_parts_trains_exactly_like_one_call(pair):
 
 def test_get_state_is_the_evaluated_snapshot_while_training(pair):
     member = pair[0]
-    ray.get(member.train_and_evaluate.remote(3))
-    training = member.train_and_evaluate.remote(200)
+    ray.get(member.train_and_evaluate.remote(3)[0])
+    training, _ = member.train_and_evaluate.remote(200)
     during = ray.get(member.get_state.remote())   # max_concurrency=2: answered while it trains
     result = ray.get(training)
     assert during["step"] == 3
@@ -97,7 +120,7 @@ def test_get_state_is_the_evaluated_snapshot_while_training(pair):
 
 def test_apply_genome_sets_hyperparameters_and_architecture(pair):
     member = pair[0]
-    ray.get(member.train_and_evaluate.remote(3))
+    ray.get(member.train_and_evaluate.remote(3)[0])
     before = ray.get(member.get_state.remote())
 
     out = ray.get(member.apply_genome.remote({"train.lr": 1e-3, "model.num_hidden_layers": 2}))
@@ -118,11 +141,11 @@ def test_apply_genome_sets_hyperparameters_and_architecture(pair):
 def test_checkpoint_save_wait_load_round_trip(pair, tmp_path):
     store = RunStore(tmp_path, "ckpt")
     member, other = pair
-    ray.get(member.train_and_evaluate.remote(3))
+    ray.get(member.train_and_evaluate.remote(3)[0])
     path = store.checkpoint_path(0, 1)
 
     saved = ray.get(member.save_checkpoint.remote(store.storage, store.name, path))
-    training = member.train_and_evaluate.remote(5)        # the write goes on beside training
+    training, _ = member.train_and_evaluate.remote(5)     # the write goes on beside training
     written = ray.get(member.wait_saved.remote())
     ray.get(training)
 
@@ -138,8 +161,8 @@ def test_divergence_is_a_result_not_a_crash(pair):
     ray.get(member.apply_genome.remote({"train.lr": 1e6, "model.num_hidden_layers": 1}))
     ray.get(member.load_state.remote(_with_hparams(ray.get(member.get_state.remote()), grad_clip=0.0,
                                                    warmup_steps=0)))
-    result = ray.get(member.train_and_evaluate.remote(30))
-    assert result["failed"] is True and "non-finite" in result["error"]
+    result, state = ray.get(member.train_and_evaluate.remote(30))
+    assert result["failed"] is True and state is None and "non-finite" in result["error"]
     assert ray.get(member.pid.remote()) == pid
 
 

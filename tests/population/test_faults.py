@@ -1,0 +1,188 @@
+"""Member faults on a real local Ray: members SIGKILLed mid-run come back from their own state;
+a population that keeps diverging ends with a line naming the likely gene."""
+from __future__ import annotations
+
+import json
+import os
+import signal
+import threading
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import ray
+from rich.console import Console
+
+from evo.space import SearchSpace
+from population.decisions import likely_cause
+from population.driver import SearchError, run_search
+from population.store import RunStore
+from tests.population.conftest import make_setup
+
+SIZE, INTERVAL, ROUNDS, KILLS = 4, 5, 24, 10
+
+
+def _quiet() -> Console:
+    return Console(file=open(os.devnull, "w"))
+
+
+def _state(storage: Path, name: str) -> dict:
+    return RunStore(storage, name).read_state()
+
+
+def _lineage(storage: Path, name: str) -> list[dict]:
+    return [json.loads(line) for line in (storage / name / "lineage.jsonl").read_text().splitlines()]
+
+
+def _comparable(records: list[dict]) -> list[dict]:
+    """Lineage without the restores and wall-clock fields, by round and member (a decision
+    applied again after its member was restored is written after the round's others)."""
+    kept = [{k: v for k, v in r.items() if k not in ("time", "latency_s", "receiver_s")}
+            for r in records if r["event"] != "restored"]
+    return sorted(kept, key=lambda r: (r["round"], r["member"], json.dumps(r, sort_keys=True)))
+
+
+def _table(state: dict) -> list[tuple]:
+    return [(m["id"], m["step"], m["history"], m["genome"], m["parent"], m["schedule"]) for m in state["members"]]
+
+
+class Killer(threading.Thread):
+    """SIGKILLs member processes of a running search, one member after another, each kill at a
+    random moment of a round once the previous kill's round is committed (so no member dies
+    twice on one state), until ``kills`` are done or ``last_round`` is reached."""
+
+    def __init__(self, storage: Path, name: str, size: int, kills: int, last_round: int, seed: int) -> None:
+        super().__init__(daemon=True)
+        self.store, self.name, self.size = RunStore(storage, name), name, size
+        self.want, self.last_round = kills, last_round
+        self.rng = np.random.default_rng(seed)
+        self.kills: list[tuple[int, int, int]] = []   # (member, pid, committed round when killed)
+        self.error: BaseException | None = None
+
+    def _round(self) -> int:
+        state = self.store.read_state() if self.store.exists() else None
+        return -1 if state is None else int(state.get("events", 0)) // self.size \
+            if state.get("mode") == "async" else int(state["round"])
+
+    def _pid(self, m: int) -> int | None:
+        try:
+            return ray.get(ray.get_actor(f"{self.name}/m{m}").pid.remote(), timeout=30)
+        except Exception:   # not started yet, or being replaced
+            return None
+
+    def run(self) -> None:
+        try:
+            deadline = time.time() + 600
+            m = 0
+            while len(self.kills) < self.want and time.time() < deadline:
+                r = self._round()
+                if r < 1:
+                    time.sleep(0.05)
+                    continue
+                if r >= self.last_round:
+                    return
+                pid = self._pid(m)
+                if pid is None:
+                    time.sleep(0.1)
+                    continue
+                time.sleep(float(self.rng.uniform(0.0, 0.6)))
+                r = self._round()
+                if r >= self.last_round:
+                    return
+                os.kill(pid, signal.SIGKILL)
+                self.kills.append((m, pid, r))
+                m = (m + 1) % self.size
+                while self._round() <= r and time.time() < deadline:   # the next kill in a later round
+                    time.sleep(0.05)
+        except BaseException as e:  # noqa: BLE001 - reported by the test
+            self.error = e
+
+
+@pytest.mark.slow
+def test_members_killed_ten_times_come_back_from_their_own_state(ray_local, cache_dir, tmp_path):
+    """Sync mode, the default population size: ten SIGKILLs at random moments (training, hand-
+    overs, checkpoints). The run finishes with every member at the budget, each kill cost at most
+    the interval in flight (the member came back to the step its round started from, out of the
+    object store), no kill counted as a failure — and the search is the one a run without
+    faults makes, bit for bit."""
+    setup = lambda name: make_setup(tmp_path, name, cache_dir, size=SIZE, interval=INTERVAL,  # noqa: E731
+                                    total=INTERVAL * ROUNDS, seed=5)
+    killer = Killer(tmp_path, "killed", SIZE, KILLS, last_round=ROUNDS - 2, seed=1)
+    killer.start()
+    summary = run_search(setup("killed"), console=_quiet())
+    killer.join(timeout=60)
+    assert killer.error is None, killer.error
+    assert len(killer.kills) >= KILLS, killer.kills
+
+    state = _state(tmp_path, "killed")
+    assert summary["status"] == state["status"] == "finished" and state["round"] == ROUNDS
+    assert [m["step"] for m in state["members"]] == [INTERVAL * ROUNDS] * SIZE
+    lineage = _lineage(tmp_path, "killed")
+    restored = [r for r in lineage if r["event"] == "restored"]
+    assert len(restored) == len(killer.kills) == state["restores"]
+    for r in restored:
+        assert r["source"] == "object store" and "process died" in r["error"]
+        assert r["step"] == INTERVAL * r["round"]   # the start of the interval in flight: ≤ one interval lost
+    assert state["failures"] == 0 and not [r for r in lineage if r["event"] == "died"]
+    assert {r["member"] for r in restored} == set(range(SIZE))
+
+    run_search(setup("calm"), console=_quiet())
+    calm = _state(tmp_path, "calm")
+    assert _table(state) == _table(calm)
+    assert _comparable(lineage) == _comparable(_lineage(tmp_path, "calm"))
+
+
+@pytest.mark.slow
+def test_async_members_killed_resume_their_own_interval(ray_local, cache_dir, tmp_path):
+    """Async mode: a killed member is restored from its own last state and starts its interval
+    again; every member reaches the budget and no kill is a failure."""
+    setup = make_setup(tmp_path, "free", cache_dir, size=3, interval=INTERVAL, total=INTERVAL * 12,
+                       mode="async", seed=2)
+    killer = Killer(tmp_path, "free", 3, 3, last_round=10, seed=2)
+    killer.start()
+    summary = run_search(setup, console=_quiet())
+    killer.join(timeout=60)
+    assert killer.error is None, killer.error
+    state = _state(tmp_path, "free")
+    assert summary["status"] == "finished" and all(m["step"] == INTERVAL * 12 for m in state["members"])
+    lineage = _lineage(tmp_path, "free")
+    restored = [r for r in lineage if r["event"] == "restored"]
+    assert len(killer.kills) == 3 and len(restored) == 3 == state["restores"]
+    assert all(r["source"] == "object store" and r["step"] % INTERVAL == 0 for r in restored)
+    assert state["failures"] == 0
+
+
+def test_a_population_that_keeps_diverging_names_the_gene(ray_local, cache_dir, tmp_path):
+    """An absurd learning-rate range: every member diverges, every time. Each divergence is a
+    "died" record (not a crash); past population.max_failures the search ends with one line that
+    names train.lr."""
+    space = {"train.lr": {"type": "float", "low": 1e5, "high": 1e6, "log": True},
+             "train.weight_decay": {"type": "float", "low": 0.0, "high": 0.2}}
+    setup = make_setup(tmp_path, "nan", cache_dir, size=2, interval=5, total=20, max_failures=2,
+                       train={"grad_clip": 0.0, "warmup_steps": 0})
+    setup.space = SearchSpace.from_dict(space, base=setup.space.base)
+    setup.config["search"] = space
+    with pytest.raises(SearchError) as err:
+        run_search(setup, console=_quiet())
+    line = str(err.value)
+    assert "\n" not in line and "3 failures exceed population.max_failures (2)" in line
+    assert ("train.lr is the likely cause: every member diverged, and its whole range [1e+05, 1e+06] "
+            "lies above the base config's 0.003") in line
+    died = [r for r in _lineage(tmp_path, "nan") if r["event"] == "died"]
+    assert len(died) == 3 and all("non-finite" in r["error"] for r in died)
+    assert _state(tmp_path, "nan")["status"] == "failed"
+
+
+def test_likely_cause_compares_the_diverged_with_the_healthy():
+    space = SearchSpace.from_dict({"train.lr": {"type": "float", "low": 1e-4, "high": 1.0, "log": True},
+                                   "train.weight_decay": {"type": "float", "low": 0.0, "high": 0.2}},
+                                  base={"train.lr": 1e-3, "train.weight_decay": 0.1})
+    diverged = [{"train.lr": 0.5, "train.weight_decay": 0.05}, {"train.lr": 0.9, "train.weight_decay": 0.15}]
+    healthy = [{"train.lr": 1e-3, "train.weight_decay": 0.1}, {"train.lr": 3e-4, "train.weight_decay": 0.1}]
+    assert likely_cause(space, diverged, healthy) == (
+        "train.lr is the likely cause: the diverged members had it towards its upper bound "
+        "(median 0.7 in [0.0001, 1]); narrow its range in `search`")
+    assert likely_cause(space, [], healthy) is None
+    # nothing stands out: no gene named
+    assert likely_cause(space, [{"train.lr": 2e-3, "train.weight_decay": 0.1}], healthy[:1]) is None
