@@ -97,18 +97,17 @@ def cmd_run(args: argparse.Namespace) -> int:
     from experiments.config import ConfigError, build_setup, load_config
 
     overrides = list(args.set or [])
-    if args.name is not None:
-        overrides.append(f"name={args.name}")
-    if args.storage is not None:
-        overrides.append(f"storage={args.storage}")
+    # --name and --storage are taken as they are, not as YAML ('a #b' is not 'a')
+    strings = {k: v for k, v in (("name", args.name), ("storage", args.storage)) if v is not None}
     try:
-        cfg = load_config(args.config, overrides)
+        cfg = load_config(args.config, overrides, strings)
         job_storage = _job_storage(cfg.storage)
         if job_storage is not None:
-            cfg = load_config(args.config, [*overrides, f"storage={job_storage}"])
+            cfg = load_config(args.config, overrides, {**strings, "storage": job_storage})
         setup = build_setup(cfg)
     except ConfigError as e:
         raise UsageError(str(e)) from e
+    _check_inputs(setup)
     return _search(setup)
 
 
@@ -132,11 +131,12 @@ def cmd_resume(args: argparse.Namespace) -> int:
     _locate_run(args)
     stored = resume_setup(args.storage, args.run)
     # The run lives where we found it and keeps its name, wherever config.yaml says it was.
-    overrides = [*(args.set or []), f"name={args.run}", f"storage={args.storage}"]
     try:
-        setup = build_setup(config_from_dict(stored, overrides, source=f"{args.run}/config.yaml"))
+        setup = build_setup(config_from_dict(stored, list(args.set or []), source=f"{args.run}/config.yaml",
+                                             strings={"name": args.run, "storage": args.storage}))
     except ConfigError as e:
         raise UsageError(str(e)) from e
+    _check_inputs(setup)
     return _search(setup)
 
 
@@ -294,6 +294,27 @@ def _search(setup: Any) -> int:
           f" {_compact(best.get('genome') or {})}".rstrip())
     print(f"run store: {_store_location(setup.storage, setup.name)}")
     return 0
+
+
+def _check_inputs(setup: Any) -> None:
+    """What the config alone cannot say, checked before anything is written or Ray starts: the
+    corpus names readable files, and a local Ray (no RAY_ADDRESS) would hold the population."""
+    from trainers.data import DataError, check_corpus
+
+    try:
+        check_corpus(setup.data)
+    except DataError as e:
+        raise UsageError(_one_line(e)) from e
+    if os.environ.get("RAY_ADDRESS") or setup.population.resources.num_gpus > 0:
+        return   # another cluster, or GPUs: only Ray knows them; the driver checks once connected
+    from population.slots import ResourceFitError, check_fit
+
+    # A local Ray counts this machine's CPUs (a container's quota can lower it; the driver
+    # checks again against what Ray reports).
+    try:
+        check_fit(setup.population, [{"Alive": True, "Resources": {"CPU": float(os.cpu_count() or 1)}}])
+    except ResourceFitError as e:
+        raise UsageError(_one_line(e)) from e
 
 
 def _locate_run(args: argparse.Namespace) -> None:

@@ -40,6 +40,7 @@ import dataclasses
 import difflib
 import functools
 import re
+import shlex
 import types
 import typing
 from pathlib import Path
@@ -79,7 +80,8 @@ class ExperimentConfig:
     (validated by building the space; every gene's defaults written out, so it round-trips)."""
 
     name: Annotated[str, Field(description="run name (default: the config file's stem); [A-Za-z0-9._-]+")]
-    seed: Annotated[StrictInt, Field(description="run seed: every random choice derives from it")] = 0
+    seed: Annotated[StrictInt, Field(ge=0, le=2**32 - 1, description=(
+        "run seed (0 to 2**32-1): every random choice derives from it"))] = 0
     storage: Annotated[str, Field(description=(
         "run store root: a directory or an fsspec URI (s3://..., file://...)"))] = "runs"
     data: DataConfig = dataclasses.field(default_factory=DataConfig)
@@ -111,18 +113,26 @@ class ExperimentConfig:
 # public API
 
 
-def load_config(path: str | Path, overrides: Iterable[str] = ()) -> ExperimentConfig:
-    """Parse, override and validate the YAML file at ``path`` (name defaults to its stem)."""
+def load_config(path: str | Path, overrides: Iterable[str] = (),
+                strings: Mapping[str, str] | None = None) -> ExperimentConfig:
+    """Parse, override and validate the YAML file at ``path`` (name defaults to its stem).
+
+    ``overrides`` are ``--set key=value`` texts (the value parsed as YAML); ``strings`` are
+    top-level keys given as they are (``--name``, ``--storage``: ``a #b`` stays ``a #b``)."""
     path = Path(path)
     try:
         text = path.read_text(encoding="utf-8")
     except FileNotFoundError:
         raise ConfigError(f"{path}: no such config file") from None
+    except IsADirectoryError:
+        raise ConfigError(f"{path}: is a directory, not a config file") from None
     except (OSError, UnicodeDecodeError) as e:
         raise ConfigError(f"{path}: cannot read: {e}") from None
     try:
         raw = yaml.load(text, Loader=_Loader)
         lines = _key_lines(yaml.compose(text, Loader=_Loader)) if raw is not None else {}
+    except ConfigError as e:   # a duplicate key: its message starts with the line
+        raise ConfigError(f"{path}:{e}") from None
     except yaml.YAMLError as e:
         mark = getattr(e, "problem_mark", None) or getattr(e, "context_mark", None)
         where = f"{path}:{mark.line + 1}" if mark is not None else str(path)
@@ -132,15 +142,16 @@ def load_config(path: str | Path, overrides: Iterable[str] = ()) -> ExperimentCo
         raise ConfigError(f"{path}: the config is empty")
     if not isinstance(raw, dict):
         raise ConfigError(f"{path}: expected a mapping at the top level, got {_kind(raw)}")
-    return _resolve(raw, list(overrides), _Origin(str(path), lines), default_name=path.stem)
+    return _resolve(raw, list(overrides), dict(strings or {}), _Origin(str(path), lines), default_name=path.stem)
 
 
 def config_from_dict(d: Mapping[str, Any], overrides: Iterable[str] = (),
-                     source: str = "config") -> ExperimentConfig:
+                     source: str = "config", strings: Mapping[str, str] | None = None) -> ExperimentConfig:
     """Validate a mapping (e.g. a stored ``config.yaml``) exactly as :func:`load_config` does."""
     if not isinstance(d, Mapping):
         raise ConfigError(f"{source}: expected a mapping at the top level, got {_kind(d)}")
-    return _resolve(copy.deepcopy(dict(d)), list(overrides), _Origin(source, {}), default_name=None)
+    return _resolve(copy.deepcopy(dict(d)), list(overrides), dict(strings or {}), _Origin(source, {}),
+                    default_name=None)
 
 
 def config_to_dict(cfg: ExperimentConfig) -> dict[str, Any]:
@@ -219,27 +230,30 @@ class _Origin:
         for opath, text in reversed(self.overrides):
             common = next((i for i, (a, b) in enumerate(zip(opath, path)) if a != b), min(len(opath), len(path)))
             if common >= max(best_len, 1):
-                best, best_len = f"--set {text}", common
+                best, best_len = text, common
                 break
         return best
 
     def where_message(self, section: tuple[str, ...], message: str) -> str:
-        """Location of a check's message: the field it names if found, else the section."""
-        # "population.size: ..." names population.size; "model: hidden_size (66) ..." model.hidden_size
-        m = re.match(r"([A-Za-z_][\w.]*)(?::\s+([A-Za-z_][\w.]*)\s+\()?", message)
-        named = tuple(m.group(1).strip(".").split(".")) if m else ()
-        if m and m.group(2) and len(named) == 1:
-            named += tuple(m.group(2).split("."))
-        if named[:1] == ("search",) and len(named) >= 3:  # gene paths contain a dot: search.train.lr
-            named = ("search", f"{named[1]}.{named[2]}", *named[3:])
-        path = named if named[: len(section)] == section else section
-        return self.where(path)
+        """Location of a check's message. A check across fields names several ("model:
+        num_attention_heads (4) must be divisible by num_key_value_heads (3)"): the last override
+        that set any of them is the cause; else the file line of the first one named."""
+        named = [p for p in _named_paths(message) if p[: len(section)] == section] or [section]
+        for opath, text in reversed(self.overrides):
+            if any(p and opath[: len(p)] == p[: len(opath)] for p in named):
+                return text
+        return self.where(named[0])
 
 
-def _resolve(raw: dict, overrides: list[str], origin: _Origin,
+def _resolve(raw: dict, overrides: list[str], strings: dict[str, str], origin: _Origin,
              default_name: str | None) -> ExperimentConfig:
     for text in overrides:
-        origin.overrides.append((_apply_override(raw, text), text))
+        origin.overrides.append((_apply_override(raw, text), f"--set {text}"))
+    for key, value in strings.items():
+        if key not in ("name", "storage"):
+            raise ConfigError(f"--{key}: not a top-level string key")
+        raw[key] = value
+        origin.overrides.append(((key,), f"--{key} {shlex.quote(value)}"))
     if raw.get("name") is None:
         if default_name is None:
             raise ConfigError(f"{origin.source}: name: missing (give the run a name)")
@@ -260,6 +274,7 @@ def _resolve(raw: dict, overrides: list[str], origin: _Origin,
 
     cfg = _validate(ExperimentConfig, raw, (), origin)
     try:
+        _check_gene_values(cfg.search)   # first: a range up to 10**12 would take the space forever
         space = build_space(cfg)  # validates genes, bounds and architecture constraints
     except ConfigError as e:
         raise ConfigError(f"{origin.where_message(('search',), str(e))}: {e}") from None
@@ -339,6 +354,40 @@ def _describe(error: dict, section: tuple[str, ...], origin: _Origin) -> str:
     return f"{origin.where(path)}: {'.'.join(path)}: {expected}{got}"
 
 
+def _check_gene_values(spec: Mapping[str, Any]) -> None:
+    """Refuse a gene that can propose a value its field refuses (``train.lr`` from -0.1,
+    ``model.hidden_size`` up to 10**9, a float gene on an integer field): a member would only
+    fail on it hours into the search. A range's ends are its extremes; each choice is checked.
+    Values that are not even numbers are left to the space, which names the gene's own problem."""
+    for path, gene in spec.items():
+        if path == "max_params" or not isinstance(gene, Mapping):
+            continue
+        section, _, name = path.partition(".")
+        hint = _hints({"train": TrainConfig, "model": InternLM2Config}[section])[name]
+        kind = gene.get("type")
+        if kind in ("float", "int"):
+            ends = [(end, gene.get(end)) for end in ("low", "high")]
+            ends = [(end, v) for end, v in ends if isinstance(v, (int, float)) and not isinstance(v, bool)]
+            # a float gene proposes floats (FloatGene makes low: 0 a 0.0), an int gene integers
+            values = [(end, float(v) if kind == "float" else v) for end, v in ends
+                      if kind == "float" or isinstance(v, int)]
+        elif kind == "choice" and isinstance(gene.get("choices"), (list, tuple)):
+            values = [("choice", v) for v in gene["choices"]]
+        else:
+            continue
+        for what, value in values:
+            try:
+                _adapter(hint).validate_python(value)
+            except ValidationError as e:
+                error = e.errors(include_url=False)[0]
+                if kind == "float" and error["type"] in ("int_type", "int_from_float"):
+                    raise ConfigError(f"search.{path}: a float gene proposes floats, but {path} is an "
+                                      "integer (use type: int)") from None
+                problem = _describe(error, (section, name), _Origin("", {}))
+                raise ConfigError(f"search.{path}: {what} ({value!r}) is not a valid "
+                                  f"{problem.split(': ', 1)[1]}") from None
+
+
 def _normalised_search(space: SearchSpace, spec: dict[str, Any]) -> dict[str, Any]:
     """The search spec with every gene's defaults written out (what config.yaml stores)."""
     out: dict[str, Any] = {}
@@ -380,7 +429,12 @@ def _search(raw: Any, origin: _Origin) -> dict[str, Any]:
             if gene is not None and (isinstance(gene, bool) or not isinstance(gene, int)):
                 raise ConfigError(f"{where}: search.max_params: expected an integer, got {gene!r}")
         elif path not in valid:
-            raise ConfigError(f"{where}: {_unknown(('search', str(path)), valid)}")
+            section = str(path).partition(".")[0]
+            if section not in ("train", "model"):
+                raise ConfigError(f"{where}: unknown key 'search.{path}' (a gene is named train.<field> or "
+                                  "model.<field>, e.g. train.lr; max_params is the parameter budget)")
+            fields = [v.partition(".")[2] for v in valid if v.startswith(section + ".")]
+            raise ConfigError(f"{where}: {_unknown(('search', section, str(path).partition('.')[2]), fields)}")
         elif not isinstance(gene, Mapping):
             raise ConfigError(f"{where}: search.{path}: expected a mapping, got {_kind(gene)}")
         out[path] = dict(gene) if isinstance(gene, Mapping) else gene
@@ -554,6 +608,35 @@ def _prefixed(section: str, e: Exception) -> str:
     return f"{section}: {msg}"
 
 
+def _key_path(dotted: str) -> tuple[str, ...]:
+    """``search.train.lr.low`` -> ("search", "train.lr", "low"): gene paths contain a dot."""
+    parts = tuple(dotted.strip(".").split("."))
+    if parts[:1] == ("search",) and len(parts) >= 3:
+        return ("search", f"{parts[1]}.{parts[2]}", *parts[3:])
+    return parts
+
+
+def _named_paths(message: str) -> list[tuple[str, ...]]:
+    """The keys a check's message names, in order: full dotted keys ("data.seq_len (4096)
+    exceeds model.max_position_embeddings"), and the fields of a leading section ("model:
+    hidden_size (66) must be divisible by num_attention_heads (4)"); a leading key first
+    ("population.size: must be at least 2"), unless it is a section that names its fields."""
+    sections = {f.name for f in dataclasses.fields(ExperimentConfig)}
+    m = re.match(r"([A-Za-z_][\w.]*):", message)
+    head = _key_path(m.group(1)) if m else ()
+    head_hint = _hint_at(head) if head and head[0] != "search" else Any
+    fields = {f.name for f in dataclasses.fields(head_hint)} if dataclasses.is_dataclass(head_hint) else set()
+    named: list[tuple[str, ...]] = []
+    for word in re.findall(r"(?<![\w.])[A-Za-z_][\w.]*[\w]", message[m.end() if m else 0:]):
+        path = _key_path(word) if word.split(".")[0] in sections and "." in word else (
+            (*head, word) if word in fields else None)
+        if path and path not in named:
+            named.append(path)
+    if head and head not in named and (len(head) > 1 or not named or not dataclasses.is_dataclass(head_hint)):
+        named.insert(0, head)   # a section ("model: ...") only when it names none of its fields
+    return named
+
+
 def _kind(value: Any) -> str:
     return {list: "a list", str: "a string", int: "a number", float: "a number", bool: "a boolean",
             type(None): "null"}.get(
@@ -578,12 +661,22 @@ def _plain(value: Any) -> Any:
     return value
 
 
-def _key_lines(node: yaml.Node | None, path: tuple[str, ...] = ()) -> dict[tuple[str, ...], int]:
-    """Map every key path of a composed YAML document to its 1-based line number."""
+def _key_lines(node: yaml.Node | None, path: tuple[str, ...] = (),
+               seen: set[int] | None = None) -> dict[tuple[str, ...], int]:
+    """Map every key path of a composed YAML document to its 1-based line number.
+
+    A key given twice in one mapping raises ConfigError (message without the file): YAML keeps
+    the last silently, and a value that is ignored without a word costs a search."""
     out: dict[tuple[str, ...], int] = {}
     if isinstance(node, yaml.MappingNode):
         for key_node, value_node in node.value:
             key = (*path, str(key_node.value))
+            if key in out:
+                raise ConfigError(f"{key_node.start_mark.line + 1}: duplicate key '{'.'.join(key)}' "
+                                  f"(first on line {out[key]})")
             out[key] = key_node.start_mark.line + 1
-            out.update(_key_lines(value_node, key))
+            seen = set() if seen is None else seen
+            if id(value_node) not in seen:   # an alias repeats a node: walk it once (no alias bomb)
+                seen.add(id(value_node))
+                out.update(_key_lines(value_node, key, seen))
     return out

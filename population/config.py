@@ -20,15 +20,22 @@ if TYPE_CHECKING:   # annotations only: SearchSetup holds these, this module imp
     from trainers.model import InternLM2Config
     from trainers.trainer import TrainConfig
 
+# Upper bounds far above any real search, so that a typo (an extra 000) is refused at once
+# instead of planning, placing or allocating for hours; each is stated in its field's description.
+MAX_SIZE = 10_000            # members in a population
+MAX_STEPS = 1_000_000_000    # optimizer steps of one member
+MAX_CPUS = 1024              # CPUs one member actor reserves (one node's worth, and more)
+MAX_GPUS = 64                # GPUs one member actor reserves
+
 
 @dataclass(config=ConfigDict(extra="forbid"))
 class ResourcesConfig:
     """Share of a node each member actor reserves; fractional GPUs pack several tiny models on a card."""
 
-    num_cpus: Annotated[StrictFloat, Field(gt=0, allow_inf_nan=False, description=(
-        "CPUs each member actor reserves in Ray"))] = 0.5
-    num_gpus: Annotated[StrictFloat, Field(ge=0, allow_inf_nan=False, description=(
-        "GPUs each member reserves; a fraction packs several members on one GPU"))] = 0.0
+    num_cpus: Annotated[StrictFloat, Field(gt=0, le=MAX_CPUS, allow_inf_nan=False, description=(
+        f"CPUs each member actor reserves in Ray (at most {MAX_CPUS})"))] = 0.5
+    num_gpus: Annotated[StrictFloat, Field(ge=0, le=MAX_GPUS, allow_inf_nan=False, description=(
+        f"GPUs each member reserves; a fraction packs several members on one GPU (at most {MAX_GPUS})"))] = 0.0
 
     def __post_init__(self) -> None:
         if self.num_gpus > 1 and self.num_gpus != int(self.num_gpus):
@@ -50,18 +57,21 @@ class PopulationConfig:
     when members train, never what they compute.
     """
 
-    size: Annotated[StrictInt, Field(description="members in the population (at least 2)")] = 4
+    size: Annotated[StrictInt, Field(le=MAX_SIZE, description=(
+        f"members in the population (2 to {MAX_SIZE})"))] = 4
     mode: Annotated[Literal["sync", "async"], Field(description=(
         "'sync': a barrier per round; 'async': each member is judged as soon as its interval ends"))] = "sync"
-    interval_steps: Annotated[StrictInt, Field(description="optimizer steps between two judgements")] = 50
-    total_steps: Annotated[StrictInt, Field(description="optimizer-step budget of every member")] = 500
+    interval_steps: Annotated[StrictInt, Field(le=MAX_STEPS, description=(
+        "optimizer steps between two judgements (at most total_steps)"))] = 50
+    total_steps: Annotated[StrictInt, Field(le=MAX_STEPS, description=(
+        f"optimizer-step budget of every member (at most {MAX_STEPS})"))] = 500
     resources: ResourcesConfig = dataclasses.field(default_factory=ResourcesConfig)
     max_failures: Annotated[StrictInt, Field(ge=0, description=(
         "members that diverge (non-finite loss) or die again and again on one state, tolerated "
         "before the search stops; a killed process (preemption, OOM, lost node) does not count: "
         "the member is restored from its own state"))] = 3
-    max_concurrent: Annotated[StrictInt | None, Field(ge=1, description=(
-        "members training at the same moment; null: as many as the cluster's CPUs hold at one "
+    max_concurrent: Annotated[StrictInt | None, Field(ge=1, le=MAX_SIZE, description=(
+        f"members training at the same moment (at most {MAX_SIZE}); null: as many as the cluster's CPUs hold at one "
         "member's thread count (every member on GPUs)"))] = None
 
     def __post_init__(self) -> None:

@@ -62,14 +62,18 @@ def _packs(capacities: list[float], share: float) -> int:
 
 
 def _largest_share(capacities: list[float], size: int) -> float:
-    """The largest per-member share (2 decimals) with which ``size`` members fit; 0 if none."""
-    best = 0.0
-    for c in capacities:
-        for k in range(1, size + 1):
-            x = math.floor(c / k * 100) / 100
-            if x > best and _packs(capacities, x) >= size:
-                best = x
-    return best
+    """The largest per-member share (2 decimals) with which ``size`` members fit; 0 if none.
+
+    Fewer members fit as the share grows, so a bisection over the hundredths finds it in
+    O(nodes · log(capacity)) whatever the size."""
+    lo, hi = 0, int(math.floor(max(capacities, default=0.0) * 100))   # in hundredths
+    while lo < hi:   # invariant: lo == 0 or lo/100 fits
+        mid = (lo + hi + 1) // 2
+        if _packs(capacities, mid / 100) >= size:
+            lo = mid
+        else:
+            hi = mid - 1
+    return lo / 100
 
 
 def concurrent_slots(pop: PopulationConfig, cluster: Mapping[str, float]) -> int:

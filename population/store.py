@@ -366,7 +366,9 @@ class RunStore:
         except FileNotFoundError as e:
             raise CorruptRunError(f"checkpoint {where} is missing") from e
         except Exception as e:   # torch reports a bad file with many exception types
-            refused = re.search(r"Unsupported global: GLOBAL (\S+)", str(e))
+            # torch names a refused global two ways: "Unsupported global: GLOBAL x.Y" (a class
+            # not allowed) and "unsupported GLOBAL posix.system whose module posix is blocked"
+            refused = re.search(r"[Uu]nsupported (?:global: )?GLOBAL (\S+)", str(e))
             if refused:
                 raise StoreError(
                     f"checkpoint {where} holds {refused.group(1)}, which torch.load(weights_only=True) "

@@ -20,6 +20,13 @@ SIZE_FIELDS = ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_lay
                "num_attention_heads", "num_key_value_heads")
 # Boolean fields read by the parameter count.
 SWITCH_FIELDS = ("bias",)
+# Upper bounds of the shape fields, far above any model this project trains (released 1.8B:
+# hidden 2048, 24 layers, 16 heads), so that a typo is refused before a member allocates it.
+MAX_WIDTH = 65_536             # hidden_size
+MAX_FFN = 262_144              # intermediate_size
+MAX_LAYERS = 1_024             # num_hidden_layers
+MAX_HEADS = 1_024              # num_attention_heads, num_key_value_heads
+MAX_POSITIONS = 10_000_000     # max_position_embeddings (and so data.seq_len)
 
 
 def shape_violations(fields: Mapping[str, Any]) -> list[str]:

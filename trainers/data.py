@@ -29,6 +29,8 @@ import torch
 from pydantic import ConfigDict, Field, StrictFloat, StrictInt
 from pydantic.dataclasses import dataclass
 
+from trainers.architecture import MAX_POSITIONS
+
 # Bump when the cache layout or the tokenization changes: old entries are then ignored.
 CACHE_VERSION = 1
 # Directories never read as corpus text (tests of the standard library, installed packages).
@@ -51,12 +53,14 @@ class DataConfig:
     tokenizer: Annotated[Literal["bytes", "bpe"], Field(description=(
         "'bytes' (256 symbols) or 'bpe' (trained on the corpus, vocab_size symbols)"))] = "bytes"
     vocab_size: Annotated[StrictInt, Field(gt=0, description="bpe vocabulary size (bytes is always 256)")] = 1024
-    seq_len: Annotated[StrictInt, Field(gt=0, description="tokens per training window")] = 128
+    seq_len: Annotated[StrictInt, Field(gt=0, le=MAX_POSITIONS, description=(
+        f"tokens per training window (at most model.max_position_embeddings, and {MAX_POSITIONS})"))] = 128
     val_fraction: Annotated[StrictFloat, Field(gt=0, lt=1, description=(
         "share of the documents held out for validation (split by a hash of the path)"))] = 0.05
-    eval_batches: Annotated[StrictInt, Field(gt=0, description=(
-        "batches in the fixed held-out set that fitness is measured on"))] = 8
-    eval_batch_size: Annotated[StrictInt, Field(gt=0, description="windows per held-out batch")] = 16
+    eval_batches: Annotated[StrictInt, Field(gt=0, le=100_000, description=(
+        "batches in the fixed held-out set that fitness is measured on (at most 100000)"))] = 8
+    eval_batch_size: Annotated[StrictInt, Field(gt=0, le=65_536, description=(
+        "windows per held-out batch (at most 65536)"))] = 16
     max_bytes: Annotated[StrictInt | None, Field(gt=0, description=(
         "cap on the corpus bytes read (keeps the default fast); null reads everything"))] = 8_000_000
     cache_dir: Annotated[str | None, Field(description=(
@@ -157,26 +161,42 @@ def load_corpus(cfg: DataConfig) -> Corpus:
 
 # ----------------------------------------------------------------------------- reading
 
+def check_corpus(cfg: DataConfig) -> None:
+    """Raise DataError unless the corpus names files that can be read. Cheap (no file is read):
+    the CLI calls it before a run writes anything or starts Ray."""
+    _, files = _corpus_files(cfg.corpus)
+    for p in files:
+        if not os.access(p, os.R_OK):
+            raise DataError(f"data.corpus: cannot read {p}: permission denied")
+
+
+def _corpus_files(source: str) -> tuple[Path, list[Path]]:
+    """The corpus root and its files, sorted; DataError when the source names none."""
+    if source == "stdlib":
+        root = Path(sysconfig.get_paths()["stdlib"])
+        return root, [p for p in _walk(root) if p.suffix == ".py"]
+    path = Path(os.path.expanduser(source))
+    if path.is_file():
+        return path.parent, [path]
+    if path.is_dir():
+        files = _walk(path)
+        if not files:
+            raise DataError(f"data.corpus: no text in {source!r} (an empty directory)")
+        return path, files
+    if glob.has_magic(source):
+        files = sorted(Path(p) for p in glob.glob(os.path.expanduser(source), recursive=True) if os.path.isfile(p))
+        if not files:
+            raise DataError(f"data.corpus: glob {source!r} matches no files")
+        return Path(os.path.commonpath([str(p.parent) for p in files])), files
+    if path.exists():
+        raise DataError(f"data.corpus: {source!r} is neither a file nor a directory")
+    raise DataError(f"data.corpus: path does not exist: {source}")
+
+
 def _read_documents(cfg: DataConfig) -> list[tuple[str, bytes]]:
     """The corpus as sorted (relative path, UTF-8 bytes) documents, capped at max_bytes."""
     source = cfg.corpus
-    if source == "stdlib":
-        root = Path(sysconfig.get_paths()["stdlib"])
-        files = [p for p in _walk(root) if p.suffix == ".py"]
-    else:
-        path = Path(os.path.expanduser(source))
-        if path.is_file():
-            root, files = path.parent, [path]
-        elif path.is_dir():
-            root, files = path, _walk(path)
-        elif glob.has_magic(source):
-            files = sorted(Path(p) for p in glob.glob(os.path.expanduser(source), recursive=True)
-                           if os.path.isfile(p))
-            if not files:
-                raise DataError(f"data.corpus: glob {source!r} matches no files")
-            root = Path(os.path.commonpath([str(p.parent) for p in files]))
-        else:
-            raise DataError(f"data.corpus: path does not exist: {source}")
+    root, files = _corpus_files(source)
     docs: list[tuple[str, bytes]] = []
     budget = cfg.max_bytes if cfg.max_bytes is not None else math.inf
     for p in files:

@@ -64,18 +64,24 @@ class InternLM2Config:
     fields. It stays a plain dataclass to `dataclasses.replace` / `asdict` / pickle."""
 
     vocab_size: Annotated[Count, Field(description="vocabulary size")] = 256
-    hidden_size: Annotated[Count, Field(description="width of the residual stream")] = 64
-    intermediate_size: Annotated[Count, Field(description="SwiGLU feed-forward width")] = 172
-    num_hidden_layers: Annotated[Count, Field(description="decoder layers")] = 2
-    num_attention_heads: Annotated[Count, Field(description="query heads (hidden_size / heads is head_dim, even)")] = 4
-    num_key_value_heads: Annotated[Count, Field(description=(
-        "key/value heads (grouped-query attention; divides num_attention_heads)"))] = 2
+    hidden_size: Annotated[Count, Field(le=architecture.MAX_WIDTH, description=(
+        f"width of the residual stream (at most {architecture.MAX_WIDTH})"))] = 64
+    intermediate_size: Annotated[Count, Field(le=architecture.MAX_FFN, description=(
+        f"SwiGLU feed-forward width (at most {architecture.MAX_FFN})"))] = 172
+    num_hidden_layers: Annotated[Count, Field(le=architecture.MAX_LAYERS, description=(
+        f"decoder layers (at most {architecture.MAX_LAYERS})"))] = 2
+    num_attention_heads: Annotated[Count, Field(le=architecture.MAX_HEADS, description=(
+        f"query heads (hidden_size / heads is head_dim, even; at most {architecture.MAX_HEADS})"))] = 4
+    num_key_value_heads: Annotated[Count, Field(le=architecture.MAX_HEADS, description=(
+        "key/value heads (grouped-query attention; divides num_attention_heads; "
+        f"at most {architecture.MAX_HEADS})"))] = 2
     rms_norm_eps: Annotated[StrictFloat, Field(gt=0, allow_inf_nan=False, description="RMSNorm epsilon")] = 1e-5
     rope_theta: Annotated[StrictFloat, Field(gt=1, allow_inf_nan=False, description="RoPE base")] = 10000.0
     rope_scaling: Annotated[dict | None, Field(description=(
         "null, or {type: linear or dynamic, factor: >= 1} (HF InternLM2's rope_scaling)"))] = None
     bias: Annotated[StrictBool, Field(description="biases on wqkv and wo (HF InternLM2's bias)")] = False
-    max_position_embeddings: Annotated[Count, Field(description="longest sequence the model is built for")] = 2048
+    max_position_embeddings: Annotated[Count, Field(le=architecture.MAX_POSITIONS, description=(
+        f"longest sequence the model is built for (at most {architecture.MAX_POSITIONS})"))] = 2048
     initializer_range: Annotated[StrictFloat, Field(ge=0, allow_inf_nan=False, description=(
         "std of the normal initialisation"))] = 0.02
 

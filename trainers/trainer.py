@@ -45,7 +45,8 @@ class TrainConfig:
     A pydantic dataclass: a bad value raises pydantic's ValidationError (a ValueError) that
     locates the field; it stays a plain dataclass to `dataclasses.replace` / `asdict` / pickle."""
 
-    batch_size: Annotated[StrictInt, Field(ge=1, description="sequences per optimizer step")] = 16
+    batch_size: Annotated[StrictInt, Field(ge=1, le=65_536, description=(
+        "sequences per optimizer step (at most 65536)"))] = 16
     lr: Annotated[StrictFloat, Field(gt=0, allow_inf_nan=False, description="peak learning rate (AdamW)")] = 1e-3
     weight_decay: Annotated[StrictFloat, Field(ge=0, allow_inf_nan=False, description="AdamW weight decay")] = 0.1
     beta1: Annotated[StrictFloat, Field(ge=0, lt=1, description="AdamW beta1")] = 0.9
@@ -53,18 +54,19 @@ class TrainConfig:
     eps: Annotated[StrictFloat, Field(gt=0, allow_inf_nan=False, description="AdamW epsilon")] = 1e-8
     grad_clip: Annotated[StrictFloat, Field(ge=0, allow_inf_nan=False, description=(
         "max global gradient norm; 0 turns clipping off"))] = 1.0
-    warmup_steps: Annotated[StrictInt, Field(ge=0, description=(
-        "steps of linear warmup from lr / warmup_steps to lr"))] = 20
+    warmup_steps: Annotated[StrictInt, Field(ge=0, le=1_000_000_000, description=(
+        "steps of linear warmup from lr / warmup_steps to lr (at most 1000000000)"))] = 20
     schedule: Annotated[Literal["cosine", "constant"], Field(description=(
         "after warmup: 'cosine' down to min_lr_ratio * lr at decay_steps, or 'constant'"))] = "cosine"
-    decay_steps: Annotated[StrictInt | None, Field(ge=1, description=(
-        "step where the cosine reaches min_lr_ratio * lr; null: constant after warmup"))] = None
+    decay_steps: Annotated[StrictInt | None, Field(ge=1, le=1_000_000_000, description=(
+        "step where the cosine reaches min_lr_ratio * lr (at most 1000000000); null: constant after warmup"))] = None
     min_lr_ratio: Annotated[StrictFloat, Field(ge=0, le=1, description="the cosine's floor, as a share of lr")] = 0.1
     compile: Annotated[StrictBool, Field(description="torch.compile the model")] = False
     device: Annotated[Literal["auto", "cpu", "cuda"], Field(description=(
         "'auto' takes a GPU when the member has one, else the CPU"))] = "auto"
-    num_threads: Annotated[StrictInt | None, Field(ge=1, description=(
-        "torch threads per member; null: $EVO_NUM_THREADS, else the member's CPU affinity count"))] = None
+    num_threads: Annotated[StrictInt | None, Field(ge=1, le=1024, description=(
+        "torch threads per member (at most 1024); null: $EVO_NUM_THREADS, else the member's CPU "
+        "affinity count"))] = None
     seed: Annotated[StrictInt, Field(ge=0, description="model init and batch order (set per member by the driver)")] = 0
 
 

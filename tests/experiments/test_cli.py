@@ -269,6 +269,9 @@ def test_bad_input_leaves_an_existing_run_untouched(finished_run, workdir: Path,
          "config conflicts with stored run 'quickstart': model.hidden_size is 64 here but 32 in the run"),
         (["resume", "quickstart", "--storage", str(storage), "--set", "population.sise=3"],
          "unknown key 'population.sise' (did you mean 'population.size'?)"),
+        # the corpus is checked before the store is touched or Ray starts, on resume too
+        (["resume", "quickstart", "--storage", str(storage), "--set", "data.corpus=/nonexistent/corpus.txt"],
+         "data.corpus: path does not exist: /nonexistent/corpus.txt"),
         (["export", "quickstart", "--format", "llama", "--out", str(workdir / "m9"), "--member", "99",
           "--storage", str(storage)], "has no member 99"),
     ]
