@@ -63,7 +63,7 @@ def test_the_corpus_lists_every_file_once():
 @pytest.mark.parametrize("name", sorted(EXPECTED))
 def test_bad_config_gives_one_line_exit_2_and_writes_nothing(name: str, cwd: Path, tmp_path: Path, capsys):
     storage = tmp_path / "store"
-    assert not ray.is_initialized()
+    assert not ray.is_initialized(), "an earlier test left Ray initialized in this process"
     message = run_bad(capsys, "run", str(BAD_CONFIGS / name), "--storage", str(storage))
     assert EXPECTED[name] in message
     assert not storage.exists()

@@ -358,3 +358,32 @@ def test_every_listed_key_exists_and_takes_its_default(tmp_path: Path):
     flat |= {f"logging.wandb.{k}" for k in base["logging"]["wandb"]}
     flat -= {"population.resources", "logging.wandb"}
     assert flat | {"name", "seed", "storage", "search"} == {key for key, _, _ in config_keys()}
+
+
+def test_a_duplicate_key_is_refused_with_both_lines(tmp_path: Path):
+    # YAML keeps the last value silently; a size given twice is a typo that would cost a search
+    path = tmp_path / "dup.yaml"
+    path.write_text("name: dup\npopulation:\n  size: 2\n  total_steps: 10\n  size: 3\n")
+    with pytest.raises(ConfigError, match=r"dup.yaml:5: duplicate key 'population.size' \(first on line 3\)$"):
+        load_config(path)
+
+
+@pytest.mark.parametrize("override, expected", [
+    ("search.train.lr={type: float, low: -0.1, high: 0.1}",
+     "search.train.lr: low (-0.1) is not a valid train.lr: must be > 0, got -0.1"),
+    # checked before the space is built, which would enumerate 10**12 values
+    ("search.model.num_hidden_layers={type: int, low: 1, high: 1000000000000}",
+     "search.model.num_hidden_layers: high (1000000000000) is not a valid model.num_hidden_layers: must be <= 1024, "
+     "got 1000000000000"),
+    ("search.train.warmup_steps={type: float, low: 1, high: 10}",
+     "search.train.warmup_steps: a float gene proposes floats, but train.warmup_steps is an integer (use type: int)"),
+])
+def test_genes_are_checked_against_their_field(override: str, expected: str):
+    with pytest.raises(ConfigError) as info:
+        load_config(QUICKSTART, [override])
+    assert str(info.value) == f"--set {override}: {expected}"
+
+
+def test_a_float_gene_may_start_at_an_integer():
+    cfg = load_config(QUICKSTART, ["search.train.weight_decay={type: float, low: 0, high: 1}"])
+    assert cfg.search["train.weight_decay"]["low"] == 0.0
