@@ -442,13 +442,16 @@ class SearchSpace:
         smallest = {f: self._domain(f)[0] for f in (*rules.size_fields, *rules.switch_fields)
                     if f not in rules.shape_fields}
         best, best_count = None, None
+        broken: list[str] = []   # the rules the first combination broke: the example in the error
         for combo in itertools.product(*(self._domain(f) for f in others)):
             shape = dict(zip(others, combo))
             if rules.violations(shape):
+                broken = broken or rules.violations(shape)
                 continue
             # parameters grow with the width, so the smallest valid one is best for this combination
             w = next((w for w in widths if not rules.violations({**shape, width: w})), None)
             if w is None:
+                broken = broken or rules.violations({**shape, width: widths[0]})
                 continue
             f = {**smallest, **shape, width: w}
             n = rules.count_parameters(f) if self.max_params is not None else 0
@@ -456,7 +459,7 @@ class SearchSpace:
                 best, best_count = f, n
         names = ", ".join(g.path for g in self._constrained) or "the base model fields"
         if best is None:
-            example = rules.violations(self._fields({}))
+            example = broken or rules.violations(self._fields({}))
             raise SpaceError(f"search: no combination of {names} satisfies the model's shape rules"
                              + (f" (e.g. {example[0]})" if example else ""))
         if self.max_params is not None and best_count > self.max_params:

@@ -628,12 +628,17 @@ def _named_paths(message: str) -> list[tuple[str, ...]]:
     fields = {f.name for f in dataclasses.fields(head_hint)} if dataclasses.is_dataclass(head_hint) else set()
     named: list[tuple[str, ...]] = []
     for word in re.findall(r"(?<![\w.])[A-Za-z_][\w.]*[\w]", message[m.end() if m else 0:]):
-        path = _key_path(word) if word.split(".")[0] in sections and "." in word else (
-            (*head, word) if word in fields else None)
+        if head == ("search",) and (word.split(".")[0] in ("train", "model") or word == "max_params"):
+            path = ("search", word)   # "search: no combination of model.num_key_value_heads ..."
+        elif word.split(".")[0] in sections and "." in word:
+            path = _key_path(word)
+        else:
+            path = (*head, word) if word in fields else None
         if path and path not in named:
             named.append(path)
-    if head and head not in named and (len(head) > 1 or not named or not dataclasses.is_dataclass(head_hint)):
-        named.insert(0, head)   # a section ("model: ...") only when it names none of its fields
+    section = dataclasses.is_dataclass(head_hint) or head == ("search",)
+    if head and head not in named and (len(head) > 1 or not named or not section):
+        named.insert(0, head)   # a section ("model: ...") only when it names none of its keys
     return named
 
 
