@@ -263,8 +263,9 @@ def _search(setup: Any) -> int:
     """Run a validated setup through the driver and turn its outcome into an exit code."""
     from rich.console import Console
 
+    from population.cluster import ClusterError, ConnectStopped
     from population.driver import ConfigConflictError, ResourceFitError, SearchError, config_conflict, run_search
-    from population.store import RunLockedError, RunStore, StoreError
+    from population.store import RunLockedError, RunStore, StorageUnusableError, StoreError
 
     # Refuse a conflicting resume here, before Ray starts (the driver checks again under its lock).
     try:
@@ -276,7 +277,9 @@ def _search(setup: Any) -> int:
         raise UsageError(f"config conflicts with stored run '{setup.name}': {conflict}")
     try:
         summary = run_search(setup, console=Console(stderr=True))
-    except (ConfigConflictError, ResourceFitError, RunLockedError) as e:
+    except ConnectStopped as e:
+        raise Failure(_one_line(e)) from e
+    except (ConfigConflictError, ResourceFitError, RunLockedError, StorageUnusableError, ClusterError) as e:
         raise UsageError(_one_line(e)) from e
     except (SearchError, StoreError) as e:
         raise Failure(_one_line(e)) from e

@@ -26,7 +26,6 @@ event)`` — never global RNGs.
 from __future__ import annotations
 
 import json
-import os
 import signal
 import threading
 from dataclasses import dataclass
@@ -37,6 +36,7 @@ import ray
 
 from evo.strategies import make_strategy
 from evo.strategy import Strategy
+from population.cluster import Cluster, ClusterError, connect
 from population.config import SearchSetup
 from population.decisions import apply_decisions, checkpoint_dead, finish_interval, replace_failed, restore_dead
 from population.handoff import Handoff
@@ -48,7 +48,7 @@ from population.records import Records, plain
 from population.slots import ResourceFitError, Slots, check_fit
 from population.store import RunStore
 
-__all__ = ["ConfigConflictError", "ResourceFitError", "SearchError", "Search", "async_events",
+__all__ = ["ClusterError", "ConfigConflictError", "ResourceFitError", "SearchError", "Search", "async_events",
            "config_conflict", "resume_setup", "run_search", "sync_rounds"]
 
 # Config keys a user may change when resuming a run: the budget (extend it), where it runs and
@@ -113,22 +113,29 @@ def run_search(setup: SearchSetup, *, console: Any = None) -> dict:
     """Run (or resume) the search described by ``setup``; returns the summary.
 
     The summary's ``status`` is "finished", or "stopped" when SIGTERM/SIGINT ended it (the last
-    committed round stays; ``evo resume`` continues from it). Raises ResourceFitError before
-    anything is written when the population cannot fit the cluster, ConfigConflictError when an
-    existing run was made with a conflicting config, SearchError when members keep failing.
+    committed round stays; ``evo resume`` continues from it). Before Ray starts it takes the
+    run's lock: RunLockedError when another live driver holds it, StorageUnusableError when the
+    storage cannot be written. Raises ClusterError when Ray cannot be reached
+    (population/cluster.py), ResourceFitError before anything is written when the population
+    cannot fit the cluster, ConfigConflictError when an existing run was made with a conflicting
+    config, SearchError when members keep failing.
     """
     if console is None:
         from rich.console import Console
 
         console = Console(stderr=True)
-    started_ray = _init_ray()
     stop = _StopFlag()
-    previous_handlers = stop.install()  # after ray.init, which installs its own SIGTERM handler
+    previous_handlers = stop.install()   # a signal while connecting to Ray stops the run too
+    store = RunStore(setup.storage, setup.name)
+    cluster: Cluster | None = None
     search: Search | None = None
     try:
-        check_fit(setup.population, ray.nodes())
-        store = RunStore(setup.storage, setup.name)
+        # The lock (and with it the storage) before Ray: a second driver on a live run, or a
+        # storage that cannot be written, is refused before any Ray process starts.
         with store.lock():
+            cluster = connect(console, stopping=lambda: stop.signum is not None)
+            stop.install()   # again: ray.init replaced the SIGTERM handler with its own
+            check_fit(setup.population, ray.nodes())
             if store.exists():
                 conflict = config_conflict(setup.config, store.read_config())
                 if conflict:
@@ -177,8 +184,8 @@ def run_search(setup: SearchSetup, *, console: Any = None) -> dict:
         if search is not None:
             search.close()
         stop.restore(previous_handlers)
-        if started_ray:
-            ray.shutdown()
+        if cluster is not None:
+            cluster.close()
 
 
 # ----------------------------------------------------------------------------------------------
@@ -314,7 +321,7 @@ def async_events(s: Search) -> None:
 
 
 # ----------------------------------------------------------------------------------------------
-# Ray, signals, the report
+# Signals, the report
 
 
 def _write_report(store: RunStore, console: Any) -> None:
@@ -325,20 +332,6 @@ def _write_report(store: RunStore, console: Any) -> None:
         console.print(f"report: {write_report(store.storage, store.name)}")
     except Exception as e:  # noqa: BLE001 - plotting must not turn a finished search into a failure
         console.print(f"{store.name}: the report could not be written ({type(e).__name__}: {e})")
-
-
-def _init_ray() -> bool:
-    """Connect to Ray: RAY_ADDRESS (set under ``ray job submit``) or a fresh local instance.
-
-    Token authentication stays as Ray sets it up. Nothing is uploaded: the package is installed
-    in the environment the workers run in (and a job's working_dir reaches its actors anyway).
-    Returns True when this call started Ray (the caller shuts it down).
-    """
-    if ray.is_initialized():
-        return False
-    address = os.environ.get("RAY_ADDRESS") or None
-    ray.init(address=address, log_to_driver=False, configure_logging=False)
-    return address is None
 
 
 class _StopFlag:

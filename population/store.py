@@ -45,6 +45,7 @@ from __future__ import annotations
 
 import contextlib
 import datetime as dt
+import errno
 import hashlib
 import io
 import json
@@ -97,6 +98,10 @@ class RunLockedError(StoreError):
 
 class CorruptRunError(StoreError):
     """A file of the run cannot be read back (truncated, garbled, missing); the message names it."""
+
+
+class StorageUnusableError(StoreError):
+    """The storage cannot hold the run at all (a file in the way, read-only, no permission)."""
 
 
 class RunStore:
@@ -424,7 +429,16 @@ class RunStore:
             raise StoreError(f"stale_after must be positive, got {stale_after!r}")
         if self._held is not None:
             raise StoreError(f"run {self.name!r}: this RunStore already holds the lock")
-        self._acquire(stale_after)
+        made = _missing_dirs(self._root) if self._local else []   # the lock makes them
+        try:
+            self._acquire(stale_after)
+        except OSError as e:
+            # the lock is the first thing a driver writes: a storage that cannot be written
+            # is named here, in one line, before anything else starts
+            raise StorageUnusableError(
+                f"storage {self.storage!r} cannot hold run {self.name!r}: "
+                f"{_os_reason(e)}"
+            ) from e
         stop = threading.Event()
         beat = threading.Thread(
             target=self._beat_until, args=(stop, stale_after / 5),
@@ -437,6 +451,12 @@ class RunStore:
             stop.set()
             beat.join()
             self._release()
+            # a driver refused after locking (the population does not fit) leaves no trace
+            for path in made:
+                try:
+                    os.rmdir(path)
+                except OSError:
+                    break   # not empty: the run was written
 
     def driver_alive(self, stale_after: float = DEFAULT_STALE_AFTER) -> bool:
         """Whether a live driver holds the run: a lock that ``lock()`` would refuse to take over."""
@@ -702,6 +722,28 @@ def _stale_reason(holder: dict, stale_after: float) -> str | None:
     if age > stale_after:
         return f"last heartbeat {age:.0f} s ago"
     return None
+
+
+def _missing_dirs(path: str) -> list[str]:
+    """``path`` and its ancestors that do not exist yet, deepest first."""
+    missing = []
+    while path and not os.path.lexists(path) and os.path.dirname(path) != path:
+        missing.append(path)
+        path = os.path.dirname(path)
+    return missing
+
+
+def _os_reason(e: OSError) -> str:
+    """An OSError as a short clause: what failed, on which path."""
+    where = f" ({e.filename})" if e.filename else ""
+    if e.errno in (errno.ENOTDIR, errno.EEXIST) and e.filename:
+        path = os.fspath(e.filename)
+        while path and not os.path.exists(path) and os.path.dirname(path) != path:
+            path = os.path.dirname(path)
+        return f"{path} is a file, not a directory"
+    if e.errno in (errno.EROFS, errno.EACCES, errno.EPERM):
+        return f"not writable{where}: {e.strerror}"
+    return f"{e.strerror or e}{where}"
 
 
 def _proc_stat(pid: int) -> tuple[str, int] | None:

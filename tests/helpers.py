@@ -102,6 +102,8 @@ class RayHead:
             [RAY, "start", "--head", "--block", "--node-ip-address=127.0.0.1",
              f"--port={self.gcs_port}", "--dashboard-host=127.0.0.1",
              f"--dashboard-port={self.dashboard_port}", f"--num-cpus={num_cpus}",
+             # not Ray's fixed 52365: another Ray on the machine holding it would refuse every job
+             f"--dashboard-agent-listen-port={free_port()}",
              f"--temp-dir={temp_dir}", "--disable-usage-stats", "--include-dashboard=true"],
             env=self.env, stdout=self.log, stderr=subprocess.STDOUT, start_new_session=True,
         )

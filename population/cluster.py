@@ -1,0 +1,198 @@
+"""Connecting to Ray: the cluster RAY_ADDRESS names, the one the last ``ray start`` left, or a
+local Ray of evo's own.
+
+- RAY_ADDRESS set (``ray job submit`` sets it): that cluster. An address where nothing answers
+  is one line (ClusterError) within seconds, never Ray's minutes of retries.
+- RAY_ADDRESS unset: Ray itself would follow the address file the last ``ray start`` wrote
+  (``ray_current_cluster`` in Ray's temp dir). A live cluster there is used, as Ray would; a
+  dead one (a head killed without ``ray stop``) is named in one warning line and evo starts
+  its own local Ray at once. RAY_ADDRESS=local always starts evo's own.
+- evo's own local Ray listens on loopback only (every port: GCS, raylet, workers, agents,
+  dashboard, metrics), keeps Ray's token authentication, keeps its files in a private temp
+  dir, and is watched by population/reaper.py: a driver that is killed takes it along.
+
+A signal while connecting stops the connection (ConnectStopped) instead of waiting it out.
+"""
+from __future__ import annotations
+
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Callable
+from typing import Any
+
+import ray
+from ray._common.utils import get_ray_address_file
+from ray._private import ray_constants
+
+__all__ = ["Cluster", "ClusterError", "ConnectStopped", "connect"]
+
+PROBE_S = 1.0           # one TCP connection attempt to a GCS
+RETRY_FOR_S = 4.0       # RAY_ADDRESS: how long a cluster that does not answer is retried
+RAY_CLUSTERS_ENV = "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"
+
+
+class ClusterError(RuntimeError):
+    """Ray cannot be reached; the message is one line saying what to do."""
+
+
+class ConnectStopped(ClusterError):
+    """SIGTERM/SIGINT arrived while connecting to Ray."""
+
+
+class Cluster:
+    """The Ray this driver uses; ``close()`` shuts down what this driver started."""
+
+    def __init__(self, started: bool, reaper: subprocess.Popen | None = None, root: str | None = None):
+        self.started = started
+        self._reaper = reaper
+        self._root = root
+
+    def close(self) -> None:
+        if not self.started:
+            return
+        try:
+            ray.shutdown()
+        finally:
+            _stop_reaper(self._reaper, self._root)
+
+
+def connect(console: Any, stopping: Callable[[], bool] = lambda: False) -> Cluster:
+    """Connect this driver to Ray (see the module docstring); ``stopping()`` true aborts."""
+    if ray.is_initialized():
+        return Cluster(started=False)
+    env = (os.environ.get("RAY_ADDRESS") or "").strip()
+    if env == "local":
+        return _start_local()
+    if env and env != "auto":
+        reason = _unreachable(env, RETRY_FOR_S, stopping)
+        if reason:
+            raise ClusterError(
+                f"RAY_ADDRESS={env}: no Ray cluster answers there ({reason}); start it, or unset "
+                "RAY_ADDRESS to let evo start a local Ray"
+            )
+        return _join(env)
+    last = _address_file_cluster()
+    if last is None:
+        if env == "auto":
+            raise ClusterError("RAY_ADDRESS=auto: no Ray cluster was started on this machine "
+                               "(`ray start --head`), or unset RAY_ADDRESS")
+        return _start_local()
+    path, address = last
+    reason = _unreachable(address, PROBE_S, stopping)
+    if reason is None:
+        console.print(f"using the Ray cluster at {address} (the last `ray start`, named in {path}); "
+                      "RAY_ADDRESS=local starts evo's own", soft_wrap=True, markup=False, highlight=False)
+        return _join(address)
+    if env == "auto":
+        raise ClusterError(f"RAY_ADDRESS=auto: {path} names {address}, where no Ray cluster answers "
+                           f"({reason}); run `ray stop` to remove it, or set RAY_ADDRESS")
+    console.print(f"warning: {path} names a Ray cluster at {address} that does not answer ({reason}): "
+                  "a `ray start` ended without `ray stop`; starting a local Ray instead "
+                  "(`ray stop` removes the file)", soft_wrap=True, markup=False, highlight=False)
+    return _start_local()
+
+
+def _join(address: str) -> Cluster:
+    try:
+        ray.init(address=address, log_to_driver=False, configure_logging=False)
+    except ConnectionError as e:
+        raise ClusterError(f"cannot connect to the Ray cluster at {address}: "
+                           f"{str(e).strip().splitlines()[0]}") from e
+    return Cluster(started=False)
+
+
+def _start_local() -> Cluster:
+    """A fresh local Ray: loopback only, token auth on, files in a private temp dir, reaped."""
+    root = tempfile.mkdtemp(prefix="evo-ray-")
+    saved = {k: os.environ.get(k) for k in ("TMPDIR", RAY_CLUSTERS_ENV)}
+    # Ray's own switch for a single-machine Ray (the default on macOS/Windows): the node's
+    # address is 127.0.0.1, so every server it starts binds loopback. Its processes read the
+    # variable when they start; this process read it when ray was imported, hence the constant.
+    os.environ[RAY_CLUSTERS_ENV] = "0"
+    # Temporary files of Ray's processes and of the workers (multiprocessing's pymp-* dirs,
+    # torch's) land in the private dir, which goes away with the run.
+    os.environ["TMPDIR"] = root
+    saved_flag = ray_constants.ENABLE_RAY_CLUSTER
+    ray_constants.ENABLE_RAY_CLUSTER = False
+    reaper = None
+    try:
+        ray.init(address="local", _temp_dir=os.path.join(root, "ray"), log_to_driver=False,
+                 configure_logging=False)
+        reaper = _start_reaper(root)
+    except BaseException:
+        try:
+            if ray.is_initialized():
+                ray.shutdown()
+        finally:
+            _stop_reaper(reaper, root)
+        raise
+    finally:
+        ray_constants.ENABLE_RAY_CLUSTER = saved_flag
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+    return Cluster(started=True, reaper=reaper, root=root)
+
+
+def _start_reaper(root: str) -> subprocess.Popen:
+    from population import reaper
+
+    return subprocess.Popen(
+        [sys.executable, reaper.__file__, str(os.getpid()), root],
+        stdin=subprocess.PIPE, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+        start_new_session=True,   # out of the terminal's process group: Ctrl-C is the driver's
+    )
+
+
+def _stop_reaper(reaper: subprocess.Popen | None, root: str | None) -> None:
+    """Close the reaper's pipe (it kills what is left and deletes the temp dir) and wait for it."""
+    if reaper is None:
+        if root:
+            shutil.rmtree(root, ignore_errors=True)
+        return
+    try:
+        reaper.stdin.close()
+        reaper.wait(timeout=30)
+    except subprocess.TimeoutExpired:
+        reaper.kill()
+
+
+def _address_file_cluster() -> tuple[str, str] | None:
+    """(address file, address) of the last ``ray start`` on this machine, as ray.init finds it."""
+    path = get_ray_address_file(None)
+    try:
+        with open(path) as f:
+            address = f.read().strip()
+    except OSError:
+        return None
+    return (path, address) if address else None
+
+
+def _unreachable(address: str, retry_for: float, stopping: Callable[[], bool]) -> str | None:
+    """Why nothing answers at ``address`` (host:port, ray://host:port), or None when it does."""
+    hostport = address.split("://", 1)[-1].rstrip("/")
+    host, _, port = hostport.rpartition(":")
+    if not host or not port.isdigit():
+        return None   # not host:port: ray.init says what is wrong with it
+    host = host.strip("[]")
+    deadline = time.monotonic() + retry_for
+    while True:
+        if stopping():
+            raise ConnectStopped(f"stopped by a signal while connecting to Ray at {address}")
+        try:
+            with socket.create_connection((host, int(port)), timeout=PROBE_S):
+                return None
+        except TimeoutError:
+            reason = f"no answer in {PROBE_S:.0f} s"
+        except OSError as e:
+            reason = e.strerror or str(e)
+        if time.monotonic() >= deadline:
+            return reason
+        time.sleep(0.25)

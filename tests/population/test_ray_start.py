@@ -1,0 +1,252 @@
+"""How `evo run` starts and connects to Ray, and what its Ray leaves behind (issue 15, items 2, 5,
+6, 8): a stale `ray start` address file, an unreachable RAY_ADDRESS, a locked run and an unusable
+storage refused before Ray starts, loopback-only ports, and a killed driver's Ray gone with it.
+
+Real `evo` processes, a real `ray start --head` killed with SIGKILL, real sockets and /proc.
+"""
+from __future__ import annotations
+
+import os
+import re
+import shutil
+import signal
+import socket
+import subprocess
+import tempfile
+import time
+from pathlib import Path
+
+import pytest
+
+from population.store import RunStore
+from tests.helpers import EVO, QUICKSTART, RAY, TINY, evo_env, free_port, set_args
+
+
+@pytest.fixture
+def short_tmp():
+    """A short private TMPDIR: Ray's socket paths under it must stay under the unix limit."""
+    path = Path(tempfile.mkdtemp(prefix="evt-", dir="/tmp"))
+    yield path
+    shutil.rmtree(path, ignore_errors=True)
+
+
+def _env(tmp_path: Path, tmpdir: Path, **extra: str) -> dict[str, str]:
+    env = evo_env(tmp_path / "cache")
+    env["TMPDIR"] = str(tmpdir)
+    env.pop("RAY_TMPDIR", None)
+    env.update(extra)
+    return env
+
+
+def _evo_run(storage: Path, name: str, env: dict[str, str], *extra: str) -> list[str]:
+    return [EVO, "run", QUICKSTART, "--storage", str(storage), "--name", name, *set_args(TINY + list(extra))]
+
+
+def _lines(text: str) -> list[str]:
+    return [ln for ln in text.splitlines() if ln.strip() and "Token authentication is enabled" not in ln]
+
+
+def _descendants(root: int) -> set[int]:
+    """Live (non-zombie) descendants of ``root``, from /proc."""
+    parent: dict[int, int] = {}
+    for name in os.listdir("/proc"):
+        if not name.isdigit():
+            continue
+        try:
+            stat = Path(f"/proc/{name}/stat").read_text()
+        except OSError:
+            continue
+        rest = stat[stat.rfind(")") + 2:].split()
+        if rest[0] != "Z":
+            parent[int(name)] = int(rest[1])
+    out, todo = set(), [root]
+    while todo:
+        p = todo.pop()
+        for child, pp in parent.items():
+            if pp == p and child not in out:
+                out.add(child)
+                todo.append(child)
+    return out
+
+
+def _alive(pids: set[int]) -> set[int]:
+    alive = set()
+    for pid in pids:
+        try:
+            state = Path(f"/proc/{pid}/stat").read_text()
+        except OSError:
+            continue
+        if state[state.rfind(")") + 2:].split()[0] != "Z":
+            alive.add(pid)
+    return alive
+
+
+# ---------------------------------------------------------------------------------------------
+# Refused before Ray starts
+
+
+def test_unreachable_ray_address_is_one_line(tmp_path, short_tmp):
+    port = free_port()   # nothing listens there
+    env = _env(tmp_path, short_tmp, RAY_ADDRESS=f"127.0.0.1:{port}")
+    r = subprocess.run(_evo_run(tmp_path / "runs", "r", env), env=env, capture_output=True, text=True, timeout=120)
+    assert r.returncode == 2, r.stderr
+    lines = _lines(r.stderr)
+    assert len(lines) == 1, r.stderr
+    assert f"RAY_ADDRESS=127.0.0.1:{port}: no Ray cluster answers there" in lines[0]
+    assert "unset RAY_ADDRESS" in lines[0]
+    assert not (tmp_path / "runs" / "r").exists()
+    assert os.listdir(short_tmp) == []
+
+
+def test_sigterm_while_connecting_stops_the_run(tmp_path, short_tmp):
+    env = _env(tmp_path, short_tmp, RAY_ADDRESS=f"127.0.0.1:{free_port()}")
+    run_dir = tmp_path / "runs" / "r"
+    p = subprocess.Popen(_evo_run(tmp_path / "runs", "r", env), env=env, stderr=subprocess.PIPE, text=True)
+    # the lock is taken right before connecting: once it exists, the driver is probing the address
+    while not (run_dir / "lock.json").exists() and p.poll() is None:
+        time.sleep(0.02)
+    p.send_signal(signal.SIGTERM)
+    err = p.communicate(timeout=60)[1]
+    assert p.returncode == 1, err
+    assert _lines(err) == [_lines(err)[0]] and "stopped by a signal while connecting to Ray" in err
+    assert not run_dir.exists()   # the lock released, the empty run directory removed
+
+
+def test_second_driver_on_a_live_run_is_refused_before_ray(tmp_path, short_tmp):
+    storage = tmp_path / "runs"
+    env = _env(tmp_path, short_tmp)
+    with RunStore(str(storage), "busy").lock():   # this test process is the live driver
+        r = subprocess.run(_evo_run(storage, "busy", env), env=env, capture_output=True, text=True, timeout=120)
+    assert r.returncode == 2, r.stderr
+    lines = _lines(r.stderr)
+    assert len(lines) == 1, r.stderr
+    assert f"locked by pid {os.getpid()} on host {socket.gethostname()}" in lines[0]
+    assert "Token authentication" not in r.stderr   # Ray never started
+    assert os.listdir(short_tmp) == []
+
+
+def _unwritable_dir(tmp_path: Path) -> str:
+    if os.geteuid() == 0:
+        return "/sys/evo-storage-test"   # sysfs refuses new directories even to root
+    ro = tmp_path / "ro"
+    ro.mkdir()
+    ro.chmod(0o500)
+    return str(ro / "runs")
+
+
+@pytest.mark.parametrize("kind", ["file", "read-only"])
+def test_unusable_storage_is_one_line_before_ray(tmp_path, short_tmp, kind):
+    if kind == "file":
+        storage = tmp_path / "a_file"
+        storage.write_text("not a directory\n")
+        expected = f"{storage} is a file, not a directory"
+    else:
+        storage = _unwritable_dir(tmp_path)
+        expected = "not writable"
+    env = _env(tmp_path, short_tmp)
+    r = subprocess.run(_evo_run(Path(storage), "r", env), env=env, capture_output=True, text=True, timeout=120)
+    assert r.returncode == 2, r.stderr
+    lines = _lines(r.stderr)
+    assert len(lines) == 1 and "Traceback" not in r.stderr, r.stderr
+    assert f"storage {str(storage)!r} cannot hold run 'r'" in lines[0] and expected in lines[0], lines[0]
+    assert "Token authentication" not in r.stderr
+
+
+# ---------------------------------------------------------------------------------------------
+# A stale `ray start`
+
+
+@pytest.mark.slow
+def test_stale_ray_start_address_file_warns_and_runs_locally(tmp_path, short_tmp):
+    """A head killed without `ray stop` leaves ray_current_cluster behind; evo names the dead
+    address in one warning, runs on its own local Ray and leaves no temporary file."""
+    ray_tmp = Path(tempfile.mkdtemp(prefix="evr-", dir="/tmp"))
+    try:
+        env = _env(tmp_path, short_tmp, RAY_TMPDIR=str(ray_tmp))
+        port = free_port()
+        head_env = dict(env, RAY_AUTH_MODE="token", RAY_AUTH_TOKEN_PATH=str(tmp_path / "token"))
+        (tmp_path / "token").write_text("0" * 64)
+        head = subprocess.Popen(
+            [RAY, "start", "--head", "--block", "--node-ip-address=127.0.0.1", f"--port={port}",
+             "--num-cpus=1", "--include-dashboard=false", "--disable-usage-stats"],
+            env=head_env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True,
+        )
+        address_file = ray_tmp / "ray" / "ray_current_cluster"
+        deadline = time.time() + 120
+        while not address_file.exists() and time.time() < deadline and head.poll() is None:
+            time.sleep(0.2)
+        assert address_file.exists(), "ray start wrote no address file"
+        os.killpg(head.pid, signal.SIGKILL)   # no `ray stop`: the file stays, the GCS is gone
+        head.wait()
+        for _ in range(100):
+            try:
+                socket.create_connection(("127.0.0.1", port), timeout=0.5).close()
+                time.sleep(0.1)   # a child of the head still listening: wait for it to die
+            except OSError:
+                break
+        dead = address_file.read_text().strip()
+
+        r = subprocess.run(_evo_run(tmp_path / "runs", "stale", env), env=env,
+                           capture_output=True, text=True, timeout=600)
+        assert r.returncode == 0, r.stderr[-3000:]
+        warnings = [ln for ln in r.stderr.splitlines() if ln.startswith("warning:")]
+        assert len(warnings) == 1, r.stderr
+        assert f"names a Ray cluster at {dead} that does not answer" in warnings[0]
+        assert "ray stop" in warnings[0]
+        assert (tmp_path / "runs" / "stale" / "summary.json").is_file()
+        assert os.listdir(short_tmp) == []   # no pymp-*, no Ray session, nothing
+    finally:
+        shutil.rmtree(ray_tmp, ignore_errors=True)
+
+
+# ---------------------------------------------------------------------------------------------
+# evo's own Ray: loopback only, and gone with a killed driver
+
+
+_LOOPBACK = re.compile(r"^(127\.\d+\.\d+\.\d+|\[::1\]|\[::ffff:127\.\d+\.\d+\.\d+\]):\d+$")
+
+
+def _listening(pids: set[int]) -> list[tuple[str, int]]:
+    """(local address, pid) of every listening TCP socket of ``pids`` (`ss -ltnp`)."""
+    out = subprocess.run(["ss", "-ltnpH"], capture_output=True, text=True, check=True).stdout
+    found = []
+    for line in out.splitlines():
+        owners = {int(p) for p in re.findall(r"pid=(\d+)", line)}
+        if owners & pids:
+            found.append((line.split()[3], min(owners & pids)))
+    return found
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(shutil.which("ss") is None, reason="needs `ss` to list listening sockets")
+def test_local_ray_listens_on_loopback_and_dies_with_a_killed_driver(tmp_path, short_tmp):
+    env = _env(tmp_path, short_tmp)
+    run = subprocess.Popen(_evo_run(tmp_path / "runs", "k", env, "population.total_steps=1000000"),
+                           env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.time() + 300
+        while time.time() < deadline and run.poll() is None:
+            status = tmp_path / "runs" / "k" / "state.json"
+            if status.exists():
+                break   # a round is committed: members, agents and workers are all up
+            time.sleep(0.5)
+        assert run.poll() is None, "evo run ended early"
+        ours = _descendants(run.pid) | {run.pid}
+        sockets = _listening(ours)
+        assert len(sockets) >= 4, sockets   # at least the GCS, the raylet, the driver, a member
+        assert all(_LOOPBACK.match(addr) for addr, _ in sockets), sockets
+
+        run.send_signal(signal.SIGKILL)
+        run.wait()
+        left = _alive(ours - {run.pid})
+        for _ in range(30):   # up to 15 s
+            if not left:
+                break
+            time.sleep(0.5)
+            left = _alive(left)
+        assert not left, [Path(f"/proc/{p}/cmdline").read_bytes()[:80] for p in left]
+        assert os.listdir(short_tmp) == []   # the reaper removed Ray's session and temp files
+    finally:
+        if run.poll() is None:
+            run.kill()
+            run.wait()
