@@ -202,10 +202,9 @@ class Members:
             pending.remove(ref)
             yield ref, seen
 
-    def gather(self, refs: Mapping[int, Any], timeout: float | None = None,
-               raise_errors: bool = False) -> dict[int, Any]:
-        """{member: result} once every ref is done; a member's error is its result unless
-        ``raise_errors``. A ``timeout`` turns members that never start into a SearchError."""
+    def gather(self, refs: Mapping[int, Any], timeout: float | None = None) -> dict[int, Any]:
+        """{member: result} once every ref is done; a member's error is its result. A
+        ``timeout`` turns members that never start into a SearchError."""
         by_ref = {ref: m for m, ref in refs.items()}
         out: dict[int, Any] = {}
         deadline = None if timeout is None else time.monotonic() + timeout
@@ -219,7 +218,7 @@ class Members:
                     f"resources are taken by something else (see `ray status`)")
             ready, pending = ray.wait(pending, num_returns=len(pending), timeout=POLL_S, fetch_local=False)
             for ref in ready:
-                out[by_ref[ref]] = result(ref, raise_errors)
+                out[by_ref[ref]] = result(ref, raise_errors=False)
         return out
 
     def first_done(self, refs: Mapping[int, Any]) -> tuple[int, Any]:

@@ -2,6 +2,7 @@
 a population that keeps diverging ends with a line naming the likely gene."""
 from __future__ import annotations
 
+import io
 import json
 import os
 import signal
@@ -149,8 +150,57 @@ def test_async_members_killed_resume_their_own_interval(ray_local, cache_dir, tm
     lineage = _lineage(tmp_path, "free")
     restored = [r for r in lineage if r["event"] == "restored"]
     assert len(killer.kills) == 3 and len(restored) == 3 == state["restores"]
-    assert all(r["source"] == "object store" and r["step"] % INTERVAL == 0 for r in restored)
+    history = {m["id"]: {step for step, _ in m["history"]} for m in state["members"]}
+    for r in restored:   # back at the step its interval started from, the interval trained again
+        assert r["source"] == "object store" and r["step"] % INTERVAL == 0
+        assert r["step"] + INTERVAL in history[r["member"]]
     assert state["failures"] == 0
+
+
+@pytest.mark.slow
+def test_a_member_that_dies_again_and_again_on_one_state_is_given_up(ray_local, cache_dir, tmp_path):
+    """Member 0 SIGKILLed three times before it finishes the same (long) interval: its state is
+    given up with one line, it goes on as a new member (a failure, counted), and the run ends."""
+    name = "cursed"
+    setup = make_setup(tmp_path, name, cache_dir, size=2, interval=300, total=300, seed=4)
+    kills: list[int] = []
+
+    def pid_of_m0(other_than: int | None) -> int | None:
+        deadline = time.time() + 120
+        while time.time() < deadline:
+            try:
+                pid = ray.get(ray.get_actor(f"{name}/m0").pid.remote(), timeout=10)
+                if pid != other_than:
+                    return pid
+            except Exception:   # not started yet, or being replaced
+                pass
+            time.sleep(0.02)
+        return None
+
+    def kill_three_times() -> None:
+        pid = None
+        while len(kills) < 3:
+            pid = pid_of_m0(pid)
+            if pid is None:
+                return
+            time.sleep(0.3)   # its new process loads its state and starts the interval again
+            os.kill(pid, signal.SIGKILL)
+            kills.append(pid)
+
+    killer = threading.Thread(target=kill_three_times, daemon=True)
+    killer.start()
+    out = io.StringIO()
+    summary = run_search(setup, console=Console(file=out, width=400))
+    killer.join(timeout=60)
+    assert len(kills) == 3
+    lines = [line for line in out.getvalue().splitlines() if "given up" in line]
+    assert len(lines) == 1 and lines[0].startswith(f"{name}: member 0 died 3 times on its state at step 0")
+    lineage = _lineage(tmp_path, name)
+    events = [r["event"] for r in lineage if r["member"] == 0 and r["event"] in ("restored", "died")]
+    assert events[-1] == "died" and set(events[:-1]) == {"restored"}   # a kill may land mid-restore
+    state = _state(tmp_path, name)
+    assert summary["status"] == "finished" and state["failures"] == 1 and state["restores"] == len(events) - 1
+    assert all(m["step"] == 300 for m in state["members"])
 
 
 def test_a_population_that_keeps_diverging_names_the_gene(ray_local, cache_dir, tmp_path):
