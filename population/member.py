@@ -90,8 +90,8 @@ class Member:
     """A population member: a resident Trainer plus a snapshot of its state for other members.
 
     Created by the driver with ``.options(name=f"{run}/m{id}", num_cpus=..., num_gpus=...,
-    max_concurrency=2)``. ``get_state`` and ``wait_saved`` may run while ``train_and_evaluate``
-    does; the driver never calls the other methods then.
+    max_concurrency=2)``. ``get_state``, ``publish`` and ``wait_saved`` may run while
+    ``train_and_evaluate`` does; the driver never calls the other methods then.
 
     The snapshot is the state at the last evaluation (copied and packed while still training
     time), or, after the state changed between intervals (exploit, new genome, restart), taken
