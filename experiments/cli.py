@@ -408,6 +408,9 @@ def _store_location(storage: str, name: str) -> str:
 
 
 def _one_line(e: BaseException | str) -> str:
+    cause = getattr(e, "cause", None)
+    if isinstance(cause, BaseException):   # raised inside a Ray actor: its message, not Ray's traceback
+        e = cause
     text = e.args[0] if isinstance(e, KeyError) and e.args else e   # str(KeyError) adds quotes
     return " ".join(str(text).split())
 

@@ -143,6 +143,8 @@ def run_search(setup: SearchSetup, *, console: Any = None) -> dict:
             search = Search.build(setup, store, console, stop)
             records = search.records
             opened = records.open()
+            for note in records.notes:   # a damaged commit skipped for an older one
+                console.print(f"warning: {note}", markup=False, highlight=False, soft_wrap=True)
             if opened == "finished":
                 console.print(f"run {setup.name!r} already finished at round {records.round}")
                 return records.summary("finished")

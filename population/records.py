@@ -26,7 +26,7 @@ import numpy as np
 from evo.genome import Genome, diff, format_diff
 from evo.strategy import MemberView, Snapshot, Strategy
 from population.config import SearchSetup
-from population.store import RunStore, StoreError
+from population.store import CorruptRunError, RunStore, StoreError
 
 STATE_VERSION = 1
 
@@ -42,6 +42,7 @@ class MemberRecord:
     history: list[list] = field(default_factory=list)    # [[step, val_bpb], ...] own evaluations
     objectives: dict[str, float] = field(default_factory=dict)   # val_bpb, params, tokens_per_s
     checkpoint: str | None = None                        # committed checkpoint (None: fresh init)
+    checkpoint_sha256: str | None = None                 # its SHA-256, checked when a run resumes
     parent: int | None = None                            # where the weights last came from
     # the hyperparameter schedule in effect: [{"step", "genome", "seed"}], inherited on exploit
     schedule: list[dict] = field(default_factory=list)
@@ -61,7 +62,8 @@ class MemberRecord:
     @classmethod
     def from_dict(cls, d: Mapping[str, Any]) -> MemberRecord:
         names = {f.name for f in dataclasses.fields(cls)}
-        return cls(**{k: v for k, v in d.items() if k in names})
+        # a copy: the record changes as the member trains, the committed state it came from must not
+        return cls(**{k: plain(v) for k, v in d.items() if k in names})
 
 
 def plain(x: Any) -> Any:
@@ -110,6 +112,7 @@ class Records:
         self.loop_start: float | None = None
         self.committed: dict | None = None
         self.pending_lineage: list[dict] = []
+        self.notes: list[str] = []    # one-line warnings of open() (a commit skipped as damaged)
 
     def __getitem__(self, m: int) -> MemberRecord:
         return self.members[m]
@@ -118,19 +121,51 @@ class Records:
 
     def open(self) -> str:
         """Create the run (genomes sampled, "born" records, round 0 committed) or load its last
-        commit. Returns "new", "resumed", or "finished" for a run whose budget is spent."""
+        commit. Returns "new", "resumed", or "finished" for a run whose budget is spent.
+
+        A resume continues from the last commit whose state file and checkpoints are intact
+        (each checked against its checksum): a damaged one is skipped for the commit before it,
+        with a line in ``notes`` naming the bad file and the commit used; with none intact it is
+        a CorruptRunError (one line)."""
         store = self.store
-        state = store.read_state() if store.exists() else None
-        if state is None:
+        states = list(store.committed_states()) if store.exists() else []
+        if not states:
             if not store.exists():
                 store.create(self.setup.config)
             self._new_population()
             return "new"
-        self._load(state)
-        if state.get("status") == "finished" and self._budget_reached():
-            return "finished"
+        newest = states[0][1]
+        if isinstance(newest, dict) and newest.get("status") == "finished":
+            self._load(newest)
+            if self._budget_reached():
+                return "finished"   # nothing to train: its checkpoints are not needed
+        self._load(self._intact(states))
         store.truncate_lineage(self.lineage_count)   # records written after the last commit
         return "resumed"
+
+    def _intact(self, states: list[tuple[str, dict | CorruptRunError]]) -> dict:
+        """The newest of ``states`` (store.committed_states()) whose body and checkpoints are intact."""
+        checked: dict[tuple[str, str | None], str | None] = {}   # a file shared by two commits is read once
+        skipped: list[str] = []
+        for where, state in states:
+            if isinstance(state, CorruptRunError):
+                skipped.append(str(state))
+                continue
+            for d in state.get("members", []):
+                if d.get("checkpoint"):
+                    key = (d["checkpoint"], d.get("checkpoint_sha256"))
+                    if key not in checked:
+                        checked[key] = self.store.check_checkpoint(*key)
+                    if checked[key]:
+                        skipped.append(checked[key])
+                        break
+            else:
+                if skipped:
+                    self.notes.append(f"{skipped[0]}; resuming from the commit before it, {where} "
+                                      f"(round {state['round']})")
+                return state
+        raise CorruptRunError(f"run {self.setup.name!r} cannot be resumed: {skipped[0]}; none of the "
+                              f"{len(states)} commits kept has intact files")
 
     def _new_population(self) -> None:
         setup = self.setup
@@ -236,7 +271,7 @@ class Records:
         old = self.members[m]
         self.deaths_on_state.pop(m, None)
         self.members[m] = MemberRecord(id=m, genome=genome, seed=seed, checkpoint=old.checkpoint,
-                                       intervals=old.intervals,
+                                       checkpoint_sha256=old.checkpoint_sha256, intervals=old.intervals,
                                        schedule=[{"step": 0, "genome": genome, "seed": seed}])
         return old
 
@@ -259,6 +294,7 @@ class Records:
         for m in ids:
             rec = self.members[m]
             rec.checkpoint = self.store.checkpoint_path(m, round)
+            rec.checkpoint_sha256 = None   # known once written (commit reads it)
             out[m] = (rec.checkpoint, rec.step)
         return out
 
@@ -279,6 +315,9 @@ class Records:
         lineage, self.pending_lineage = self.pending_lineage, []
         if lineage:
             self.lineage_count = self.store.append_lineage(lineage)
+        for rec in self.members.values():   # the checksums the members wrote beside new checkpoints
+            if rec.checkpoint and rec.checkpoint_sha256 is None:
+                rec.checkpoint_sha256 = self.store.checkpoint_sha256(rec.checkpoint)
         now = time.perf_counter()
         wall = self.wall_s + (now - self.loop_start if self.loop_start is not None else 0.0)
         self.round, self.steps_done = round, steps_done

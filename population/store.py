@@ -12,16 +12,21 @@ Layout::
     ├── config.yaml                the resolved experiment config; written once, by create()
     ├── state.json                 the commit pointer, the only file a commit replaces:
     │                              {"commit": 42, "round": 12, "file": "states/000042.json",
-    │                               "sha256": "…", "bytes": 5120, "time": "2026-…Z"}
+    │                               "sha256": "…", "bytes": 5120, "time": "2026-…Z",
+    │                               "previous": [{"commit": 41, "file", "sha256", "round"}, …]}
     ├── states/
     │   ├── 000041.json            the driver's full state at commit 41 (JSON, sorted keys)
     │   └── 000042.json            …commit 42: written whole under a fresh name, never rewritten;
-    │                              the newest KEEP_STATES are kept
+    │                              the newest KEEP_STATES are kept, with their checksums in the
+    │                              pointer's "previous", so a resume can fall back to an older one
     ├── lineage.jsonl              one JSON object per line, one per event, append-only; on resume
     │                              the lines written after the last commit are dropped
     ├── checkpoints/
     │   └── m3/
-    │       └── r12.pt             torch.save of member 3's trainer state at round 12
+    │       ├── r12.pt             torch.save of member 3's trainer state at round 12
+    │       └── r12.pt.sha256      its SHA-256, written by the member after the file; the driver
+    │                              copies it into the member's record (checkpoint_sha256) when it
+    │                              commits, and a resume checks the file against the record's
     ├── lock.json                  while a driver holds the run: {"pid", "host", "pid_start",
     │                              "started", "heartbeat" (unix s), "token"}
     └── …                          whatever else is written with write_text (reports, optuna.db …)
@@ -30,7 +35,9 @@ Commit protocol. ``commit_state`` writes the state to ``states/<commit>.json``, 
 ``state.json`` with a small pointer holding that file's SHA-256. The commit happens when the
 pointer is replaced: a crash before that leaves the previous pointer, which names a body that is
 complete and never touched again. ``read_state`` checks the checksum, so a torn body is reported
-(``CorruptRunError``), never returned.
+(``CorruptRunError``), never returned. ``committed_states`` also yields the older bodies still
+kept, each checked against its checksum, and ``prune_checkpoints`` keeps every checkpoint one of
+them names: a run whose last commit lost a file resumes from the commit before it.
 
 Writes. On a local disk every file is written under a temporary name beside it
 (``<name>.tmp-<hex>``), fsynced and renamed into place with ``os.replace``: a reader sees the old
@@ -67,12 +74,14 @@ from fsspec.implementations.local import LocalFileSystem
 CONFIG = "config.yaml"
 STATE = "state.json"
 STATES_DIR = "states"
+CHECKSUM_SUFFIX = ".sha256"    # beside each checkpoint: "<name>.pt.sha256"
 LINEAGE = "lineage.jsonl"
 CHECKPOINTS_DIR = "checkpoints"
 LOCK = "lock.json"
 
-KEEP_STATES = 3                # state bodies kept, so a reader that read state.json just before
-                               # a commit still finds the body it names
+KEEP_STATES = 3                # state bodies kept (and the checkpoints they name), so a reader that
+                               # read state.json just before a commit still finds the body it names,
+                               # and a resume can fall back to an older commit
 DEFAULT_STALE_AFTER = 300.0    # seconds without a heartbeat after which a lock is abandoned
 _TMP_MARK = ".tmp-"            # temporary files are "<final name>.tmp-<hex>"
 _TMP_MAX_AGE = 3600.0          # prune_checkpoints deletes temporaries older than this (a crash's)
@@ -204,6 +213,7 @@ class RunStore:
         pointer = {
             "commit": seq, "round": rnd, "file": rel, "bytes": len(body),
             "sha256": hashlib.sha256(body).hexdigest(), "time": _iso(time.time()),
+            "previous": [p for p in self._pointer_chain() if p["commit"] > seq - KEEP_STATES],
         }
         self._write_bytes(STATE, json.dumps(pointer, sort_keys=True, indent=1).encode() + b"\n")
 
@@ -226,24 +236,53 @@ class RunStore:
             if raw is None:
                 return None
             pointer = self._parse_pointer(raw)
-            body = self._read_bytes(pointer["file"])
-            if body is None:
-                if self._read_bytes(STATE) != raw:
-                    continue   # a commit in between pruned the body: follow the new pointer
-                raise CorruptRunError(f"{self._uri(STATE)} names {pointer['file']}, which is missing")
-            where = self._uri(pointer["file"])
-            if hashlib.sha256(body).hexdigest() != pointer["sha256"]:
-                raise CorruptRunError(
-                    f"{where} does not match the checksum in {STATE} (truncated or edited)"
-                )
-            try:
-                state = json.loads(body)
-            except ValueError as e:
-                raise CorruptRunError(f"{where} is not valid JSON: {e}") from e
-            if not isinstance(state, dict) or state.get("round") != pointer["round"]:
-                raise CorruptRunError(f"{where} does not hold round {pointer['round']} named by {STATE}")
-            return state
+            if self._read_bytes(pointer["file"]) is None and self._read_bytes(STATE) != raw:
+                continue   # a commit in between pruned the body: follow the new pointer
+            return self._read_body(pointer)
         raise CorruptRunError(f"{self._uri(STATE)} kept changing while being read")
+
+    def committed_states(self) -> Iterator[tuple[str, dict | CorruptRunError]]:
+        """(body file, state) of the last commit, then of each older body still kept, newest
+        first; a body that is missing or does not match its checksum comes as (file, the error).
+        Nothing when no round has been committed; CorruptRunError when state.json is unreadable."""
+        raw = self._read_bytes(STATE)
+        if raw is None:
+            return
+        pointer = self._parse_pointer(raw)
+        for entry in [pointer, *pointer.get("previous", [])]:
+            try:
+                yield entry["file"], self._read_body(entry)
+            except CorruptRunError as e:
+                yield entry["file"], e
+
+    def _pointer_chain(self) -> list[dict]:
+        """{"commit", "file", "sha256", "round"} of the current body and the older ones the
+        pointer names, newest first; [] when there is no readable pointer."""
+        raw = self._read_bytes(STATE)
+        try:
+            pointer = self._parse_pointer(raw) if raw is not None else None
+        except CorruptRunError:
+            return []
+        if pointer is None or not isinstance(pointer.get("commit"), int):
+            return []
+        keys = ("commit", "file", "sha256", "round")
+        return [{k: pointer[k] for k in keys}, *pointer.get("previous", [])]
+
+    def _read_body(self, entry: dict) -> dict:
+        """The state body an entry of the pointer names, checked against its checksum."""
+        where = self._uri(entry["file"])
+        body = self._read_bytes(entry["file"])
+        if body is None:
+            raise CorruptRunError(f"{self._uri(STATE)} names {entry['file']}, which is missing")
+        if hashlib.sha256(body).hexdigest() != entry["sha256"]:
+            raise CorruptRunError(f"{where} does not match the checksum in {STATE} (truncated or edited)")
+        try:
+            state = json.loads(body)
+        except ValueError as e:
+            raise CorruptRunError(f"{where} is not valid JSON: {e}") from e
+        if not isinstance(state, dict) or state.get("round") != entry["round"]:
+            raise CorruptRunError(f"{where} does not hold round {entry['round']} named by {STATE}")
+        return state
 
     def _parse_pointer(self, raw: bytes) -> dict:
         where = self._uri(STATE)
@@ -260,6 +299,15 @@ class RunStore:
             pointer["file"] = _clean_rel(pointer["file"])
         except StoreError:
             raise CorruptRunError(f"{where} names {pointer['file']!r}, outside the run") from None
+        previous = pointer.get("previous", [])
+        if not isinstance(previous, list):
+            previous = []
+        pointer["previous"] = []
+        for p in previous:   # older bodies: a malformed entry only loses that fallback
+            if (isinstance(p, dict) and isinstance(p.get("commit"), int) and isinstance(p.get("file"), str)
+                    and isinstance(p.get("sha256"), str) and isinstance(p.get("round"), int)):
+                with contextlib.suppress(StoreError):
+                    pointer["previous"].append(dict(p, file=_clean_rel(p["file"])))
         return pointer
 
     def _state_seqs(self) -> list[int]:
@@ -350,14 +398,59 @@ class RunStore:
         return f"{CHECKPOINTS_DIR}/m{member}/r{round}.pt"
 
     def save_checkpoint(self, rel_path: str, state: dict) -> int:
-        """torch.save ``state`` to ``rel_path`` atomically; returns the bytes written.
+        """torch.save ``state`` to ``rel_path`` atomically, then its SHA-256 beside it
+        (``<rel_path>.sha256``); returns the bytes written. A write that fails (disk full,
+        read-only) is a StoreError naming the file and the reason.
 
         Safe from a background thread (each call writes its own temporary file). Store tensors
         and plain Python only: ``load_checkpoint`` uses ``torch.load(weights_only=True)``.
         """
         import torch
 
-        return self._write(_clean_rel(rel_path), lambda f: torch.save(state, f))
+        rel = _clean_rel(rel_path)
+        digest = hashlib.sha256()
+
+        def save(f: IO[bytes]) -> None:
+            torch.save(state, _Hashing(f, digest))
+
+        try:
+            size = self._write(rel, save)
+            self._write_bytes(rel + CHECKSUM_SUFFIX, digest.hexdigest().encode() + b"\n")
+        except Exception as e:
+            # torch reports a failed write (ENOSPC) as a RuntimeError raised while handling it
+            cause = next((c for c in _chain(e) if isinstance(c, OSError)), None)
+            if cause is None:
+                raise
+            raise StoreError(f"cannot write checkpoint {self._uri(rel)}: {_os_error(cause)}") from e
+        return size
+
+    def checkpoint_sha256(self, rel_path: str) -> str | None:
+        """The SHA-256 written beside a checkpoint by ``save_checkpoint``; None without one."""
+        data = self._read_bytes(_clean_rel(rel_path) + CHECKSUM_SUFFIX)
+        text = data.decode(errors="replace").strip() if data is not None else ""
+        return text if re.fullmatch(r"[0-9a-f]{64}", text) else None
+
+    def check_checkpoint(self, rel_path: str, sha256: str | None) -> str | None:
+        """Why the checkpoint at ``rel_path`` cannot be the one committed with ``sha256`` (a
+        line naming it), or None when it is intact. Without a checksum (a run of an older evo)
+        only its presence is checked."""
+        rel = _clean_rel(rel_path)
+        where = self._uri(rel)
+        if sha256 is None:
+            return None if self._fresh().isfile(self._path(rel)) else f"checkpoint {where} is missing"
+        digest = hashlib.sha256()
+        try:
+            with self.fs.open(self._path(rel), "rb") as f:
+                for block in iter(lambda: f.read(1 << 20), b""):
+                    digest.update(block)
+        except FileNotFoundError:
+            return f"checkpoint {where} is missing"
+        except OSError as e:
+            return f"checkpoint {where} cannot be read: {_os_error(e)}"
+        if digest.hexdigest() != sha256:
+            return (f"checkpoint {where} does not match its checksum in the committed state "
+                    "(truncated, corrupt, or another checkpoint copied over it)")
+        return None
 
     def load_checkpoint(self, rel_path: str) -> dict:
         """The state saved at ``rel_path``, tensors on CPU."""
@@ -389,15 +482,17 @@ class RunStore:
     def prune_checkpoints(self, keep: set[str]) -> list[str]:
         """Delete checkpoint files (``*.pt`` under checkpoints/) not in ``keep``; returns them.
 
-        A checkpoint named anywhere in the committed state is kept too, whatever ``keep``
-        says. Temporaries of saves that died more than an hour ago are deleted as well; those
+        A checkpoint named anywhere in a committed state still kept (the last commit and the
+        older bodies ``committed_states`` yields) is kept too, whatever ``keep`` says: a resume
+        can fall back to the commit before a lost checkpoint. A checkpoint's ``.sha256`` goes
+        with it. Temporaries of saves that died more than an hour ago are deleted as well; those
         of saves in progress are left alone.
         """
         self._check_not_lost()
         kept = {_clean_rel(k) for k in keep}
-        state = self.read_state()   # CorruptRunError here: we cannot tell what is referenced
-        if state is not None:
-            kept |= _checkpoint_refs(state)
+        for _, state in self.committed_states():   # CorruptRunError for an unreadable pointer
+            if isinstance(state, dict):
+                kept |= _checkpoint_refs(state)
         try:
             paths = self._fresh().find(self._path(CHECKPOINTS_DIR))
         except FileNotFoundError:
@@ -408,6 +503,9 @@ class RunStore:
             name = posixpath.basename(rel)
             if _TMP_MARK in name:
                 if not (self._local and _older_than(path, _TMP_MAX_AGE)):
+                    continue
+            elif name.endswith(".pt" + CHECKSUM_SUFFIX):
+                if rel[: -len(CHECKSUM_SUFFIX)] in kept:
                     continue
             elif not name.endswith(".pt") or rel in kept:
                 continue
@@ -702,6 +800,34 @@ def _checkpoint_refs(value: Any) -> set[str]:
         with contextlib.suppress(StoreError):
             return {_clean_rel(value)}
     return set()
+
+
+class _Hashing:
+    """A writable file that also feeds what is written to a hash (torch.save needs only write)."""
+
+    def __init__(self, f: IO[bytes], digest: Any) -> None:
+        self.f, self.digest = f, digest
+
+    def write(self, data: bytes) -> int:
+        self.digest.update(data)
+        return self.f.write(data)
+
+    def flush(self) -> None:
+        self.f.flush()
+
+
+def _chain(e: BaseException) -> Iterator[BaseException]:
+    """``e`` and the exceptions it was raised from or while handling, innermost last."""
+    seen: set[int] = set()
+    while e is not None and id(e) not in seen:
+        seen.add(id(e))
+        yield e
+        e = e.__cause__ or e.__context__
+
+
+def _os_error(e: OSError) -> str:
+    """An OSError in a few words: its reason, without the errno and path Python adds."""
+    return e.strerror or _first_line(e)
 
 
 def _stale_reason(holder: dict, stale_after: float) -> str | None:

@@ -18,7 +18,7 @@ from population.driver import ConfigConflictError, ResourceFitError, SearchError
 from population.inspect import export_run, run_status
 from population.replay import replay_run
 from population.slots import concurrent_slots
-from population.store import RunStore
+from population.store import KEEP_STATES, RunStore
 from tests.population.conftest import make_setup
 
 ROUNDS = 6   # reference search: 3 members, 6 rounds of 5 steps
@@ -77,10 +77,15 @@ def test_sync_search_writes_a_complete_run(reference):
     assert exploits and all(r["parents"] and r["changed"] and r["latency_s"] > 0 for r in exploits)
     assert len(state["exploit_latencies"]) == len(exploits)
 
-    # every committed checkpoint exists, and nothing else is left behind
+    # every committed checkpoint exists with the checksum its record holds; the only others left
+    # are those of the older commits kept when the last round was committed
     referenced = {m["checkpoint"] for m in state["members"]}
     on_disk = {str(p.relative_to(run_dir)) for p in (run_dir / "checkpoints").rglob("*.pt")}
-    assert referenced == on_disk == {f"checkpoints/m{i}/r{ROUNDS}.pt" for i in range(3)}
+    assert referenced == {f"checkpoints/m{i}/r{ROUNDS}.pt" for i in range(3)}
+    assert on_disk == {f"checkpoints/m{i}/r{r}.pt" for i in range(3) for r in range(ROUNDS - KEEP_STATES + 1, ROUNDS + 1)}
+    store = RunStore(storage, "ref")
+    assert all(store.check_checkpoint(m["checkpoint"], m["checkpoint_sha256"]) is None
+               and len(m["checkpoint_sha256"]) == 64 for m in state["members"])
     assert not (run_dir / "lock.json").exists()
 
     # the search made progress: the best member beats the median of the first evaluations
@@ -239,8 +244,8 @@ def test_async_search_brings_every_member_to_the_budget(ray_local, cache_dir, tm
     assert state["events"] >= 3 and state["round"] == state["events"] // 3
     events = {r["event"] for r in _lineage(tmp_path / "free")}
     assert "born" in events and events & {"exploit", "explore"}
-    assert {m["checkpoint"] for m in state["members"]} == {
-        str(p.relative_to(tmp_path / "free")) for p in (tmp_path / "free" / "checkpoints").rglob("*.pt")}
+    on_disk = {str(p.relative_to(tmp_path / "free")) for p in (tmp_path / "free" / "checkpoints").rglob("*.pt")}
+    assert {m["checkpoint"] for m in state["members"]} <= on_disk
 
 
 def test_members_that_keep_diverging_end_the_search(ray_local, cache_dir, tmp_path):

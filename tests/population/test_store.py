@@ -6,6 +6,7 @@ lock and is killed with SIGKILL.
 from __future__ import annotations
 
 import concurrent.futures
+import hashlib
 import json
 import os
 import pickle
@@ -453,12 +454,84 @@ def test_prune_keeps_what_is_kept_or_committed(storage):
     put(fs, f"{root}/checkpoints/notes.txt", b"not a checkpoint")
 
     keep = {"checkpoints/m0/r2.pt", "./checkpoints/m1/r2.pt"}
-    assert store.prune_checkpoints(keep) == ["checkpoints/m0/r1.pt"]
+    assert store.prune_checkpoints(keep) == ["checkpoints/m0/r1.pt", "checkpoints/m0/r1.pt.sha256"]
     left = sorted(p[len(root) + 1:] for p in fs.find(f"{root}/checkpoints"))
-    assert left == ["checkpoints/m0/r2.pt", "checkpoints/m0/r3.pt.tmp-inflight",
-                    "checkpoints/m1/r1.pt", "checkpoints/m1/r2.pt", "checkpoints/notes.txt"]
+    assert left == ["checkpoints/m0/r2.pt", "checkpoints/m0/r2.pt.sha256", "checkpoints/m0/r3.pt.tmp-inflight",
+                    "checkpoints/m1/r1.pt", "checkpoints/m1/r1.pt.sha256", "checkpoints/m1/r2.pt",
+                    "checkpoints/m1/r2.pt.sha256", "checkpoints/notes.txt"]
     assert torch.equal(store.load_checkpoint("checkpoints/m1/r1.pt")["w"], torch.ones(2))
     assert store.prune_checkpoints(keep) == []
+
+
+def test_prune_keeps_the_checkpoints_of_the_older_commits_kept(storage):
+    """A resume may fall back to an older commit: its checkpoints stay until its body goes."""
+    store = RunStore(storage, "r")
+    store.create({})
+    for r in range(1, KEEP_STATES + 2):
+        rel = store.checkpoint_path(0, r)
+        store.save_checkpoint(rel, {"w": torch.full((2,), float(r))})
+        store.commit_state({"round": r, "members": [{"id": 0, "checkpoint": rel}]})
+        store.prune_checkpoints({rel})
+    fs, root = raw(store)
+    left = sorted(p[len(root) + 1:] for p in fs.find(f"{root}/checkpoints") if p.endswith(".pt"))
+    assert left == [store.checkpoint_path(0, r) for r in range(2, KEEP_STATES + 2)]
+
+
+def test_a_checkpoint_is_checked_against_the_checksum_written_with_it(storage):
+    """Truncated, garbled, another member's checkpoint copied over it, missing: each is named."""
+    store = RunStore(storage, "r")
+    store.create({})
+    mine, other = store.checkpoint_path(1, 4), store.checkpoint_path(0, 4)
+    store.save_checkpoint(mine, trainer_like_state(1))
+    store.save_checkpoint(other, trainer_like_state(0))
+    sha = store.checkpoint_sha256(mine)
+    fs, root = raw(store)
+    data = fs.cat_file(f"{root}/{mine}")
+    assert sha == hashlib.sha256(data).hexdigest() != store.checkpoint_sha256(other)
+    assert store.check_checkpoint(mine, sha) is None
+    assert store.check_checkpoint(mine, None) is None            # a run of an older evo: no checksum
+
+    garbled = bytearray(data)
+    garbled[100:140] = os.urandom(40)
+    for damaged in (data[: len(data) // 2], bytes(garbled), fs.cat_file(f"{root}/{other}")):
+        put(fs, f"{root}/{mine}", damaged)
+        why = store.check_checkpoint(mine, sha)
+        assert why == (f"checkpoint {store.uri}/{mine} does not match its checksum in the committed state "
+                       "(truncated, corrupt, or another checkpoint copied over it)")
+    fs.rm_file(f"{root}/{mine}")
+    assert store.check_checkpoint(mine, sha) == f"checkpoint {store.uri}/{mine} is missing"
+    assert store.check_checkpoint(mine, None) == f"checkpoint {store.uri}/{mine} is missing"
+
+
+def test_a_failing_checkpoint_write_is_one_line_and_leaves_nothing(tmp_path):
+    store = RunStore(str(tmp_path / "runs"), "r")
+    store.create({})
+    rel = store.checkpoint_path(0, 1)
+    (Path(store.uri) / rel).mkdir(parents=True)   # something in the way of the file
+    with pytest.raises(StoreError) as info:
+        store.save_checkpoint(rel, {"w": torch.ones(2)})
+    assert str(info.value) == f"cannot write checkpoint {store.uri}/{rel}: Is a directory"
+    assert sorted(p.name for p in (Path(store.uri) / "checkpoints/m0").iterdir()) == ["r1.pt"]
+
+
+def test_committed_states_fall_back_past_a_damaged_body(storage):
+    store = RunStore(storage, "r")
+    store.create({})
+    assert list(store.committed_states()) == []
+    for r in range(1, KEEP_STATES + 3):
+        store.commit_state({"round": r})
+    newest = KEEP_STATES + 2
+    files = [f"states/{c:06d}.json" for c in range(newest, newest - KEEP_STATES, -1)]
+    assert list(store.committed_states()) == [(f, {"round": newest - i}) for i, f in enumerate(files)]
+
+    fs, root = raw(store)
+    body = fs.cat_file(f"{root}/{files[0]}")
+    put(fs, f"{root}/{files[0]}", body[:-3])
+    found = list(store.committed_states())
+    assert isinstance(found[0][1], CorruptRunError) and files[0] in str(found[0][1])
+    assert found[1:] == [(f, {"round": newest - i}) for i, f in enumerate(files) if i]
+    fs.rm_file(f"{root}/{files[1]}")
+    assert "which is missing" in str(list(store.committed_states())[1][1])
 
 
 def test_prune_deletes_temporaries_of_long_dead_saves(tmp_path):
