@@ -62,9 +62,14 @@ class Killer(threading.Thread):
         self.error: BaseException | None = None
 
     def _round(self) -> int:
-        state = self.store.read_state() if self.store.exists() else None
-        return -1 if state is None else int(state.get("events", 0)) // self.size \
-            if state.get("mode") == "async" else int(state["round"])
+        """The committed round; -1 before the first commit, or while one is being written."""
+        try:
+            state = self.store.read_state() if self.store.exists() else None
+        except Exception:   # noqa: BLE001 - read beside the driver's commit: ask again
+            return -1
+        if state is None:
+            return -1
+        return int(state.get("events", 0)) // self.size if state.get("mode") == "async" else int(state["round"])
 
     def _pid(self, m: int) -> int | None:
         try:
