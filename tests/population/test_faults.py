@@ -80,27 +80,29 @@ class Killer(threading.Thread):
     def run(self) -> None:
         try:
             deadline = time.time() + 600
-            m = 0
+            m, pid = 0, None
             while len(self.kills) < self.want and time.time() < deadline:
+                if pid is None:   # looked up while the previous kill's round is still running
+                    pid = self._pid(m)
+                    if pid is None:
+                        time.sleep(0.1)
+                        continue
                 r = self._round()
                 if r < 1:
                     time.sleep(0.05)
                     continue
                 if r >= self.last_round:
                     return
-                pid = self._pid(m)
-                if pid is None:
-                    time.sleep(0.1)
-                    continue
-                time.sleep(float(self.rng.uniform(0.0, 0.6)))
+                time.sleep(float(self.rng.uniform(0.0, 0.4)))
                 r = self._round()
                 if r >= self.last_round:
                     return
                 os.kill(pid, signal.SIGKILL)
                 self.kills.append((m, pid, r))
-                m = (m + 1) % self.size
+                m, pid = (m + 1) % self.size, None
+                pid = self._pid(m)   # the next member is alive: ask now, not after the round
                 while self._round() <= r and time.time() < deadline:   # the next kill in a later round
-                    time.sleep(0.05)
+                    time.sleep(0.02)
         except BaseException as e:  # noqa: BLE001 - reported by the test
             self.error = e
 
