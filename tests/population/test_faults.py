@@ -82,7 +82,7 @@ class Killer(threading.Thread):
             deadline = time.time() + 600
             m, pid = 0, None
             while len(self.kills) < self.want and time.time() < deadline:
-                if pid is None:   # looked up while the previous kill's round is still running
+                if pid is None:   # the first member, or a lookup that found no actor yet
                     pid = self._pid(m)
                     if pid is None:
                         time.sleep(0.1)
@@ -99,7 +99,7 @@ class Killer(threading.Thread):
                     return
                 os.kill(pid, signal.SIGKILL)
                 self.kills.append((m, pid, r))
-                m, pid = (m + 1) % self.size, None
+                m = (m + 1) % self.size
                 pid = self._pid(m)   # the next member is alive: ask now, not after the round
                 while self._round() <= r and time.time() < deadline:   # the next kill in a later round
                     time.sleep(0.02)
