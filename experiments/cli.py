@@ -364,14 +364,18 @@ def _status_view(s: dict) -> Any:
     head = f"run {s['name']}: {s['status']}, round {s['round']}"
     if s.get("total_steps") is not None:
         head += f", budget {s['total_steps']} steps"
+    if s.get("restores"):
+        head += f", {s['restores']} restore{'s' if s['restores'] != 1 else ''}"
+    if s.get("failures"):
+        head += f", {s['failures']} failure{'s' if s['failures'] != 1 else ''}"
     lines = [Text(head)]
     if best:
         lines.append(Text(f"best: member {best.get('member')}, val_bpb {_fmt(best.get('val_bpb'))}  "
                           f"{_compact(best.get('genome') or {})}"))
-    table = Table("id", "step", "val_bpb", "genome", "parent", "alive", box=None)
+    table = Table("id", "step", "val_bpb", "genome", "parent", "alive", "restored", box=None)
     for m in s.get("members", []):
         table.add_row(str(m["id"]), str(m["step"]), _fmt(m.get("val_bpb")), _compact(m.get("genome") or {}),
-                      _fmt(m.get("parent")), "yes" if m.get("alive") else "no")
+                      _fmt(m.get("parent")), "yes" if m.get("alive") else "no", str(m.get("restores", 0)))
     return Group(*lines, table)
 
 

@@ -5,7 +5,8 @@ whose process died, replace the members that failed.
   (population/handoff.py), then takes its new genome; an Exploit of a member by itself is an
   explore (new hyperparameters in place); Restart — a fresh trainer; Keep — nothing. A member
   whose process dies while its decision is applied keeps its own state: the decision is dropped.
-- :func:`restore_dead`: a member whose process died (SIGKILL, OOM kill, a lost node) gets a new
+- :func:`restore_dead`: a member whose process died (SIGKILL, OOM kill, a lost node: the
+  ``restored`` record says which, "process died …" or "node lost: node <id> at <ip> …") gets a new
   process with its *own* state — the state its record describes, kept in Ray's object store by
   the driver (:attr:`Handoff.current`), else its last committed checkpoint (the record set back
   to that commit) — and the loop trains the lost steps again. Only when neither exists is it
@@ -135,6 +136,7 @@ def restore_dead(s: Search, round: int) -> dict[int, str]:
         source = _load_own_state(s, m)
         if m in s.members.dead:
             continue
+        why = s.members.cause(m, why)   # its node may have been found dead since
         if source is None:   # no state of its own anywhere: a copy of another member
             _replace(s, m, f"{why}; its state was lost", round, event=round, counts=False)
             continue

@@ -14,6 +14,9 @@ from population.store import RunStore
 def run_status(storage: str, name: str) -> dict:
     """The run's status from its committed files.
 
+    Each member says how often its process died and it was restored from its own state
+    (``restores``; the run's total is ``restores``, its failures ``failures``).
+
     ``status`` is the committed one (running | finished | stopped | failed), except that a run
     committed as "running" whose driver is gone (no lock, or a lock whose process is dead or
     whose heartbeat is stale) is "interrupted": ``evo resume`` (or the same ``evo run``)
@@ -26,12 +29,14 @@ def run_status(storage: str, name: str) -> dict:
     status = state.get("status", "running") if state else "running"
     if status == "running" and not store.driver_alive():
         status = "interrupted"
+    restores = _member_restores(store, state or {})
     members = []
     for m in (state or {}).get("members", []):
         history = m.get("history") or []
         members.append({
             "id": m["id"], "step": m.get("step", 0), "val_bpb": history[-1][1] if history else None,
             "genome": m.get("genome", {}), "parent": m.get("parent"), "alive": m.get("alive", True),
+            "restores": restores.get(int(m["id"]), 0),
         })
     best = _best(members)
     updated = (state or {}).get("updated")
@@ -45,8 +50,24 @@ def run_status(storage: str, name: str) -> dict:
         "members": members,
         "total_steps": (state or {}).get("total_steps", population.get("total_steps")),
         "exploits": len((state or {}).get("exploit_latencies", [])),
+        "restores": int((state or {}).get("restores", 0)),
+        "failures": int((state or {}).get("failures", 0)),
         "updated": _iso(updated) if isinstance(updated, (int, float)) else None,
     }
+
+
+def _member_restores(store: RunStore, state: dict) -> dict[int, int]:
+    """{member: times its process died and it was restored from its own state}. A run committed
+    before the state counted them per member: counted from the committed lineage."""
+    if "member_restores" in state:
+        return {int(m): int(n) for m, n in state["member_restores"].items()}
+    if not state.get("restores"):
+        return {}
+    counts: dict[int, int] = {}
+    for rec in store.read_lineage()[:int(state.get("lineage_count", 0))]:
+        if rec.get("event") == "restored":
+            counts[int(rec["member"])] = counts.get(int(rec["member"]), 0) + 1
+    return counts
 
 
 def _best(members: list[dict]) -> dict | None:

@@ -119,6 +119,10 @@ class Member:
     def pid(self) -> int:
         return os.getpid()
 
+    def node_id(self) -> str:
+        """The Ray node this process runs on (the driver names it when the node is lost)."""
+        return ray.get_runtime_context().get_node_id()
+
     def _current(self) -> dict:
         """The snapshot, taken from the (idle) trainer if the state changed since the last one.
         Trainer.state_dict() returns copies, so the snapshot never moves with training."""

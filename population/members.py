@@ -8,7 +8,10 @@ is noticed within POLL_S (``stop.check()`` raises inside the wait).
 
 A member's process may die under any call (SIGKILL, OOM kill, a lost node): ``call`` and the
 checkpoint calls note it in ``dead`` instead of raising, and the loop restores the member
-(population/decisions.py). Any other error inside a member is raised.
+(population/decisions.py). Any other error inside a member is raised. Why it died is one line
+(:func:`death_line`): "node lost: node <id> at <ip> ..." when Ray reports the death of the
+member's node (or the node its process ran on is no longer alive in ``ray.nodes()``), else
+"process died ...".
 """
 from __future__ import annotations
 
@@ -51,6 +54,8 @@ class Members:
         self.actors: dict[int, Any] = {}
         self.generation: dict[int, int] = {}    # processes started for each member (revive adds one)
         self.dead: dict[int, str] = {}          # members whose current process died -> why
+        self.nodes: dict[int, str] = {}         # member -> Ray node id of its current process
+        self.died_on: dict[int, str] = {}       # member -> node id of its last process that died
         self.published: dict[int, Any] = {}     # member -> state ref of its train_and_evaluate in flight
 
     def __getitem__(self, m: int) -> Any:
@@ -69,7 +74,8 @@ class Members:
             for m, rec in todo.items():
                 self.dead.pop(m, None)
                 self.actors[m] = self._new_actor(m, rec.genome, rec.seed)
-            self.call({m: self.actors[m].pid.remote() for m in todo}, timeout=START_TIMEOUT_S)
+            self.nodes.update(self.call({m: self.actors[m].node_id.remote() for m in todo},
+                                        timeout=START_TIMEOUT_S))
             self.call({m: self.actors[m].load_checkpoint.remote(self.store.storage, self.store.name,
                                                                 rec.checkpoint)
                        for m, rec in todo.items() if rec.checkpoint and m not in self.dead})
@@ -90,8 +96,10 @@ class Members:
             pass
         del self.dead[m]
         self.published.pop(m, None)
+        if m in self.nodes:
+            self.died_on[m] = self.nodes.pop(m)
         self.actors[m] = self._new_actor(m, genome, seed)
-        self.call({m: self.actors[m].pid.remote()}, timeout=START_TIMEOUT_S)
+        self.nodes.update(self.call({m: self.actors[m].node_id.remote()}, timeout=START_TIMEOUT_S))
 
     def _new_actor(self, m: int, genome: dict, seed: int) -> Any:
         res = self.setup.population.resources
@@ -181,8 +189,21 @@ class Members:
         """Member m's process died (if the error is about its current process, not one that a
         revive already replaced)."""
         actor_id = getattr(error, "actor_id", None)
-        if actor_id is None or actor_id == self.actors[m]._actor_id.hex():
-            self.dead.setdefault(m, death_line(error))
+        if m not in self.dead and (actor_id is None or actor_id == self.actors[m]._actor_id.hex()):
+            self.dead[m] = self.cause(m, death_line(error), self.nodes.get(m))
+
+    def cause(self, m: int, why: str, node: str | None = None) -> str:
+        """``why`` member m's process died, told as a lost node when the node it ran on
+        (``node``; by default the node of its last process that died) is not alive in
+        ``ray.nodes()`` — Ray may report the process's death before the node's."""
+        node = node or self.died_on.get(m)
+        if why.startswith("node lost") or node is None:
+            return why
+        info = next((n for n in ray.nodes() if n.get("NodeID") == node), None)
+        if info is None or info.get("Alive", True):
+            return why
+        reason = info.get("DeathReasonMessage") or ""
+        return _node_lost(node, info.get("NodeManagerAddress"), reason)
 
     # -- waiting ---------------------------------------------------------------------------------
 
@@ -240,11 +261,23 @@ def result(ref: Any, raise_errors: bool) -> Any:
 
 def death_line(error: RayActorError) -> str:
     """One line saying why a member's process is gone (Ray's message runs over many lines: a
-    header, the actor's fields, then why and how the worker exited)."""
+    header, the actor's fields, then why and how the worker exited): "node lost: node <id> at
+    <ip> (<why the node died>)" when the actor died with its node, else "process died: ..."."""
     text = " ".join(str(error).split())
+    node = re.search(r"its node has died\. Node Id: ([0-9a-f]+)", text)
+    if node:
+        ip = re.search(r"\bip: (\S+)", text)
+        reason = re.search(r"node was terminated unexpectedly: (.*?)(?:\.(?: |$)|$)", text)
+        return _node_lost(node.group(1), ip.group(1) if ip else None, reason.group(1) if reason else "")
     why = [m.group(1) for pattern in (r"The actor is dead because (.*?)\.", r"Worker exit detail: (.*?)\.")
            if (m := re.search(pattern, text))]
     return ("process died: " + "; ".join(why))[:240] if why else "process died"
+
+
+def _node_lost(node: str, ip: str | None, reason: str) -> str:
+    line = f"node lost: node {node[:12]}" + (f" at {ip}" if ip else "")
+    reason = " ".join(reason.split()).rstrip(".")
+    return (line + (f" ({reason})" if reason else ""))[:240]
 
 
 def failure(res: Any) -> tuple[str, bool] | None:

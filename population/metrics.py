@@ -11,7 +11,9 @@ scraped names are::
     ray_evo_exploits_total{run}            counter: exploit events (weights copied from a donor)
     ray_evo_crossovers_total{run}          counter
     ray_evo_restarts_total{run}            counter
-    ray_evo_failures_total{run}            counter: members that died (diverged or crashed)
+    ray_evo_failures_total{run}            counter: members that died (diverged or given up)
+    ray_evo_restores_total{run}            counter: members whose process died (killed, node lost),
+                                           restored from their own state
 
 Counters cannot be set, so a resumed driver only adds the events it sees itself; Prometheus'
 ``rate()`` / ``increase()`` treat the restart as a counter reset.
@@ -32,7 +34,7 @@ from population.monitor import evaluated, event_counts, population_stats
 
 # counter name (Ray adds "_total" when exporting) -> the lineage event it counts
 COUNTED = {"evo_exploits": "exploit", "evo_crossovers": "crossover",
-           "evo_restarts": "restart", "evo_failures": "died"}
+           "evo_restarts": "restart", "evo_failures": "died", "evo_restores": "restored"}
 
 
 def refresh_period() -> float:

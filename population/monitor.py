@@ -40,8 +40,9 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
-# lineage events; all but "died" start a new hyperparameter segment of a member's life
-EVENTS = ("born", "exploit", "explore", "crossover", "restart", "died")
+# lineage events; all but "died" and "restored" start a new hyperparameter segment of a member's
+# life ("restored": its process died and it came back to its own state, same hyperparameters)
+EVENTS = ("born", "exploit", "explore", "crossover", "restart", "died", "restored")
 SEGMENT_EVENTS = ("born", "exploit", "explore", "crossover", "restart")
 STATUSES = ("finished", "stopped", "failed")
 

@@ -12,7 +12,9 @@ round) — so ``optuna-dashboard sqlite:///<run dir>/optuna.db`` shows the searc
   search finished), FAIL when the member died, RUNNING while the segment lives; a segment that
   ended before its first evaluation is PRUNED;
 - user attrs: member, event (what started it), parent / parents, round, start_step,
-  architecture (the model.* genes), and at the end end_event, end_round (and error for FAIL).
+  architecture (the model.* genes), and at the end end_event, end_round (and error for FAIL);
+  ``restores`` (how often the member's process died during the segment and it was restored
+  from its own state: the segment goes on) and ``last_restore`` ({round, step, why, source}).
 
 Resume: which trial each member's live segment is sits in ``optuna_segments.json`` in the store.
 A stopped (or failed) search leaves its live segments RUNNING; the next session reconnects to the
@@ -121,6 +123,9 @@ class OptunaSink:
             if event == "died":
                 if mid in self.segments:
                     self._end(mid, TrialState.FAIL, "died", round, error=rec.get("error"))
+            elif event == "restored":
+                if mid in self.segments:
+                    self._restored(mid, rec)
             elif event in SEGMENT_EVENTS:
                 if mid in self.segments:
                     self._end(mid, TrialState.COMPLETE, event, round)
@@ -157,6 +162,16 @@ class OptunaSink:
         trial = self.study.ask(fixed_distributions=self.distributions)   # pops the enqueued trial
         self.trials[mid] = trial
         self.segments[mid] = {"trial": trial.number, "event": event, "round": round, "last": None}
+
+    def _restored(self, mid: int, rec: Mapping[str, Any]) -> None:
+        """Member ``mid``'s process died and it was restored from its own state: its segment
+        goes on (same hyperparameters) and counts the restore."""
+        seg = self.segments[mid]
+        seg["restores"] = int(seg.get("restores", 0)) + 1
+        trial = self._trial(mid)
+        trial.set_user_attr("restores", seg["restores"])
+        trial.set_user_attr("last_restore", {"round": rec.get("round"), "step": rec.get("step"),
+                                             "why": rec.get("error"), "source": rec.get("source")})
 
     def _report(self, mid: int, step: int, value: float) -> None:
         seg = self.segments[mid]

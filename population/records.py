@@ -102,6 +102,7 @@ class Records:
         self.lineage_count = 0
         self.failures = 0             # members that diverged or were given up (population.max_failures)
         self.restores = 0             # members restored after their process died (not failures)
+        self.member_restores: dict[int, int] = {}   # member -> its restores (evo status shows them)
         self.deaths_on_state: dict[int, int] = {}   # member -> deaths since its state last changed
         self.diverged: list[dict] = []    # genomes of the members that diverged in this session
         self.exploit_latencies: list[float] = []
@@ -188,6 +189,7 @@ class Records:
         self.lineage_count = int(state["lineage_count"])
         self.failures = int(state.get("failures", 0))
         self.restores = int(state.get("restores", 0))
+        self.member_restores = {int(m): int(n) for m, n in (state.get("member_restores") or {}).items()}
         self.exploit_latencies = list(state.get("exploit_latencies", []))
         timing = state.get("timing", {})
         self.compute_s = float(timing.get("member_compute_s", 0.0))
@@ -246,6 +248,7 @@ class Records:
         ``source`` ("object store" or "checkpoint")."""
         rec = self.members[m]
         self.restores += 1
+        self.member_restores[m] = self.member_restores.get(m, 0) + 1
         self.lineage("restored", round, m, parents=[], genome=rec.genome, step=rec.step,
                      fitness=rec.fitness, error=why, source=source)
 
@@ -342,6 +345,7 @@ class Records:
             "lineage_count": self.lineage_count,
             "failures": self.failures,
             "restores": self.restores,
+            "member_restores": {str(m): n for m, n in sorted(self.member_restores.items())},
             "exploit_latencies": self.exploit_latencies,
             "timing": {"member_compute_s": self.compute_s, "wall_s": wall, "slots": self.slots,
                        "member_cpu_s": self.cpu_s},

@@ -573,7 +573,7 @@ def summary(run: RunView) -> dict[str, Any]:
     if _finite(timing.get("wall_s")) and timing["wall_s"] > 0 and timing.get("slots"):
         efficiency = float(timing.get("member_compute_s", 0.0)) / (timing["wall_s"] * timing["slots"])
     counts = {e: sum(1 for r in run.lineage if r.get("event") == e)
-              for e in ("exploit", "explore", "crossover", "restart", "died")}
+              for e in ("exploit", "explore", "crossover", "restart", "died", "restored")}
     return {
         "name": run.name,
         "status": state.get("status", "created (no round committed yet)"),
@@ -593,6 +593,7 @@ def summary(run: RunView) -> dict[str, Any]:
         "exploit_latency_median_s": statistics.median(lat) if lat else None,
         "events": counts,
         "failures": state.get("failures", 0),
+        "restores": state.get("restores", 0),
         "timing": timing,
         "efficiency": efficiency,
         "updated": state.get("updated"),
@@ -663,8 +664,11 @@ def render_html(run: RunView, plots: dict[str, tuple[bytes, str, str]]) -> str:
         ("exploits", e(f"{s['exploits']} weight transfers, median latency "
                        + (f"{1000 * lat:.1f} ms" if lat is not None else "—")
                        + f"; lineage: {ev['exploit']} exploit, {ev['explore']} explore, {ev['crossover']} "
-                         f"crossover, {ev['restart']} restart, {ev['died']} died")),
+                         f"crossover, {ev['restart']} restart, {ev['died']} died, "
+                         f"{ev['restored']} restored")),
         ("failures", e(str(s["failures"]))),
+        ("restores", e(f"{s['restores']} (a member's process died or its node was lost; it came back "
+                       "from its own state)")),
         ("orchestration efficiency", e(eff)),
         ("last commit", e(_when(s["updated"]))),
     ]

@@ -18,8 +18,9 @@ What is logged:
   (and ``parent``) and the new ``hp/<gene>`` values; at each session's start a row with
   ``event/born`` or ``event/resume`` — so the hyperparameter schedule reads off the ``hp/`` charts;
 - driver rows, x-axis ``round``: ``best_val_bpb``, ``median_val_bpb``, ``best_member``,
-  ``alive``, the round's ``exploits``/``explores``/``crossovers``/``restarts``/``failures`` and
-  their running totals ``total/exploits`` …, ``tokens_per_s`` (sum of the members' last);
+  ``alive``, the round's ``exploits``/``explores``/``crossovers``/``restarts``/``failures``/
+  ``restores`` (members whose process died, restored from their own state) and their running
+  totals ``total/exploits`` …, ``tokens_per_s`` (sum of the members' last);
 - the lineage (``lineage.jsonl``) as a W&B Table ``lineage`` on the driver run, every
   ``table_every`` rounds and at close.
 
@@ -53,7 +54,7 @@ DRIVER = "driver"
 RESULT_KEYS = ("val_bpb", "val_loss", "train_loss", "tokens_per_s", "seconds", "params")
 # driver-row names of the per-round event counts
 PLURAL = {"exploit": "exploits", "explore": "explores", "crossover": "crossovers",
-          "restart": "restarts", "died": "failures"}
+          "restart": "restarts", "died": "failures", "restored": "restores"}
 LINEAGE_COLUMNS = ["round", "event", "member", "parents", "step", "fitness", "changed", "how",
                    "error", "genome"]
 
