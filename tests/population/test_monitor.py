@@ -4,7 +4,7 @@ HTTP API), and Ray's Prometheus endpoint (in a subprocess with its own Ray).
 
 The sequence (3 members, interval 10 steps): start → round 1 → round 2 (member 2 exploits
 member 1 with a perturbed learning rate) → round 3 (member 0 diverges: "died", then a restart
-from member 1) → close("stopped"); a second Monitor(resumed=True) on the same store → rounds 4
+from member 1; member 2's process dies and it is "restored" from its own state) → close("stopped"); a second Monitor(resumed=True) on the same store → rounds 4
 and 5 → close("finished").
 """
 from __future__ import annotations
@@ -57,6 +57,7 @@ RESTARTED = {"model.num_hidden_layers": 1, "train.lr": 2.0e-3, "train.weight_dec
 VAL_BPB = {1: {0: 3.0, 1: 2.8, 2: 3.2}, 2: {0: 2.6, 1: 2.4, 2: 2.9}, 3: {1: 2.2, 2: 2.5},
            4: {0: 2.1, 1: 2.0, 2: 2.3}, 5: {0: 1.9, 1: 1.8, 2: 2.0}}
 INTERVAL = 10
+RESTORED_WHY = "node lost: node 8aab1ed97771 at 127.0.0.3 (health check failed)"
 
 
 def make_setup(storage: str, name: str, wandb: str = "offline", optuna_on: bool = True) -> SearchSetup:
@@ -136,6 +137,7 @@ def play(monitor: Monitor, pop: Population, store: RunStore, rounds: range) -> N
         if r == 3:
             lineage.append(pop.event("died", r, 0, pop.members[0]["genome"], [], error=results[0]["error"]))
             lineage.append(pop.event("restart", r, 0, RESTARTED, [1]))
+            lineage.append(pop.event("restored", r, 2, EXPLOITED, [], error=RESTORED_WHY, source="checkpoint"))
         if lineage:
             store.append_lineage(lineage)
         monitor.on_round(r, pop.snapshot(), lineage, results)
@@ -257,7 +259,8 @@ def test_wandb_member_rows_hold_metrics_and_the_schedule(played):
     # hp/train.lr over every row: the genome that trained each interval, the exploit's new one
     assert [(r["member/step"], r["hp/train.lr"]) for r in rows] == [
         (0, 5.0e-4), (10, 5.0e-4), (20, 5.0e-4), (20, 3.6e-3), (30, 3.6e-3),
-        (30, 3.6e-3), (40, 3.6e-3), (50, 3.6e-3)]
+        (30, 3.6e-3), (30, 3.6e-3), (40, 3.6e-3), (50, 3.6e-3)]
+    assert [(r["round"], r["member/step"]) for r in rows if r.get("event/restored")] == [(3, 30)]
     exploit = [r for r in rows if r.get("event/exploit") == 1]
     assert len(exploit) == 1 and exploit[0]["parent"] == 1 and exploit[0]["hp/model.num_hidden_layers"] == 2
     assert [r.get("event/resume") for r in sessions[1]["rows"][:1]] == [1]
@@ -275,8 +278,9 @@ def test_wandb_driver_rows_and_lineage_table(played):
     assert [per_round[r]["best_val_bpb"] for r in range(1, 6)] == [2.8, 2.4, 2.2, 2.0, 1.8]
     assert per_round[2]["median_val_bpb"] == 2.6 and per_round[5]["best_member"] == 1
     assert [per_round[r]["exploits"] for r in range(1, 6)] == [0, 1, 0, 0, 0]
-    assert (per_round[3]["failures"], per_round[3]["restarts"]) == (1, 1)
+    assert (per_round[3]["failures"], per_round[3]["restarts"], per_round[3]["restores"]) == (1, 1, 1)
     assert per_round[5]["total/exploits"] == 1 and per_round[5]["total/failures"] == 1   # kept over the resume
+    assert [per_round[r]["total/restores"] for r in range(1, 6)] == [0, 0, 1, 1, 1]
     assert per_round[1]["tokens_per_s"] == 3030.0
     tables = [r["lineage"] for r in rows if "lineage" in r]
     assert len(tables) == 2 and all(t["_type"] == "table-file" for t in tables)   # at each close
@@ -284,7 +288,7 @@ def test_wandb_driver_rows_and_lineage_table(played):
     table = json.loads(Path(last, "files", tables[-1]["path"]).read_text())
     events = [(row[table["columns"].index("event")], row[table["columns"].index("member")])
               for row in table["data"]]
-    assert events == [("exploit", 2), ("died", 0), ("restart", 0)]
+    assert events == [("exploit", 2), ("died", 0), ("restart", 0), ("restored", 2)]
 
 
 def test_wandb_sync_finds_the_offline_runs(played):
@@ -323,6 +327,10 @@ def test_optuna_trial_per_segment(played):
     assert (exploit.user_attrs["parent"], exploit.user_attrs["start_step"], exploit.user_attrs["how"]) == (1, 20, "perturb")
     assert exploit.intermediate_values == {30: 2.5, 40: 2.3, 50: 2.0} and exploit.value == 2.0
     assert by[0, "restart"].intermediate_values == {40: 2.1, 50: 1.9}
+    # member 2's restore (same hyperparameters) goes on in its segment, counted there only
+    assert exploit.user_attrs["restores"] == 1
+    assert exploit.user_attrs["last_restore"] == {"round": 3, "step": 30, "why": RESTORED_WHY, "source": "checkpoint"}
+    assert [t.user_attrs.get("restores") for t in trials] == [None, None, None, 1, None]
     assert set(exploit.distributions) == {"train.lr", "train.weight_decay"}
     assert exploit.distributions["train.lr"].log
     # at the stop: the live segments were RUNNING, the ended ones finished
@@ -500,6 +508,7 @@ def test_ray_metrics_reach_prometheus(tmp_path):
             "ray_evo_exploits_total{run=metrics-run}": 1.0,
             "ray_evo_restarts_total{run=metrics-run}": 1.0,
             "ray_evo_failures_total{run=metrics-run}": 1.0,
+            "ray_evo_restores_total{run=metrics-run}": 1.0,
         }
         deadline, got = time.monotonic() + 30, {}
         while time.monotonic() < deadline:
