@@ -27,9 +27,9 @@ from pathlib import Path
 import optuna
 import pytest
 
+from population.inspect import _member_restores
+from population.store import RunStore
 from tests.helpers import EVO, QUICKSTART, RAY, TINY, evo_env, evo_status, free_port, read_lineage, set_args
-
-pytestmark = pytest.mark.slow
 
 INTERVAL, TOTAL = 10, 100
 HEAD_IP, WORKER_IP, REPLACEMENT_IP = "127.0.0.2", "127.0.0.3", "127.0.0.4"
@@ -171,6 +171,7 @@ def _committed_round(run_dir: Path) -> int:
         return -1
 
 
+@pytest.mark.slow
 def test_a_lost_node_s_member_is_restored_from_its_own_state(tmp_path):
     cluster = TwoNodes(tmp_path, evo_env(tmp_path / "cache"))
     run = None
@@ -243,3 +244,17 @@ def test_a_lost_node_s_member_is_restored_from_its_own_state(tmp_path):
             run.wait()
         cluster.close()
     assert _with_dir(cluster.temp_dir) == [] and not os.path.exists(cluster.temp_dir)
+
+
+def test_restores_of_a_run_committed_before_the_per_member_counts_come_from_its_lineage(tmp_path):
+    """A state without ``member_restores`` (written before evo counted them per member): the
+    committed lineage's ``restored`` records are counted; records past the commit are not."""
+    store = RunStore(str(tmp_path), "old")
+    store.create({"name": "old"})
+    records = [{"event": e, "round": r, "member": m} for e, r, m in
+               [("born", 0, 0), ("born", 0, 1), ("restored", 1, 1), ("exploit", 1, 0), ("restored", 2, 1),
+                ("restored", 2, 0), ("restored", 3, 0)]]
+    store.append_lineage(records)
+    assert _member_restores(store, {"restores": 3, "lineage_count": 6}) == {1: 2, 0: 1}
+    assert _member_restores(store, {"restores": 0, "lineage_count": 7}) == {}
+    assert _member_restores(store, {"member_restores": {"1": 4}, "restores": 4}) == {1: 4}
