@@ -199,7 +199,10 @@ class Members:
         node = node or self.died_on.get(m)
         if why.startswith("node lost") or node is None:
             return why
-        info = next((n for n in ray.nodes() if n.get("NodeID") == node), None)
+        try:
+            info = next((n for n in ray.nodes() if n.get("NodeID") == node), None)
+        except Exception:   # noqa: BLE001 - the GCS does not answer: the death as Ray told it
+            return why
         if info is None or info.get("Alive", True):
             return why
         reason = info.get("DeathReasonMessage") or ""
