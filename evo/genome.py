@@ -45,6 +45,13 @@ def plain_value(value: Any, path: str = "value") -> Any:
     raise TypeError(f"{path}: {type(value).__name__} value {value!r} is not a plain JSON value")
 
 
+_PLAIN = frozenset({str, int, float, bool, type(None)})
+
+
+def _path(item: tuple[str, Any]) -> str:
+    return item[0]
+
+
 @dataclass(frozen=True, eq=False)
 class Genome:
     """Gene values as `((path, value), ...)` sorted by path.
@@ -56,8 +63,10 @@ class Genome:
     values: tuple[tuple[str, Any], ...]
 
     def __post_init__(self) -> None:
-        items = [(str(p), plain_value(v, str(p))) for p, v in self.values]
-        items.sort(key=lambda item: item[0])
+        # values that are plain already (nearly all: genomes are built from genomes) skip plain_value
+        items = [(p, v) if type(p) is str and type(v) in _PLAIN else (str(p), plain_value(v, str(p)))
+                 for p, v in self.values]
+        items.sort(key=_path)
         for (p1, _), (p2, _) in zip(items, items[1:]):
             if p1 == p2:
                 raise ValueError(f"genome: path {p1!r} appears twice")
