@@ -338,8 +338,9 @@ class Records:
                   "genome": genome, "step": step, "fitness": fitness, "time": time.time()}
         if changed_from is not None:
             a, b = Genome.from_dict(changed_from), Genome.from_dict(genome)
-            record["changed"] = format_diff(a, b)
-            record["diff"] = {p: list(v) for p, v in diff(a, b).items()}
+            changes = diff(a, b)
+            record["changed"] = format_diff(a, b, changes)
+            record["diff"] = {p: list(v) for p, v in changes.items()}
         record.update(extra)
         self.pending_lineage.append(_copy(record))
 
