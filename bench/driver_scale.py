@@ -199,8 +199,8 @@ def plot(rows: list[dict], strategies: list[str], path: Path) -> None:
         ax.plot([r["n"] for r in mine], [r["decision_ms"] for r in mine], "x--", color=line.get_color(),
                 alpha=0.6, label=f"{s} decision")
     if sizes:
-        ref = [r["total_ms"] for r in rows if r["n"] == sizes[0]]
-        c = statistics.median(ref) / (sizes[0] * math.log2(sizes[0]))
+        mid = sizes[len(sizes) // 2]   # the reference passes through the middle size's median total
+        c = statistics.median(r["total_ms"] for r in rows if r["n"] == mid) / (mid * math.log2(mid))
         ax.plot(sizes, [c * n * math.log2(n) for n in sizes], ":", color="gray", label="n log n")
     ax.axhline(100, color="red", lw=0.8, ls="--", label="goal: 100 ms")
     ax.set_xscale("log")

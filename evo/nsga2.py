@@ -76,8 +76,9 @@ class NSGA2(Strategy):
         n_replace = min(math.ceil(self.config.quantile * n), n // 2) if n >= 2 else 0
         if n_replace == 0:
             return [Keep(m.id) for m in todo]
-        rank = {m.id: int(r) for m, r in zip(members, front_ranks(objectives))}
-        selected, _ = sel_nsga2(objectives, n - n_replace)
+        fronts = front_ranks(objectives)
+        rank = {m.id: int(r) for m, r in zip(members, fronts)}
+        selected, _ = sel_nsga2(objectives, n - n_replace, fronts)
         survivors = [members[i] for i in selected]   # by front, best first
         survivor_ids = {m.id for m in survivors}
         survivor_ranks = np.array([rank[s.id] for s in survivors])

@@ -71,8 +71,9 @@ def front_ranks(objectives: np.ndarray) -> np.ndarray:
     only be dominated by one before it; each is then placed into the first front holding no row
     that dominates it, found by bisection over the fronts (ENS-BS, Zhang et al. 2015: a row
     dominated by front f is dominated by every front before f). With two objectives a front's
-    smallest second objective decides, so the whole sort is O(n log n); with more, each of the
-    O(n log n) probes compares the row with one front's rows at once."""
+    smallest second objective decides, so the whole sort is O(n log n); with three, a front's
+    staircase of (second, third) answers a probe by bisection, O(n log^2 n); with more, each of
+    the O(n log n) probes compares the row with one front's rows at once."""
     obj = np.asarray(objectives, dtype=np.float64)
     if obj.ndim != 2:
         raise ValueError(f"objectives must be a 2-D array [members, objectives], got shape {obj.shape}")
@@ -96,8 +97,10 @@ def front_ranks(objectives: np.ndarray) -> np.ndarray:
                 best[f] = y   # y < best[f]
             ranks[i] = f
         return ranks[inverse]
-    fronts: list[_Rows] = []
+    fronts: list[_Rows | _Staircase] = []
     tail = rows[:, 1:]   # the rows are sorted by the first objective: an earlier one is <= in it
+    if m == 3:
+        tail = tail.tolist()
     for i in range(len(rows)):
         lo, hi = 0, len(fronts)   # the first front in [lo, hi) without a row dominating row i
         while lo < hi:
@@ -107,10 +110,34 @@ def front_ranks(objectives: np.ndarray) -> np.ndarray:
             else:
                 hi = mid
         if lo == len(fronts):
-            fronts.append(_Rows(m - 1))
+            fronts.append(_Staircase() if m == 3 else _Rows(m - 1))
         fronts[lo].add(tail[i])
         ranks[i] = lo
     return ranks[inverse]
+
+
+class _Staircase:
+    """One front's rows for three objectives, without the first: the points (x, y) no other
+    point of the front covers, x ascending and y descending, so that "some row is <= (x, y)"
+    is one bisection."""
+
+    def __init__(self) -> None:
+        self.xs: list[float] = []
+        self.ys: list[float] = []
+
+    def dominates(self, row: list[float]) -> bool:
+        j = bisect.bisect_right(self.xs, row[0]) - 1   # the smallest y among the x <= row's
+        return j >= 0 and self.ys[j] <= row[1]
+
+    def add(self, row: list[float]) -> None:
+        """Add a row no point here is <= (what front_ranks guarantees); drop the points it covers."""
+        x, y = row
+        i = bisect.bisect_left(self.xs, x)
+        j = i
+        while j < len(self.ys) and self.ys[j] >= y:
+            j += 1
+        self.xs[i:j] = [x]
+        self.ys[i:j] = [y]
 
 
 class _Rows:
@@ -162,14 +189,15 @@ def pareto_front(objectives: np.ndarray) -> list[int]:
     return [int(i) for i in valid[front_ranks(obj[valid]) == 0]]
 
 
-def sel_nsga2(objectives: np.ndarray, k: int) -> tuple[list[int], list[int]]:
+def sel_nsga2(objectives: np.ndarray, k: int, ranks: np.ndarray | None = None) -> tuple[list[int], list[int]]:
     """NSGA-II survivor selection (DEAP `selNSGA2`'s rule; draws no random numbers):
     `(selected, pareto_front)`.
 
     `objectives` [n, m] are all minimised. `selected` holds k indices: whole fronts in order
     (each front's rows ascending), the last one cut by crowding distance (largest first, ties
     ascending); rows with a NaN come after every complete row. `pareto_front` is the first front,
-    ascending. Sorting as in `front_ranks`, crowding only for the front that is cut."""
+    ascending. Sorting as in `front_ranks` (`ranks`: its result for `objectives`, when the caller
+    has it and no row has a NaN); crowding only for the front that is cut."""
     obj = np.asarray(objectives, dtype=np.float64)
     if obj.ndim != 2:
         raise ValueError(f"objectives must be a 2-D array [members, objectives], got shape {obj.shape}")
@@ -177,7 +205,7 @@ def sel_nsga2(objectives: np.ndarray, k: int) -> tuple[list[int], list[int]]:
         raise ValueError(f"k ({k}) must be between 0 and the number of members ({len(obj)})")
     nan = np.isnan(obj).any(axis=1)
     valid, invalid = np.flatnonzero(~nan), np.flatnonzero(nan)
-    ranks = front_ranks(obj[valid])
+    ranks = front_ranks(obj[valid]) if ranks is None or len(invalid) else np.asarray(ranks)
     order = np.argsort(ranks, kind="stable")   # by front, rows ascending within one
     by_front, sorted_ranks = valid[order], ranks[order]
     take = min(k, len(valid))
