@@ -15,7 +15,8 @@ Layout::
     │                               "sha256": "…", "bytes": 5120, "time": "2026-…Z",
     │                               "previous": [{"commit": 41, "file", "sha256", "round"}, …]}
     ├── states/
-    │   ├── 000041.json            the driver's full state at commit 41 (JSON, sorted keys)
+    │   ├── 000041.json            the driver's full state at commit 41 (JSON, sorted keys, one
+    │   │                          top-level key per line, each member's record on a line of its own)
     │   └── 000042.json            …commit 42: written whole under a fresh name, never rewritten;
     │                              the newest KEEP_STATES are kept, with their checksums in the
     │                              pointer's "previous", so a resume can fall back to an older one
