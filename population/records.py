@@ -78,6 +78,7 @@ class MemberRecord:
 
 
 _FIELDS = tuple(f.name for f in dataclasses.fields(MemberRecord))
+_encode = json.JSONEncoder(sort_keys=True).encode   # one encoder for thousands of records a round
 _SCALARS = frozenset({str, int, float, bool, type(None)})
 
 
@@ -388,7 +389,7 @@ class Records:
             self.events = events
         members = [self.members[m].fields() for m in self.ids]
         try:
-            encoded = [RawJSON(json.dumps(d, sort_keys=True)) for d in members]
+            encoded = [RawJSON(_encode(d)) for d in members]
         except (TypeError, ValueError) as e:
             raise StoreError(f"state is not JSON-serialisable: {str(e).splitlines()[0] if str(e) else e!r}") from e
         state = {

@@ -870,6 +870,9 @@ def _refs_in(body: bytes) -> frozenset[str]:
     return frozenset(out)
 
 
+_ENCODE = json.JSONEncoder(sort_keys=True).encode
+
+
 def _encode_state(state: dict) -> bytes:
     """A state body: JSON with sorted keys, one top-level key per line and each item of a list
     of objects (the members) on a line of its own -- readable and greppable, and written by
@@ -879,7 +882,7 @@ def _encode_state(state: dict) -> bytes:
     for key in sorted(state, key=str):
         value = state[key]
         if isinstance(value, list) and value and all(isinstance(v, (dict, RawJSON)) for v in value):
-            inner = ",\n".join(v if isinstance(v, RawJSON) else json.dumps(v, sort_keys=True) for v in value)
+            inner = ",\n".join(v if isinstance(v, RawJSON) else _ENCODE(v) for v in value)
             text = f"[\n{inner}\n]"
         else:
             text = json.dumps(value, sort_keys=True)
