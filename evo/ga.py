@@ -29,7 +29,6 @@ import numpy as np
 from evo.crossover import cx_sbx, cx_uniform
 from evo.genome import Genome
 from evo.mutation import mut_polynomial
-from evo.selection import sel_tournament
 from evo.space import SearchSpace
 from evo.strategy import Crossover, Decision, Exploit, Keep, MemberView, Snapshot, Strategy
 from evo.strategies import StrategyConfig, fitness_key, inside, is_fitter, ranked, ready_members
@@ -40,24 +39,56 @@ def crossover_operator(config: StrategyConfig) -> Callable[[Genome, Genome, Sear
     return cx_sbx if config.crossover == "sbx" else cx_uniform
 
 
+class Pool:
+    """The parents a member may draw from: `members[:size]` without the positions in
+    `excluded`, indexed without building that list, with each member's tournament `scores`
+    (lower wins) computed once per plan. Pool index j is `members`' j-th position left."""
+
+    def __init__(self, members: Sequence[MemberView], scores: np.ndarray, size: int | None = None,
+                 excluded: tuple[int, ...] = ()) -> None:
+        self.members, self.scores = members, scores
+        self.size = len(members) if size is None else size
+        self.excluded = tuple(sorted(excluded))
+
+    def __len__(self) -> int:
+        return self.size - len(self.excluded)
+
+    def _positions(self, j: np.ndarray) -> np.ndarray:
+        for e in self.excluded:   # ascending: each skipped position shifts the rest by one
+            j = j + (j >= e)
+        return j
+
+    def __getitem__(self, j: int) -> MemberView:
+        return self.members[int(self._positions(np.int64(j)))]
+
+    def tournament(self, size: int, rng: np.random.Generator) -> int:
+        """Pool index of one tournament winner: `size` draws with replacement, the lowest
+        score wins, the first drawn among equals (the draws of `sel_tournament`)."""
+        drawn = rng.integers(len(self), size=size)
+        return int(drawn[np.argmin(self.scores[self._positions(drawn)])])
+
+    def without(self, j: int) -> Pool:
+        return Pool(self.members, self.scores, self.size, (*self.excluded, int(self._positions(np.int64(j)))))
+
+
 def breed(
     member: MemberView,
-    pool: list[MemberView],
-    score: Callable[[MemberView], float],
+    pool: Pool,
     fitter: Callable[[MemberView, MemberView], bool],
     space: SearchSpace,
     config: StrategyConfig,
     rng: np.random.Generator,
 ) -> Decision:
     """One offspring for `member`'s slot from parents drawn by tournament in `pool` (members
-    other than `member`, lower `score` wins), or Keep when the weights would come from a
-    member that is not `fitter` than `member`. Shared by the GA and NSGA-II."""
-    if not pool:
+    other than `member`), or Keep when the weights would come from a member that is not
+    `fitter` than `member`. Shared by the GA and NSGA-II."""
+    if not len(pool):
         return Keep(member.id)
-    p1 = pool[_tournament(pool, score, config.tournament_size, rng)]
+    i1 = pool.tournament(config.tournament_size, rng)
+    p1 = pool[i1]
     if len(pool) >= 2 and rng.random() < config.crossover_probability:
-        rest = [p for p in pool if p.id != p1.id]
-        p2 = rest[_tournament(rest, score, config.tournament_size, rng)]
+        rest = pool.without(i1)
+        p2 = rest[rest.tournament(config.tournament_size, rng)]
         source = p2 if fitter(p2, p1) else p1
         if not fitter(source, member):
             return Keep(member.id)
@@ -68,13 +99,6 @@ def breed(
         return Keep(member.id)
     child = mut_polynomial(p1.genome, space, rng, probability=config.mutation_probability)
     return Exploit(member.id, p1.id, inside(space, child, p1.genome), "perturb")
-
-
-def _tournament(
-    pool: list[MemberView], score: Callable[[MemberView], float], size: int, rng: np.random.Generator
-) -> int:
-    """Index in `pool` of one tournament winner (lower score wins)."""
-    return int(sel_tournament(np.array([score(p) for p in pool]), 1, size, rng)[0])
 
 
 class GA(Strategy):
@@ -90,13 +114,15 @@ class GA(Strategy):
         members = ready_members(snapshot, ready)
         population = ranked(snapshot)
         elite = {m.id for m in population[: self.config.elitism]}
+        position = {p.id: i for i, p in enumerate(population)}
+        scores = np.array([fitness_key(p) for p in population])
         decisions: list[Decision] = []
         for m in members:
             if not m.history or m.id in elite:
                 decisions.append(Keep(m.id))
                 continue
-            pool = [p for p in population if p.id != m.id]
-            decisions.append(breed(m, pool, fitness_key, is_fitter, self.space, self.config, rng))
+            pool = Pool(population, scores, excluded=(position[m.id],))   # the others
+            decisions.append(breed(m, pool, is_fitter, self.space, self.config, rng))
         self.generation += 1
         return decisions
 

@@ -45,6 +45,13 @@ def plain_value(value: Any, path: str = "value") -> Any:
     raise TypeError(f"{path}: {type(value).__name__} value {value!r} is not a plain JSON value")
 
 
+_PLAIN = frozenset({str, int, float, bool, type(None)})
+
+
+def _path(item: tuple[str, Any]) -> str:
+    return item[0]
+
+
 @dataclass(frozen=True, eq=False)
 class Genome:
     """Gene values as `((path, value), ...)` sorted by path.
@@ -56,8 +63,10 @@ class Genome:
     values: tuple[tuple[str, Any], ...]
 
     def __post_init__(self) -> None:
-        items = [(str(p), plain_value(v, str(p))) for p, v in self.values]
-        items.sort(key=lambda item: item[0])
+        # values that are plain already (nearly all: genomes are built from genomes) skip plain_value
+        items = [(p, v) if type(p) is str and type(v) in _PLAIN else (str(p), plain_value(v, str(p)))
+                 for p, v in self.values]
+        items.sort(key=_path)
         for (p1, _), (p2, _) in zip(items, items[1:]):
             if p1 == p2:
                 raise ValueError(f"genome: path {p1!r} appears twice")
@@ -137,16 +146,28 @@ def diff(a: Genome, b: Genome) -> dict[str, tuple[Any, Any]]:
     out: dict[str, tuple[Any, Any]] = {}
     for path in sorted(set(da) | set(db)):
         va, vb = da.get(path, _MISSING), db.get(path, _MISSING)
-        if va is _MISSING or vb is _MISSING or _canonical_json(va) != _canonical_json(vb):
+        if va is _MISSING or vb is _MISSING or not _same_json(va, vb):
             out[path] = (None if va is _MISSING else va, None if vb is _MISSING else vb)
     return out
 
 
-def format_diff(a: Genome, b: Genome) -> str:
+def _same_json(va: Any, vb: Any) -> bool:
+    """Whether two values have the same canonical JSON (scalars compared without encoding)."""
+    t = type(va)
+    if t is type(vb):
+        if t is float:
+            return repr(va) == repr(vb)   # JSON writes a float as its repr: 0.0 and -0.0 differ, nan equals nan
+        if t in (int, str, bool, type(None)):
+            return va == vb
+    return _canonical_json(va) == _canonical_json(vb)
+
+
+def format_diff(a: Genome, b: Genome, changes: dict[str, tuple[Any, Any]] | None = None) -> str:
     """One readable line of what changed from `a` to `b`, for lineage records, e.g.
     `"model.num_hidden_layers 2→3, train.lr 1e-03→1.2e-03"`; floats with 3 significant
-    digits; `""` when nothing changed."""
-    return ", ".join(f"{path} {_format_change(va, vb)}" for path, (va, vb) in diff(a, b).items())
+    digits; `""` when nothing changed. `changes`: `diff(a, b)` if the caller has it already."""
+    changes = diff(a, b) if changes is None else changes
+    return ", ".join(f"{path} {_format_change(va, vb)}" for path, (va, vb) in changes.items())
 
 
 def _format_change(va: Any, vb: Any) -> str:

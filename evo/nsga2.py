@@ -4,7 +4,8 @@ Each round (sync mode; in async mode the same for the one ready member):
 
     objectives <- config.objectives of every member that has them (max objectives negated,
                   so all are minimised; a non-finite value counts as the worst)
-    front rank <- non-dominated sorting (0 = the Pareto front)
+    front rank <- non-dominated sorting (0 = the Pareto front; evo.selection.front_ranks,
+                  O(n log n) for two objectives)
     survivors  <- sel_nsga2: the best n - k members by front, then crowding distance,
                   with k = min(ceil(quantile * n), floor(n / 2)) as in PBT
     for every member m not among the survivors:
@@ -27,8 +28,8 @@ from typing import Sequence
 
 import numpy as np
 
-from evo.ga import breed
-from evo.selection import sel_nsga2
+from evo.ga import Pool, breed
+from evo.selection import front_ranks, sel_nsga2
 from evo.strategy import OBJECTIVE_SENSE, Decision, Keep, MemberView, Snapshot, Strategy
 from evo.strategies import ready_members
 
@@ -50,26 +51,6 @@ def objective_vector(member: MemberView, objectives: Sequence[str]) -> np.ndarra
         else:
             values.append(-v if OBJECTIVE_SENSE[name] == "max" else v)
     return np.array(values)
-
-
-def front_ranks(objectives: np.ndarray) -> np.ndarray:
-    """Front index of each row of `objectives` [n, m] (minimised): 0 for the non-dominated
-    rows, 1 for those dominated only by front 0, and so on."""
-    n = len(objectives)
-    # dominates[i, j]: row i is <= row j everywhere and < somewhere   [n, n]
-    le = (objectives[:, None, :] <= objectives[None, :, :]).all(axis=2)
-    lt = (objectives[:, None, :] < objectives[None, :, :]).any(axis=2)
-    dominates = le & lt
-    ranks = np.full(n, -1)
-    remaining = np.ones(n, dtype=bool)
-    front = 0
-    while remaining.any():
-        dominated = (dominates[remaining][:, remaining]).any(axis=0)
-        current = np.flatnonzero(remaining)[~dominated]
-        ranks[current] = front
-        remaining[current] = False
-        front += 1
-    return ranks
 
 
 class NSGA2(Strategy):
@@ -95,10 +76,12 @@ class NSGA2(Strategy):
         n_replace = min(math.ceil(self.config.quantile * n), n // 2) if n >= 2 else 0
         if n_replace == 0:
             return [Keep(m.id) for m in todo]
-        rank = {m.id: int(r) for m, r in zip(members, front_ranks(objectives))}
-        selected, _ = sel_nsga2(objectives, n - n_replace)
-        survivors = [members[i] for i in selected]
+        fronts = front_ranks(objectives)
+        rank = {m.id: int(r) for m, r in zip(members, fronts)}
+        selected, _ = sel_nsga2(objectives, n - n_replace, fronts)
+        survivors = [members[i] for i in selected]   # by front, best first
         survivor_ids = {m.id for m in survivors}
+        survivor_ranks = np.array([rank[s.id] for s in survivors])
 
         def better_front(a: MemberView, b: MemberView) -> bool:
             return rank[a.id] < rank[b.id]
@@ -108,8 +91,9 @@ class NSGA2(Strategy):
             if m.id not in rank or m.id in survivor_ids:
                 decisions.append(Keep(m.id))
                 continue
-            pool = [s for s in survivors if better_front(s, m)]
-            decisions.append(breed(m, pool, lambda s: rank[s.id], better_front, self.space, self.config, rng))
+            # the survivors in a better front than m: a prefix of them
+            pool = Pool(survivors, survivor_ranks, int(np.searchsorted(survivor_ranks, rank[m.id])))
+            decisions.append(breed(m, pool, better_front, self.space, self.config, rng))
         return decisions
 
     def _eligible(self, snapshot: Snapshot) -> tuple[list[MemberView], np.ndarray]:

@@ -11,7 +11,9 @@ Each time members are ready (every member each round in sync mode):
               `sampler: gp`) fitted on the recent observations, maximising the improvement;
               the architecture genes come from the donor, explored by PBT's rule (they change
               the model's shape, which the sampler knows nothing about);
-              until MIN_OBSERVATIONS observations exist, PBT's explore is used instead.
+              until MIN_OBSERVATIONS observations exist, PBT's explore is used instead, and
+              only the first MAX_PROPOSALS receivers of a plan get a proposal (the others
+              explore like PBT), so that the model's cost per round stays bounded.
 
 The improvement of a good configuration shrinks as training goes on, so observations are
 compared only with those ending at the same step: the model is fitted on per-step z-scores
@@ -39,6 +41,9 @@ from evo.strategies import StrategyConfig, inside, ready_members
 MIN_OBSERVATIONS = 8  # below this the model knows too little: explore like PBT
 WINDOW = 4  # the model sees the observations of the last WINDOW evaluation steps
 MAX_OBSERVATIONS = 200  # the state keeps at most this many (the oldest are dropped)
+# proposals asked of the sampler per plan (each ask costs milliseconds: a population of
+# thousands would spend seconds); receivers beyond these explore like PBT
+MAX_PROPOSALS = 16
 
 
 class PB2(Strategy):
@@ -64,7 +69,7 @@ class PB2(Strategy):
             candidates = donors.get(m.id, [])
             if candidates:
                 chosen[m.id] = candidates[rng.integers(len(candidates))]
-        proposals = self._propose(len(chosen), rng) if chosen else []
+        proposals = iter(self._propose(min(len(chosen), MAX_PROPOSALS), rng) if chosen else [])
         decisions: list[Decision] = []
         for m in members:
             donor = chosen.get(m.id)
@@ -74,8 +79,9 @@ class PB2(Strategy):
             genome, how = explore(
                 donor.genome, self.space, rng, self.config.resample_probability, self.config.perturb_factors
             )
-            if proposals:
-                genome, how = inside(self.space, genome.replace(proposals.pop(0)), donor.genome), "model"
+            proposal = next(proposals, None)
+            if proposal is not None:
+                genome, how = inside(self.space, genome.replace(proposal), donor.genome), "model"
             decisions.append(Exploit(m.id, donor.id, genome, how))
             self.intervals[m.id] = {
                 "seen": [_end(m), _end(donor)],

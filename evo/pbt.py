@@ -21,7 +21,8 @@ member of a population of two or more, and the two quantiles never overlap. In a
 
 from __future__ import annotations
 
-from typing import Sequence
+import bisect
+from collections.abc import Sequence
 
 import numpy as np
 
@@ -51,14 +52,37 @@ def explore(
     return inside(space, candidate, genome), "resample" if resample.any() else "perturb"
 
 
-def truncation_donors(snapshot: Snapshot, quantile: float) -> dict[int, list[MemberView]]:
-    """{bottom-quantile member id: the top-quantile members strictly fitter than it}."""
+def truncation_donors(snapshot: Snapshot, quantile: float) -> dict[int, Sequence[MemberView]]:
+    """{bottom-quantile member id: the top-quantile members strictly fitter than it, best first}.
+
+    The top quantile is sorted by fitness, so the members fitter than a receiver are a prefix of
+    it: each receiver gets a view of that prefix (found by bisection), not a copy -- O(n log n)
+    in all rather than O(n^2)."""
     members = ranked(snapshot)
     if len(members) < 2 or quantile <= 0:
         return {}
-    bottom, top = sel_truncation(np.array([fitness_key(m) for m in members]), quantile)
+    keys = [fitness_key(m) for m in members]
+    bottom, top = sel_truncation(np.array(keys), quantile)
     top_members = [members[i] for i in top]
-    return {members[i].id: [t for t in top_members if is_fitter(t, members[i])] for i in bottom}
+    top_keys = [keys[i] for i in top]   # ascending
+    return {members[i].id: Prefix(top_members, bisect.bisect_left(top_keys, keys[i])) for i in bottom}
+
+
+class Prefix(Sequence):
+    """The first `size` items of `items`, without copying them."""
+
+    def __init__(self, items: Sequence, size: int) -> None:
+        self.items, self.size = items, size
+
+    def __len__(self) -> int:
+        return self.size
+
+    def __getitem__(self, i):
+        if isinstance(i, slice):
+            return [self.items[j] for j in range(*i.indices(self.size))]
+        if not -self.size <= i < self.size:
+            raise IndexError(i)
+        return self.items[i % self.size]
 
 
 class PBT(Strategy):
@@ -72,13 +96,14 @@ class PBT(Strategy):
             donors = truncation_donors(snapshot, self.config.quantile)
         else:
             contestants = ranked(snapshot)
+            position = {c.id: i for i, c in enumerate(contestants)}
         decisions: list[Decision] = []
         for m in members:
             if self.config.selection == "truncation":
                 candidates = donors.get(m.id, [])
                 donor = candidates[rng.integers(len(candidates))] if candidates else None
             else:
-                donor = tournament_donor(m, contestants, self.config.tournament_size, rng)
+                donor = tournament_donor(m, contestants, self.config.tournament_size, rng, position)
             if donor is None:
                 decisions.append(Keep(m.id))
                 continue
@@ -90,15 +115,23 @@ class PBT(Strategy):
 
 
 def tournament_donor(
-    member: MemberView, contestants: list[MemberView], size: int, rng: np.random.Generator
+    member: MemberView, contestants: list[MemberView], size: int, rng: np.random.Generator,
+    position: dict[int, int] | None = None,
 ) -> MemberView | None:
     """The best of `size - 1` other members drawn at random, if strictly fitter than `member`
-    (binary tournament when size = 2); None for a member without fitness."""
+    (binary tournament when size = 2); None for a member without fitness.
+
+    The others are `contestants` without `member`, indexed without building that list
+    (`position`: {id: index in contestants}, built once per plan)."""
     if not member.history:
         return None
-    others = [c for c in contestants if c.id != member.id]
-    if not others:
+    if position is None:
+        position = {c.id: i for i, c in enumerate(contestants)}
+    skip = position.get(member.id)
+    n_others = len(contestants) - (skip is not None)
+    if n_others == 0:
         return None
-    drawn = rng.choice(len(others), size=min(size - 1, len(others)), replace=False)
-    best = min((others[i] for i in drawn), key=lambda c: (fitness_key(c), c.id))
+    drawn = rng.choice(n_others, size=min(size - 1, n_others), replace=False)
+    others = (contestants[i + (skip is not None and i >= skip)] for i in drawn)
+    best = min(others, key=lambda c: (fitness_key(c), c.id))
     return best if is_fitter(best, member) else None

@@ -70,16 +70,18 @@ class Snapshot:
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "members", tuple(self.members))
-        ids = [m.id for m in self.members]
-        if len(set(ids)) != len(ids):
+        index = {m.id: m for m in self.members}   # member() in O(1): snapshots hold thousands
+        if len(index) != len(self.members):
+            ids = [m.id for m in self.members]
             dup = next(i for i in ids if ids.count(i) > 1)
             raise ValueError(f"snapshot: member id {dup} appears twice")
+        object.__setattr__(self, "_index", index)   # not a field: equality and repr are unchanged
 
     def member(self, member_id: int) -> MemberView:
-        for m in self.members:
-            if m.id == member_id:
-                return m
-        raise KeyError(f"snapshot: no member {member_id}")
+        try:
+            return self._index[member_id]
+        except KeyError:
+            raise KeyError(f"snapshot: no member {member_id}") from None
 
 
 # ----------------------------------------------------------------------------------------------

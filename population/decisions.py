@@ -34,6 +34,7 @@ from population.records import member_seed, plain
 
 if TYPE_CHECKING:
     from population.driver import Search
+    from population.records import MemberRecord, Records
     from population.slots import Interval
 
 MAX_DEATHS_ON_STATE = 3   # deaths of one member on one state before that state is given up
@@ -48,10 +49,9 @@ def apply_decisions(s: Search, decisions: list, round: int, event: int) -> None:
     own state and its decision applied again, so a fault does not change the search. A receiver
     whose donor's state was lost (the donor's node) keeps its own state.
     """
-    before = {m: dataclasses.replace(r, schedule=list(r.schedule), genome=dict(r.genome))
-              for m, r in s.records.members.items()}
-    states = dict(s.handoff.current)
     pending = [d for d in decisions if not isinstance(d, Keep)]
+    before = records_before(s.records, pending)
+    states = dict(s.handoff.current)
     while pending:
         died = _apply(s, pending, before, states, round, event)
         outcome = restore_dead(s, round)
@@ -82,30 +82,56 @@ def _apply(s: Search, decisions: list, before: Mapping[int, Any], states: Mappin
         m = d.member
         if isinstance(d, Restart) or m not in published:
             continue
-        rec, genome = s.records[m], plain(d.genome.as_dict())
         source = sources.get(m, m)
-        src = before[source]
-        step = loaded[m]["step"] if m in loaded else rec.step
-        extra: dict[str, Any] = {}
-        if isinstance(d, Exploit):
-            event_name = "exploit" if source != m else "explore"
-            parents = [source]
-            extra["how"] = d.how
-        else:
-            event_name = "crossover"
-            parents = list(d.parents)
-            extra["weights_from"] = source
-            extra["parent_genomes"] = [before[p].genome for p in d.parents]
-        if m in latency:
-            extra["latency_s"] = latency[m]
-            extra["receiver_s"] = {k: loaded[m][k] for k in ("read_s", "load_s") if k in loaded[m]}
-            s.records.exploit_latencies.append(latency[m])
-        extra["parent_fitness"] = [before[p].fitness for p in parents]
-        s.slots.forget_speed(m, rec.genome, genome)
-        s.records.took_weights(m, src, genome, step, applied[m]["params"])
-        s.records.lineage(event_name, round, m, parents=parents, genome=genome, step=step,
-                          fitness=before[m].fitness, changed_from=src.genome, **extra)
+        s.slots.forget_speed(m, s.records[m].genome, plain(d.genome.as_dict()))
+        record_applied(s.records, d, before, source, round,
+                       step=loaded[m]["step"] if m in loaded else s.records[m].step,
+                       params=applied[m]["params"], latency=latency.get(m), received=loaded.get(m))
     return [d for d in decisions if d.member in s.members.dead]
+
+
+def records_before(records: Records, decisions: Sequence) -> dict[int, MemberRecord]:
+    """Copies of the records a plan reads while it is applied (receivers, donors, parents), as
+    they were judged: only those, not the whole population's."""
+    ids = set()
+    for d in decisions:
+        ids.add(d.member)
+        if isinstance(d, Exploit):
+            ids.add(d.donor)
+        elif isinstance(d, Crossover):
+            ids.update((*d.parents, d.weights_from))
+    return {m: dataclasses.replace(r, schedule=list(r.schedule), genome=dict(r.genome))
+            for m in sorted(ids) if (r := records.members.get(m)) is not None}
+
+
+def record_applied(records: Records, d: Exploit | Crossover, before: Mapping[int, MemberRecord], source: int,
+                   round: int, step: int, params: int, latency: float | None = None,
+                   received: Mapping[str, Any] | None = None) -> None:
+    """The records' side of an Exploit / Crossover that was applied: member ``d.member`` now runs
+    ``d.genome`` on the weights of ``source`` (itself for an explore) at ``step``, with ``params``
+    parameters; its record takes ``source``'s schedule and a lineage record says what happened
+    (``latency``, ``received``: the exploit's seconds and what the receiver reported)."""
+    m = d.member
+    genome = plain(d.genome.as_dict())
+    src = before[source]
+    extra: dict[str, Any] = {}
+    if isinstance(d, Exploit):
+        event_name = "exploit" if source != m else "explore"
+        parents = [source]
+        extra["how"] = d.how
+    else:
+        event_name = "crossover"
+        parents = list(d.parents)
+        extra["weights_from"] = source
+        extra["parent_genomes"] = [before[p].genome for p in d.parents]
+    if latency is not None:
+        extra["latency_s"] = latency
+        extra["receiver_s"] = {k: received[k] for k in ("read_s", "load_s") if k in (received or {})}
+        records.exploit_latencies.append(latency)
+    extra["parent_fitness"] = [before[p].fitness for p in parents]
+    records.took_weights(m, src, genome, step, params)
+    records.lineage(event_name, round, m, parents=parents, genome=genome, step=step,
+                    fitness=before[m].fitness, changed_from=src.genome, **extra)
 
 
 def restore_dead(s: Search, round: int) -> dict[int, str]:

@@ -20,7 +20,9 @@ Monitoring never kills a search: a sink that raises is reported once (a warning 
 ``population.monitor`` logger) and switched off for the rest of the session.
 
 The shapes the sinks read: ``members`` are committed ``MemberRecord`` dicts (id, genome, step,
-history [[step, val_bpb], ...], objectives, parent, alive, ...); ``lineage`` the lineage records
+history [[step, val_bpb], ...], objectives, parent, alive, ...) -- views of the driver's records,
+not copies (thousands of members), so a sink reads them during the call and copies what it
+keeps; ``lineage`` the lineage records
 committed with this round ({"event", "round", "member", "parents", "genome", "step", "fitness",
 ...}); ``results`` maps a member id to its ``train_and_evaluate`` result ({"step", "train_loss",
 "val_bpb", "val_loss", "tokens_per_s", "seconds", "params"}), or to the error of a member that

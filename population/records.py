@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import statistics
 import time
 from dataclasses import dataclass, field
@@ -26,7 +27,7 @@ import numpy as np
 from evo.genome import Genome, diff, format_diff
 from evo.strategy import MemberView, Snapshot, Strategy
 from population.config import SearchSetup
-from population.store import CorruptRunError, RunStore, StoreError
+from population.store import CorruptRunError, RawJSON, RunStore, StoreError
 
 STATE_VERSION = 1
 
@@ -59,6 +60,16 @@ class MemberRecord:
                           history=tuple((int(s), float(f)) for s, f in self.history),
                           age=self.age, step=self.step, objectives=dict(self.objectives))
 
+    def fields(self) -> dict[str, Any]:
+        """{field: value}, the values the record's own (no copy)."""
+        return {f: getattr(self, f) for f in _FIELDS}
+
+    def to_dict(self) -> dict[str, Any]:
+        """The record as JSON-shaped data sharing no list or dict with it: what
+        ``plain(dataclasses.asdict(record))`` gives, without a JSON round trip per member (a
+        commit copies thousands)."""
+        return {f: _copy(getattr(self, f)) for f in _FIELDS}
+
     @classmethod
     def from_dict(cls, d: Mapping[str, Any]) -> MemberRecord:
         names = {f.name for f in dataclasses.fields(cls)}
@@ -66,9 +77,48 @@ class MemberRecord:
         return cls(**{k: plain(v) for k, v in d.items() if k in names})
 
 
+_FIELDS = tuple(f.name for f in dataclasses.fields(MemberRecord))
+_encode = json.JSONEncoder(sort_keys=True).encode   # one encoder for thousands of records a round
+_SCALARS = frozenset({str, int, float, bool, type(None)})
+
+
+def _copy(x: Any) -> Any:
+    """A JSON-shaped deep copy of plain data (tuples become lists, keys strings); anything
+    else goes through ``plain``."""
+    t = type(x)
+    if t in _SCALARS:
+        return x
+    if t is dict:
+        if all(type(k) is str for k in x):
+            return {k: _copy(v) for k, v in x.items()}
+        return plain(x)   # JSON's own key conversion
+    if t is list or t is tuple:
+        return [_copy(v) for v in x]
+    return plain(x)
+
+
 def plain(x: Any) -> Any:
     """JSON-shaped copy (tuples -> lists), so records compare equal before and after a commit."""
     return json.loads(json.dumps(x))
+
+
+def slot_seconds(timing: Mapping[str, Any]) -> float:
+    """The slot-seconds a run's round loop had: Σ over its sessions of wall × the slots used
+    (``timing.slot_s``; a state of an older evo has only the wall and the last slots)."""
+    if "slot_s" in timing:
+        return float(timing["slot_s"])
+    return float(timing.get("wall_s", 0.0)) * float(timing.get("slots") or 0)
+
+
+def efficiency(timing: Mapping[str, Any]) -> float | None:
+    """Orchestration efficiency of a committed ``timing``: the members' compute seconds (inside
+    their training and evaluation calls) / (the round loop's wall seconds × the slots members
+    actually trained on), summed over the sessions of a resumed run. 1.0: no slot ever waited
+    (for the driver, the sync barrier or a slow member); None before any round ran."""
+    slot_s = slot_seconds(timing)
+    if not slot_s > 0 or not math.isfinite(slot_s):
+        return None
+    return float(timing.get("member_compute_s", 0.0)) / slot_s
 
 
 def member_seed(seed: int, member: int, *more: int) -> int:
@@ -110,9 +160,14 @@ class Records:
         self.cpu_s = 0.0              # CPU seconds of the member processes in the same calls
         self.wall_s = 0.0             # seconds of the round loop (all sessions)
         self.slots = self.pop.size    # members training at once (committed with the timing)
+        self.slot_s = 0.0             # Σ over earlier sessions of their loop's wall × their slots
         self.loop_start: float | None = None
         self.committed: dict | None = None
+        # the committed members by id: each as its JSON text once committed here (immutable: no
+        # copy of thousands of records per round), as a dict when loaded from the store
+        self.committed_members: dict[int, str | dict] = {}
         self.pending_lineage: list[dict] = []
+        self.named_checkpoints: set[str] = set()   # named since the last commit (pruned if unused)
         self.notes: list[str] = []    # one-line warnings of open() (a commit skipped as damaged)
 
     def __getitem__(self, m: int) -> MemberRecord:
@@ -195,6 +250,7 @@ class Records:
         self.compute_s = float(timing.get("member_compute_s", 0.0))
         self.cpu_s = float(timing.get("member_cpu_s", 0.0))
         self.wall_s = float(timing.get("wall_s", 0.0))
+        self.slot_s = slot_seconds(timing)
         self.members = {int(d["id"]): MemberRecord.from_dict(d) for d in state["members"]}
         self.ids = sorted(self.members)
         # the cosine horizon stays the one the members were trained with (extending the budget
@@ -202,6 +258,7 @@ class Records:
         self.train = dataclasses.replace(self.train, decay_steps=state.get("decay_steps", self.train.decay_steps))
         self.strategy.load_state_dict(state.get("strategy") or {})
         self.committed = state
+        self.committed_members = {int(d["id"]): d for d in state["members"]}
 
     def _budget_reached(self) -> bool:
         if self.pop.mode == "sync":
@@ -254,8 +311,8 @@ class Records:
 
     def set_back(self, m: int) -> MemberRecord:
         """m's record as last committed (its state is that commit's checkpoint); returns it."""
-        committed = {d["id"]: d for d in (self.committed or {}).get("members", [])}
-        self.members[m] = MemberRecord.from_dict(committed[m])
+        committed = self.committed_members[m]
+        self.members[m] = MemberRecord.from_dict(json.loads(committed) if isinstance(committed, str) else committed)
         return self.members[m]
 
     def took_weights(self, m: int, src: MemberRecord, genome: dict, step: int, params: int) -> None:
@@ -285,10 +342,11 @@ class Records:
                   "genome": genome, "step": step, "fitness": fitness, "time": time.time()}
         if changed_from is not None:
             a, b = Genome.from_dict(changed_from), Genome.from_dict(genome)
-            record["changed"] = format_diff(a, b)
-            record["diff"] = {p: list(v) for p, v in diff(a, b).items()}
+            changes = diff(a, b)
+            record["changed"] = format_diff(a, b, changes)
+            record["diff"] = {p: list(v) for p, v in changes.items()}
         record.update(extra)
-        self.pending_lineage.append(plain(record))
+        self.pending_lineage.append(_copy(record))
 
     def set_checkpoints(self, ids: list[int], round: int) -> dict[int, tuple[str, int]]:
         """Each member of ``ids`` names its checkpoint of ``round`` (committed once written);
@@ -298,6 +356,7 @@ class Records:
             rec = self.members[m]
             rec.checkpoint = self.store.checkpoint_path(m, round)
             rec.checkpoint_sha256 = None   # known once written (commit reads it)
+            self.named_checkpoints.add(rec.checkpoint)
             out[m] = (rec.checkpoint, rec.step)
         return out
 
@@ -314,7 +373,11 @@ class Records:
 
     def commit(self, round: int, steps_done: int, events: int | None = None) -> tuple[list[dict], list[dict]]:
         """Append the pending lineage, commit state.json atomically, prune the checkpoints no
-        record names. Returns (the committed member dicts, the lineage records committed)."""
+        record names. Returns (the committed member dicts, the lineage records committed).
+
+        The member dicts are views of the live records (not copies: thousands of members), to be
+        read before the records change again (the monitor's sinks copy what they keep); what
+        was committed stays as each member's JSON text (``committed_members``)."""
         lineage, self.pending_lineage = self.pending_lineage, []
         if lineage:
             self.lineage_count = self.store.append_lineage(lineage)
@@ -322,10 +385,16 @@ class Records:
             if rec.checkpoint and rec.checkpoint_sha256 is None:
                 rec.checkpoint_sha256 = self.store.checkpoint_sha256(rec.checkpoint)
         now = time.perf_counter()
-        wall = self.wall_s + (now - self.loop_start if self.loop_start is not None else 0.0)
+        session = now - self.loop_start if self.loop_start is not None else 0.0
+        wall = self.wall_s + session
         self.round, self.steps_done = round, steps_done
         if events is not None:
             self.events = events
+        members = [self.members[m].fields() for m in self.ids]
+        try:
+            encoded = [RawJSON(_encode(d)) for d in members]
+        except (TypeError, ValueError) as e:
+            raise StoreError(f"state is not JSON-serialisable: {str(e).splitlines()[0] if str(e) else e!r}") from e
         state = {
             "version": STATE_VERSION,
             "name": self.setup.name,
@@ -340,7 +409,7 @@ class Records:
             "seed": self.setup.seed,
             "decay_steps": self.train.decay_steps,
             "num_threads": self.num_threads,
-            "members": self.member_dicts(),
+            "members": encoded,
             "strategy": self.strategy.state_dict(),
             "lineage_count": self.lineage_count,
             "failures": self.failures,
@@ -348,16 +417,21 @@ class Records:
             "member_restores": {str(m): n for m, n in sorted(self.member_restores.items())},
             "exploit_latencies": self.exploit_latencies,
             "timing": {"member_compute_s": self.compute_s, "wall_s": wall, "slots": self.slots,
-                       "member_cpu_s": self.cpu_s},
+                       "slot_s": self.slot_s + session * self.slots, "member_cpu_s": self.cpu_s},
             "updated": time.time(),
         }
         self.store.commit_state(state)
         self.committed = state
-        self.store.prune_checkpoints({r.checkpoint for r in self.members.values() if r.checkpoint})
-        return state["members"], lineage
+        self.committed_members = dict(zip(self.ids, encoded))
+        # the store lists its checkpoints only now and then; it is told what was named since
+        self.store.prune_checkpoints({r.checkpoint for r in self.members.values() if r.checkpoint},
+                                     new=self.named_checkpoints)
+        self.named_checkpoints = set()
+        return members, lineage
 
     def member_dicts(self) -> list[dict]:
-        return [plain(dataclasses.asdict(self.members[m])) for m in self.ids]
+        """Every record as a JSON-shaped dict sharing nothing with it (what the commit keeps)."""
+        return [self.members[m].to_dict() for m in self.ids]
 
     def flush_lineage(self) -> None:
         """Write the records of an uncommitted round (a resume drops them again)."""
@@ -383,8 +457,9 @@ class Records:
         best = self.best()
         state = self.committed or {}
         timing = dict(state.get("timing", {}))
-        if timing.get("wall_s"):
-            timing["efficiency"] = timing["member_compute_s"] / (timing["wall_s"] * self.pop.size)
+        eff = efficiency(timing)
+        if eff is not None:
+            timing["efficiency"] = eff
         lat = self.exploit_latencies
         return {
             "name": self.setup.name,

@@ -41,6 +41,7 @@ import numpy as np
 from evo.genome import Genome, format_diff
 from evo.selection import pareto_front
 from evo.strategy import OBJECTIVE_SENSE
+from population.records import efficiency as records_efficiency
 from population.store import RunStore
 
 if TYPE_CHECKING:
@@ -569,9 +570,7 @@ def summary(run: RunView) -> dict[str, Any]:
     best = run.best()
     lat = [float(x) for x in state.get("exploit_latencies", []) if _finite(x)]
     timing = state.get("timing") or {}
-    efficiency = None
-    if _finite(timing.get("wall_s")) and timing["wall_s"] > 0 and timing.get("slots"):
-        efficiency = float(timing.get("member_compute_s", 0.0)) / (timing["wall_s"] * timing["slots"])
+    efficiency = records_efficiency(timing) if _finite(timing.get("wall_s")) else None
     counts = {e: sum(1 for r in run.lineage if r.get("event") == e)
               for e in ("exploit", "explore", "crossover", "restart", "died", "restored")}
     return {
@@ -649,7 +648,10 @@ def render_html(run: RunView, plots: dict[str, tuple[bytes, str, str]]) -> str:
     eff = "—"
     if s["efficiency"] is not None:
         eff = (f"{100 * s['efficiency']:.1f}% (member compute {timing.get('member_compute_s', 0):.1f} s / "
-               f"(wall {timing['wall_s']:.1f} s × {timing['slots']} slots))")
+               f"(wall {timing['wall_s']:.1f} s × {timing['slots']} slots"
+               + (" in the last session" if "slot_s" in timing and
+                  abs(timing["slot_s"] - timing["wall_s"] * timing["slots"]) > 1e-6 * timing["slot_s"] else "")
+               + "))")
     ev = s["events"]
     head = [
         ("run", f"<code>{e(run.name)}</code> <span class=sub>{e(run.uri)}</span>"),

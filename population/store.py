@@ -15,7 +15,8 @@ Layout::
     │                               "sha256": "…", "bytes": 5120, "time": "2026-…Z",
     │                               "previous": [{"commit": 41, "file", "sha256", "round"}, …]}
     ├── states/
-    │   ├── 000041.json            the driver's full state at commit 41 (JSON, sorted keys)
+    │   ├── 000041.json            the driver's full state at commit 41 (JSON, sorted keys, one
+    │   │                          top-level key per line, each member's record on a line of its own)
     │   └── 000042.json            …commit 42: written whole under a fresh name, never rewritten;
     │                              the newest KEEP_STATES are kept, with their checksums in the
     │                              pointer's "previous", so a resume can fall back to an older one
@@ -56,6 +57,7 @@ import errno
 import hashlib
 import io
 import json
+import math
 import os
 import posixpath
 import re
@@ -84,6 +86,7 @@ KEEP_STATES = 3                # state bodies kept (and the checkpoints they nam
                                # and a resume can fall back to an older commit
 DEFAULT_STALE_AFTER = 300.0    # seconds without a heartbeat after which a lock is abandoned
 _TMP_MARK = ".tmp-"            # temporary files are "<final name>.tmp-<hex>"
+LIST_EVERY_S = 600.0           # prune_checkpoints(new=...) lists the checkpoints folder whole this often
 _TMP_MAX_AGE = 3600.0          # prune_checkpoints deletes temporaries older than this (a crash's)
 _REMOTE_SETTLE = 0.2           # seconds between writing a lock on fsspec and reading it back
 
@@ -95,6 +98,11 @@ _STATE_BODY_RE = re.compile(r"(\d+)\.json")
 # that carries them still resumes (read_config drops them). population.transfer chose between
 # shared-memory files and the object store; exploits now always go through the object store.
 RETIRED_KEYS = (("population", "transfer"),)
+
+
+class RawJSON(str):
+    """A list item already encoded as JSON (a member's record, encoded once by the driver):
+    ``commit_state`` writes it as it is."""
 
 
 class StoreError(RuntimeError):
@@ -144,6 +152,13 @@ class RunStore:
         self._lost: str | None = None               # why the lock was lost while held
         self._beat_mutex = threading.Lock()
         self._lineage_size_lines: tuple[int, int] | None = None   # local: (bytes, lines) last seen
+        # the checkpoints each state body names, by (file, sha256): a body never changes, so its
+        # references are read once (prune_checkpoints runs every round)
+        self._body_refs: dict[tuple[str, str], frozenset[str]] = {}
+        # prune_checkpoints(new=...): the checkpoint files that may exist, and when the
+        # checkpoints folder was last listed whole (monotonic seconds)
+        self._present: set[str] | None = None
+        self._listed_at = -math.inf
 
     def __repr__(self) -> str:
         return f"RunStore({self.uri!r})"
@@ -202,7 +217,7 @@ class RunStore:
         if isinstance(rnd, bool) or not isinstance(rnd, int) or rnd < 0:
             raise StoreError(f"state.round must be a non-negative int, got {rnd!r}")
         try:
-            body = json.dumps(state, sort_keys=True, indent=1).encode()
+            body = _encode_state(state)
         except (TypeError, ValueError) as e:
             raise StoreError(f"state is not JSON-serialisable: {_first_line(e)}") from e
 
@@ -210,9 +225,11 @@ class RunStore:
         seq = (seqs[-1] if seqs else 0) + 1   # above any body a crashed commit left behind
         rel = f"{STATES_DIR}/{seq:06d}.json"
         self._write_bytes(rel, body)
+        sha = hashlib.sha256(body).hexdigest()
+        self._body_refs[(rel, sha)] = _refs_in(body)
         pointer = {
             "commit": seq, "round": rnd, "file": rel, "bytes": len(body),
-            "sha256": hashlib.sha256(body).hexdigest(), "time": _iso(time.time()),
+            "sha256": sha, "time": _iso(time.time()),
             "previous": [p for p in self._pointer_chain() if p["commit"] > seq - KEEP_STATES],
         }
         self._write_bytes(STATE, json.dumps(pointer, sort_keys=True, indent=1).encode() + b"\n")
@@ -479,7 +496,7 @@ class RunStore:
             raise CorruptRunError(f"checkpoint {where} holds a {type(state).__name__}, not a dict")
         return state
 
-    def prune_checkpoints(self, keep: set[str]) -> list[str]:
+    def prune_checkpoints(self, keep: set[str], new: set[str] | None = None) -> list[str]:
         """Delete checkpoint files (``*.pt`` under checkpoints/) not in ``keep``; returns them.
 
         A checkpoint named anywhere in a committed state still kept (the last commit and the
@@ -487,17 +504,36 @@ class RunStore:
         can fall back to the commit before a lost checkpoint. A checkpoint's ``.sha256`` goes
         with it. Temporaries of saves that died more than an hour ago are deleted as well; those
         of saves in progress are left alone.
+
+        ``new``: the checkpoint paths named since the last call (the driver, the only one that
+        names checkpoints, passes them every round). Then the files this store knows of are
+        the candidates, and the folder is listed whole only on the first call and every
+        LIST_EVERY_S seconds (temporaries, files of a crashed session): a round costs what it
+        deletes, not the size of the store. Without ``new``, the folder is listed every time.
         """
         self._check_not_lost()
         kept = {_clean_rel(k) for k in keep}
-        for _, state in self.committed_states():   # CorruptRunError for an unreadable pointer
-            if isinstance(state, dict):
-                kept |= _checkpoint_refs(state)
+        raw = self._read_bytes(STATE)
+        if raw is not None:
+            pointer = self._parse_pointer(raw)   # CorruptRunError for an unreadable pointer
+            for entry in [pointer, *pointer["previous"]]:
+                kept |= self._refs_of(entry)
+        if new is not None and self._present is not None and time.monotonic() - self._listed_at < LIST_EVERY_S:
+            self._present |= {_clean_rel(k) for k in new}
+            gone = sorted(self._present - kept)
+            deleted = []
+            for rel in gone:
+                for path in (rel, rel + CHECKSUM_SUFFIX):
+                    if self._remove_existing(path):
+                        deleted.append(path)
+            self._present -= set(gone)
+            return deleted
         try:
             paths = self._fresh().find(self._path(CHECKPOINTS_DIR))
         except FileNotFoundError:
             paths = []
         deleted = []
+        present = set()
         for path in sorted(paths):
             rel = posixpath.relpath(path, self._root)
             name = posixpath.basename(rel)
@@ -508,10 +544,27 @@ class RunStore:
                 if rel[: -len(CHECKSUM_SUFFIX)] in kept:
                     continue
             elif not name.endswith(".pt") or rel in kept:
+                if name.endswith(".pt"):
+                    present.add(rel)
                 continue
             self._remove(rel)
             deleted.append(rel)
+        self._present, self._listed_at = present, time.monotonic()
         return deleted
+
+    def _refs_of(self, entry: dict) -> frozenset[str]:
+        """The checkpoints the state body of a pointer entry names (read once per body; a body
+        that cannot be read names none)."""
+        key = (entry["file"], entry["sha256"])
+        if key not in self._body_refs:
+            try:
+                body = self._read_bytes(entry["file"])
+            except OSError:
+                body = None
+            if body is None or hashlib.sha256(body).hexdigest() != entry["sha256"]:
+                return frozenset()   # not cached: it may still appear
+            self._body_refs[key] = _refs_in(body)
+        return self._body_refs[key]
 
     # ------------------------------------------------------------------ lock
     @contextlib.contextmanager
@@ -754,6 +807,9 @@ class RunStore:
     def _read_bytes(self, rel: str) -> bytes | None:
         """The file's bytes, or None when it does not exist."""
         try:
+            if self._local:   # without fsspec's layers: the driver reads a checksum per member per round
+                with open(self._path(rel), "rb") as f:
+                    return f.read()
             return self.fs.cat_file(self._path(rel))
         except FileNotFoundError:
             return None
@@ -761,6 +817,17 @@ class RunStore:
     def _remove(self, rel: str) -> None:
         with contextlib.suppress(FileNotFoundError):
             self.fs.rm_file(self._path(rel))
+
+    def _remove_existing(self, rel: str) -> bool:
+        """Remove the file if it is there; whether it was."""
+        try:
+            if self._local:
+                os.unlink(self._path(rel))
+            else:
+                self.fs.rm_file(self._path(rel))
+        except FileNotFoundError:
+            return False
+        return True
 
 
 def list_runs(storage: str | os.PathLike[str]) -> list[str]:
@@ -790,16 +857,37 @@ def _clean_rel(rel: str) -> str:
     return norm
 
 
-def _checkpoint_refs(value: Any) -> set[str]:
-    """Every string in a (JSON) state that names a file under checkpoints/."""
-    if isinstance(value, dict):
-        return set().union(*map(_checkpoint_refs, value.values())) if value else set()
-    if isinstance(value, list):
-        return set().union(*map(_checkpoint_refs, value)) if value else set()
-    if isinstance(value, str) and value.startswith(CHECKPOINTS_DIR + "/"):
-        with contextlib.suppress(StoreError):
-            return {_clean_rel(value)}
-    return set()
+_REF_RE = re.compile(rb'"(' + re.escape(CHECKPOINTS_DIR.encode()) + rb'/[^"\\]*)"')
+
+
+def _refs_in(body: bytes) -> frozenset[str]:
+    """Every JSON string in a state body that names a file under checkpoints/ (found in the
+    text by a regular expression: no parse, no walk over thousands of members)."""
+    out = set()
+    for m in _REF_RE.finditer(body):
+        with contextlib.suppress(StoreError, UnicodeDecodeError):
+            out.add(_clean_rel(m.group(1).decode()))
+    return frozenset(out)
+
+
+_ENCODE = json.JSONEncoder(sort_keys=True).encode
+
+
+def _encode_state(state: dict) -> bytes:
+    """A state body: JSON with sorted keys, one top-level key per line and each item of a list
+    of objects (the members) on a line of its own -- readable and greppable, and written by
+    json's C encoder (an indented dump goes through the pure-Python one: seconds for thousands
+    of members)."""
+    lines = []
+    for key in sorted(state, key=str):
+        value = state[key]
+        if isinstance(value, list) and value and all(isinstance(v, (dict, RawJSON)) for v in value):
+            inner = ",\n".join(v if isinstance(v, RawJSON) else _ENCODE(v) for v in value)
+            text = f"[\n{inner}\n]"
+        else:
+            text = json.dumps(value, sort_keys=True)
+        lines.append(f"{json.dumps(str(key))}: {text}")
+    return ("{\n" + ",\n".join(lines) + "\n}\n").encode()
 
 
 class _Hashing:

@@ -235,6 +235,24 @@ def test_max_concurrent_must_be_a_positive_integer(value):
         PopulationConfig(size=4, max_concurrent=value)
 
 
+def test_efficiency_divides_compute_by_the_slots_used_not_the_members(ray_local, cache_dir, tmp_path):
+    """4 members on 2 slots take turns: timing.efficiency = member compute / (wall x 2), at most
+    1; dividing by the 4 members (the old rule) would halve it."""
+    setup = make_setup(tmp_path, "eff", cache_dir, size=4, interval=5, total=10, max_concurrent=2)
+    summary = run_search(setup, console=_quiet())
+    timing = summary["timing"]
+    assert timing["slots"] == 2
+    assert timing["slot_s"] == pytest.approx(timing["wall_s"] * 2)   # one session
+    assert timing["efficiency"] == pytest.approx(timing["member_compute_s"] / (timing["wall_s"] * 2))
+    # 2 slots: the members' compute fits in 2 x the wall
+    assert 0 < timing["efficiency"] <= 1 and timing["member_compute_s"] <= 2 * timing["wall_s"]
+    on_disk = json.loads((tmp_path / "eff" / "summary.json").read_text())
+    assert on_disk["timing"] == timing
+    assert _state(tmp_path / "eff")["timing"]["slot_s"] == timing["slot_s"]
+    print(f"efficiency {timing['efficiency']:.3f} = compute {timing['member_compute_s']:.2f} s / "
+          f"(wall {timing['wall_s']:.2f} s x 2 slots)")
+
+
 def test_async_search_brings_every_member_to_the_budget(ray_local, cache_dir, tmp_path):
     summary = run_search(make_setup(tmp_path, "free", cache_dir, size=3, interval=5, total=20, mode="async"),
                          console=_quiet())
