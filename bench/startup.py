@@ -26,6 +26,7 @@ import dataclasses
 import json
 import multiprocessing
 import os
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -167,6 +168,7 @@ def main(argv: list[str] | None = None) -> int:
     before = pool_run(args)
     evo = evo_run(args, storage, f"startup-{int(time.time())}")
     after = pool_run(args)
+    shutil.rmtree(storage, ignore_errors=True)
     pool_whole = (before["whole_s"] + after["whole_s"]) / 2
     rows = [
         ("ray.init alone: launch to ready", alone["launch_to_ready_s"]),
