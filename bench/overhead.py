@@ -64,12 +64,17 @@ def disk_round_trip(state: dict, repeats: int = 5, durable: bool = False) -> flo
     return statistics.median(times)
 
 
-def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+def workload_args(p: argparse.ArgumentParser) -> None:
+    """The quickstart workload's options (bench/startup.py takes the same)."""
     p.add_argument("--total-steps", type=int, default=500)
     p.add_argument("--size", type=int, default=4)
     p.add_argument("--interval", type=int, default=50)
     p.add_argument("--mode", choices=("sync", "async"), default="sync")
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    workload_args(p)
     p.add_argument("--num-cpus", type=float, default=None, help="Ray CPUs (default: the machine's)")
     p.add_argument("--storage", default=None, help="run store root (default: a temporary directory)")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",

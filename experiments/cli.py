@@ -24,9 +24,11 @@ Heavy imports (torch, ray) happen inside the commands that need them.
 from __future__ import annotations
 
 import argparse
+import atexit
 import json
 import os
 import sys
+import threading
 import time
 import traceback
 from pathlib import Path
@@ -86,6 +88,25 @@ def main(argv: Sequence[str] | None = None) -> int:
     except Exception as e:  # anything unexpected: one line, the traceback on request
         hint = "" if debug else " (run with --debug for the traceback)"
         return _fail(f"{type(e).__name__}: {e}{hint}", 1, debug)
+
+
+def entry() -> None:
+    """The ``evo`` console script: ``main()``, then exit without the interpreter's teardown.
+
+    Once the command is done, atexit handlers run (Ray's, logging's, W&B's) and the output is
+    flushed as at any exit; what is skipped is the interpreter's own teardown of every module
+    and object (with torch loaded, most of a second of a short run's wall time). Where a
+    non-daemon thread is still running the exit is the ordinary one, which waits for it."""
+    code = main()
+    if any(t is not threading.main_thread() and not t.daemon and t.is_alive() for t in threading.enumerate()):
+        raise SystemExit(code)
+    atexit._run_exitfuncs()
+    for stream in (sys.stdout, sys.stderr):
+        try:
+            stream.flush()
+        except (OSError, ValueError):   # a reader that left (`evo status --json | head`), a closed stream
+            pass
+    os._exit(code)
 
 
 # ------------------------------------------------------------------------------------------

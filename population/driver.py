@@ -129,6 +129,7 @@ def run_search(setup: SearchSetup, *, console: Any = None) -> dict:
     store = RunStore(setup.storage, setup.name)
     cluster: Cluster | None = None
     search: Search | None = None
+    closing: _Closing | None = None   # the members and Ray shut down while the report is written
     try:
         # The lock (and with it the storage) before Ray: a second driver on a live run, or a
         # storage that cannot be written, is refused before any Ray process starts.
@@ -166,6 +167,7 @@ def run_search(setup: SearchSetup, *, console: Any = None) -> dict:
                 records.mark("stopped")
                 search.monitor.close("stopped")
                 console.print(f"{setup.name}: stopped by a signal; round {records.round} is the last committed")
+                closing = _close_while(search, cluster)
                 _write_report(store, console)
                 return records.summary("stopped")
             except BaseException:
@@ -177,17 +179,18 @@ def run_search(setup: SearchSetup, *, console: Any = None) -> dict:
             search.monitor.close("finished")
             summary = records.summary("finished")
             store.write_text("summary.json", json.dumps(summary, indent=1, sort_keys=True) + "\n")
+            closing = _close_while(search, cluster)
             _write_report(store, console)
             best = summary["best"] or {}
             console.print(f"finished {setup.name} at round {records.round}: best member "
                           f"{best.get('member')} val_bpb {best.get('val_bpb', float('nan')):.4f}")
             return summary
     finally:
-        if search is not None:
-            search.close()
+        if closing is not None:
+            closing.join()
+        else:
+            _close(search, cluster)
         stop.restore(previous_handlers)
-        if cluster is not None:
-            cluster.close()
 
 
 # ----------------------------------------------------------------------------------------------
@@ -324,6 +327,47 @@ def async_events(s: Search) -> None:
 
 # ----------------------------------------------------------------------------------------------
 # Signals, the report
+
+
+def _close(search: Search | None, cluster: Cluster | None) -> None:
+    """Kill the members, then shut down the Ray this driver started (if it did)."""
+    try:
+        if search is not None:
+            search.close()
+    finally:
+        if cluster is not None:
+            cluster.close()
+
+
+class _Closing(threading.Thread):
+    """``_close`` in a thread: Ray's shutdown (about a second of waiting for its processes to
+    exit, one after another) runs while the report is drawn, which needs no Ray. ``join`` waits
+    for it and raises what it raised."""
+
+    def __init__(self, search: Search | None, cluster: Cluster | None) -> None:
+        super().__init__(name="evo-close", daemon=True)
+        self._args = (search, cluster)
+        self._error: BaseException | None = None
+
+    def run(self) -> None:
+        try:
+            _close(*self._args)
+        except BaseException as e:  # noqa: BLE001 - handed to the main thread by join
+            self._error = e
+
+    def join(self, timeout: float | None = None) -> None:
+        super().join(timeout)
+        if self._error is not None:
+            error, self._error = self._error, None
+            raise error
+
+
+def _close_while(search: Search, cluster: Cluster | None) -> _Closing:
+    """Start closing the session in the background (the run is committed: nothing left needs Ray)."""
+    search.progress.close()   # the progress line is the console's: closed here, before the report prints
+    closing = _Closing(search, cluster)
+    closing.start()
+    return closing
 
 
 def _write_report(store: RunStore, console: Any) -> None:

@@ -99,6 +99,23 @@ class FusedAdamW(torch.optim.AdamW):
     def __init__(self, params, lr: float, betas: tuple[float, float], eps: float, weight_decay: float = 0.0):
         super().__init__(params, lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, fused=True)
 
+    # torch wraps these four Optimizer methods in ``torch._disable_dynamo``, whose first call
+    # imports torch._dynamo: ~1.9 s of CPU in every fresh process (each member, at its first
+    # optimizer), before a single step. The wrapper only matters inside code that torch.compile
+    # traces; the optimizer never is (``train.compile`` compiles the model's forward alone), so
+    # this class calls the methods themselves. Same code, same state_dict, no dynamo import.
+    def add_param_group(self, param_group: dict) -> None:
+        _undecorated(torch.optim.Optimizer.add_param_group)(self, param_group)
+
+    def zero_grad(self, set_to_none: bool = True) -> None:
+        _undecorated(torch.optim.Optimizer.zero_grad)(self, set_to_none)
+
+    def state_dict(self) -> dict:
+        return _undecorated(torch.optim.Optimizer.state_dict)(self)
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        _undecorated(torch.optim.Optimizer.load_state_dict)(self, state_dict)
+
     @torch.no_grad()
     def step(self, closure=None):
         loss = None
@@ -125,6 +142,12 @@ class FusedAdamW(torch.optim.AdamW):
                                 lr=group["lr"], beta1=beta1, beta2=beta2, weight_decay=group["weight_decay"],
                                 eps=group["eps"], maximize=False)
         return loss
+
+
+def _undecorated(method):
+    """``method`` without torch's ``_disable_dynamo`` wrapper (``functools.wraps`` keeps the
+    function it wraps as ``__wrapped__``); the method itself where torch does not wrap it."""
+    return getattr(method, "__wrapped__", method)
 
 
 def make_optimizer(model: torch.nn.Module, cfg: TrainConfig, lr: float) -> FusedAdamW:

@@ -4,7 +4,10 @@ from __future__ import annotations
 import copy
 import math
 import pickle
+import subprocess
+import sys
 from dataclasses import replace
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -129,6 +132,30 @@ def test_fused_adamw_steps_equal_torch_fused_adamw_bit_for_bit():
     ours_opt.step()
     ref_opt.step()
     assert all(torch.equal(a, b) for a, b in zip(ours, ref))
+
+
+def test_a_fresh_process_trains_without_importing_dynamo(tmp_path):
+    """torch wraps Optimizer.add_param_group / zero_grad / state_dict / load_state_dict so that
+    their first call imports torch._dynamo (~2 s of CPU in every member's process); FusedAdamW
+    calls them unwrapped: a trainer built, trained, evaluated and restored in a fresh process
+    never imports it."""
+    code = (
+        "import sys\n"
+        "from trainers.data import DataConfig\n"
+        "from trainers.model import InternLM2Config\n"
+        "from trainers.trainer import Trainer, TrainConfig\n"
+        "data = DataConfig(max_bytes=200_000, val_fraction=0.2, seq_len=32, eval_batches=1, eval_batch_size=4, "
+        f"cache_dir={str(tmp_path)!r})\n"
+        "model = InternLM2Config(hidden_size=32, intermediate_size=64, num_hidden_layers=1, "
+        "num_attention_heads=4, num_key_value_heads=2)\n"
+        "t = Trainer(model, TrainConfig(batch_size=2, warmup_steps=1), data)\n"
+        "t.train(2); t.evaluate(); t.load_state_dict(t.state_dict()); t.train(1)\n"
+        "print('dynamo' if 'torch._dynamo' in sys.modules else 'no dynamo', t.step)\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300,
+                         cwd=Path(__file__).resolve().parents[2])
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.split() == ["no", "dynamo", "3"]
 
 
 def test_checkpoint_round_trip_is_bit_exact(tmp_path, small_data, tiny_model):
