@@ -101,6 +101,8 @@ def _apply(s: Search, decisions: list, before: Mapping[int, Any], states: Mappin
             extra["receiver_s"] = {k: loaded[m][k] for k in ("read_s", "load_s") if k in loaded[m]}
             s.records.exploit_latencies.append(latency[m])
         extra["parent_fitness"] = [before[p].fitness for p in parents]
+        if "val_loss_jump" in applied[m]:       # a lossy architecture change, measured at the change
+            extra["val_loss_jump"] = applied[m]["val_loss_jump"]
         s.slots.forget_speed(m, rec.genome, genome)
         s.records.took_weights(m, src, genome, step, applied[m]["params"])
         s.records.lineage(event_name, round, m, parents=parents, genome=genome, step=step,

@@ -24,7 +24,7 @@ from pydantic.dataclasses import dataclass
 from trainers import cpu_fused
 from trainers.data import DataConfig, load_corpus
 from trainers.model import InternLM2Config, InternLM2ForCausalLM
-from trainers.transfer import transfer_weights
+from trainers.transfer import transfer_moments, transfer_norm_eps, transfer_weights
 
 # Fields of TrainConfig that may change during training (set_hparams); the others
 # (compile, device, num_threads, seed) belong to the member, not to the search.
@@ -280,6 +280,7 @@ class Trainer:
             "model_config": asdict(self._model_cfg),
             "train_config": asdict(self._train),
             "model": {k: v.detach().to("cpu", copy=True) for k, v in self._model.state_dict().items()},
+            "norm_eps": self._model.norm_eps(),
             "optimizer": _cpu_copy(self._optimizer.state_dict()),
             "step": self._step,
             "rng": {"torch": self._generator.get_state()},
@@ -322,6 +323,7 @@ class Trainer:
             rng = state["rng"]["torch"]
             # set_state wants a tensor with its own storage at offset 0 (not a view into a buffer)
             rng = rng.clone() if rng.storage_offset() else rng
+        self._model.set_norm_eps(state.get("norm_eps", {}))
         self._step = int(state["step"])
         self._generator.set_state(rng)
         self._apply_hparams()
@@ -365,21 +367,28 @@ class Trainer:
         self._apply_hparams()
 
     def set_architecture(self, model: InternLM2Config) -> None:
-        """Change the architecture, carrying the weights over (trainers.transfer). Adam state is
-        kept for every parameter carried over unchanged (same name, shape and values); the others
-        start with fresh moments."""
+        """Change the architecture, carrying the weights over (trainers.transfer). Adam moments
+        are carried along the same map for every parameter that exists in both (zeros for its
+        new coordinates, the old step count); parameters of new layers start with fresh moments."""
         new_cfg = self._with_corpus_vocab(model)
         if new_cfg == self._model_cfg:
             return
-        old_model, old_opt = self._model, self._optimizer
+        old_cfg, old_model, old_opt = self._model_cfg, self._model, self._optimizer
         old_state = {k: v.detach().cpu() for k, v in old_model.state_dict().items()}
-        new_state = transfer_weights(old_state, self._model_cfg, new_cfg, self._generator)
+        new_state = transfer_weights(old_state, old_cfg, new_cfg, self._generator)
+        norm_eps = transfer_norm_eps(old_model.norm_eps(), old_cfg, new_cfg)
         self._build(new_cfg, new_state)
-        old_params = dict(old_model.named_parameters())
+        self._model.set_norm_eps(norm_eps)
+        old_moments = {name: old_opt.state[q] for name, q in old_model.named_parameters() if old_opt.state.get(q)}
+        shapes = {name: p.shape for name, p in self._model.named_parameters()}
+        moved = {key: transfer_moments({n: s[key].detach().cpu() for n, s in old_moments.items()},
+                                       old_cfg, new_cfg, shapes, power)
+                 for key, power in (("exp_avg", 1), ("exp_avg_sq", 2))}
         for name, p in self._model.named_parameters():
-            q = old_params.get(name)
-            if q is not None and q in old_opt.state and q.shape == p.shape and torch.equal(q.detach(), p.detach()):
-                self._optimizer.state[p] = {k: v.clone() for k, v in old_opt.state[q].items()}
+            if name in old_moments:
+                self._optimizer.state[p] = {"step": old_moments[name]["step"].clone(),
+                                            "exp_avg": moved["exp_avg"][name].to(p.device),
+                                            "exp_avg_sq": moved["exp_avg_sq"][name].to(p.device)}
 
     # ------------------------------------------------------------------ internals
     def _with_corpus_vocab(self, cfg: InternLM2Config) -> InternLM2Config:
