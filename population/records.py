@@ -49,6 +49,7 @@ class MemberRecord:
     alive: bool = True
     age: int = 0                 # rounds (sync) / intervals (async) since born or restart
     intervals: int = 0           # intervals trained (async: the member's own round counter)
+    since_change: int | None = None   # intervals since its weights changed architecture (None: never)
 
     @property
     def fitness(self) -> float | None:
@@ -57,7 +58,8 @@ class MemberRecord:
     def view(self) -> MemberView:
         return MemberView(id=self.id, genome=Genome.from_dict(self.genome),
                           history=tuple((int(s), float(f)) for s, f in self.history),
-                          age=self.age, step=self.step, objectives=dict(self.objectives))
+                          age=self.age, step=self.step, objectives=dict(self.objectives),
+                          since_change=self.since_change)
 
     @classmethod
     def from_dict(cls, d: Mapping[str, Any]) -> MemberRecord:
@@ -222,6 +224,8 @@ class Records:
             rec = self.members[m]
             rec.intervals += 1
             rec.age += 1
+            if rec.since_change is not None:
+                rec.since_change += 1
             if not isinstance(res, dict):
                 continue
             self.compute_s += float(res.get("seconds", 0.0))
@@ -262,6 +266,10 @@ class Records:
         """m runs ``genome`` on the weights of ``src`` (m itself for an explore) at ``step``:
         its schedule becomes src's up to ``step``, then ``genome``."""
         rec = self.members[m]
+        if Genome.from_dict(genome).architecture() != Genome.from_dict(src.genome).architecture():
+            rec.since_change = 0                      # a new shape: its grace period starts
+        elif src.id != m:
+            rec.since_change = src.since_change       # the donor's weights, as recently changed as they are
         rec.genome, rec.step = genome, step
         self.deaths_on_state.pop(m, None)
         rec.schedule = inherit(src.schedule, step, genome, rec.seed)
