@@ -12,7 +12,7 @@ import importlib.util
 import math
 from typing import TYPE_CHECKING, Annotated, Literal
 
-from pydantic import ConfigDict, Field, StrictFloat, StrictInt
+from pydantic import ConfigDict, Field, StrictBool, StrictFloat, StrictInt
 from pydantic.dataclasses import dataclass
 
 from evo.genome import Genome
@@ -66,6 +66,9 @@ class StrategyConfig:
     grace_intervals: Annotated[StrictInt, Field(ge=0, description=(
         "intervals after an architecture change (or merge) during which a member is never a "
         "receiver (0: none)"))] = GRACE_DEFAULT
+    merge: Annotated[StrictBool, Field(description=(
+        "ga/nsga2: a crossover whose parents and child share the architecture merges the "
+        "parents' weights and Adam moments (alpha uniform in [0, 1]) instead of copying one"))] = False
     seed: Annotated[StrictInt, Field(ge=0, description=(
         "for the caller that derives the rng passed to plan(); strategies never seed themselves"))] = 0
 

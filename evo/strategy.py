@@ -28,6 +28,7 @@ picks one by name (`make_strategy`) and the ranking helpers they share.
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
@@ -115,12 +116,15 @@ class Exploit:
 @dataclass(frozen=True)
 class Crossover:
     """Take the weights of `weights_from` (one of `parents`), then train with `genome`,
-    a recombination of both parents' genomes."""
+    a recombination of both parents' genomes. With `alpha` (merge crossover, `strategy.merge`:
+    parents and child of one architecture) the weights and Adam moments are
+    alpha * weights_from's + (1 - alpha) * the other parent's."""
 
     member: int
     parents: tuple[int, int]
     weights_from: int
     genome: Genome
+    alpha: float | None = None
 
 
 @dataclass(frozen=True)
@@ -187,16 +191,26 @@ def in_grace(member: MemberView, grace_intervals: int) -> bool:
 
 
 def _with_grace(plan):
-    """``plan`` with every decision for a member in its grace period turned into `Keep`."""
+    """``plan`` with every decision for a member in its grace period turned into `Keep`, and,
+    with `strategy.merge`, each crossover of parents and child of one architecture made a merge
+    (`Crossover.alpha`, uniform in [0, 1] from ``rng``, drawn after the plan)."""
 
     @functools.wraps(plan)
     def planned(self: Strategy, snapshot: Snapshot, rng: np.random.Generator,
                 ready: Sequence[int] | None = None) -> list[Decision]:
         decisions = plan(self, snapshot, rng, ready)
         grace = getattr(self.config, "grace_intervals", 0)
-        if not grace:
-            return decisions
         graced = {m.id for m in snapshot.members if in_grace(m, grace)}
-        return [Keep(d.member) if d.member in graced and not isinstance(d, Keep) else d for d in decisions]
+        decisions = [Keep(d.member) if d.member in graced and not isinstance(d, Keep) else d for d in decisions]
+        if getattr(self.config, "merge", False):
+            decisions = [_merged(d, snapshot, rng) if isinstance(d, Crossover) else d for d in decisions]
+        return decisions
 
     return planned
+
+
+def _merged(d: Crossover, snapshot: Snapshot, rng: np.random.Generator) -> Crossover:
+    shape = d.genome.architecture()
+    if any(snapshot.member(p).genome.architecture() != shape for p in d.parents):
+        return d
+    return dataclasses.replace(d, alpha=float(rng.uniform(0.0, 1.0)))

@@ -74,6 +74,11 @@ def _apply(s: Search, decisions: list, before: Mapping[int, Any], states: Mappin
         if isinstance(d, Restart):
             fresh(s, d.member, plain(d.genome.as_dict()), member_seed(s.setup.seed, d.member, event, 1),
                   round, parents=[])
+    merges = {d.member: (d, d.parents[1] if d.parents[0] == d.weights_from else d.parents[0])
+              for d in live if isinstance(d, Crossover) and d.alpha is not None}
+    if merges:   # merge crossover: the receiver holds weights_from's state; blend in the other parent's
+        s.members.call({m: s.members[m].merge.remote([states[other]], d.alpha) for m, (d, other) in merges.items()})
+        live = [d for d in live if d.member not in s.members.dead]
     applied = s.members.call({d.member: s.members[d.member].apply_genome.remote(plain(d.genome.as_dict()))
                               for d in live if isinstance(d, (Exploit, Crossover))})
     published = s.handoff.refresh(applied)
@@ -96,6 +101,8 @@ def _apply(s: Search, decisions: list, before: Mapping[int, Any], states: Mappin
             parents = list(d.parents)
             extra["weights_from"] = source
             extra["parent_genomes"] = [before[p].genome for p in d.parents]
+            if d.alpha is not None:          # weights = alpha * weights_from's + (1 - alpha) * the other's
+                extra["alpha"] = d.alpha
         if m in latency:
             extra["latency_s"] = latency[m]
             extra["receiver_s"] = {k: loaded[m][k] for k in ("read_s", "load_s") if k in loaded[m]}
@@ -104,7 +111,8 @@ def _apply(s: Search, decisions: list, before: Mapping[int, Any], states: Mappin
         if "val_loss_jump" in applied[m]:       # a lossy architecture change, measured at the change
             extra["val_loss_jump"] = applied[m]["val_loss_jump"]
         s.slots.forget_speed(m, rec.genome, genome)
-        s.records.took_weights(m, src, genome, step, applied[m]["params"])
+        s.records.took_weights(m, src, genome, step, applied[m]["params"],
+                               merged=isinstance(d, Crossover) and d.alpha is not None)
         s.records.lineage(event_name, round, m, parents=parents, genome=genome, step=step,
                           fitness=before[m].fitness, changed_from=src.genome, **extra)
     return [d for d in decisions if d.member in s.members.dead]

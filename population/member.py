@@ -244,6 +244,13 @@ class Member:
         return {"step": self.trainer.step, "params": int(self.trainer.num_parameters()),
                 "read_s": t1 - t0, "load_s": time.perf_counter() - t1}
 
+    def merge(self, state: dict | list, alpha: float) -> dict:
+        """Merge crossover: weights and Adam moments become ``alpha`` * own + (1 - ``alpha``) *
+        ``state``'s (the other parent, same architecture; ``[ref]`` as for load_state)."""
+        self.trainer.merge_from(take_state(state), alpha)
+        self._changed()
+        return {"step": self.trainer.step, "params": int(self.trainer.num_parameters())}
+
     def apply_genome(self, genome: Mapping[str, Any]) -> dict:
         """Take ``genome``: hyperparameters set in place, architecture changed with weights carried."""
         jump = apply_genome(self.trainer, self.base_model, genome)

@@ -262,12 +262,14 @@ class Records:
         self.members[m] = MemberRecord.from_dict(committed[m])
         return self.members[m]
 
-    def took_weights(self, m: int, src: MemberRecord, genome: dict, step: int, params: int) -> None:
-        """m runs ``genome`` on the weights of ``src`` (m itself for an explore) at ``step``:
-        its schedule becomes src's up to ``step``, then ``genome``."""
+    def took_weights(self, m: int, src: MemberRecord, genome: dict, step: int, params: int,
+                     merged: bool = False) -> None:
+        """m runs ``genome`` on the weights of ``src`` (m itself for an explore; merged with
+        another parent's for a merge crossover) at ``step``: its schedule becomes src's up to
+        ``step``, then ``genome``."""
         rec = self.members[m]
-        if Genome.from_dict(genome).architecture() != Genome.from_dict(src.genome).architecture():
-            rec.since_change = 0                      # a new shape: its grace period starts
+        if merged or Genome.from_dict(genome).architecture() != Genome.from_dict(src.genome).architecture():
+            rec.since_change = 0                      # a new shape, or merged weights: its grace period starts
         elif src.id != m:
             rec.since_change = src.since_change       # the donor's weights, as recently changed as they are
         rec.genome, rec.step = genome, step

@@ -390,6 +390,31 @@ class Trainer:
                                             "exp_avg": moved["exp_avg"][name].to(p.device),
                                             "exp_avg_sq": moved["exp_avg_sq"][name].to(p.device)}
 
+    def merge_from(self, state: dict, alpha: float) -> None:
+        """Merge crossover: this trainer's weights, Adam moments and norm eps become
+        ``alpha * own + (1 - alpha) * state's``, for a ``state`` of the same architecture (the
+        other parent; the step, RNG and hyperparameters stay this trainer's). A parameter with
+        Adam moments on one side only keeps this trainer's."""
+        if not 0.0 <= alpha <= 1.0:
+            raise ValueError(f"merge: alpha ({alpha}) must be in [0, 1]")
+        other_cfg = InternLM2Config(**state["model_config"])
+        if self._with_corpus_vocab(other_cfg) != self._model_cfg:
+            raise ValueError("merge: the parents' architectures differ (merge needs the same shape)")
+        weights = state["model"]
+        params = [p for g in self._optimizer.param_groups for p in g["params"]]
+        theirs = state["optimizer"]["state"]
+        with torch.no_grad():
+            for name, p in self._model.named_parameters():
+                p.mul_(alpha).add_(weights[name].to(p.device, p.dtype), alpha=1.0 - alpha)
+            for i, p in enumerate(params):
+                ours, other = self._optimizer.state.get(p), theirs.get(i)
+                if ours and other:
+                    for key in ("exp_avg", "exp_avg_sq"):
+                        ours[key].mul_(alpha).add_(other[key].to(p.device), alpha=1.0 - alpha)
+        eps, other_eps = self._model.norm_eps(), state.get("norm_eps", {})
+        self._model.set_norm_eps({n: alpha * e + (1.0 - alpha) * other_eps.get(n, self._model_cfg.rms_norm_eps)
+                                  for n, e in eps.items()})
+
     # ------------------------------------------------------------------ internals
     def _with_corpus_vocab(self, cfg: InternLM2Config) -> InternLM2Config:
         if cfg.vocab_size == self.corpus.vocab_size:

@@ -122,6 +122,9 @@ def assert_valid(strategy, space: SearchSpace, snapshot: Snapshot, decisions: li
             assert d.how in ("perturb", "resample", "model")
         if isinstance(d, Crossover):
             assert d.parents[0] != d.parents[1] and d.member not in d.parents
+            if d.alpha is not None:          # a merge: parents and child share one architecture
+                assert strategy.config.merge and 0.0 <= d.alpha <= 1.0
+                assert all(snapshot.member(p).genome.architecture() == d.genome.architecture() for p in d.parents)
             assert d.weights_from in d.parents
             for p in d.parents:
                 snapshot.member(p)
@@ -190,6 +193,27 @@ def test_a_member_in_its_grace_period_is_never_a_receiver(kind: str, grace: int)
                 graced = in_grace(snapshot.member(d.member), grace)
                 protected += graced and not isinstance(d, Keep)
     assert protected > 0 or kind == "random"
+
+
+@pytest.mark.parametrize("kind", ["ga-uniform", "ga-sbx", "nsga2"])
+def test_merge_crossover_has_alpha_exactly_when_the_shapes_agree(kind: str) -> None:
+    space = toy_space()                     # no architecture genes: every crossover merges
+    arch = arch_space()
+    for sp, want in ((space, True), (arch, None)):
+        config = StrategyConfig(**STRATEGIES[kind], merge=True, crossover_probability=1.0)
+        n_merged = 0
+        for seed in range(6):
+            rng = np.random.default_rng([seed, 17])
+            snapshot = random_snapshot(sp, rng, n=int(rng.integers(4, 13)))
+            strategy = make_strategy(config, sp)
+            decisions = strategy.plan(snapshot, np.random.default_rng(seed))
+            assert_valid(strategy, sp, snapshot, decisions, [m.id for m in snapshot.members])
+            assert decisions == make_strategy(config, sp).plan(snapshot, np.random.default_rng(seed))
+            crossovers = [d for d in decisions if isinstance(d, Crossover)]
+            n_merged += sum(d.alpha is not None for d in crossovers)
+            if want:
+                assert all(d.alpha is not None for d in crossovers)
+        assert n_merged > 0 or want is None
 
 
 @pytest.mark.parametrize("kind", STRATEGIES)

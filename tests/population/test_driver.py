@@ -302,3 +302,23 @@ def test_records_count_intervals_since_the_weights_changed_shape(tmp_path, cache
     assert [again[m].since_change for m in (0, 1)] == [1, 1]
     again.fresh(0, grown, 7)
     assert again[0].since_change is None
+
+
+@pytest.mark.slow
+def test_merge_crossover_blends_both_parents_and_says_so(ray_local, cache_dir, tmp_path):
+    """strategy.merge with ga: crossovers of same-shape parents merge their weights; the lineage
+    names both parents and alpha; a merged member starts a grace period."""
+    import dataclasses
+
+    setup = make_setup(tmp_path, "merge", cache_dir, size=4, interval=5, total=20, strategy="ga")
+    strategy = dataclasses.replace(setup.strategy, merge=True, crossover_probability=1.0, mutation_probability=0.0)
+    setup = dataclasses.replace(setup, strategy=strategy,
+                                config=dict(setup.config, strategy=dataclasses.asdict(strategy)))
+    run_search(setup, console=_quiet())
+    crossovers = [r for r in _lineage(tmp_path / "merge") if r["event"] == "crossover"]
+    merged = [r for r in crossovers if "alpha" in r]
+    assert merged, crossovers
+    for r in merged:
+        assert len(r["parents"]) == 2 and r["weights_from"] in r["parents"] and 0.0 <= r["alpha"] <= 1.0
+        shapes = {g["model.num_hidden_layers"] for g in r["parent_genomes"]}
+        assert shapes == {r["genome"]["model.num_hidden_layers"]}

@@ -273,3 +273,23 @@ def test_preserves_function_names_the_growing_changes():
                    {"num_attention_heads": 8, "num_key_value_heads": 4},           # head_dim 8 -> 4
                    {"hidden_size": 16, "num_attention_heads": 2, "num_key_value_heads": 1}):
         assert not preserves_function(BASE, replace(BASE, **change)), change
+
+
+def test_merge_from_interpolates_weights_and_moments(small_data):
+    a = Trainer(BASE, _tc(3), small_data)
+    a.train(6)
+    b = Trainer(BASE, _tc(4), small_data)
+    b.train(4)
+    sa, sb = a.state_dict(), b.state_dict()
+    a.merge_from(sb, 0.3)
+    merged = a.state_dict()
+    for k, v in merged["model"].items():
+        assert torch.allclose(v, 0.3 * sa["model"][k] + 0.7 * sb["model"][k], atol=1e-7), k
+    for i, st in merged["optimizer"]["state"].items():
+        for key in ("exp_avg", "exp_avg_sq"):
+            want = 0.3 * sa["optimizer"]["state"][i][key] + 0.7 * sb["optimizer"]["state"][i][key]
+            assert (st[key] - want).abs().max() <= 1e-6 * want.abs().max(), (i, key)   # fp32 rounding
+        assert torch.equal(st["step"], sa["optimizer"]["state"][i]["step"])
+    assert merged["step"] == 6
+    with pytest.raises(ValueError, match="architectures differ"):
+        a.merge_from(Trainer(replace(BASE, num_hidden_layers=1), _tc(), small_data).state_dict(), 0.5)
