@@ -12,7 +12,7 @@ import importlib.util
 import math
 from typing import TYPE_CHECKING, Annotated, Literal
 
-from pydantic import ConfigDict, Field, StrictFloat, StrictInt
+from pydantic import ConfigDict, Field, StrictBool, StrictFloat, StrictInt
 from pydantic.dataclasses import dataclass
 
 from evo.genome import Genome
@@ -24,6 +24,9 @@ if TYPE_CHECKING:
     from evo.space import SearchSpace
 
 STRATEGIES = ("pbt", "ga", "nsga2", "pb2", "random")
+# strategy.grace_intervals: how many intervals a lossy architecture change needs to win back
+# its validation-loss jump on the quickstart-size model (bench/grace_recovery.py, BENCHMARKS.md)
+GRACE_DEFAULT = 1
 
 Probability = Annotated[StrictFloat, Field(ge=0, le=1)]
 Factor = Annotated[StrictFloat, Field(gt=0, allow_inf_nan=False)]
@@ -60,6 +63,12 @@ class StrategyConfig:
         "nsga2: objectives among val_bpb, val_loss, params, tokens_per_s"))] = ("val_bpb",)
     sampler: Annotated[Literal["tpe", "gp"], Field(description=(
         "pb2: Optuna sampler proposing hyperparameters (gp needs scipy and torch)"))] = "tpe"
+    grace_intervals: Annotated[StrictInt, Field(ge=0, description=(
+        "intervals after an architecture change (or merge) during which a member is never a "
+        "receiver (0: none)"))] = GRACE_DEFAULT
+    merge: Annotated[StrictBool, Field(description=(
+        "ga/nsga2: a crossover whose parents and child share the architecture merges the "
+        "parents' weights and Adam moments (alpha uniform in [0, 1]) instead of copying one"))] = False
     seed: Annotated[StrictInt, Field(ge=0, description=(
         "for the caller that derives the rng passed to plan(); strategies never seed themselves"))] = 0
 

@@ -13,6 +13,10 @@ Conventions every strategy follows (checked by tests/evo/test_strategies.py):
 - a donor (`Exploit.donor`, `Crossover.weights_from`) is alive (in the snapshot) and strictly
   fitter than its receiver;
 - every decision's genome lies inside the search space (`space.contains`);
+- a member in its grace period (its weights changed architecture, or were merged, at most
+  `strategy.grace_intervals` intervals ago: `in_grace`) is never a receiver:
+  its decision is `Keep`, so a lossy change is not judged before it had time to recover. The
+  base class enforces it on every implementation's `plan` (`_with_grace`);
 - every random choice comes from the `rng` passed to `plan`, and a strategy's own state
   (`state_dict`) is JSON-serialisable, so a restored strategy decides exactly as one that never
   stopped.
@@ -24,6 +28,8 @@ picks one by name (`make_strategy`) and the ranking helpers they share.
 
 from __future__ import annotations
 
+import dataclasses
+import functools
 from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Mapping, Sequence
@@ -54,6 +60,9 @@ class MemberView:
     age: int = 0  # rounds since born / last restart
     step: int = 0  # optimizer steps done
     objectives: Mapping[str, float] = field(default_factory=dict)  # {"val_bpb", "params", "tokens_per_s"}
+    # intervals trained since its weights' architecture last changed (or they were merged);
+    # None when they never did
+    since_change: int | None = None
 
     @property
     def fitness(self) -> float | None:
@@ -109,12 +118,15 @@ class Exploit:
 @dataclass(frozen=True)
 class Crossover:
     """Take the weights of `weights_from` (one of `parents`), then train with `genome`,
-    a recombination of both parents' genomes."""
+    a recombination of both parents' genomes. With `alpha` (merge crossover, `strategy.merge`:
+    parents and child of one architecture) the weights and Adam moments are
+    alpha * weights_from's + (1 - alpha) * the other parent's."""
 
     member: int
     parents: tuple[int, int]
     weights_from: int
     genome: Genome
+    alpha: float | None = None
 
 
 @dataclass(frozen=True)
@@ -151,6 +163,11 @@ class Strategy(ABC):
         self.space = space
         self.config = config
 
+    def __init_subclass__(cls, **kwargs) -> None:
+        super().__init_subclass__(**kwargs)
+        if "plan" in cls.__dict__:                    # every implementation's plan keeps the grace period
+            cls.plan = _with_grace(cls.__dict__["plan"])
+
     @abstractmethod
     def plan(
         self, snapshot: Snapshot, rng: np.random.Generator, ready: Sequence[int] | None = None
@@ -167,3 +184,35 @@ class Strategy(ABC):
         """Restore what `state_dict` returned (called once on resume, before `plan`)."""
         if state:
             raise ValueError(f"{type(self).__name__}: unexpected state keys {sorted(state)}")
+
+
+def in_grace(member: MemberView, grace_intervals: int) -> bool:
+    """Whether ``member`` is in its grace period: its weights changed architecture (or were
+    merged) and it trained at most ``grace_intervals`` intervals since (0: no grace period)."""
+    return grace_intervals > 0 and member.since_change is not None and member.since_change <= grace_intervals
+
+
+def _with_grace(plan):
+    """``plan`` with every decision for a member in its grace period turned into `Keep`, and,
+    with `strategy.merge`, each crossover of parents and child of one architecture made a merge
+    (`Crossover.alpha`, uniform in [0, 1] from ``rng``, drawn after the plan)."""
+
+    @functools.wraps(plan)
+    def planned(self: Strategy, snapshot: Snapshot, rng: np.random.Generator,
+                ready: Sequence[int] | None = None) -> list[Decision]:
+        decisions = plan(self, snapshot, rng, ready)
+        grace = getattr(self.config, "grace_intervals", 0)
+        graced = {m.id for m in snapshot.members if in_grace(m, grace)}
+        decisions = [Keep(d.member) if d.member in graced and not isinstance(d, Keep) else d for d in decisions]
+        if getattr(self.config, "merge", False):
+            decisions = [_merged(d, snapshot, rng) if isinstance(d, Crossover) else d for d in decisions]
+        return decisions
+
+    return planned
+
+
+def _merged(d: Crossover, snapshot: Snapshot, rng: np.random.Generator) -> Crossover:
+    shape = d.genome.architecture()
+    if any(snapshot.member(p).genome.architecture() != shape for p in d.parents):
+        return d
+    return dataclasses.replace(d, alpha=float(rng.uniform(0.0, 1.0)))

@@ -74,6 +74,11 @@ def _apply(s: Search, decisions: list, before: Mapping[int, Any], states: Mappin
         if isinstance(d, Restart):
             fresh(s, d.member, plain(d.genome.as_dict()), member_seed(s.setup.seed, d.member, event, 1),
                   round, parents=[])
+    merges = {d.member: (d, d.parents[1] if d.parents[0] == d.weights_from else d.parents[0])
+              for d in live if isinstance(d, Crossover) and d.alpha is not None}
+    if merges:   # merge crossover: the receiver holds weights_from's state; blend in the other parent's
+        s.members.call({m: s.members[m].merge.remote([states[other]], d.alpha) for m, (d, other) in merges.items()})
+        live = [d for d in live if d.member not in s.members.dead]
     applied = s.members.call({d.member: s.members[d.member].apply_genome.remote(plain(d.genome.as_dict()))
                               for d in live if isinstance(d, (Exploit, Crossover))})
     published = s.handoff.refresh(applied)
@@ -86,7 +91,8 @@ def _apply(s: Search, decisions: list, before: Mapping[int, Any], states: Mappin
         s.slots.forget_speed(m, s.records[m].genome, plain(d.genome.as_dict()))
         record_applied(s.records, d, before, source, round,
                        step=loaded[m]["step"] if m in loaded else s.records[m].step,
-                       params=applied[m]["params"], latency=latency.get(m), received=loaded.get(m))
+                       params=applied[m]["params"], latency=latency.get(m), received=loaded.get(m),
+                       val_loss_jump=applied[m].get("val_loss_jump"))
     return [d for d in decisions if d.member in s.members.dead]
 
 
@@ -106,11 +112,13 @@ def records_before(records: Records, decisions: Sequence) -> dict[int, MemberRec
 
 def record_applied(records: Records, d: Exploit | Crossover, before: Mapping[int, MemberRecord], source: int,
                    round: int, step: int, params: int, latency: float | None = None,
-                   received: Mapping[str, Any] | None = None) -> None:
+                   received: Mapping[str, Any] | None = None,
+                   val_loss_jump: float | None = None) -> None:
     """The records' side of an Exploit / Crossover that was applied: member ``d.member`` now runs
     ``d.genome`` on the weights of ``source`` (itself for an explore) at ``step``, with ``params``
     parameters; its record takes ``source``'s schedule and a lineage record says what happened
-    (``latency``, ``received``: the exploit's seconds and what the receiver reported)."""
+    (``latency``, ``received``: the exploit's seconds and what the receiver reported;
+    ``val_loss_jump``: a lossy architecture change's jump in validation loss, measured at the change)."""
     m = d.member
     genome = plain(d.genome.as_dict())
     src = before[source]
@@ -124,12 +132,17 @@ def record_applied(records: Records, d: Exploit | Crossover, before: Mapping[int
         parents = list(d.parents)
         extra["weights_from"] = source
         extra["parent_genomes"] = [before[p].genome for p in d.parents]
+        if d.alpha is not None:          # weights = alpha * weights_from's + (1 - alpha) * the other's
+            extra["alpha"] = d.alpha
     if latency is not None:
         extra["latency_s"] = latency
         extra["receiver_s"] = {k: received[k] for k in ("read_s", "load_s") if k in (received or {})}
         records.exploit_latencies.append(latency)
     extra["parent_fitness"] = [before[p].fitness for p in parents]
-    records.took_weights(m, src, genome, step, params)
+    if val_loss_jump is not None:
+        extra["val_loss_jump"] = val_loss_jump
+    records.took_weights(m, src, genome, step, params,
+                         merged=isinstance(d, Crossover) and d.alpha is not None)
     records.lineage(event_name, round, m, parents=parents, genome=genome, step=step,
                     fitness=before[m].fitness, changed_from=src.genome, **extra)
 

@@ -31,6 +31,7 @@ from population.handoff import WireState, take_state
 from trainers.data import DataConfig
 from trainers.model import InternLM2Config
 from trainers.trainer import HPARAMS, NonFiniteLossError, TrainConfig, Trainer
+from trainers.transfer import preserves_function
 
 
 def split_genome(genome: Mapping[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:
@@ -63,17 +64,26 @@ def build_trainer(base_model: InternLM2Config, base_train: TrainConfig, data: Da
     return Trainer(model_config_for(base_model, genome), train, data)
 
 
-def apply_genome(trainer: Trainer, base_model: InternLM2Config, genome: Mapping[str, Any]) -> None:
-    """Steer a running trainer to ``genome``: train.* genes in place, model.* genes by weight transfer."""
+def apply_genome(trainer: Trainer, base_model: InternLM2Config, genome: Mapping[str, Any]) -> float | None:
+    """Steer a running trainer to ``genome``: train.* genes in place, model.* genes by weight transfer.
+    Returns the validation loss's jump at a lossy architecture change (shrinking, merging kv
+    heads: trainers.transfer.preserves_function is False), measured before and after; None otherwise."""
     train_fields, _ = split_genome(genome)
     unknown = sorted(set(train_fields) - set(HPARAMS))
     if unknown:
         raise ValueError(f"genome: train.{unknown[0]} cannot change during training (not a hyperparameter)")
     new_model = model_config_for(base_model, genome)
+    jump = None
     if new_model != trainer.model_config:
-        trainer.set_architecture(new_model)
+        if preserves_function(trainer.model_config, new_model):
+            trainer.set_architecture(new_model)
+        else:
+            before = trainer.evaluate()["val_loss"]
+            trainer.set_architecture(new_model)
+            jump = trainer.evaluate()["val_loss"] - before
     if train_fields:
         trainer.set_hparams(**train_fields)
+    return jump
 
 
 def _interval_totals() -> dict:
@@ -234,11 +244,21 @@ class Member:
         return {"step": self.trainer.step, "params": int(self.trainer.num_parameters()),
                 "read_s": t1 - t0, "load_s": time.perf_counter() - t1}
 
-    def apply_genome(self, genome: Mapping[str, Any]) -> dict:
-        """Take ``genome``: hyperparameters set in place, architecture changed with weights carried."""
-        apply_genome(self.trainer, self.base_model, genome)
+    def merge(self, state: dict | list, alpha: float) -> dict:
+        """Merge crossover: weights and Adam moments become ``alpha`` * own + (1 - ``alpha``) *
+        ``state``'s (the other parent, same architecture; ``[ref]`` as for load_state)."""
+        self.trainer.merge_from(take_state(state), alpha)
         self._changed()
         return {"step": self.trainer.step, "params": int(self.trainer.num_parameters())}
+
+    def apply_genome(self, genome: Mapping[str, Any]) -> dict:
+        """Take ``genome``: hyperparameters set in place, architecture changed with weights carried."""
+        jump = apply_genome(self.trainer, self.base_model, genome)
+        self._changed()
+        out = {"step": self.trainer.step, "params": int(self.trainer.num_parameters())}
+        if jump is not None:
+            out["val_loss_jump"] = jump
+        return out
 
     def restart(self, genome: Mapping[str, Any], seed: int) -> dict:
         """Throw the weights away: a fresh Trainer for ``genome`` (same process)."""

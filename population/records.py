@@ -50,6 +50,7 @@ class MemberRecord:
     alive: bool = True
     age: int = 0                 # rounds (sync) / intervals (async) since born or restart
     intervals: int = 0           # intervals trained (async: the member's own round counter)
+    since_change: int | None = None   # intervals since its weights changed architecture (None: never)
 
     @property
     def fitness(self) -> float | None:
@@ -58,7 +59,8 @@ class MemberRecord:
     def view(self) -> MemberView:
         return MemberView(id=self.id, genome=Genome.from_dict(self.genome),
                           history=tuple((int(s), float(f)) for s, f in self.history),
-                          age=self.age, step=self.step, objectives=dict(self.objectives))
+                          age=self.age, step=self.step, objectives=dict(self.objectives),
+                          since_change=self.since_change)
 
     def fields(self) -> dict[str, Any]:
         """{field: value}, the values the record's own (no copy)."""
@@ -279,6 +281,8 @@ class Records:
             rec = self.members[m]
             rec.intervals += 1
             rec.age += 1
+            if rec.since_change is not None:
+                rec.since_change += 1
             if not isinstance(res, dict):
                 continue
             self.compute_s += float(res.get("seconds", 0.0))
@@ -315,10 +319,16 @@ class Records:
         self.members[m] = MemberRecord.from_dict(json.loads(committed) if isinstance(committed, str) else committed)
         return self.members[m]
 
-    def took_weights(self, m: int, src: MemberRecord, genome: dict, step: int, params: int) -> None:
-        """m runs ``genome`` on the weights of ``src`` (m itself for an explore) at ``step``:
-        its schedule becomes src's up to ``step``, then ``genome``."""
+    def took_weights(self, m: int, src: MemberRecord, genome: dict, step: int, params: int,
+                     merged: bool = False) -> None:
+        """m runs ``genome`` on the weights of ``src`` (m itself for an explore; merged with
+        another parent's for a merge crossover) at ``step``: its schedule becomes src's up to
+        ``step``, then ``genome``."""
         rec = self.members[m]
+        if merged or Genome.from_dict(genome).architecture() != Genome.from_dict(src.genome).architecture():
+            rec.since_change = 0                      # a new shape, or merged weights: its grace period starts
+        elif src.id != m:
+            rec.since_change = src.since_change       # the donor's weights, as recently changed as they are
         rec.genome, rec.step = genome, step
         self.deaths_on_state.pop(m, None)
         rec.schedule = inherit(src.schedule, step, genome, rec.seed)

@@ -63,7 +63,8 @@ class FusedForward:
             return model(input_ids)
         x = model.model.tok_embeddings(input_ids)  # (B, T, C)
         ropes = self._rope(input_ids.shape[1], x.device)
-        for plan, weights in zip(self._plans, layers):
+        for plan, layer, weights in zip(self._plans, model.model.layers, layers):
+            plan.attn_eps, plan.ffn_eps = layer.attention_norm.eps, layer.ffn_norm.eps   # per norm, may change
             x = _DecoderLayerFn.apply(x, *weights, plan, ropes, _graph_kept(x, *weights))
         return _NormLinearFn.apply(x, norm.weight, norm.eps, out.weight, self._head_pool,
                                    _graph_kept(x, norm.weight, out.weight))  # (B, T, vocab)

@@ -321,3 +321,14 @@ class InternLM2ForCausalLM(nn.Module):
 
     def num_parameters(self) -> int:
         return sum(p.numel() for p in self.parameters())
+
+    def norm_eps(self) -> dict[str, float]:
+        """Each RMSNorm's eps by module name. A norm's eps starts at `config.rms_norm_eps` and
+        is scaled when the width grows (trainers/transfer.py), so it is part of the state."""
+        return {name: m.eps for name, m in self.named_modules() if isinstance(m, RMSNorm)}
+
+    def set_norm_eps(self, eps: dict[str, float]) -> None:
+        """Set each RMSNorm's eps from `eps` (by module name); unlisted ones get `config.rms_norm_eps`."""
+        for name, m in self.named_modules():
+            if isinstance(m, RMSNorm):
+                m.eps = float(eps.get(name, self.config.rms_norm_eps))

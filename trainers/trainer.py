@@ -24,7 +24,7 @@ from pydantic.dataclasses import dataclass
 from trainers import cpu_fused
 from trainers.data import DataConfig, load_corpus
 from trainers.model import InternLM2Config, InternLM2ForCausalLM
-from trainers.transfer import transfer_weights
+from trainers.transfer import transfer_moments, transfer_norm_eps, transfer_weights
 
 # Fields of TrainConfig that may change during training (set_hparams); the others
 # (compile, device, num_threads, seed) belong to the member, not to the search.
@@ -303,6 +303,7 @@ class Trainer:
             "model_config": asdict(self._model_cfg),
             "train_config": asdict(self._train),
             "model": {k: v.detach().to("cpu", copy=True) for k, v in self._model.state_dict().items()},
+            "norm_eps": self._model.norm_eps(),
             "optimizer": _cpu_copy(self._optimizer.state_dict()),
             "step": self._step,
             "rng": {"torch": self._generator.get_state()},
@@ -345,6 +346,7 @@ class Trainer:
             rng = state["rng"]["torch"]
             # set_state wants a tensor with its own storage at offset 0 (not a view into a buffer)
             rng = rng.clone() if rng.storage_offset() else rng
+        self._model.set_norm_eps(state.get("norm_eps", {}))
         self._step = int(state["step"])
         self._generator.set_state(rng)
         self._apply_hparams()
@@ -388,21 +390,53 @@ class Trainer:
         self._apply_hparams()
 
     def set_architecture(self, model: InternLM2Config) -> None:
-        """Change the architecture, carrying the weights over (trainers.transfer). Adam state is
-        kept for every parameter carried over unchanged (same name, shape and values); the others
-        start with fresh moments."""
+        """Change the architecture, carrying the weights over (trainers.transfer). Adam moments
+        are carried along the same map for every parameter that exists in both (zeros for its
+        new coordinates, the old step count); parameters of new layers start with fresh moments."""
         new_cfg = self._with_corpus_vocab(model)
         if new_cfg == self._model_cfg:
             return
-        old_model, old_opt = self._model, self._optimizer
+        old_cfg, old_model, old_opt = self._model_cfg, self._model, self._optimizer
         old_state = {k: v.detach().cpu() for k, v in old_model.state_dict().items()}
-        new_state = transfer_weights(old_state, self._model_cfg, new_cfg, self._generator)
+        new_state = transfer_weights(old_state, old_cfg, new_cfg, self._generator)
+        norm_eps = transfer_norm_eps(old_model.norm_eps(), old_cfg, new_cfg)
         self._build(new_cfg, new_state)
-        old_params = dict(old_model.named_parameters())
+        self._model.set_norm_eps(norm_eps)
+        old_moments = {name: old_opt.state[q] for name, q in old_model.named_parameters() if old_opt.state.get(q)}
+        shapes = {name: p.shape for name, p in self._model.named_parameters()}
+        moved = {key: transfer_moments({n: s[key].detach().cpu() for n, s in old_moments.items()},
+                                       old_cfg, new_cfg, shapes, power)
+                 for key, power in (("exp_avg", 1), ("exp_avg_sq", 2))}
         for name, p in self._model.named_parameters():
-            q = old_params.get(name)
-            if q is not None and q in old_opt.state and q.shape == p.shape and torch.equal(q.detach(), p.detach()):
-                self._optimizer.state[p] = {k: v.clone() for k, v in old_opt.state[q].items()}
+            if name in old_moments:
+                self._optimizer.state[p] = {"step": old_moments[name]["step"].clone(),
+                                            "exp_avg": moved["exp_avg"][name].to(p.device),
+                                            "exp_avg_sq": moved["exp_avg_sq"][name].to(p.device)}
+
+    def merge_from(self, state: dict, alpha: float) -> None:
+        """Merge crossover: this trainer's weights, Adam moments and norm eps become
+        ``alpha * own + (1 - alpha) * state's``, for a ``state`` of the same architecture (the
+        other parent; the step, RNG and hyperparameters stay this trainer's). A parameter with
+        Adam moments on one side only keeps this trainer's."""
+        if not 0.0 <= alpha <= 1.0:
+            raise ValueError(f"merge: alpha ({alpha}) must be in [0, 1]")
+        other_cfg = InternLM2Config(**state["model_config"])
+        if self._with_corpus_vocab(other_cfg) != self._model_cfg:
+            raise ValueError("merge: the parents' architectures differ (merge needs the same shape)")
+        weights = state["model"]
+        params = [p for g in self._optimizer.param_groups for p in g["params"]]
+        theirs = state["optimizer"]["state"]
+        with torch.no_grad():
+            for name, p in self._model.named_parameters():
+                p.mul_(alpha).add_(weights[name].to(p.device, p.dtype), alpha=1.0 - alpha)
+            for i, p in enumerate(params):
+                ours, other = self._optimizer.state.get(p), theirs.get(i)
+                if ours and other:
+                    for key in ("exp_avg", "exp_avg_sq"):
+                        ours[key].mul_(alpha).add_(other[key].to(p.device), alpha=1.0 - alpha)
+        eps, other_eps = self._model.norm_eps(), state.get("norm_eps", {})
+        self._model.set_norm_eps({n: alpha * e + (1.0 - alpha) * other_eps.get(n, self._model_cfg.rms_norm_eps)
+                                  for n, e in eps.items()})
 
     # ------------------------------------------------------------------ internals
     def _with_corpus_vocab(self, cfg: InternLM2Config) -> InternLM2Config:

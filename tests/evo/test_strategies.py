@@ -21,7 +21,7 @@ from evo.genome import Genome
 from evo.nsga2 import NSGA2
 from evo.pb2 import MIN_OBSERVATIONS
 from evo.space import ChoiceGene, FloatGene, IntGene, SearchSpace
-from evo.strategy import OBJECTIVE_SENSE, Crossover, Exploit, Keep, MemberView, Restart, Snapshot
+from evo.strategy import OBJECTIVE_SENSE, Crossover, Exploit, Keep, MemberView, Restart, Snapshot, in_grace
 from evo.strategies import StrategyConfig, make_strategy
 from evo.toy import toy_space
 from tests.evo.test_space import RULES
@@ -114,12 +114,17 @@ def assert_valid(strategy, space: SearchSpace, snapshot: Snapshot, decisions: li
         assert isinstance(d, (Keep, Exploit, Crossover, Restart))
         if not receiver.history:
             assert isinstance(d, Keep), f"member {d.member} has no fitness yet but got {d}"
+        if in_grace(receiver, strategy.config.grace_intervals):
+            assert isinstance(d, Keep), f"member {d.member} is in its grace period but got {d}"
         if isinstance(d, Exploit):
             assert d.donor != d.member
             assert fitter(d.donor, receiver), f"donor {d.donor} is not fitter than {d.member}"
             assert d.how in ("perturb", "resample", "model")
         if isinstance(d, Crossover):
             assert d.parents[0] != d.parents[1] and d.member not in d.parents
+            if d.alpha is not None:          # a merge: parents and child share one architecture
+                assert strategy.config.merge and 0.0 <= d.alpha <= 1.0
+                assert all(snapshot.member(p).genome.architecture() == d.genome.architecture() for p in d.parents)
             assert d.weights_from in d.parents
             for p in d.parents:
                 snapshot.member(p)
@@ -160,6 +165,55 @@ def test_decisions_are_valid_and_reproducible(kind: str, space_name: str) -> Non
         subset = [int(i) for i in rng.permutation(ids)[: max(1, len(ids) // 2)]]
         strategy, decisions = plan(kind, space, snapshot, seed, ready=subset)
         assert_valid(strategy, space, snapshot, decisions, subset)
+
+
+@pytest.mark.parametrize("kind", STRATEGIES)
+@pytest.mark.parametrize("grace", [1, 3])
+def test_a_member_in_its_grace_period_is_never_a_receiver(kind: str, grace: int) -> None:
+    """The worse half of each population changed architecture 0..4 intervals ago (sync and async
+    plans): whoever is within `grace_intervals` of the change keeps; without a grace period the
+    same members are receivers (except for random search, which always keeps)."""
+    space = arch_space()
+    config = StrategyConfig(**STRATEGIES[kind], grace_intervals=grace)
+    protected = 0
+    for seed in range(10):
+        rng = np.random.default_rng([seed, 13])
+        snapshot = random_snapshot(space, rng, n=int(rng.integers(4, 13)))
+        worse = sorted(snapshot.members, key=fitness)[len(snapshot.members) // 2:]
+        changed = {m.id: int(rng.integers(0, 5)) for m in worse}
+        snapshot = Snapshot(snapshot.round, tuple(dataclasses.replace(m, since_change=changed.get(m.id))
+                                                  for m in snapshot.members))
+        ids = [m.id for m in snapshot.members]
+        for ready in (None, [ids[-1]]):
+            strategy = make_strategy(config, space)
+            decisions = strategy.plan(snapshot, np.random.default_rng(seed), ready)
+            assert_valid(strategy, space, snapshot, decisions, ready or ids)
+            free = make_strategy(dataclasses.replace(config, grace_intervals=0), space)
+            for d in free.plan(snapshot, np.random.default_rng(seed), ready):
+                graced = in_grace(snapshot.member(d.member), grace)
+                protected += graced and not isinstance(d, Keep)
+    assert protected > 0 or kind == "random"
+
+
+@pytest.mark.parametrize("kind", ["ga-uniform", "ga-sbx", "nsga2"])
+def test_merge_crossover_has_alpha_exactly_when_the_shapes_agree(kind: str) -> None:
+    space = toy_space()                     # no architecture genes: every crossover merges
+    arch = arch_space()
+    for sp, want in ((space, True), (arch, None)):
+        config = StrategyConfig(**STRATEGIES[kind], merge=True, crossover_probability=1.0)
+        n_merged = 0
+        for seed in range(6):
+            rng = np.random.default_rng([seed, 17])
+            snapshot = random_snapshot(sp, rng, n=int(rng.integers(4, 13)))
+            strategy = make_strategy(config, sp)
+            decisions = strategy.plan(snapshot, np.random.default_rng(seed))
+            assert_valid(strategy, sp, snapshot, decisions, [m.id for m in snapshot.members])
+            assert decisions == make_strategy(config, sp).plan(snapshot, np.random.default_rng(seed))
+            crossovers = [d for d in decisions if isinstance(d, Crossover)]
+            n_merged += sum(d.alpha is not None for d in crossovers)
+            if want:
+                assert all(d.alpha is not None for d in crossovers)
+        assert n_merged > 0 or want is None
 
 
 @pytest.mark.parametrize("kind", STRATEGIES)

@@ -291,3 +291,52 @@ def test_status_says_interrupted_when_a_running_run_has_no_live_driver(tmp_path)
         status = run_status(str(tmp_path), "orphan")
     assert status["status"] == "running" and status["round"] == 2
     assert status["best"] == {"member": 0, "val_bpb": 3.5, "genome": {"train.lr": 1e-3}}
+
+
+def test_records_count_intervals_since_the_weights_changed_shape(tmp_path, cache_dir):
+    """The grace period's clock (MemberView.since_change): 0 when a member's weights take a new
+    architecture, +1 per interval trained, the donor's own clock on a copy of the same shape,
+    None after a restart; committed and resumed with the records."""
+    from evo.strategies import make_strategy
+    from population.records import Records
+
+    setup = make_setup(tmp_path, "grace", cache_dir)
+    records = Records(setup, RunStore(tmp_path, "grace"), make_strategy(setup.strategy, setup.space), 1)
+    assert records.open() == "new"
+    assert all(records[m].view().since_change is None for m in (0, 1))
+    layers = records[0].genome["model.num_hidden_layers"]
+    grown = dict(records[0].genome, **{"model.num_hidden_layers": layers % 2 + 1})
+    records.took_weights(0, records[0], grown, 5, 100)                   # explore to a new shape
+    assert records[0].view().since_change == 0
+    records.record_results({0: {"failed": True}, 1: {"failed": True}})
+    assert records[0].view().since_change == 1 and records[1].since_change is None
+    records.took_weights(1, records[0], dict(grown), 5, 100)             # a copy of the same shape
+    assert records[1].since_change == 1
+    records.took_weights(1, records[0], dict(records[0].genome, **{"train.lr": 1e-3}), 5, 100)
+    assert records[1].since_change == 1                                  # hyperparameters only
+    records.commit(1, steps_done=5)
+    again = Records(setup, RunStore(tmp_path, "grace"), make_strategy(setup.strategy, setup.space), 1)
+    assert again.open() == "resumed"
+    assert [again[m].since_change for m in (0, 1)] == [1, 1]
+    again.fresh(0, grown, 7)
+    assert again[0].since_change is None
+
+
+@pytest.mark.slow
+def test_merge_crossover_blends_both_parents_and_says_so(ray_local, cache_dir, tmp_path):
+    """strategy.merge with ga: crossovers of same-shape parents merge their weights; the lineage
+    names both parents and alpha; a merged member starts a grace period."""
+    import dataclasses
+
+    setup = make_setup(tmp_path, "merge", cache_dir, size=4, interval=5, total=20, strategy="ga")
+    strategy = dataclasses.replace(setup.strategy, merge=True, crossover_probability=1.0, mutation_probability=0.0)
+    setup = dataclasses.replace(setup, strategy=strategy,
+                                config=dict(setup.config, strategy=dataclasses.asdict(strategy)))
+    run_search(setup, console=_quiet())
+    crossovers = [r for r in _lineage(tmp_path / "merge") if r["event"] == "crossover"]
+    merged = [r for r in crossovers if "alpha" in r]
+    assert merged, crossovers
+    for r in merged:
+        assert len(r["parents"]) == 2 and r["weights_from"] in r["parents"] and 0.0 <= r["alpha"] <= 1.0
+        shapes = {g["model.num_hidden_layers"] for g in r["parent_genomes"]}
+        assert shapes == {r["genome"]["model.num_hidden_layers"]}

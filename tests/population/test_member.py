@@ -136,6 +136,13 @@ def test_apply_genome_sets_hyperparameters_and_architecture(pair):
     for key, value in before["model"].items():
         assert torch.equal(after["model"][key], value), key
     assert torch.count_nonzero(after["model"]["model.layers.1.attention.wo.weight"]) == 0
+    assert "val_loss_jump" not in out                       # growth keeps the function: nothing to measure
+    # a lossy change (shrinking back) measures the validation loss's jump at the change
+    res = ray.get(member.train_and_evaluate.remote(2)[0])
+    out = ray.get(member.apply_genome.remote({"train.lr": 1e-3, "model.num_hidden_layers": 1}))
+    res0 = ray.get(member.train_and_evaluate.remote(0)[0])
+    assert out["val_loss_jump"] == pytest.approx(res0["val_loss"] - res["val_loss"], abs=1e-6)
+    assert out["val_loss_jump"] != 0
 
 
 def test_checkpoint_save_wait_load_round_trip(pair, tmp_path):
