@@ -39,6 +39,7 @@ import copy
 import dataclasses
 import difflib
 import functools
+import math
 import re
 import shlex
 import types
@@ -263,6 +264,12 @@ def _resolve(raw: dict, overrides: list[str], strings: dict[str, str], origin: _
 
     # model.vocab_size is the tokenizer's: validate data first to know it
     data = _validate(DataConfig, raw.get("data", {}), ("data",), origin)
+    for path in raw["search"]:
+        source = str(path)[len(MIX_PREFIX):] if str(path).startswith(MIX_PREFIX) else None
+        if source is not None and source not in data.source_names():
+            names = ", ".join(data.source_names()) or "none: data.sources is not set"
+            raise ConfigError(f"{origin.where(('search', str(path)))}: search.{path}: no such source "
+                              f"(data.sources names {names})")
     vocab = BYTES_VOCAB if data.tokenizer == "bytes" else data.vocab_size
     model_raw = raw.setdefault("model", {})
     if isinstance(model_raw, dict):
@@ -363,8 +370,16 @@ def _check_gene_values(spec: Mapping[str, Any]) -> None:
         if path == "max_params" or not isinstance(gene, Mapping):
             continue
         section, _, name = path.partition(".")
-        hint = _hints({"train": TrainConfig, "model": InternLM2Config}[section])[name]
         kind = gene.get("type")
+        if path.startswith(MIX_PREFIX):     # a source's weight: a float >= 0
+            if kind != "float":
+                raise ConfigError(f"search.{path}: a source weight is a float gene (use type: float)")
+            for end in ("low", "high"):
+                v = gene.get(end)
+                if isinstance(v, (int, float)) and not isinstance(v, bool) and not 0 <= v < math.inf:
+                    raise ConfigError(f"search.{path}: {end} ({v!r}) is not a valid weight: must be >= 0 and finite")
+            continue
+        hint = _hints({"train": TrainConfig, "model": InternLM2Config}[section])[name]
         if kind in ("float", "int"):
             ends = [(end, gene.get(end)) for end in ("low", "high")]
             ends = [(end, v) for end, v in ends if isinstance(v, (int, float)) and not isinstance(v, bool)]
@@ -410,7 +425,11 @@ def _space_base(cfg: ExperimentConfig) -> dict[str, Any]:
     """The flattened ``{"train.lr": .., "model.hidden_size": ..}`` view the space is built on."""
     base = {f"train.{k}": v for k, v in dataclasses.asdict(cfg.train).items()}
     base.update({f"model.{k}": v for k, v in dataclasses.asdict(cfg.model).items()})
+    base.update({f"{MIX_PREFIX}{k}": v for k, v in cfg.data.mix_weights().items()})
     return base
+
+
+MIX_PREFIX = "data.mix."   # a gene data.mix.<source> is that source's training weight
 
 
 def _search(raw: Any, origin: _Origin) -> dict[str, Any]:
@@ -428,11 +447,15 @@ def _search(raw: Any, origin: _Origin) -> dict[str, Any]:
         if path == "max_params":
             if gene is not None and (isinstance(gene, bool) or not isinstance(gene, int)):
                 raise ConfigError(f"{where}: search.max_params: expected an integer, got {gene!r}")
+        elif str(path).startswith(MIX_PREFIX):
+            if not isinstance(gene, Mapping):
+                raise ConfigError(f"{where}: search.{path}: expected a mapping, got {_kind(gene)}")
+            out[path] = dict(gene)    # the source is checked against data.sources once data is read
         elif path not in valid:
             section = str(path).partition(".")[0]
             if section not in ("train", "model"):
-                raise ConfigError(f"{where}: unknown key 'search.{path}' (a gene is named train.<field> or "
-                                  "model.<field>, e.g. train.lr; max_params is the parameter budget)")
+                raise ConfigError(f"{where}: unknown key 'search.{path}' (a gene is named train.<field>, "
+                                  "model.<field> or data.mix.<source>, e.g. train.lr; max_params is the parameter budget)")
             fields = [v.partition(".")[2] for v in valid if v.startswith(section + ".")]
             raise ConfigError(f"{where}: {_unknown(('search', section, str(path).partition('.')[2]), fields)}")
         elif not isinstance(gene, Mapping):

@@ -44,9 +44,16 @@ def split_genome(genome: Mapping[str, Any]) -> tuple[dict[str, Any], dict[str, A
             train[field] = value
         elif section == "model":
             model[field] = value
+        elif section == "data" and field.startswith("mix."):
+            continue     # see mix_genes
         else:
-            raise ValueError(f"genome: gene {path!r} is neither train.* nor model.*")
+            raise ValueError(f"genome: gene {path!r} is neither train.*, model.* nor data.mix.*")
     return train, model
+
+
+def mix_genes(genome: Mapping[str, Any]) -> dict[str, float]:
+    """``{"data.mix.docs": 0.3, ..}`` -> ``{"docs": 0.3}``: the genome's source weights."""
+    return {p[len("data.mix."):]: float(v) for p, v in genome.items() if p.startswith("data.mix.")}
 
 
 def model_config_for(base_model: InternLM2Config, genome: Mapping[str, Any]) -> InternLM2Config:
@@ -61,12 +68,15 @@ def build_trainer(base_model: InternLM2Config, base_train: TrainConfig, data: Da
     train = dataclasses.replace(base_train, **train_fields, seed=int(seed))
     if train.num_threads is None and num_threads is not None:
         train = dataclasses.replace(train, num_threads=int(num_threads))
-    return Trainer(model_config_for(base_model, genome), train, data)
+    trainer = Trainer(model_config_for(base_model, genome), train, data)
+    if mix_genes(genome):
+        trainer.set_mix(**mix_genes(genome))
+    return trainer
 
 
 def apply_genome(trainer: Trainer, base_model: InternLM2Config, genome: Mapping[str, Any]) -> float | None:
-    """Steer a running trainer to ``genome``: train.* genes in place, model.* genes by weight transfer.
-    Returns the validation loss's jump at a lossy architecture change (shrinking, merging kv
+    """Steer a running trainer to ``genome``: train.* and data.mix.* genes in place, model.* genes
+    by weight transfer. Returns the validation loss's jump at a lossy architecture change (shrinking, merging kv
     heads: trainers.transfer.preserves_function is False), measured before and after; None otherwise."""
     train_fields, _ = split_genome(genome)
     unknown = sorted(set(train_fields) - set(HPARAMS))
@@ -83,6 +93,8 @@ def apply_genome(trainer: Trainer, base_model: InternLM2Config, genome: Mapping[
             jump = trainer.evaluate()["val_loss"] - before
     if train_fields:
         trainer.set_hparams(**train_fields)
+    if mix_genes(genome):
+        trainer.set_mix(**mix_genes(genome))    # in place: the next step draws by it
     return jump
 
 

@@ -37,6 +37,10 @@ CACHE_VERSION = 1
 SKIP_DIRS = frozenset({"test", "tests", "idle_test", "site-packages", "dist-packages", "__pycache__"})
 
 
+# A source's name: used in gene paths (data.mix.<name>) and metric names (val_bpb.<name>).
+SourceName = Annotated[str, Field(pattern=r"^[A-Za-z_][A-Za-z0-9_-]*$")]
+
+
 class DataError(ValueError):
     """The corpus cannot be used (missing path, no text, too small); one line naming it."""
 
@@ -49,7 +53,14 @@ class DataConfig:
     locates the field; it stays a plain dataclass to `dataclasses.replace` / `asdict` / pickle."""
 
     corpus: Annotated[str, Field(min_length=1, description=(
-        "'stdlib' (the Python standard library's source), a text file, a directory or a glob"))] = "stdlib"
+        "'stdlib' (the Python standard library's source), 'stdlib-docs' (the English prose of the "
+        "Python documentation, pydoc_data), a text file, a directory or a glob"))] = "stdlib"
+    sources: Annotated[dict[SourceName, Annotated[str, Field(min_length=1)]] | None, Field(description=(
+        "several named corpora {name: any data.corpus form}, one tokenizer over their union; "
+        "replaces data.corpus when given"))] = None
+    mix: Annotated[dict[SourceName, Annotated[StrictFloat | StrictInt, Field(ge=0)]] | None, Field(description=(
+        "training weight of each source (a sequence's source is drawn by these weights; "
+        "data.mix.<source> can be a gene); null: equal weights"))] = None
     tokenizer: Annotated[Literal["bytes", "bpe"], Field(description=(
         "'bytes' (256 symbols) or 'bpe' (trained on the corpus, vocab_size symbols)"))] = "bytes"
     vocab_size: Annotated[StrictInt, Field(gt=0, description="bpe vocabulary size (bytes is always 256)")] = 1024
@@ -70,6 +81,28 @@ class DataConfig:
         if self.tokenizer == "bpe" and not 256 < self.vocab_size <= 2**32:
             raise ValueError(f"data.vocab_size: bpe needs 256 < vocab_size <= 2**32 (256 byte symbols + merges), "
                              f"got {self.vocab_size}")
+        if self.sources is not None and not self.sources:
+            raise ValueError("data.sources: names no source (leave it out to train on data.corpus)")
+        if self.mix is not None:
+            if self.sources is None:
+                raise ValueError("data.mix: needs data.sources (a single data.corpus has nothing to mix)")
+            unknown = sorted(set(self.mix) - set(self.sources))
+            if unknown:
+                raise ValueError(f"data.mix.{unknown[0]}: no such source (data.sources names "
+                                 f"{', '.join(sorted(self.sources))})")
+            if not any(float(self.mix.get(n, 0.0)) > 0 for n in self.sources):
+                raise ValueError("data.mix: all weights are zero")
+
+    def source_names(self) -> list[str]:
+        """The sources, sorted by name (a single data.corpus has none)."""
+        return sorted(self.sources) if self.sources else []
+
+    def mix_weights(self, mix: dict | None = None) -> dict[str, float]:
+        """Every source's weight: ``mix`` (e.g. live genes) over data.mix over 1.0."""
+        out = {n: 1.0 for n in self.source_names()}
+        out.update({n: float(w) for n, w in (self.mix or {}).items()})
+        out.update({n: float(w) for n, w in (mix or {}).items()})
+        return out
 
 
 class Corpus:
@@ -115,13 +148,20 @@ class Corpus:
         """The fixed held-out set: eval_batches x eval_batch_size windows evenly spaced over the
         validation tokens; the same for every member and every call."""
         if self._eval is None:
-            c = self.config
-            T = c.seq_len
-            n = c.eval_batches * c.eval_batch_size
-            starts = np.linspace(0, len(self.val_tokens) - T - 1, n).round().astype(np.int64)
-            self._eval = [_windows(self.val_tokens, starts[i:i + c.eval_batch_size], T)
-                          for i in range(0, n, c.eval_batch_size)]
+            self._eval = _eval_windows(self.val_tokens, self.config)
         return list(self._eval)
+
+    def eval_sets(self) -> dict[str, tuple[list[tuple[torch.Tensor, torch.Tensor]], float]]:
+        """{"": (the held-out batches, bytes per token)}: one unnamed set."""
+        return {"": (self.eval_batches(), self.bytes_per_token)}
+
+
+def _eval_windows(tokens: np.ndarray, c: DataConfig) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """eval_batches x eval_batch_size windows evenly spaced over ``tokens``."""
+    T = c.seq_len
+    n = c.eval_batches * c.eval_batch_size
+    starts = np.linspace(0, len(tokens) - T - 1, n).round().astype(np.int64)
+    return [_windows(tokens, starts[i:i + c.eval_batch_size], T) for i in range(0, n, c.eval_batch_size)]
 
 
 def _windows(tokens: np.ndarray, starts: np.ndarray, T: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -136,18 +176,31 @@ def load_corpus(cfg: DataConfig) -> Corpus:
     The cache key is a hash of the documents (relative paths and bytes), the tokenizer and the
     split, so any change of the text or the settings makes a new entry.
     """
+    if cfg.sources:
+        return _load_sources(cfg)
     docs = _read_documents(cfg)
     key = _cache_key(cfg, docs)
-    root = Path(os.path.expanduser(cfg.cache_dir or os.environ.get("EVO_CACHE_DIR") or "~/.cache/evo/tokens"))
+    root = _cache_root(cfg)
     entry = root / key
     if (entry / "meta.json").exists():
         return Corpus(cfg, entry, from_cache=True)
     train_docs, val_docs = _split(cfg, docs)
+    _write_entry(root, key, lambda tmp: _tokenize_into(cfg, train_docs, val_docs, tmp))
+    return Corpus(cfg, entry, from_cache=False)
+
+
+def _cache_root(cfg: DataConfig) -> Path:
+    return Path(os.path.expanduser(cfg.cache_dir or os.environ.get("EVO_CACHE_DIR") or "~/.cache/evo/tokens"))
+
+
+def _write_entry(root: Path, key: str, write) -> None:
+    """Run ``write(tmp)`` into a temporary directory and rename it to ``root / key``."""
+    entry = root / key
     root.mkdir(parents=True, exist_ok=True)
     tmp = root / f".{key}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}"
     tmp.mkdir()
     try:
-        _tokenize_into(cfg, train_docs, val_docs, tmp)
+        write(tmp)
         try:
             os.rename(tmp, entry)        # atomic: readers see the whole entry or none
         except OSError:
@@ -156,22 +209,143 @@ def load_corpus(cfg: DataConfig) -> Corpus:
             # another process wrote the same entry first: use theirs
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
-    return Corpus(cfg, entry, from_cache=False)
+
+
+def _load_sources(cfg: DataConfig) -> "SourcesCorpus":
+    """Several named sources: each read and split on its own, one tokenizer trained on the union
+    of their train documents, each source's tokens cached once in one entry."""
+    names = cfg.source_names()
+    docs = {n: _read_documents(cfg, cfg.sources[n], f"data.sources.{n}") for n in names}
+    h = hashlib.sha256()
+    for n in names:
+        h.update(f"\0source\0{n}\0".encode())
+        h.update(_cache_key(cfg, docs[n]).encode())
+    key = f"{cfg.tokenizer}-sources-{h.hexdigest()[:32]}"
+    root = _cache_root(cfg)
+    entry = root / key
+    if (entry / "meta.json").exists():
+        return SourcesCorpus(cfg, entry, from_cache=True)
+    splits = {n: _split(cfg, docs[n], name=f"data.sources.{n}") for n in names}
+
+    def write(out: Path) -> None:
+        union = [d for n in names for d in splits[n][0]]
+        encode, vocab = _encoder(cfg, union, out)
+        dtype = _token_dtype(vocab)
+        meta = {"version": CACHE_VERSION, "sources": dict(cfg.sources), "tokenizer": cfg.tokenizer,
+                "vocab_size": vocab, "dtype": np.dtype(dtype).name, "per_source": {}}
+        for n in names:
+            meta["per_source"][n] = _write_splits(encode, dtype, *splits[n], out, prefix=f"{n}.")
+        (out / "meta.json").write_text(json.dumps(meta, indent=1))
+
+    _write_entry(root, key, write)
+    return SourcesCorpus(cfg, entry, from_cache=False)
+
+
+class SourcesCorpus:
+    """Tokenized train / validation text of several named sources (data.sources) sharing one
+    tokenizer. The interface of Corpus, plus ``names`` and ``parts`` (one Corpus-like view per
+    source); batches draw each sequence's source by the mix weights."""
+
+    def __init__(self, config: DataConfig, entry: Path, from_cache: bool):
+        meta = json.loads((entry / "meta.json").read_text())
+        dtype = np.dtype(meta["dtype"])
+        self.config = config
+        self.meta = meta
+        self.path = entry
+        self.from_cache = from_cache
+        self.vocab_size: int = meta["vocab_size"]
+        self.tokenizer_path: str | None = str(entry / "tokenizer.json") if config.tokenizer == "bpe" else None
+        self.names: list[str] = config.source_names()
+        self.train: dict[str, np.ndarray] = {}
+        self.val: dict[str, np.ndarray] = {}
+        self.bytes_per_tokens: dict[str, float] = {}
+        need = config.seq_len + 1
+        for n in self.names:
+            m = meta["per_source"][n]
+            self.bytes_per_tokens[n] = m["val_bytes"] / m["val_tokens"]
+            for split, store in (("train", self.train), ("val", self.val)):
+                store[n] = np.memmap(entry / f"{n}.{split}.bin", dtype=dtype, mode="r", shape=(m[f"{split}_tokens"],))
+                if len(store[n]) < need:
+                    what = "train" if split == "train" else "validation"
+                    raise DataError(f"data.seq_len: source {n!r} is too small: its {what} split has "
+                                    f"{len(store[n])} tokens, a window needs seq_len + 1 = {need}")
+        # over all validation text (for code that wants one figure)
+        self.bytes_per_token: float = (sum(meta["per_source"][n]["val_bytes"] for n in self.names)
+                                       / sum(meta["per_source"][n]["val_tokens"] for n in self.names))
+        self._eval: dict[str, list[tuple[torch.Tensor, torch.Tensor]]] = {}
+
+    def sources_for(self, seed: int, step: int, batch_size: int, mix: dict | None = None) -> np.ndarray:
+        """Index into ``names`` of each sequence's source in the batch of ``step``."""
+        return self._draw(seed, step, batch_size, mix)[0]
+
+    def _draw(self, seed: int, step: int, batch_size: int, mix: dict | None) -> tuple[np.ndarray, np.ndarray]:
+        weights = self.config.mix_weights(mix)
+        p = np.array([weights[n] for n in self.names], dtype=np.float64)
+        if not (np.all(np.isfinite(p)) and np.all(p >= 0) and p.sum() > 0):
+            raise ValueError(f"data.mix: weights must be finite, >= 0 and not all zero, got {weights}")
+        rng = np.random.default_rng([seed, step])
+        src = rng.choice(len(self.names), size=batch_size, p=p / p.sum())
+        u = rng.random(batch_size)
+        return src, u
+
+    def batch(self, seed: int, step: int, batch_size: int, mix: dict | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """Training batch for step ``step``: each sequence's source is drawn by the mix weights
+        (``mix`` over data.mix over equal), then its window uniformly in that source; a pure
+        function of (seed, step, batch_size, weights)."""
+        T = self.config.seq_len
+        src, u = self._draw(seed, step, batch_size, mix)
+        xs, ys = [], []
+        for i in range(batch_size):
+            tokens = self.train[self.names[src[i]]]
+            start = np.array([int(u[i] * (len(tokens) - T))], dtype=np.int64)
+            x, y = _windows(tokens, start, T)
+            xs.append(x)
+            ys.append(y)
+        return torch.cat(xs), torch.cat(ys)
+
+    def eval_sets(self) -> dict[str, tuple[list[tuple[torch.Tensor, torch.Tensor]], float]]:
+        """{source: (its fixed held-out batches, its bytes per token)}."""
+        return {n: (self.eval_batches(n), self.bytes_per_tokens[n]) for n in self.names}
+
+    def eval_batches(self, name: str | None = None) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """The fixed held-out set of source ``name`` (all sources' sets, in name order, for None)."""
+        if name is None:
+            return [b for n in self.names for b in self.eval_batches(n)]
+        if name not in self._eval:
+            self._eval[name] = _eval_windows(self.val[name], self.config)
+        return list(self._eval[name])
 
 
 # ----------------------------------------------------------------------------- reading
 
 def check_corpus(cfg: DataConfig) -> None:
-    """Raise DataError unless the corpus names files that can be read. Cheap (no file is read):
-    the CLI calls it before a run writes anything or starts Ray."""
-    _, files = _corpus_files(cfg.corpus)
-    for p in files:
-        if not os.access(p, os.R_OK):
-            raise DataError(f"data.corpus: cannot read {p}: permission denied")
+    """Raise DataError unless the corpus (every source) names files that can be read. Cheap (no
+    file is read): the CLI calls it before a run writes anything or starts Ray."""
+    named = {f"data.sources.{n}": cfg.sources[n] for n in cfg.source_names()} or {"data.corpus": cfg.corpus}
+    for field, source in named.items():
+        if source == STDLIB_DOCS:
+            continue
+        _, files = _corpus_files(source, field)
+        for p in files:
+            if not os.access(p, os.R_OK):
+                raise DataError(f"{field}: cannot read {p}: permission denied")
 
 
-def _corpus_files(source: str) -> tuple[Path, list[Path]]:
-    """The corpus root and its files, sorted; DataError when the source names none."""
+STDLIB_DOCS = "stdlib-docs"
+
+
+def _stdlib_docs() -> list[tuple[str, bytes]]:
+    """The English prose of the Python documentation shipped with every Python (pydoc_data's
+    topics), one document per topic, sorted by topic."""
+    try:
+        from pydoc_data.topics import topics
+    except ImportError:      # a Python built without its documentation data
+        raise DataError("data.corpus: 'stdlib-docs' needs pydoc_data, which this Python lacks") from None
+    return [(f"{name}.txt", text.encode("utf-8")) for name, text in sorted(topics.items()) if text]
+
+
+def _corpus_files(source: str, field: str = "data.corpus") -> tuple[Path, list[Path]]:
+    """The corpus root and its files, sorted; DataError (naming ``field``) when the source names none."""
     if source == "stdlib":
         root = Path(sysconfig.get_paths()["stdlib"])
         return root, [p for p in _walk(root) if p.suffix == ".py"]
@@ -181,26 +355,33 @@ def _corpus_files(source: str) -> tuple[Path, list[Path]]:
     if path.is_dir():
         files = _walk(path)
         if not files:
-            raise DataError(f"data.corpus: no text in {source!r} (an empty directory)")
+            raise DataError(f"{field}: no text in {source!r} (an empty directory)")
         return path, files
     if glob.has_magic(source):
         files = sorted(Path(p) for p in glob.glob(os.path.expanduser(source), recursive=True) if os.path.isfile(p))
         if not files:
-            raise DataError(f"data.corpus: glob {source!r} matches no files")
+            raise DataError(f"{field}: glob {source!r} matches no files")
         return Path(os.path.commonpath([str(p.parent) for p in files])), files
     if path.exists():
-        raise DataError(f"data.corpus: {source!r} is neither a file nor a directory")
-    raise DataError(f"data.corpus: path does not exist: {source}")
+        raise DataError(f"{field}: {source!r} is neither a file nor a directory")
+    raise DataError(f"{field}: path does not exist: {source}")
 
 
-def _read_documents(cfg: DataConfig) -> list[tuple[str, bytes]]:
-    """The corpus as sorted (relative path, UTF-8 bytes) documents, capped at max_bytes."""
-    source = cfg.corpus
-    root, files = _corpus_files(source)
+def _read_documents(cfg: DataConfig, source: str | None = None,
+                    field: str = "data.corpus") -> list[tuple[str, bytes]]:
+    """The corpus (or one source) as sorted (relative path, UTF-8 bytes) documents, capped at max_bytes."""
+    source = cfg.corpus if source is None else source
+    if source == STDLIB_DOCS:
+        root, files = Path("/"), _stdlib_docs()
+    else:
+        root, files = _corpus_files(source, field)
     docs: list[tuple[str, bytes]] = []
     budget = cfg.max_bytes if cfg.max_bytes is not None else math.inf
     for p in files:
-        data = p.read_bytes()
+        if isinstance(p, tuple):     # an embedded document (name, bytes)
+            p, data = root / p[0], p[1]
+        else:
+            data = p.read_bytes()
         if not data or not _is_text(data):
             continue
         if len(data) > budget:
@@ -212,7 +393,7 @@ def _read_documents(cfg: DataConfig) -> list[tuple[str, bytes]]:
             break
     if not docs:
         what = "the file is empty or not UTF-8 text" if len(files) == 1 else f"{len(files)} files, none non-empty UTF-8 text"
-        raise DataError(f"data.corpus: no text in {source!r} ({what})")
+        raise DataError(f"{field}: no text in {source!r} ({what})")
     return docs
 
 
@@ -255,7 +436,7 @@ def _cache_key(cfg: DataConfig, docs: list[tuple[str, bytes]]) -> str:
     return f"{cfg.tokenizer}-{h.hexdigest()[:32]}"
 
 
-def _split(cfg: DataConfig, docs: list[tuple[str, bytes]]) -> tuple[list[bytes], list[bytes]]:
+def _split(cfg: DataConfig, docs: list[tuple[str, bytes]], name: str | None = None) -> tuple[list[bytes], list[bytes]]:
     """Train / validation documents. A document goes to validation when the hash of its relative
     path falls below val_fraction; a single document is split by position (tail = validation)."""
     if len(docs) == 1:
@@ -273,7 +454,7 @@ def _split(cfg: DataConfig, docs: list[tuple[str, bytes]]) -> tuple[list[bytes],
             (val if u < cfg.val_fraction else train).append(data)
     for split, part in (("validation", val), ("train", train)):
         if not any(part):
-            raise DataError(f"data.val_fraction: the {split} split of corpus {cfg.corpus!r} is empty "
+            raise DataError(f"data.val_fraction: the {split} split of corpus {name or cfg.corpus!r} is empty "
                             f"({len(docs)} documents, val_fraction={cfg.val_fraction}); add documents "
                             f"or change data.val_fraction")
     return train, val
@@ -283,26 +464,39 @@ def _split(cfg: DataConfig, docs: list[tuple[str, bytes]]) -> tuple[list[bytes],
 
 def _tokenize_into(cfg: DataConfig, train: list[bytes], val: list[bytes], out: Path) -> None:
     """Write train.bin, val.bin, meta.json (and tokenizer.json for bpe) into out."""
-    if cfg.tokenizer == "bytes":
-        vocab = 256
-        encode = lambda docs: [np.frombuffer(d, dtype=np.uint8) for d in docs]  # noqa: E731
-    else:
-        tok = _train_bpe([d.decode("utf-8") for d in train], cfg.vocab_size)
-        tok.save(str(out / "tokenizer.json"))
-        vocab = tok.get_vocab_size()
-        encode = lambda docs: [np.asarray(e.ids, dtype=np.int64)  # noqa: E731
-                               for e in tok.encode_batch([d.decode("utf-8") for d in docs])]
-    dtype = np.uint8 if vocab <= 2**8 else np.uint16 if vocab <= 2**16 else np.uint32
-    counts = {}
-    for split, docs in (("train", train), ("val", val)):
-        tokens = np.concatenate(encode(docs)).astype(dtype)
-        tokens.tofile(out / f"{split}.bin")
-        counts[f"{split}_tokens"] = int(len(tokens))
-        counts[f"{split}_bytes"] = sum(len(d) for d in docs)
-        counts[f"{split}_documents"] = len(docs)
+    encode, vocab = _encoder(cfg, train, out)
+    dtype = _token_dtype(vocab)
+    counts = _write_splits(encode, dtype, train, val, out)
     meta = {"version": CACHE_VERSION, "corpus": cfg.corpus, "tokenizer": cfg.tokenizer,
             "vocab_size": vocab, "dtype": np.dtype(dtype).name, **counts}
     (out / "meta.json").write_text(json.dumps(meta, indent=1))
+
+
+def _encoder(cfg: DataConfig, train: list[bytes], out: Path):
+    """(encode: list of documents -> list of token arrays, vocabulary size); a BPE tokenizer is
+    trained on ``train`` and saved as out/tokenizer.json."""
+    if cfg.tokenizer == "bytes":
+        return (lambda docs: [np.frombuffer(d, dtype=np.uint8) for d in docs]), 256
+    tok = _train_bpe([d.decode("utf-8") for d in train], cfg.vocab_size)
+    tok.save(str(out / "tokenizer.json"))
+    return (lambda docs: [np.asarray(e.ids, dtype=np.int64)
+                          for e in tok.encode_batch([d.decode("utf-8") for d in docs])]), tok.get_vocab_size()
+
+
+def _token_dtype(vocab: int):
+    return np.uint8 if vocab <= 2**8 else np.uint16 if vocab <= 2**16 else np.uint32
+
+
+def _write_splits(encode, dtype, train: list[bytes], val: list[bytes], out: Path, prefix: str = "") -> dict:
+    """Write <prefix>train.bin and <prefix>val.bin; their token, byte and document counts."""
+    counts = {}
+    for split, docs in (("train", train), ("val", val)):
+        tokens = np.concatenate(encode(docs)).astype(dtype)
+        tokens.tofile(out / f"{prefix}{split}.bin")
+        counts[f"{split}_tokens"] = int(len(tokens))
+        counts[f"{split}_bytes"] = sum(len(d) for d in docs)
+        counts[f"{split}_documents"] = len(docs)
+    return counts
 
 
 def _train_bpe(texts: list[str], vocab_size: int):

@@ -195,6 +195,7 @@ class Trainer:
         if torch.get_num_threads() != threads:
             torch.set_num_threads(threads)
         self._generator = torch.Generator().manual_seed(train.seed)   # init + new weights; saved in state
+        self._mix: dict[str, float] = {}   # data.mix.* genes over data.mix; saved in state
         self._step = 0
         self._spares: list[tuple] = []   # (config, model, forward, optimizer) of architectures left
         self._tensors: tuple = (None, {})   # (model, its state_dict(keep_vars=True)), for _in_place_pairs
@@ -239,7 +240,7 @@ class Trainer:
         t0 = time.perf_counter()
         for _ in range(n_steps):
             step = self._step
-            x, y = self.corpus.batch(cfg.seed, step, cfg.batch_size)      # (B, T) each
+            x, y = self._batch(cfg.seed, step, cfg.batch_size)            # (B, T) each
             x, y = x.to(self.device), y.to(self.device)
             lr = lr_at(cfg, step)
             for g in opt.param_groups:
@@ -276,23 +277,54 @@ class Trainer:
             "tokens_per_s": tokens / seconds if seconds > 0 else 0.0,
         }
 
+    def _batch(self, seed: int, step: int, batch_size: int):
+        if self.data_config.sources:
+            return self.corpus.batch(seed, step, batch_size, self.mix)
+        return self.corpus.batch(seed, step, batch_size)
+
+    @property
+    def mix(self) -> dict[str, float]:
+        """The live data mix {source: weight} ({} for a single corpus)."""
+        return self.data_config.mix_weights(self._mix)
+
+    def set_mix(self, **weights: float) -> None:
+        """Change source weights in place: the next step draws its sources by them."""
+        unknown = sorted(set(weights) - set(self.data_config.source_names()))
+        if unknown:
+            raise ValueError(f"data.mix.{unknown[0]}: no such source")
+        new = {**self._mix, **{k: float(v) for k, v in weights.items()}}
+        merged = self.data_config.mix_weights(new)
+        if not all(math.isfinite(w) and w >= 0 for w in merged.values()) or not any(merged.values()):
+            raise ValueError(f"data.mix: weights must be finite, >= 0 and not all zero, got {merged}")
+        self._mix = new
+
     @torch.no_grad()
     def evaluate(self) -> dict:
-        """Loss on the corpus's fixed held-out windows: {"val_loss": nats/token, "val_bpb": bits/byte}."""
+        """Loss on the corpus's fixed held-out windows: {"val_loss": nats/token, "val_bpb": bits/byte}.
+        With several sources also "val_bpb.<source>" each; val_bpb is then their mean and
+        val_loss the loss over all their windows."""
         model = self._model
         model.eval()
-        total, count = 0.0, 0
+        out: dict[str, float] = {}
+        total_all, count_all = 0.0, 0
         try:
-            for x, y in self.corpus.eval_batches():
-                x, y = x.to(self.device), y.to(self.device)
-                with self._autocast():
-                    logits = self._forward(x)                              # (B, T, V)
-                total += F.cross_entropy(logits.float().flatten(0, 1), y.flatten(), reduction="sum").item()
-                count += y.numel()
+            for name, (batches, bytes_per_token) in self.corpus.eval_sets().items():
+                total, count = 0.0, 0
+                for x, y in batches:
+                    x, y = x.to(self.device), y.to(self.device)
+                    with self._autocast():
+                        logits = self._forward(x)                          # (B, T, V)
+                    total += F.cross_entropy(logits.float().flatten(0, 1), y.flatten(), reduction="sum").item()
+                    count += y.numel()
+                total_all, count_all = total_all + total, count_all + count
+                if name:
+                    out[f"val_bpb.{name}"] = total / count / math.log(2) / bytes_per_token
         finally:
             model.train()
-        val_loss = total / count
-        return {"val_loss": val_loss, "val_bpb": val_loss / math.log(2) / self.corpus.bytes_per_token}
+        val_loss = total_all / count_all
+        if not out:
+            return {"val_loss": val_loss, "val_bpb": val_loss / math.log(2) / self.corpus.bytes_per_token}
+        return {"val_loss": val_loss, "val_bpb": sum(out.values()) / len(out), **out}
 
     # ------------------------------------------------------------------ state
     def state_dict(self) -> dict:
@@ -307,6 +339,7 @@ class Trainer:
             "optimizer": _cpu_copy(self._optimizer.state_dict()),
             "step": self._step,
             "rng": {"torch": self._generator.get_state()},
+            **({"mix": dict(self._mix)} if self.data_config.sources else {}),
         }
 
     def load_state_dict(self, state: dict) -> None:
@@ -349,6 +382,7 @@ class Trainer:
         self._model.set_norm_eps(state.get("norm_eps", {}))
         self._step = int(state["step"])
         self._generator.set_state(rng)
+        self._mix = {k: float(v) for k, v in state.get("mix", {}).items()}
         self._apply_hparams()
 
     def _in_place_pairs(self, state: dict) -> list[tuple[torch.Tensor, Any]] | None:

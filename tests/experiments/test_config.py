@@ -387,3 +387,19 @@ def test_genes_are_checked_against_their_field(override: str, expected: str):
 def test_a_float_gene_may_start_at_an_integer():
     cfg = load_config(QUICKSTART, ["search.train.weight_decay={type: float, low: 0, high: 1}"])
     assert cfg.search["train.weight_decay"]["low"] == 0.0
+
+
+def test_mix_genes_are_genes_over_the_sources(tmp_path: Path):
+    from population.member import mix_genes, split_genome
+    path = tmp_path / "mix.yaml"
+    path.write_text(MINIMAL.replace("{corpus: stdlib,", "{sources: {code: stdlib, docs: stdlib-docs}, mix: {docs: 2},")
+                    + "  data.mix.docs: {type: float, low: 0.0, high: 4.0}\n")
+    cfg = load_config(path)
+    assert cfg.data.mix_weights() == {"code": 1.0, "docs": 2.0}
+    space = build_space(cfg)
+    assert space.paths == ("data.mix.docs", "train.lr")
+    assert all(0.0 <= g["data.mix.docs"] <= 4.0 for g in (space.sample(__import__("numpy").random.default_rng(s))
+                                                         for s in range(5)))
+    genome = {"train.lr": 1e-3, "data.mix.docs": 0.5}
+    assert split_genome(genome) == ({"lr": 1e-3}, {}) and mix_genes(genome) == {"docs": 0.5}
+    assert config_from_dict(config_to_dict(cfg)) == cfg

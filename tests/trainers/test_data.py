@@ -226,3 +226,97 @@ def test_bpe_tokenizer(tmp_path):
     # a different vocabulary size is a different cache entry
     other = load_corpus(DataConfig(tokenizer="bpe", vocab_size=300, max_bytes=150_000, val_fraction=0.2))
     assert other.path != c.path and other.vocab_size <= 300
+
+
+# ----------------------------------------------------------------------------- several sources
+
+def _golden_docs(root: Path) -> None:
+    root.mkdir(parents=True, exist_ok=True)
+    for k in range(12):
+        (root / f"d{k:02d}.txt").write_text("".join(f"<d{k:02d}> line {i} of some text {i * k % 7}\n" for i in range(60)))
+
+
+def _digest(c) -> str:
+    import hashlib
+    h = hashlib.sha256()
+    h.update(np.asarray(c.train_tokens).tobytes())
+    h.update(np.asarray(c.val_tokens).tobytes())
+    for step in range(3):
+        x, y = c.batch(7, step, 4)
+        h.update(x.numpy().tobytes())
+        h.update(y.numpy().tobytes())
+    for x, y in c.eval_batches():
+        h.update(x.numpy().tobytes())
+        h.update(y.numpy().tobytes())
+    h.update(repr(c.bytes_per_token).encode())
+    return h.hexdigest()
+
+
+@pytest.mark.parametrize("tokenizer, digest", [
+    # computed with main's trainers/data.py (before data.sources existed) on the same corpus
+    ("bytes", "68ca41490cda6d6049d3825f6c90dbd4e15fcd62251398b096c18b756170998f"),
+    ("bpe", "af22a8750e31345841e9157f9e7bb0fd58fdaf3d7e0d4d16afd1394d4c9b4684"),
+])
+def test_single_corpus_is_byte_identical_to_before_sources(tmp_path, tokenizer, digest):
+    _golden_docs(tmp_path / "docs")
+    cfg = DataConfig(corpus=str(tmp_path / "docs"), tokenizer=tokenizer, vocab_size=300, seq_len=16,
+                     val_fraction=0.25, eval_batches=2, eval_batch_size=3, cache_dir=str(tmp_path / "cache"))
+    assert _digest(load_corpus(cfg)) == digest
+
+
+def test_stdlib_docs_is_english_prose(tmp_path):
+    c = load_corpus(DataConfig(corpus="stdlib-docs", max_bytes=None, seq_len=32, cache_dir=str(tmp_path)))
+    total = c.meta["train_bytes"] + c.meta["val_bytes"]
+    assert 200_000 < total < 2_000_000 and c.meta["val_documents"] > 0
+    text = bytes(np.asarray(c.train_tokens[:200_000], dtype=np.uint8)).decode("utf-8", errors="ignore")
+    assert " the " in text and "statement" in text
+
+
+def _two_sources(tmp_path, **kw) -> DataConfig:
+    _write_docs(tmp_path / "a", [f"a{i:02d}" for i in range(20)], lines=60)
+    _write_docs(tmp_path / "b", [f"b{i:02d}" for i in range(20)], lines=60)
+    return DataConfig(sources={"aa": str(tmp_path / "a"), "bb": str(tmp_path / "b")}, seq_len=16,
+                      val_fraction=0.25, eval_batches=2, eval_batch_size=3, cache_dir=str(tmp_path / "cache"), **kw)
+
+
+def test_sources_share_one_tokenizer_and_one_cache_entry(tmp_path):
+    cfg = _two_sources(tmp_path, tokenizer="bpe", vocab_size=300)
+    c = load_corpus(cfg)
+    assert not c.from_cache and c.names == ["aa", "bb"] and c.vocab_size == 300
+    tok_files = list((tmp_path / "cache").glob("*/tokenizer.json"))
+    assert len(tok_files) == 1
+    again = load_corpus(cfg)
+    assert again.from_cache and again.path == c.path
+    # each source's own text, each held-out set from its own validation documents
+    for n, letter in (("aa", "a"), ("bb", "b")):
+        from tokenizers import Tokenizer
+        tok = Tokenizer.from_file(c.tokenizer_path)
+        text = tok.decode(np.asarray(c.train[n][:400]).tolist())
+        assert f"<{letter}" in text and f"<{'b' if letter == 'a' else 'a'}" not in text
+        assert len(c.eval_batches(n)) == 2 and c.eval_batches(n)[0][0].shape == (3, 16)
+
+
+def test_batch_sources_follow_the_weights_and_are_pure(tmp_path):
+    c = load_corpus(_two_sources(tmp_path))
+    only_b = c.sources_for(3, 5, 64, {"aa": 0.0})
+    assert set(only_b.tolist()) == {1}
+    x, _ = c.batch(3, 5, 64, {"aa": 0.0})
+    text = bytes(x.flatten().numpy().astype(np.uint8)).decode("utf-8", errors="ignore")
+    assert "<b" in text and "<a" not in text
+    even = c.sources_for(3, 5, 4000)
+    assert 1800 < int(even.sum()) < 2200                       # equal weights by default
+    skewed = c.sources_for(3, 5, 4000, {"aa": 3.0, "bb": 1.0})
+    assert 800 < int(skewed.sum()) < 1200
+    for mix in (None, {"bb": 0.25}):
+        a1, b1 = c.batch(3, 7, 8, mix)
+        a2, b2 = c.batch(3, 7, 8, mix)
+        assert torch.equal(a1, a2) and torch.equal(b1, b2)
+
+
+@pytest.mark.parametrize("kwargs, message", [
+    ({"mix": {"cc": 1.0}}, "data.mix.cc: no such source"),
+    ({"mix": {"aa": 0.0, "bb": 0}}, "data.mix: all weights are zero"),
+])
+def test_bad_mix(tmp_path, kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        _two_sources(tmp_path, **kwargs)

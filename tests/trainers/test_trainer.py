@@ -369,3 +369,55 @@ def test_learns_far_below_unigram_entropy():
           f"{end:.3f} at step 300 (ratio {end / unigram_bpb:.3f})")
     assert 4.0 < unigram_bpb < 5.5
     assert end < 0.75 * unigram_bpb
+
+
+# ----------------------------------------------------------------------------- data mix
+
+@pytest.fixture
+def two_sources(tmp_path) -> DataConfig:
+    """Python source (stdlib) and the documentation's English prose (stdlib-docs)."""
+    return DataConfig(sources={"code": "stdlib", "docs": "stdlib-docs"}, max_bytes=200_000, seq_len=32,
+                      val_fraction=0.2, eval_batches=1, eval_batch_size=4)
+
+
+def test_mix_change_is_in_place_and_seen_from_the_next_step(two_sources, tiny_model, tmp_path):
+    tr = Trainer(tiny_model, _train_cfg(), two_sources)
+    corpus = tr.corpus
+    # the batches' sources with the seed fixed: equal weights, then all docs from step 3 on
+    before = [corpus.sources_for(1, s, 4, tr.mix).tolist() for s in range(3)]
+    assert before == [corpus.sources_for(1, s, 4).tolist() for s in range(3)]
+    assert any(0 in b for b in before) and any(1 in b for b in before)
+    tr.train(3)
+    opt, model = tr._optimizer, tr.model
+    tr.set_mix(code=0.0)
+    assert tr.mix == {"code": 0.0, "docs": 1.0}
+    assert all(corpus.sources_for(1, s, 4, tr.mix).tolist() == [1, 1, 1, 1] for s in range(3, 8))
+    x, _ = tr._batch(1, 3, 4)
+    assert torch.equal(x, corpus.batch(1, 3, 4, {"code": 0.0})[0])
+    tr.train(2)
+    assert tr._optimizer is opt and tr.model is model          # no rebuild, moments kept
+    m = tr.evaluate()
+    assert set(m) == {"val_loss", "val_bpb", "val_bpb.code", "val_bpb.docs"}
+    assert m["val_bpb"] == pytest.approx((m["val_bpb.code"] + m["val_bpb.docs"]) / 2)
+    with pytest.raises(ValueError, match="data.mix.prose: no such source"):
+        tr.set_mix(prose=1.0)
+    with pytest.raises(ValueError, match="not all zero"):
+        tr.set_mix(docs=0.0)
+
+
+def test_mix_is_in_the_checkpoint_and_resume_is_bit_exact(two_sources, tiny_model, tmp_path):
+    whole = Trainer(tiny_model, _train_cfg(), two_sources)
+    whole.train(2)
+    whole.set_mix(code=0.25)
+    expected = whole.train(4)["losses"]
+
+    first = Trainer(tiny_model, _train_cfg(), two_sources)
+    first.train(2)
+    first.set_mix(code=0.25)
+    first.train(1)
+    torch.save(first.state_dict(), tmp_path / "c.pt")
+    resumed = Trainer(tiny_model, _train_cfg(), two_sources)
+    resumed.load_state_dict(torch.load(tmp_path / "c.pt", weights_only=True))
+    assert resumed.mix == {"code": 0.25, "docs": 1.0}
+    assert [expected[0]] + resumed.train(3)["losses"] == expected
+    assert resumed.evaluate() == whole.evaluate()
