@@ -6,8 +6,9 @@ outside — the process titles Ray gives a member while it runs a task (``ray::M
 and the files of the run store — with no hook in evo:
 
 - ``training``: a member runs ``train_and_evaluate`` / ``train_part``;
-- ``exploit``: a member runs ``load_state`` (a receiver loading its donor's state: the only
-  loads of a run without member faults) after the first commit;
+- ``exploit``: a member runs ``load_state``, ``apply_genome`` or ``publish`` after the first
+  commit (a receiver loading its donor's state, taking its new genome, publishing it: in a run
+  without member faults only an exploit calls them);
 - ``commit``: the checkpoints of the next round are on disk (or being written) while
   ``state.json`` still holds the round before.
 
@@ -33,7 +34,9 @@ pytestmark = pytest.mark.slow
 
 OVERRIDES = TINY + ["population.size=3", "population.total_steps=120", "population.interval_steps=10"]
 ROUNDS = 12
-POINTS = {"training": ("train_and_evaluate", "train_part"), "exploit": ("load_state",)}
+# the member tasks of each point: an exploit is a receiver loading its donor's state, taking its
+# new genome, then publishing its new state
+POINTS = {"training": ("train_and_evaluate", "train_part"), "exploit": ("load_state", "apply_genome", "publish")}
 
 
 def _run(storage, name):
@@ -64,15 +67,21 @@ def _committed_round(store: RunStore) -> int:
     return -1 if state is None else int(state["round"])
 
 
-def _observe(point: str, store: RunStore, run_dir: Path, pids: list[int]) -> int | None:
-    """The committed round if the run is at ``point`` now, else None."""
+def _at(point: str, titles: list[str]) -> bool:
+    return any(t.split(".", 1)[-1].startswith(POINTS[point]) for t in titles)
+
+
+def _observe(point: str, store: RunStore, run_dir: Path, pids: list[int]) -> tuple[int, list[str]] | None:
+    """(the committed round, the members' titles) if the run is at ``point`` now, else None."""
+    titles = [proc_title(p) for p in pids]
+    if point != "commit" and not _at(point, titles):
+        return None   # the titles first: they are cheap to read
     r = _committed_round(store)
     if r < 1 or r >= ROUNDS - 1:
         return None
-    if point == "commit":
-        pending = [p for p in run_dir.glob(f"checkpoints/m*/r{r + 1}.pt*")]
-        return r if pending else None
-    return r if any(t.split(".", 1)[-1].startswith(POINTS[point]) for t in map(proc_title, pids)) else None
+    if point == "commit" and not list(run_dir.glob(f"checkpoints/m*/r{r + 1}.pt*")):
+        return None
+    return r, titles
 
 
 def _kill_at(point: str, proc: subprocess.Popen, storage: Path, name: str, mark: str) -> dict:
@@ -85,12 +94,12 @@ def _kill_at(point: str, proc: subprocess.Popen, storage: Path, name: str, mark:
             pids = sorted(member_processes(mark))
             time.sleep(0.01)
             continue
-        r = _observe(point, store, run_dir, pids)
-        if r is None:
+        seen = _observe(point, store, run_dir, pids)
+        if seen is None:
             time.sleep(0.001)
             continue
         os.kill(proc.pid, signal.SIGSTOP)   # frozen where it is: is it still there?
-        titles = [proc_title(p) for p in pids]
+        r, titles = seen
         if _committed_round(store) == r:
             os.kill(proc.pid, signal.SIGKILL)
             return {"round": r, "titles": titles,
@@ -124,7 +133,7 @@ def test_sigkill_then_same_command_equals_uninterrupted(reference, point):
     if point == "commit":
         assert seen["checkpoints"], seen
     else:
-        assert any(t.split(".", 1)[-1].startswith(POINTS[point]) for t in seen["titles"]), seen
+        assert _at(point, seen["titles"]), seen
     mid = evo_status(storage, name, env)
     assert mid["round"] == seen["round"] < ROUNDS and mid["status"] in ("running", "interrupted")
 

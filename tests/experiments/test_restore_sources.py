@@ -26,10 +26,14 @@ def _kill_in_first_publish(cmd: list[str], env: dict, mark: str, member_dir: Pat
     file under ``member_dir`` if given (the other member's state stays in the object store); returns (exit code, output)."""
     proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                             start_new_session=True)
-    killed, deadline = None, time.time() + 300
+    killed, deadline, pids = None, time.time() + 300, []
     while killed is None and time.time() < deadline and proc.poll() is None:
-        for pid, title in member_processes(mark).items():
-            if title.endswith(".publish") or ".publish" in title:
+        if len(pids) < 2:   # the new driver's members, found once: then only their titles are read
+            pids = sorted(member_processes(mark))
+            time.sleep(0.01)
+            continue
+        for pid in pids:
+            if ".publish" in proc_title(pid):
                 os.kill(pid, signal.SIGSTOP)
                 if ".publish" in proc_title(pid):
                     if member_dir is not None:
