@@ -212,8 +212,9 @@ class Records:
             for d in state.get("members", []):
                 if d.get("checkpoint"):
                     key = (d["checkpoint"], d.get("checkpoint_sha256"))
-                    if key not in checked:
-                        checked[key] = self.store.check_checkpoint(*key)
+                    if key not in checked:   # its checksum, then the record it belongs to
+                        checked[key] = (self.store.check_checkpoint(*key)
+                                        or self.store.check_against_record(d["checkpoint"], d))
                     if checked[key]:
                         skipped.append(checked[key])
                         break

@@ -469,6 +469,28 @@ class RunStore:
                     "(truncated, corrupt, or another checkpoint copied over it)")
         return None
 
+    def check_against_record(self, rel_path: str, member: dict) -> str | None:
+        """Why the (intact) checkpoint at ``rel_path`` cannot be the state of ``member`` (a
+        committed member dict: its step and genome, whose model.* genes fix the shapes), a line
+        naming it; None when it matches. Catches a valid checkpoint of another member or
+        architecture copied over it with its checksum updated."""
+        where = self._uri(_clean_rel(rel_path))
+        try:
+            state = self.load_checkpoint(rel_path)
+        except CorruptRunError as e:
+            return str(e)
+        configs = {"train": state.get("train_config") or {}, "model": state.get("model_config") or {}}
+        found = [("step", state.get("step"), member.get("step"))]
+        for gene, value in sorted((member.get("genome") or {}).items()):
+            section, _, field = gene.partition(".")
+            if field in configs.get(section, {}):
+                found.append((gene, configs[section][field], value))
+        for what, theirs, ours in found:
+            if theirs != ours:
+                return (f"checkpoint {where} does not match member {member.get('id')}'s record "
+                        f"({what}: {theirs!r} in the checkpoint, {ours!r} in the record)")
+        return None
+
     def load_checkpoint(self, rel_path: str) -> dict:
         """The state saved at ``rel_path``, tensors on CPU."""
         import torch

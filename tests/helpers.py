@@ -78,6 +78,35 @@ def comparable_lineage(records: list[dict]) -> list[dict]:
     return [{k: v for k, v in r.items() if k not in _CLOCK_FIELDS} for r in records]
 
 
+def member_processes(mark: str) -> dict[int, str]:
+    """{pid: process title} of this run's member processes (Ray names them ``ray::Member…``),
+    told from other runs on the machine by a variable of the driver's environment they inherit."""
+    found = {}
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry}/cmdline", "rb") as f:
+                title = f.read().split(b"\0")[0].decode(errors="replace")
+            if not title.startswith("ray::Member"):
+                continue
+            with open(f"/proc/{entry}/environ", "rb") as f:
+                if mark.encode() not in f.read().split(b"\0"):
+                    continue
+        except OSError:
+            continue
+        found[int(entry)] = title
+    return found
+
+
+def proc_title(pid: int) -> str:
+    try:
+        with open(f"/proc/{pid}/cmdline", "rb") as f:
+            return f.read().split(b"\0")[0].decode(errors="replace")
+    except OSError:
+        return ""
+
+
 class RayHead:
     """A real `ray start --head --block` on loopback with token authentication, owned by one test.
 

@@ -1,23 +1,45 @@
 """A driver killed with SIGKILL mid-run, then the same command again: the run finishes with every
-round, and in sync mode on CPU its fitness table and lineage equal an uninterrupted run's."""
+round, and in sync mode on CPU its fitness table and lineage equal an uninterrupted run's.
+
+The driver is killed at three points of a round, each found by watching the real run from
+outside — the process titles Ray gives a member while it runs a task (``ray::Member.<method>``)
+and the files of the run store — with no hook in evo:
+
+- ``training``: a member runs ``train_and_evaluate`` / ``train_part``;
+- ``exploit``: a member runs ``load_state``, ``apply_genome`` or ``publish`` after the first
+  commit (a receiver loading its donor's state, taking its new genome, publishing it: in a run
+  without member faults only an exploit calls them);
+- ``commit``: the checkpoints of the next round are on disk (or being written) while
+  ``state.json`` still holds the round before.
+
+At the moment of observation the driver is stopped (SIGSTOP), the point checked again (the round
+not committed meanwhile), and only then SIGKILLed; a missed point lets it go on (SIGCONT) to the
+next round. The uninterrupted reference run is made once for the module.
+"""
 from __future__ import annotations
 
 import os
 import signal
 import subprocess
 import time
+from pathlib import Path
 
 import pytest
 
-from tests.helpers import EVO, QUICKSTART, TINY, comparable_lineage, evo_env, evo_status, read_lineage, set_args
+from population.store import RunStore
+from tests.helpers import (EVO, QUICKSTART, TINY, comparable_lineage, evo_env, evo_status, member_processes,
+                           proc_title, read_lineage, set_args)
 
 pytestmark = pytest.mark.slow
 
 OVERRIDES = TINY + ["population.size=3", "population.total_steps=120", "population.interval_steps=10"]
 ROUNDS = 12
+# the member tasks of each point: an exploit is a receiver loading its donor's state, taking its
+# new genome, then publishing its new state
+POINTS = {"training": ("train_and_evaluate", "train_part"), "exploit": ("load_state", "apply_genome", "publish")}
 
 
-def _run(storage, name, env, **kw):
+def _run(storage, name):
     return [EVO, "run", QUICKSTART, "--storage", str(storage), "--name", name, *set_args(OVERRIDES)]
 
 
@@ -25,44 +47,103 @@ def _fitness_table(status: dict) -> list[tuple]:
     return sorted((m["id"], m["step"], m["val_bpb"], str(m["genome"]), m["parent"]) for m in status["members"])
 
 
-def test_sigkill_then_same_command_equals_uninterrupted(tmp_path):
-    env = evo_env(tmp_path / "cache")
-    storage = tmp_path / "runs"
-
-    # The uninterrupted reference run.
-    ref = subprocess.run(_run(storage, "ref", env), env=env, capture_output=True, text=True, timeout=600)
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory):
+    """The uninterrupted run: (storage, env, its status, its lineage)."""
+    root = tmp_path_factory.mktemp("kill_resume")
+    env = evo_env(root / "cache")
+    storage = root / "runs"
+    ref = subprocess.run(_run(storage, "ref"), env=env, capture_output=True, text=True, timeout=600)
     assert ref.returncode == 0, ref.stdout[-3000:] + ref.stderr[-3000:]
+    return storage, env, evo_status(storage, "ref", env), read_lineage(storage / "ref")
 
-    # The same search, killed with SIGKILL once a few rounds are committed.
-    log = open(tmp_path / "killed.log", "w")
-    proc = subprocess.Popen(_run(storage, "killed", env), env=env, stdout=log, stderr=subprocess.STDOUT,
-                            start_new_session=True)
-    deadline = time.time() + 300
-    killed_at = None
-    while time.time() < deadline and proc.poll() is None:
-        st = evo_status(storage, "killed", env)
-        if st and st["round"] >= 4:
-            os.kill(proc.pid, signal.SIGKILL)
-            killed_at = st["round"]
-            break
-        time.sleep(0.2)
-    proc.wait(timeout=60)
-    # Whatever the driver had started (its local Ray) goes with it; clean up stragglers in its session.
+
+def _committed_round(store: RunStore) -> int:
+    """The committed round; -1 before the first commit or while one is being read beside a write."""
     try:
-        os.killpg(proc.pid, signal.SIGKILL)
-    except ProcessLookupError:
-        pass
-    log.close()
-    assert killed_at is not None, (tmp_path / "killed.log").read_text()[-3000:]
-    mid = evo_status(storage, "killed", env)
-    assert mid["round"] < ROUNDS and mid["status"] in ("running", "interrupted")
+        state = store.read_state() if store.exists() else None
+    except Exception:   # noqa: BLE001 - read beside the driver's commit: ask again
+        return -1
+    return -1 if state is None else int(state["round"])
 
-    again = subprocess.run(_run(storage, "killed", env), env=env, capture_output=True, text=True, timeout=600)
+
+def _at(point: str, titles: list[str]) -> bool:
+    return any(t.split(".", 1)[-1].startswith(POINTS[point]) for t in titles)
+
+
+def _observe(point: str, store: RunStore, run_dir: Path, pids: list[int]) -> tuple[int, list[str]] | None:
+    """(the committed round, the members' titles) if the run is at ``point`` now, else None."""
+    titles = [proc_title(p) for p in pids]
+    if point != "commit" and not _at(point, titles):
+        return None   # the titles first: they are cheap to read
+    r = _committed_round(store)
+    if r < 1 or r >= ROUNDS - 1:
+        return None
+    if point == "commit" and not list(run_dir.glob(f"checkpoints/m*/r{r + 1}.pt*")):
+        return None
+    return r, titles
+
+
+def _kill_at(point: str, proc: subprocess.Popen, storage: Path, name: str, mark: str) -> dict:
+    """SIGKILL the driver at ``point``; returns what was seen at the kill."""
+    store, run_dir = RunStore(storage, name), storage / name
+    deadline = time.time() + 300
+    pids: list[int] = []
+    while time.time() < deadline and proc.poll() is None:
+        if len(pids) < 3:
+            pids = sorted(member_processes(mark))
+            time.sleep(0.01)
+            continue
+        seen = _observe(point, store, run_dir, pids)
+        if seen is None:
+            time.sleep(0.001)
+            continue
+        os.kill(proc.pid, signal.SIGSTOP)   # frozen where it is: is it still there?
+        r, titles = seen
+        if _committed_round(store) == r:
+            os.kill(proc.pid, signal.SIGKILL)
+            return {"round": r, "titles": titles,
+                    "checkpoints": sorted(p.name for p in run_dir.glob(f"checkpoints/m*/r{r + 1}.pt*"))}
+        os.kill(proc.pid, signal.SIGCONT)
+    return {}
+
+
+@pytest.mark.parametrize("point", ["training", "commit", "exploit"])
+def test_sigkill_then_same_command_equals_uninterrupted(reference, point):
+    storage, env, ref_status, ref_lineage = reference
+    name = f"killed-{point}"
+    mark = f"EVO_TEST_KILL_RESUME={name}-{os.getpid()}"
+    env = dict(env, EVO_TEST_KILL_RESUME=mark.split("=", 1)[1])
+
+    log_path = storage.parent / f"{name}.log"
+    with open(log_path, "w") as log:
+        proc = subprocess.Popen(_run(storage, name), env=env, stdout=log, stderr=subprocess.STDOUT,
+                                start_new_session=True)
+        seen = _kill_at(point, proc, storage, name, mark)
+        if not seen and proc.poll() is None:
+            os.kill(proc.pid, signal.SIGKILL)
+        proc.wait(timeout=60)
+        # Whatever the driver had started (its local Ray) goes with it; clean up stragglers in its session.
+        try:
+            os.killpg(proc.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+    assert seen, f"never observed the run at {point}:\n" + log_path.read_text()[-3000:]
+    assert proc.returncode == -signal.SIGKILL
+    if point == "commit":
+        assert seen["checkpoints"], seen
+    else:
+        assert _at(point, seen["titles"]), seen
+    mid = evo_status(storage, name, env)
+    assert mid["round"] == seen["round"] < ROUNDS and mid["status"] in ("running", "interrupted")
+
+    again = subprocess.run(_run(storage, name), env=env, capture_output=True, text=True, timeout=600)
     assert again.returncode == 0, again.stdout[-3000:] + again.stderr[-3000:]
 
-    ref_status = evo_status(storage, "ref", env)
-    resumed = evo_status(storage, "killed", env)
+    resumed = evo_status(storage, name, env)
     assert resumed["status"] == ref_status["status"] == "finished"
     assert resumed["round"] == ref_status["round"] == ROUNDS
     assert _fitness_table(resumed) == _fitness_table(ref_status)
-    assert comparable_lineage(read_lineage(storage / "killed")) == comparable_lineage(read_lineage(storage / "ref"))
+    assert comparable_lineage(read_lineage(storage / name)) == comparable_lineage(ref_lineage)
+    print(f"{point}: killed at committed round {seen['round']}, titles {seen['titles']}, "
+          f"next round's checkpoints on disk {seen['checkpoints']}")

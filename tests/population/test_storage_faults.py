@@ -4,6 +4,7 @@ warning line; with no intact commit, and when a write fails, the run stops with 
 last commit stays as it was."""
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import shutil
@@ -79,6 +80,21 @@ def damage(run: Path, how: str) -> str:
         ckpt.write_bytes(bytes(data))
     elif how == "foreign":   # a valid checkpoint of another member copied over it
         shutil.copyfile(run / "checkpoints" / "m0" / "r2.pt", ckpt)
+    elif how == "resigned":  # another member's valid checkpoint, the checksums made to match it
+        shutil.copyfile(run / "checkpoints" / "m0" / "r2.pt", ckpt)
+        sha = hashlib.sha256(ckpt.read_bytes()).hexdigest()
+        (run / "checkpoints" / "m1" / "r2.pt.sha256").write_text(sha + "\n")
+        pointer = json.loads((run / "state.json").read_text())
+        for entry in [pointer, *pointer["previous"]]:   # every body naming it, and its checksum in state.json
+            body = json.loads((run / entry["file"]).read_text())
+            for d in body["members"]:
+                if d.get("checkpoint") == "checkpoints/m1/r2.pt":
+                    d["checkpoint_sha256"] = sha
+            data = json.dumps(body).encode()
+            (run / entry["file"]).write_bytes(data)
+            entry["sha256"] = hashlib.sha256(data).hexdigest()
+        (run / "state.json").write_text(json.dumps(pointer))
+        return f"checkpoint {ckpt} does not match member 1's record (train.lr: "
     elif how == "state":     # the last state body torn (both round-2 commits)
         for name in json.loads((run / "state.json").read_text())["file"], "states/000003.json":
             body = run / name
@@ -88,7 +104,7 @@ def damage(run: Path, how: str) -> str:
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("how", ["truncated", "foreign", "state"])
+@pytest.mark.parametrize("how", ["truncated", "foreign", "resigned", "state"])
 def test_a_damaged_last_commit_resumes_from_the_one_before(finished, tmp_path, env, how):
     run = copy_run(finished, tmp_path)
     before = state(run)
