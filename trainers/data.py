@@ -105,7 +105,32 @@ class DataConfig:
         return out
 
 
-class Corpus:
+class _CacheEntry:
+    """What every tokenized cache entry holds: its ``meta``, ``vocab_size``, ``tokenizer_path``
+    (the BPE tokenizer.json, None for bytes) and ``from_cache`` (False only for the load that
+    tokenized); ``_split`` maps one split's tokens and checks that a window fits."""
+
+    def __init__(self, config: DataConfig, entry: Path, from_cache: bool):
+        self.meta = json.loads((entry / "meta.json").read_text())
+        self._dtype = np.dtype(self.meta["dtype"])
+        self.config = config
+        self.path = entry
+        self.from_cache = from_cache
+        self.vocab_size: int = self.meta["vocab_size"]
+        self.tokenizer_path: str | None = str(entry / "tokenizer.json") if config.tokenizer == "bpe" else None
+
+    def _split(self, file: str, n_tokens: int, what: str, split: str) -> np.ndarray:
+        """The read-only memmap of ``file`` (``n_tokens`` tokens); DataError naming ``what`` when
+        its ``split`` split is shorter than a window (seq_len + 1)."""
+        tokens = np.memmap(self.path / file, dtype=self._dtype, mode="r", shape=(n_tokens,))
+        need = self.config.seq_len + 1
+        if len(tokens) < need:
+            raise DataError(f"data.seq_len: {what} is too small: its {split} split has "
+                            f"{len(tokens)} tokens, a window needs seq_len + 1 = {need}")
+        return tokens
+
+
+class Corpus(_CacheEntry):
     """Tokenized train / validation text of one DataConfig, memory-mapped from the cache.
 
     Attributes: ``vocab_size``; ``bytes_per_token`` (UTF-8 bytes per token of the validation
@@ -115,23 +140,13 @@ class Corpus:
     """
 
     def __init__(self, config: DataConfig, entry: Path, from_cache: bool):
-        meta = json.loads((entry / "meta.json").read_text())
-        dtype = np.dtype(meta["dtype"])
-        self.config = config
-        self.meta = meta
-        self.path = entry
-        self.from_cache = from_cache
-        self.vocab_size: int = meta["vocab_size"]
+        super().__init__(config, entry, from_cache)
+        meta = self.meta
         self.bytes_per_token: float = meta["val_bytes"] / meta["val_tokens"]
-        self.train_tokens = np.memmap(entry / "train.bin", dtype=dtype, mode="r", shape=(meta["train_tokens"],))
-        self.val_tokens = np.memmap(entry / "val.bin", dtype=dtype, mode="r", shape=(meta["val_tokens"],))
-        self.tokenizer_path: str | None = str(entry / "tokenizer.json") if config.tokenizer == "bpe" else None
+        what = f"corpus {config.corpus!r}"
+        self.train_tokens = self._split("train.bin", meta["train_tokens"], what, "train")
+        self.val_tokens = self._split("val.bin", meta["val_tokens"], what, "validation")
         self._eval: list[tuple[torch.Tensor, torch.Tensor]] | None = None
-        need = config.seq_len + 1
-        for split, tokens in (("train", self.train_tokens), ("validation", self.val_tokens)):
-            if len(tokens) < need:
-                raise DataError(f"data.seq_len: corpus {config.corpus!r} is too small: its {split} split has "
-                                f"{len(tokens)} tokens, a window needs seq_len + 1 = {need}")
 
     def batch(self, seed: int, step: int, batch_size: int) -> tuple[torch.Tensor, torch.Tensor]:
         """Training batch for optimizer step ``step``: x, y LongTensor [batch_size, seq_len].
@@ -241,34 +256,23 @@ def _load_sources(cfg: DataConfig) -> "SourcesCorpus":
     return SourcesCorpus(cfg, entry, from_cache=False)
 
 
-class SourcesCorpus:
+class SourcesCorpus(_CacheEntry):
     """Tokenized train / validation text of several named sources (data.sources) sharing one
-    tokenizer. The interface of Corpus, plus ``names`` and ``parts`` (one Corpus-like view per
-    source); batches draw each sequence's source by the mix weights."""
+    tokenizer. The interface of Corpus, plus ``names``, ``train`` / ``val`` (each source's
+    memmaps) and ``bytes_per_tokens``; batches draw each sequence's source by the mix weights."""
 
     def __init__(self, config: DataConfig, entry: Path, from_cache: bool):
-        meta = json.loads((entry / "meta.json").read_text())
-        dtype = np.dtype(meta["dtype"])
-        self.config = config
-        self.meta = meta
-        self.path = entry
-        self.from_cache = from_cache
-        self.vocab_size: int = meta["vocab_size"]
-        self.tokenizer_path: str | None = str(entry / "tokenizer.json") if config.tokenizer == "bpe" else None
+        super().__init__(config, entry, from_cache)
+        meta = self.meta
         self.names: list[str] = config.source_names()
         self.train: dict[str, np.ndarray] = {}
         self.val: dict[str, np.ndarray] = {}
         self.bytes_per_tokens: dict[str, float] = {}
-        need = config.seq_len + 1
         for n in self.names:
             m = meta["per_source"][n]
             self.bytes_per_tokens[n] = m["val_bytes"] / m["val_tokens"]
-            for split, store in (("train", self.train), ("val", self.val)):
-                store[n] = np.memmap(entry / f"{n}.{split}.bin", dtype=dtype, mode="r", shape=(m[f"{split}_tokens"],))
-                if len(store[n]) < need:
-                    what = "train" if split == "train" else "validation"
-                    raise DataError(f"data.seq_len: source {n!r} is too small: its {what} split has "
-                                    f"{len(store[n])} tokens, a window needs seq_len + 1 = {need}")
+            self.train[n] = self._split(f"{n}.train.bin", m["train_tokens"], f"source {n!r}", "train")
+            self.val[n] = self._split(f"{n}.val.bin", m["val_tokens"], f"source {n!r}", "validation")
         # over all validation text (for code that wants one figure)
         self.bytes_per_token: float = (sum(meta["per_source"][n]["val_bytes"] for n in self.names)
                                        / sum(meta["per_source"][n]["val_tokens"] for n in self.names))
