@@ -30,7 +30,7 @@ import numpy as np
 
 from evo.ga import Pool, breed
 from evo.selection import front_ranks, sel_nsga2
-from evo.strategy import OBJECTIVE_SENSE, Decision, Keep, MemberView, Snapshot, Strategy
+from evo.strategy import Decision, Keep, MemberView, Snapshot, Strategy, objective_sense
 from evo.strategies import ready_members
 
 
@@ -49,7 +49,7 @@ def objective_vector(member: MemberView, objectives: Sequence[str]) -> np.ndarra
         if not math.isfinite(v):
             values.append(math.inf)  # diverged or unmeasured: the worst, whatever the sense
         else:
-            values.append(-v if OBJECTIVE_SENSE[name] == "max" else v)
+            values.append(-v if objective_sense(name) == "max" else v)
     return np.array(values)
 
 

@@ -326,7 +326,8 @@ def _check_inputs(setup: Any) -> None:
     from trainers.data import DataError, check_corpus
 
     try:
-        check_corpus(setup.data)
+        fitness = setup.fitness.held_out_corpora() if setup.fitness else {}
+        check_corpus(setup.data, {f"fitness.eval.{n}.corpus": form for n, form in fitness.items()})
     except DataError as e:
         raise UsageError(_one_line(e)) from e
     if os.environ.get("RAY_ADDRESS") or setup.population.resources.num_gpus > 0:

@@ -428,6 +428,8 @@ def config_conflict(here: Mapping[str, Any], stored: Mapping[str, Any]) -> str |
         if any(key == k or key.startswith(k + ".") for k in RESUMABLE_KEYS):
             continue
         va, vb = a.get(key, _ABSENT), b.get(key, _ABSENT)
+        if va is None and vb is _ABSENT:
+            continue   # a key the schema gained after the run was made, at its null default (fitness.eval)
         if va != vb:   # 1 == 1.0: YAML may write a float field as an int
             here_text = "absent here" if va is _ABSENT else f"{va!r} here"
             run_text = "absent in the run" if vb is _ABSENT else f"{vb!r} in the run"

@@ -29,6 +29,7 @@ import torch
 
 from population.handoff import WireState, take_state
 from trainers.data import DataConfig
+from trainers.fitness import FitnessConfig
 from trainers.model import InternLM2Config
 from trainers.trainer import HPARAMS, NonFiniteLossError, TrainConfig, Trainer
 from trainers.transfer import preserves_function
@@ -62,13 +63,14 @@ def model_config_for(base_model: InternLM2Config, genome: Mapping[str, Any]) -> 
 
 
 def build_trainer(base_model: InternLM2Config, base_train: TrainConfig, data: DataConfig,
-                  genome: Mapping[str, Any], seed: int, num_threads: int | None = None) -> Trainer:
+                  genome: Mapping[str, Any], seed: int, num_threads: int | None = None,
+                  fitness: FitnessConfig | None = None) -> Trainer:
     """A fresh Trainer for ``genome``: its genes set from step 0, ``seed`` for init and batch order."""
     train_fields, _ = split_genome(genome)
     train = dataclasses.replace(base_train, **train_fields, seed=int(seed))
     if train.num_threads is None and num_threads is not None:
         train = dataclasses.replace(train, num_threads=int(num_threads))
-    trainer = Trainer(model_config_for(base_model, genome), train, data)
+    trainer = Trainer(model_config_for(base_model, genome), train, data, fitness)
     if mix_genes(genome):
         trainer.set_mix(**mix_genes(genome))
     return trainer
@@ -122,15 +124,17 @@ class Member:
     """
 
     def __init__(self, member_id: int, base_model: InternLM2Config, base_train: TrainConfig,
-                 data: DataConfig, genome: Mapping[str, Any], seed: int, num_threads: int) -> None:
+                 data: DataConfig, genome: Mapping[str, Any], seed: int, num_threads: int,
+                 fitness: FitnessConfig | None = None) -> None:
         os.environ["EVO_NUM_THREADS"] = str(num_threads)
         torch.set_num_threads(num_threads)
         self.member_id = member_id
         self.base_model = base_model
         self.base_train = base_train
         self.data = data
+        self.fitness = fitness
         self.num_threads = num_threads
-        self.trainer = build_trainer(base_model, base_train, data, genome, seed, num_threads)
+        self.trainer = build_trainer(base_model, base_train, data, genome, seed, num_threads, fitness)
         self._lock = threading.Lock()        # guards the snapshot against a concurrent get_state
         self._snapshot: dict | None = None   # None: the trainer changed since the last one
         self._wire: WireState | None = None  # the snapshot packed for the object store
@@ -220,6 +224,7 @@ class Member:
             "cpu_seconds": acc["cpu_seconds"] + time.process_time() - cpu0,   # < seconds when the CPU is shared
             "part_seconds": part["seconds"],                 # this call's training part
             "eval_seconds": tail_s,                          # evaluation + snapshot
+            **{k: float(v) for k, v in ev.items() if k.startswith("val_bpb.")},   # each held-out set's
         }, wire
 
     def get_state(self) -> WireState:
@@ -275,7 +280,7 @@ class Member:
     def restart(self, genome: Mapping[str, Any], seed: int) -> dict:
         """Throw the weights away: a fresh Trainer for ``genome`` (same process)."""
         self.trainer = build_trainer(self.base_model, self.base_train, self.data, genome, seed,
-                                     self.num_threads)
+                                     self.num_threads, self.fitness)
         self._changed()
         return {"step": self.trainer.step, "params": int(self.trainer.num_parameters())}
 

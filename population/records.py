@@ -294,7 +294,8 @@ class Records:
             rec.step = int(res["step"])
             rec.history.append([rec.step, res["val_bpb"]])
             rec.objectives = {"val_bpb": res["val_bpb"], "params": res["params"],
-                              "tokens_per_s": res["tokens_per_s"]}
+                              "tokens_per_s": res["tokens_per_s"],
+                              **{k: v for k, v in res.items() if k.startswith("val_bpb.")}}
 
     def died(self, m: int, why: str, round: int, *, counts: bool = True) -> None:
         """A "died" record for m: it diverged, or was given up; ``counts`` it as a failure

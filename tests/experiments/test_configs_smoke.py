@@ -16,6 +16,7 @@ import yaml
 from experiments.config import build_setup, config_to_dict, load_config
 from population.driver import run_search
 from population.inspect import run_status
+from population.store import RunStore
 
 REPO = Path(__file__).resolve().parents[2]
 CONFIGS = sorted((REPO / "experiments").glob("*.yaml"))
@@ -83,6 +84,12 @@ def test_config_runs_scaled_down(path: Path, tmp_path_factory, ray_session):
     assert set(status["best"]["genome"]) == {p for p in cfg.search if p != "max_params"}
     run_dir = tmp / "runs" / cfg.name
     assert yaml.safe_load((run_dir / "config.yaml").read_text()) == config_to_dict(cfg)
+    if cfg.fitness.active:   # judged on the fitness section's held-out sets, each one's bits/byte recorded
+        weights = {n: s.weight for n, s in cfg.fitness.eval.items()}
+        for m in RunStore(storage, cfg.name).read_state()["members"]:
+            got = m["objectives"]
+            assert got["val_bpb"] == pytest.approx(sum(w * got[f"val_bpb.{n}"] for n, w in weights.items())
+                                                   / sum(weights.values()))
     events = [json.loads(line)["event"] for line in (run_dir / "lineage.jsonl").read_text().splitlines()]
     assert events.count("born") == cfg.population.size
     if cfg.population.mode == "sync":

@@ -421,3 +421,51 @@ def test_mix_is_in_the_checkpoint_and_resume_is_bit_exact(two_sources, tiny_mode
     assert resumed.mix == {"code": 0.25, "docs": 1.0}
     assert [expected[0]] + resumed.train(3)["losses"] == expected
     assert resumed.evaluate() == whole.evaluate()
+
+
+# ----------------------------------------------------------------------------- fitness
+
+def test_fitness_sets_judge_on_a_text_never_trained_on(tiny_model, tmp_path):
+    """fitness.eval: a text never trained on (stdlib-docs beside a code corpus) and the training
+    corpus's own validation split; val_bpb is their weighted mean, and training is untouched."""
+    from trainers.fitness import EvalSet, FitnessConfig
+
+    data = DataConfig(corpus="stdlib", max_bytes=200_000, seq_len=32, val_fraction=0.2,
+                      eval_batches=1, eval_batch_size=4)
+    fitness = FitnessConfig(eval={"docs": EvalSet(corpus="stdlib-docs", weight=3.0),
+                                  "code": EvalSet(source="stdlib")})
+    judged, plain = Trainer(tiny_model, _train_cfg(), data, fitness), Trainer(tiny_model, _train_cfg(), data)
+    assert judged.train(3)["losses"] == plain.train(3)["losses"]       # the docs are never trained on
+    ev, ev_plain = judged.evaluate(), plain.evaluate()
+    assert set(ev) == {"val_loss", "val_bpb", "val_bpb.docs", "val_bpb.code"} and set(ev_plain) == {"val_loss", "val_bpb"}
+    assert ev["val_bpb.code"] == ev_plain["val_bpb"]
+    assert ev["val_bpb"] == pytest.approx((3 * ev["val_bpb.docs"] + ev["val_bpb.code"]) / 4)
+    # the held-out docs: pydoc_data topics up to data.max_bytes, all of them held out
+    held = judged._held_out["docs"]
+    assert held.meta["val_documents"] > 10 and held.meta["train_tokens"] == 0
+    # a fitness section that names nothing is no fitness section
+    assert Trainer(tiny_model, _train_cfg(), data, FitnessConfig()).evaluate() == \
+        Trainer(tiny_model, _train_cfg(), data).evaluate()
+    with pytest.raises(ValidationError, match="either source or corpus"):
+        EvalSet(source="a", corpus="b")
+
+
+def test_fitness_held_out_text_uses_the_training_bpe_tokenizer(tiny_model, two_sources):
+    """With bpe, a held-out text is tokenized by the tokenizer trained on the training sources
+    (and not trained on it: the training cache entry is the one without the section)."""
+    from tokenizers import Tokenizer
+
+    from trainers.fitness import EvalSet, FitnessConfig
+
+    data = replace(two_sources, sources={"code": "stdlib"}, tokenizer="bpe", vocab_size=300)
+    fitness = FitnessConfig(eval={"docs": EvalSet(corpus="stdlib-docs"), "code": EvalSet(source="code")})
+    tr = Trainer(replace(tiny_model, vocab_size=300), _train_cfg(), data, fitness)
+    assert tr.corpus.path == load_corpus(data).path
+    held = tr._held_out["docs"]
+    tok = Tokenizer.from_file(tr.corpus.tokenizer_path)
+    first = held.val_tokens[:50].tolist()
+    from pydoc_data.topics import topics
+    text = next(t for _, t in sorted(topics.items()) if t)
+    assert tok.encode(text).ids[:50] == first
+    ev = tr.evaluate()
+    assert ev["val_bpb"] == pytest.approx((ev["val_bpb.docs"] + ev["val_bpb.code"]) / 2)
