@@ -53,10 +53,11 @@ from pydantic.dataclasses import dataclass
 
 from evo.space import ArchitectureRules, FloatGene, IntGene, SearchSpace
 from evo.strategies import StrategyConfig
+from evo.strategy import SCORE
 from population.config import LoggingConfig, PopulationConfig, SearchSetup
 from trainers import architecture
 from trainers.data import DataConfig
-from trainers.fitness import FitnessConfig
+from trainers.fitness import FitnessConfig, FitnessFunctionError, load_function
 from trainers.model import InternLM2Config
 from trainers.trainer import TrainConfig
 
@@ -293,8 +294,9 @@ def _resolve(raw: dict, overrides: list[str], strings: dict[str, str], origin: _
 
 
 def _check_held_out(cfg: ExperimentConfig, origin: _Origin) -> None:
-    """fitness.eval's sources are training sources, its corpora are not, and every val_bpb.<set>
-    objective names a held-out set (fitness.eval's, else data.sources')."""
+    """fitness.eval's sources are training sources, its corpora are not, fitness.function can be
+    imported and called as (model, batches, device), and every val_bpb.<set> objective names a
+    held-out set (fitness.eval's, else data.sources'), a score objective a fitness.function."""
     trained = dict(cfg.data.sources) if cfg.data.sources else {cfg.data.corpus: cfg.data.corpus}
     what = (f"data.sources names {', '.join(cfg.data.source_names())}" if cfg.data.sources
             else f"a single data.corpus: its name is {cfg.data.corpus!r}")
@@ -306,8 +308,16 @@ def _check_held_out(cfg: ExperimentConfig, origin: _Origin) -> None:
         if same:
             raise ConfigError(f"{where}: fitness.eval.{name}.corpus: {s.corpus!r} is trained on (source "
                               f"{same[0]!r}); judge on its held-out split with {{source: {same[0]}}}")
+    if cfg.fitness.function is not None:
+        try:
+            load_function(cfg.fitness.function)
+        except FitnessFunctionError as e:
+            raise ConfigError(f"{origin.where(('fitness', 'function'))}: {e}") from None
     sets = list(cfg.fitness.eval or ()) or cfg.data.source_names()
     for objective in cfg.strategy.objectives:
+        if objective == SCORE and cfg.fitness.function is None:
+            raise ConfigError(f"{origin.where(('strategy', 'objectives'))}: strategy.objectives: {SCORE}: "
+                              f"needs fitness.function (the function whose value it is)")
         if objective.startswith("val_bpb.") and objective[len("val_bpb."):] not in sets:
             have = (f"fitness.eval names {', '.join(sets)}" if cfg.fitness.eval else
                     f"data.sources names {', '.join(sets)}" if sets else "no fitness.eval, no data.sources")

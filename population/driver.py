@@ -239,6 +239,7 @@ def sync_rounds(s: Search) -> None:
         steps += n
         s.handoff.keep_evaluated(results)
         s.records.record_results(results)
+        print_eval_failures(s, results)
         replace_failed(s, failures(results), r, event=r)
         if steps < pop.total_steps:
             decisions = s.strategy.plan(s.records.snapshot(r), s.rng(r))
@@ -253,6 +254,15 @@ def sync_rounds(s: Search) -> None:
         members, lineage = s.records.commit(r, steps_done=steps)
         s.monitor.on_round(r, members, lineage, results)
         s.progress.update(r, steps)
+
+
+def print_eval_failures(s: Search, results: Mapping[int, Any]) -> None:
+    """One line per member whose fitness.function failed in this evaluation (it goes on; the
+    line is also kept in the state's eval_failures)."""
+    for m, res in sorted(results.items()):
+        if isinstance(res, dict) and res.get("score_error"):
+            s.progress.console.print(f"{s.setup.name}: member {m} at step {res.get('step')}: {res['score_error']}",
+                                     markup=False, highlight=False, soft_wrap=True)
 
 
 def async_events(s: Search) -> None:
@@ -307,6 +317,7 @@ def async_events(s: Search) -> None:
         r = event // pop.size
         s.handoff.keep_evaluated({m: result})
         s.records.record_results({m: result})
+        print_eval_failures(s, {m: result})
         failed = failures({m: result})
         replace_failed(s, failed, r, event=event)
         rec = s.records[m]

@@ -27,9 +27,10 @@ from typing import Any, Mapping
 import ray
 import torch
 
+from evo.strategy import SCORE
 from population.handoff import WireState, take_state
 from trainers.data import DataConfig
-from trainers.fitness import FitnessConfig
+from trainers.fitness import FitnessConfig, load_function
 from trainers.model import InternLM2Config
 from trainers.trainer import HPARAMS, NonFiniteLossError, TrainConfig, Trainer
 from trainers.transfer import preserves_function
@@ -133,6 +134,8 @@ class Member:
         self.base_train = base_train
         self.data = data
         self.fitness = fitness
+        # the user's metric (fitness.function), imported here; the config checked it already
+        self._score_fn = load_function(fitness.function) if fitness is not None and fitness.function else None
         self.num_threads = num_threads
         self.trainer = build_trainer(base_model, base_train, data, genome, seed, num_threads, fitness)
         self._lock = threading.Lock()        # guards the snapshot against a concurrent get_state
@@ -205,6 +208,9 @@ class Member:
         if not math.isfinite(ev["val_bpb"]):
             return {"failed": True, "error": f"non-finite validation loss ({ev['val_bpb']})",
                     "step": self.trainer.step, "seconds": acc["seconds"] + time.perf_counter() - t0}, None
+        if self._score_fn is not None:   # a failure marks this evaluation's score, never the member
+            score, error = self.trainer.score(self._score_fn, self.fitness.function)
+            ev = {**ev, SCORE: score, **({"score_error": error} if error else {})}
         snapshot = self.trainer.state_dict()
         # packed now, while this still counts as the member's own time: an exploit is then one
         # call on the receiver
@@ -224,7 +230,8 @@ class Member:
             "cpu_seconds": acc["cpu_seconds"] + time.process_time() - cpu0,   # < seconds when the CPU is shared
             "part_seconds": part["seconds"],                 # this call's training part
             "eval_seconds": tail_s,                          # evaluation + snapshot
-            **{k: float(v) for k, v in ev.items() if k.startswith("val_bpb.")},   # each held-out set's
+            **{k: float(v) for k, v in ev.items() if k.startswith("val_bpb.") or k == SCORE},   # each set's, the score
+            **({"score_error": ev["score_error"]} if "score_error" in ev else {}),
         }, wire
 
     def get_state(self) -> WireState:

@@ -23,7 +23,7 @@ from pydantic.dataclasses import dataclass
 
 from trainers import cpu_fused
 from trainers.data import DataConfig, SourcesCorpus, load_corpus, load_held_out
-from trainers.fitness import FitnessConfig
+from trainers.fitness import FitnessConfig, call_function
 from trainers.model import InternLM2Config, InternLM2ForCausalLM
 from trainers.transfer import transfer_moments, transfer_norm_eps, transfer_weights
 
@@ -192,9 +192,9 @@ class Trainer:
         self.data_config = data
         self.corpus = load_corpus(data)
         # what evaluate() judges on: the fitness section's held-out sets (None: the training text's)
-        self.fitness = fitness if fitness is not None and fitness.active else None
-        self._held_out = {n: load_held_out(data, form, self.corpus.tokenizer_path, f"fitness.eval.{n}.corpus")
-                          for n, form in (self.fitness.held_out_corpora() if self.fitness else {}).items()}
+        self.eval_config = dict(fitness.eval) if fitness is not None and fitness.eval else None
+        self._held_out = {n: load_held_out(data, s.corpus, self.corpus.tokenizer_path, f"fitness.eval.{n}.corpus")
+                          for n, s in (self.eval_config or {}).items() if s.corpus is not None}
         self._train = train
         self.device = _device(train.device)
         threads = _num_threads(train.num_threads)
@@ -307,10 +307,10 @@ class Trainer:
     def eval_sets(self) -> dict[str, tuple[list[tuple[torch.Tensor, torch.Tensor]], float]]:
         """What evaluate() scores: {name: (fixed held-out batches, bytes per token)}: the fitness
         section's sets, else the corpus's ({"": ...} for one corpus, each source's otherwise)."""
-        if self.fitness is None:
+        if self.eval_config is None:
             return self.corpus.eval_sets()
         out = {}
-        for name, s in self.fitness.eval.items():
+        for name, s in self.eval_config.items():
             if s.corpus is not None:
                 held = self._held_out[name]
                 out[name] = (held.eval_batches(), held.bytes_per_token)
@@ -346,8 +346,8 @@ class Trainer:
                     out[f"val_bpb.{name}"] = total / count / math.log(2) / bytes_per_token
         finally:
             model.train()
-        if self.fitness is not None:
-            weights = {n: float(s.weight) for n, s in self.fitness.eval.items()}
+        if self.eval_config is not None:
+            weights = {n: float(s.weight) for n, s in self.eval_config.items()}
             w = sum(weights.values())
             return {"val_loss": sum(weights[n] * losses[n] for n in weights) / w,
                     "val_bpb": sum(weights[n] * out[f"val_bpb.{n}"] for n in weights) / w, **out}
@@ -355,6 +355,20 @@ class Trainer:
         if not out:
             return {"val_loss": val_loss, "val_bpb": val_loss / math.log(2) / self.corpus.bytes_per_token}
         return {"val_loss": val_loss, "val_bpb": sum(out.values()) / len(out), **out}
+
+    def score(self, fn, spec: str) -> tuple[float, str | None]:
+        """fitness.function ``fn`` (named ``spec``) on this model: ``fn(model, batches, device)``
+        with the model in eval mode under no_grad and ``batches`` {held-out set: [(x, y), ...]}
+        (what evaluate() measures; a single corpus's set is named by data.corpus). (score, None),
+        or (nan, one line) when it raised or gave no finite number."""
+        batches = {name or self.data_config.corpus: b for name, (b, _) in self.eval_sets().items()}
+        model = self._model
+        model.eval()
+        try:
+            with torch.no_grad():
+                return call_function(fn, spec, model, batches, self.device)
+        finally:
+            model.train()
 
     # ------------------------------------------------------------------ state
     def state_dict(self) -> dict:

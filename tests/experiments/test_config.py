@@ -297,7 +297,7 @@ def test_config_error_is_a_value_error():
     ("data.tokenizer=byte", "--set data.tokenizer=byte: data.tokenizer: must be one of bytes, bpe, got 'byte' "
                             "(did you mean 'bytes'?)"),
     ("strategy.objectives=[val_bpb, latency]", "strategy.objectives: must be one of val_bpb, val_loss, params, "
-                                               "tokens_per_s or val_bpb.<held-out set>, got 'latency'"),
+                                               "tokens_per_s, score (fitness.function's) or val_bpb.<held-out set>, got 'latency'"),
     ("strategy.objectives=[]", "--set strategy.objectives=[]: strategy.objectives: must not be empty, got []"),
     ("data=3", "--set data=3: data: expected a mapping, got a number"),
     ("model.hidden_size=yes", "--set model.hidden_size=yes: model.hidden_size: expected an integer, got True"),

@@ -469,3 +469,41 @@ def test_fitness_held_out_text_uses_the_training_bpe_tokenizer(tiny_model, two_s
     assert tok.encode(text).ids[:50] == first
     ev = tr.evaluate()
     assert ev["val_bpb"] == pytest.approx((ev["val_bpb.docs"] + ev["val_bpb.code"]) / 2)
+
+
+def _nan_metric(model, batches, device):
+    return float("nan")
+
+
+def _raising_metric(model, batches, device):
+    raise RuntimeError("no GPU here\nsecond line")
+
+
+def test_fitness_function_gets_the_model_batches_and_device(tiny_model, small_data):
+    """Trainer.score: the function's value, or nan with one line naming it; the model is back in
+    train mode either way. The worked example (exact_match) scores a fraction of its 64 pairs."""
+    from experiments.examples.exact_match import exact_match, pairs
+    from trainers.fitness import FitnessFunctionError, load_function
+
+    tr = Trainer(tiny_model, _train_cfg(), small_data)
+    seen = {}
+
+    def metric(model, batches, device):
+        seen.update(training=model.training, grad=torch.is_grad_enabled(), names=list(batches), device=device,
+                    n=len(batches["stdlib"]))
+        return 7
+
+    assert tr.score(metric, "t:metric") == (7.0, None)
+    assert seen == {"training": False, "grad": False, "names": ["stdlib"], "device": tr.device,
+                    "n": small_data.eval_batches}
+    assert tr.model.training
+    score, error = tr.score(_nan_metric, "t:nan")
+    assert math.isnan(score) and error == "fitness.function t:nan returned a non-finite value (nan)"
+    score, error = tr.score(_raising_metric, "t:raise")
+    assert math.isnan(score) and error == "fitness.function t:raise failed: RuntimeError: no GPU here"
+    fn = load_function("experiments.examples.exact_match:exact_match")
+    assert fn is exact_match and len(pairs()) == 64
+    score, error = tr.score(fn, "exact_match")
+    assert error is None and score * 64 == int(score * 64) and 0 <= score <= 1
+    with pytest.raises(FitnessFunctionError, match=r"cannot be called as _snapshot\(model, batches, device\)"):
+        load_function("tests.trainers.test_trainer:_snapshot")   # takes one argument
