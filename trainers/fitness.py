@@ -112,7 +112,8 @@ def load_function(spec: str) -> Callable[..., Any]:
     return fn
 
 
-def call_function(fn: Callable[..., Any], spec: str, model: Any, batches: dict, device: Any) -> tuple[float, str | None]:
+def call_function(fn: Callable[..., Any], spec: str, model: Any, batches: dict,
+                  device: Any) -> tuple[float, str | None]:
     """(score, None), or (nan, one line naming ``spec`` and what went wrong) when it raised or
     returned something that is not a finite number."""
     try:

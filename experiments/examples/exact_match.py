@@ -54,7 +54,7 @@ def exact_match(model: torch.nn.Module, batches: dict, device: torch.device) -> 
 
 
 def build(n: int = 64, answer_chars: int = 5) -> list[dict]:
-    """The n most common stripped lines of the standard library's .py files (12 to 48 ASCII
+    """The n most common stripped lines of the standard library's top-level .py files (12 to 48 ASCII
     characters), each cut before its last ``answer_chars`` characters; a newline and the line's
     usual indentation lead the prompt."""
     root = Path(sysconfig.get_paths()["stdlib"])
