@@ -24,18 +24,20 @@ without a fitness, or missing another objective, is kept and is never a parent.
 from __future__ import annotations
 
 import math
-from typing import Sequence
+from typing import Mapping, Sequence
 
 import numpy as np
 
 from evo.ga import Pool, breed
 from evo.selection import front_ranks, sel_nsga2
-from evo.strategy import OBJECTIVE_SENSE, Decision, Keep, MemberView, Snapshot, Strategy
+from evo.strategy import Decision, Keep, MemberView, Snapshot, Strategy, objective_sense
 from evo.strategies import ready_members
 
 
-def objective_vector(member: MemberView, objectives: Sequence[str]) -> np.ndarray | None:
-    """The member's objectives as a minimised vector [m], or None if one is missing."""
+def objective_vector(member: MemberView, objectives: Sequence[str],
+                     senses: Mapping[str, str] | None = None) -> np.ndarray | None:
+    """The member's objectives as a minimised vector [m], or None if one is missing (``senses``:
+    the run's declared ones, Snapshot.senses)."""
     if not member.history:
         return None
     values = []
@@ -49,7 +51,7 @@ def objective_vector(member: MemberView, objectives: Sequence[str]) -> np.ndarra
         if not math.isfinite(v):
             values.append(math.inf)  # diverged or unmeasured: the worst, whatever the sense
         else:
-            values.append(-v if OBJECTIVE_SENSE[name] == "max" else v)
+            values.append(-v if objective_sense(name, senses) == "max" else v)
     return np.array(values)
 
 
@@ -100,7 +102,7 @@ class NSGA2(Strategy):
         """The members with every objective, and their minimised objectives [n, m]."""
         members, rows = [], []
         for m in snapshot.members:
-            v = objective_vector(m, self.config.objectives)
+            v = objective_vector(m, self.config.objectives, snapshot.senses)
             if v is not None:
                 members.append(m)
                 rows.append(v)

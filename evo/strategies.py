@@ -16,7 +16,7 @@ from pydantic import ConfigDict, Field, StrictBool, StrictFloat, StrictInt
 from pydantic.dataclasses import dataclass
 
 from evo.genome import Genome
-from evo.strategy import OBJECTIVE_SENSE, MemberView, Snapshot, Strategy
+from evo.strategy import HELD_OUT_OBJECTIVE, OBJECTIVE_SENSE, SCORE, MemberView, Snapshot, Strategy
 
 if TYPE_CHECKING:
     from collections.abc import Sequence
@@ -30,7 +30,7 @@ GRACE_DEFAULT = 1
 
 Probability = Annotated[StrictFloat, Field(ge=0, le=1)]
 Factor = Annotated[StrictFloat, Field(gt=0, allow_inf_nan=False)]
-Objective = Literal[tuple(OBJECTIVE_SENSE)]
+Objective = Annotated[str, Field(min_length=1)]   # OBJECTIVE_SENSE's, or val_bpb.<held-out set>
 
 
 @dataclass(config=ConfigDict(extra="forbid"))
@@ -60,7 +60,8 @@ class StrategyConfig:
     mutation_probability: Annotated[Probability, Field(description=(
         "ga/nsga2: per gene, the chance of a polynomial mutation"))] = 0.2
     objectives: Annotated[tuple[Objective, ...], Field(min_length=1, description=(
-        "nsga2: objectives among val_bpb, val_loss, params, tokens_per_s"))] = ("val_bpb",)
+        "nsga2: objectives among val_bpb, val_loss, params, tokens_per_s, score (fitness.function's) "
+        "and val_bpb.<set> (a fitness.eval set or a data source)"))] = ("val_bpb",)
     sampler: Annotated[Literal["tpe", "gp"], Field(description=(
         "pb2: Optuna sampler proposing hyperparameters (gp needs scipy and torch)"))] = "tpe"
     grace_intervals: Annotated[StrictInt, Field(ge=0, description=(
@@ -77,6 +78,10 @@ class StrategyConfig:
             close = difflib.get_close_matches(self.name, STRATEGIES, n=1)
             hint = f"; did you mean {close[0]!r}?" if close else ""
             raise ValueError(f"strategy.name: unknown strategy {self.name!r} (choose from {', '.join(STRATEGIES)}{hint})")
+        for o in self.objectives:
+            if o not in OBJECTIVE_SENSE and o != SCORE and not HELD_OUT_OBJECTIVE.fullmatch(o):
+                raise ValueError(f"strategy.objectives: must be one of {', '.join(OBJECTIVE_SENSE)}, {SCORE} "
+                                 f"(fitness.function's) or val_bpb.<held-out set>, got {o!r}")
         if len(set(self.objectives)) != len(self.objectives):
             raise ValueError(f"strategy.objectives: listed twice in {list(self.objectives)}")
         if self.name == "pb2" and self.sampler == "gp":

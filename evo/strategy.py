@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import re
 from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Mapping, Sequence
@@ -44,6 +45,22 @@ if TYPE_CHECKING:
 
 # The objectives a member may report (`MemberView.objectives`) and which way is better.
 OBJECTIVE_SENSE = {"val_bpb": "min", "val_loss": "min", "params": "min", "tokens_per_s": "max"}
+# Besides those, each held-out set's bits/byte (val_bpb.<set>: a fitness.eval set, or a data source),
+# and the value of the user's fitness.function, whose sense the run declares (Snapshot.senses).
+HELD_OUT_OBJECTIVE = re.compile(r"val_bpb\.[A-Za-z_][A-Za-z0-9_-]*")
+SCORE = "score"
+
+
+def objective_sense(name: str, senses: Mapping[str, str] | None = None) -> str:
+    """"min" or "max" for an objective a member may report (``senses``: the run's declared ones,
+    e.g. {"score": "max"}); KeyError for an unknown one."""
+    if senses and name in senses:
+        return senses[name]
+    if name in OBJECTIVE_SENSE:
+        return OBJECTIVE_SENSE[name]
+    if HELD_OUT_OBJECTIVE.fullmatch(name):
+        return "min"
+    raise KeyError(name)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -76,6 +93,7 @@ class Snapshot:
 
     round: int
     members: tuple[MemberView, ...]
+    senses: Mapping[str, str] = field(default_factory=dict)   # declared senses of objectives ({"score": "max"})
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "members", tuple(self.members))

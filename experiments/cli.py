@@ -326,7 +326,8 @@ def _check_inputs(setup: Any) -> None:
     from trainers.data import DataError, check_corpus
 
     try:
-        check_corpus(setup.data)
+        fitness = setup.fitness.held_out_corpora() if setup.fitness else {}
+        check_corpus(setup.data, {f"fitness.eval.{n}.corpus": form for n, form in fitness.items()})
     except DataError as e:
         raise UsageError(_one_line(e)) from e
     if os.environ.get("RAY_ADDRESS") or setup.population.resources.num_gpus > 0:
@@ -393,10 +394,15 @@ def _status_view(s: dict) -> Any:
     if best:
         lines.append(Text(f"best: member {best.get('member')}, val_bpb {_fmt(best.get('val_bpb'))}  "
                           f"{_compact(best.get('genome') or {})}"))
-    table = Table("id", "step", "val_bpb", "genome", "parent", "alive", "restored", box=None)
+    if s.get("eval_failures"):
+        lines.append(Text(f"fitness.function failed in {s['eval_failures']} evaluation(s) (state.json: eval_failures)"))
+    # each held-out set's val_bpb.<set> and the score, where the run records them
+    extra = sorted({k for m in s.get("members", []) for k in m if k.startswith("val_bpb.") or k == "score"})
+    table = Table("id", "step", "val_bpb", *extra, "genome", "parent", "alive", "restored", box=None)
     for m in s.get("members", []):
-        table.add_row(str(m["id"]), str(m["step"]), _fmt(m.get("val_bpb")), _compact(m.get("genome") or {}),
-                      _fmt(m.get("parent")), "yes" if m.get("alive") else "no", str(m.get("restores", 0)))
+        table.add_row(str(m["id"]), str(m["step"]), _fmt(m.get("val_bpb")), *(_fmt(m.get(k)) for k in extra),
+                      _compact(m.get("genome") or {}), _fmt(m.get("parent")), "yes" if m.get("alive") else "no",
+                      str(m.get("restores", 0)))
     return Group(*lines, table)
 
 

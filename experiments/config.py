@@ -53,9 +53,11 @@ from pydantic.dataclasses import dataclass
 
 from evo.space import ArchitectureRules, FloatGene, IntGene, SearchSpace
 from evo.strategies import StrategyConfig
+from evo.strategy import SCORE
 from population.config import LoggingConfig, PopulationConfig, SearchSetup
 from trainers import architecture
 from trainers.data import DataConfig
+from trainers.fitness import FitnessConfig, FitnessFunctionError, load_function
 from trainers.model import InternLM2Config
 from trainers.trainer import TrainConfig
 
@@ -90,6 +92,7 @@ class ExperimentConfig:
     train: TrainConfig = dataclasses.field(default_factory=TrainConfig)
     search: Annotated[dict[str, Any], Field(description=SEARCH_HELP)] = dataclasses.field(default_factory=dict)
     strategy: StrategyConfig = dataclasses.field(default_factory=StrategyConfig)
+    fitness: FitnessConfig = dataclasses.field(default_factory=FitnessConfig)
     population: PopulationConfig = dataclasses.field(default_factory=PopulationConfig)
     logging: LoggingConfig = dataclasses.field(default_factory=LoggingConfig)
 
@@ -179,7 +182,7 @@ def build_setup(cfg: ExperimentConfig) -> SearchSetup:
         name=cfg.name, seed=cfg.seed, storage=cfg.storage,
         data=cfg.data, model=cfg.model, train=cfg.train, space=build_space(cfg),
         strategy=cfg.strategy, population=cfg.population, logging=cfg.logging,
-        config=config_to_dict(cfg),
+        config=config_to_dict(cfg), fitness=cfg.fitness if cfg.fitness.active else None,
     )
 
 
@@ -280,6 +283,7 @@ def _resolve(raw: dict, overrides: list[str], strings: dict[str, str], origin: _
         model_raw["vocab_size"] = vocab
 
     cfg = _validate(ExperimentConfig, raw, (), origin)
+    _check_held_out(cfg, origin)
     try:
         _check_gene_values(cfg.search)   # first: a range up to 10**12 would take the space forever
         space = build_space(cfg)  # validates genes, bounds and architecture constraints
@@ -287,6 +291,38 @@ def _resolve(raw: dict, overrides: list[str], strings: dict[str, str], origin: _
         raise ConfigError(f"{origin.where_message(('search',), str(e))}: {e}") from None
     cfg.search = _normalised_search(space, cfg.search)
     return cfg
+
+
+def _check_held_out(cfg: ExperimentConfig, origin: _Origin) -> None:
+    """fitness.eval's sources are training sources, its corpora are not, fitness.function can be
+    imported and called as (model, batches, device), and every val_bpb.<set> objective names a
+    held-out set (fitness.eval's, else data.sources'), a score objective a fitness.function."""
+    trained = dict(cfg.data.sources) if cfg.data.sources else {cfg.data.corpus: cfg.data.corpus}
+    what = (f"data.sources names {', '.join(cfg.data.source_names())}" if cfg.data.sources
+            else f"a single data.corpus: its name is {cfg.data.corpus!r}")
+    for name, s in (cfg.fitness.eval or {}).items():
+        where = origin.where(("fitness", "eval", name))
+        if s.source is not None and s.source not in trained:
+            raise ConfigError(f"{where}: fitness.eval.{name}.source: no such training source {s.source!r} ({what})")
+        same = [n for n, form in trained.items() if form == s.corpus]
+        if same:
+            raise ConfigError(f"{where}: fitness.eval.{name}.corpus: {s.corpus!r} is trained on (source "
+                              f"{same[0]!r}); judge on its held-out split with {{source: {same[0]}}}")
+    if cfg.fitness.function is not None:
+        try:
+            load_function(cfg.fitness.function)
+        except FitnessFunctionError as e:
+            raise ConfigError(f"{origin.where(('fitness', 'function'))}: {e}") from None
+    sets = list(cfg.fitness.eval or ()) or cfg.data.source_names()
+    for objective in cfg.strategy.objectives:
+        if objective == SCORE and cfg.fitness.function is None:
+            raise ConfigError(f"{origin.where(('strategy', 'objectives'))}: strategy.objectives: {SCORE}: "
+                              f"needs fitness.function (the function whose value it is)")
+        if objective.startswith("val_bpb.") and objective[len("val_bpb."):] not in sets:
+            have = (f"fitness.eval names {', '.join(sets)}" if cfg.fitness.eval else
+                    f"data.sources names {', '.join(sets)}" if sets else "no fitness.eval, no data.sources")
+            raise ConfigError(f"{origin.where(('strategy', 'objectives'))}: strategy.objectives: {objective}: "
+                              f"no such held-out set ({have})")
 
 
 def _empty_sections(raw: dict, cls: type) -> None:

@@ -17,6 +17,7 @@ if TYPE_CHECKING:   # annotations only: SearchSetup holds these, this module imp
     from evo.space import SearchSpace
     from evo.strategies import StrategyConfig
     from trainers.data import DataConfig
+    from trainers.fitness import FitnessConfig
     from trainers.model import InternLM2Config
     from trainers.trainer import TrainConfig
 
@@ -130,3 +131,4 @@ class SearchSetup:
     population: PopulationConfig
     logging: LoggingConfig
     config: dict                 # the resolved config (config.yaml); compared on resume
+    fitness: FitnessConfig | None = None   # the held-out sets members are judged on (None: the training text's)

@@ -239,6 +239,7 @@ def sync_rounds(s: Search) -> None:
         steps += n
         s.handoff.keep_evaluated(results)
         s.records.record_results(results)
+        print_eval_failures(s, results)
         replace_failed(s, failures(results), r, event=r)
         if steps < pop.total_steps:
             decisions = s.strategy.plan(s.records.snapshot(r), s.rng(r))
@@ -253,6 +254,15 @@ def sync_rounds(s: Search) -> None:
         members, lineage = s.records.commit(r, steps_done=steps)
         s.monitor.on_round(r, members, lineage, results)
         s.progress.update(r, steps)
+
+
+def print_eval_failures(s: Search, results: Mapping[int, Any]) -> None:
+    """One line per member whose fitness.function failed in this evaluation (it goes on; the
+    line is also kept in the state's eval_failures)."""
+    for m, res in sorted(results.items()):
+        if isinstance(res, dict) and res.get("score_error"):
+            s.progress.console.print(f"{s.setup.name}: member {m} at step {res.get('step')}: {res['score_error']}",
+                                     markup=False, highlight=False, soft_wrap=True)
 
 
 def async_events(s: Search) -> None:
@@ -307,6 +317,7 @@ def async_events(s: Search) -> None:
         r = event // pop.size
         s.handoff.keep_evaluated({m: result})
         s.records.record_results({m: result})
+        print_eval_failures(s, {m: result})
         failed = failures({m: result})
         replace_failed(s, failed, r, event=event)
         rec = s.records[m]
@@ -428,6 +439,8 @@ def config_conflict(here: Mapping[str, Any], stored: Mapping[str, Any]) -> str |
         if any(key == k or key.startswith(k + ".") for k in RESUMABLE_KEYS):
             continue
         va, vb = a.get(key, _ABSENT), b.get(key, _ABSENT)
+        if va is None and vb is _ABSENT:
+            continue   # a key the schema gained after the run was made, at its null default (fitness.eval)
         if va != vb:   # 1 == 1.0: YAML may write a float field as an int
             here_text = "absent here" if va is _ABSENT else f"{va!r} here"
             run_text = "absent in the run" if vb is _ABSENT else f"{vb!r} in the run"

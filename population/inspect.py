@@ -8,6 +8,7 @@ from __future__ import annotations
 import datetime as dt
 from pathlib import Path
 
+from evo.strategy import SCORE
 from population.store import RunStore
 
 
@@ -37,6 +38,8 @@ def run_status(storage: str, name: str) -> dict:
             "id": m["id"], "step": m.get("step", 0), "val_bpb": history[-1][1] if history else None,
             "genome": m.get("genome", {}), "parent": m.get("parent"), "alive": m.get("alive", True),
             "restores": restores.get(int(m["id"]), 0),
+            # each held-out set's bits/byte and fitness.function's score, where the run has them
+            **{k: v for k, v in sorted((m.get("objectives") or {}).items()) if k.startswith("val_bpb.") or k == SCORE},
         })
     best = _best(members)
     updated = (state or {}).get("updated")
@@ -52,6 +55,7 @@ def run_status(storage: str, name: str) -> dict:
         "exploits": len((state or {}).get("exploit_latencies", [])),
         "restores": int((state or {}).get("restores", 0)),
         "failures": int((state or {}).get("failures", 0)),
+        "eval_failures": len((state or {}).get("eval_failures", [])),
         "updated": _iso(updated) if isinstance(updated, (int, float)) else None,
     }
 

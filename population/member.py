@@ -27,8 +27,10 @@ from typing import Any, Mapping
 import ray
 import torch
 
+from evo.strategy import SCORE
 from population.handoff import WireState, take_state
 from trainers.data import DataConfig
+from trainers.fitness import FitnessConfig, load_function
 from trainers.model import InternLM2Config
 from trainers.trainer import HPARAMS, NonFiniteLossError, TrainConfig, Trainer
 from trainers.transfer import preserves_function
@@ -62,13 +64,14 @@ def model_config_for(base_model: InternLM2Config, genome: Mapping[str, Any]) -> 
 
 
 def build_trainer(base_model: InternLM2Config, base_train: TrainConfig, data: DataConfig,
-                  genome: Mapping[str, Any], seed: int, num_threads: int | None = None) -> Trainer:
+                  genome: Mapping[str, Any], seed: int, num_threads: int | None = None,
+                  fitness: FitnessConfig | None = None) -> Trainer:
     """A fresh Trainer for ``genome``: its genes set from step 0, ``seed`` for init and batch order."""
     train_fields, _ = split_genome(genome)
     train = dataclasses.replace(base_train, **train_fields, seed=int(seed))
     if train.num_threads is None and num_threads is not None:
         train = dataclasses.replace(train, num_threads=int(num_threads))
-    trainer = Trainer(model_config_for(base_model, genome), train, data)
+    trainer = Trainer(model_config_for(base_model, genome), train, data, fitness)
     if mix_genes(genome):
         trainer.set_mix(**mix_genes(genome))
     return trainer
@@ -122,15 +125,19 @@ class Member:
     """
 
     def __init__(self, member_id: int, base_model: InternLM2Config, base_train: TrainConfig,
-                 data: DataConfig, genome: Mapping[str, Any], seed: int, num_threads: int) -> None:
+                 data: DataConfig, genome: Mapping[str, Any], seed: int, num_threads: int,
+                 fitness: FitnessConfig | None = None) -> None:
         os.environ["EVO_NUM_THREADS"] = str(num_threads)
         torch.set_num_threads(num_threads)
         self.member_id = member_id
         self.base_model = base_model
         self.base_train = base_train
         self.data = data
+        self.fitness = fitness
+        # the user's metric (fitness.function), imported here; the config checked it already
+        self._score_fn = load_function(fitness.function) if fitness is not None and fitness.function else None
         self.num_threads = num_threads
-        self.trainer = build_trainer(base_model, base_train, data, genome, seed, num_threads)
+        self.trainer = build_trainer(base_model, base_train, data, genome, seed, num_threads, fitness)
         self._lock = threading.Lock()        # guards the snapshot against a concurrent get_state
         self._snapshot: dict | None = None   # None: the trainer changed since the last one
         self._wire: WireState | None = None  # the snapshot packed for the object store
@@ -201,6 +208,9 @@ class Member:
         if not math.isfinite(ev["val_bpb"]):
             return {"failed": True, "error": f"non-finite validation loss ({ev['val_bpb']})",
                     "step": self.trainer.step, "seconds": acc["seconds"] + time.perf_counter() - t0}, None
+        if self._score_fn is not None:   # a failure marks this evaluation's score, never the member
+            score, error = self.trainer.score(self._score_fn, self.fitness.function)
+            ev = {**ev, SCORE: score, **({"score_error": error} if error else {})}
         snapshot = self.trainer.state_dict()
         # packed now, while this still counts as the member's own time: an exploit is then one
         # call on the receiver
@@ -220,6 +230,8 @@ class Member:
             "cpu_seconds": acc["cpu_seconds"] + time.process_time() - cpu0,   # < seconds when the CPU is shared
             "part_seconds": part["seconds"],                 # this call's training part
             "eval_seconds": tail_s,                          # evaluation + snapshot
+            **{k: float(v) for k, v in ev.items() if k.startswith("val_bpb.") or k == SCORE},   # each set's, the score
+            **({"score_error": ev["score_error"]} if "score_error" in ev else {}),
         }, wire
 
     def get_state(self) -> WireState:
@@ -275,7 +287,7 @@ class Member:
     def restart(self, genome: Mapping[str, Any], seed: int) -> dict:
         """Throw the weights away: a fresh Trainer for ``genome`` (same process)."""
         self.trainer = build_trainer(self.base_model, self.base_train, self.data, genome, seed,
-                                     self.num_threads)
+                                     self.num_threads, self.fitness)
         self._changed()
         return {"step": self.trainer.step, "params": int(self.trainer.num_parameters())}
 

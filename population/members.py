@@ -25,7 +25,7 @@ from ray.exceptions import ObjectLostError, RayActorError, RayTaskError
 from population.config import SearchSetup
 from population.member import Member
 from population.store import RunStore
-from trainers.data import load_corpus
+from trainers.data import load_corpus, load_held_out
 from trainers.trainer import TrainConfig
 
 POLL_S = 0.1             # ray.wait timeout: how quickly a signal is noticed
@@ -67,7 +67,9 @@ class Members:
         """One actor per record (its genome and seed); members with a committed checkpoint
         continue from it. ``train`` is the run's base TrainConfig (its cosine horizon set).
         A member whose process dies meanwhile is started again (at most MAX_STARTS times)."""
-        load_corpus(self.setup.data)   # tokenize once here, not in every member at once
+        corpus = load_corpus(self.setup.data)   # tokenize once here, not in every member at once
+        for n, form in (self.setup.fitness.held_out_corpora() if self.setup.fitness else {}).items():
+            load_held_out(self.setup.data, form, corpus.tokenizer_path, f"fitness.eval.{n}.corpus")
         self.train = train
         todo = dict(records)
         for _ in range(MAX_STARTS):
@@ -105,7 +107,8 @@ class Members:
         res = self.setup.population.resources
         options = dict(name=f"{self.setup.name}/m{m}", num_cpus=res.num_cpus, num_gpus=res.num_gpus,
                        max_concurrency=2, max_restarts=0)
-        args = (m, self.setup.model, self.train, self.setup.data, genome, seed, self.num_threads)
+        args = (m, self.setup.model, self.train, self.setup.data, genome, seed, self.num_threads,
+                self.setup.fitness)
         deadline = time.monotonic() + 30
         while True:
             try:

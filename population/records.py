@@ -25,7 +25,7 @@ from typing import Any, Mapping
 import numpy as np
 
 from evo.genome import Genome, diff, format_diff
-from evo.strategy import MemberView, Snapshot, Strategy
+from evo.strategy import SCORE, MemberView, Snapshot, Strategy
 from population.config import SearchSetup
 from population.store import CorruptRunError, RawJSON, RunStore, StoreError
 
@@ -158,6 +158,8 @@ class Records:
         self.deaths_on_state: dict[int, int] = {}   # member -> deaths since its state last changed
         self.diverged: list[dict] = []    # genomes of the members that diverged in this session
         self.exploit_latencies: list[float] = []
+        # evaluations whose fitness.function failed: {"member", "step", "error"} (the last 1000)
+        self.eval_failures: list[dict] = []
         self.compute_s = 0.0          # seconds members spent inside train_part / train_and_evaluate
         self.cpu_s = 0.0              # CPU seconds of the member processes in the same calls
         self.wall_s = 0.0             # seconds of the round loop (all sessions)
@@ -249,6 +251,7 @@ class Records:
         self.restores = int(state.get("restores", 0))
         self.member_restores = {int(m): int(n) for m, n in (state.get("member_restores") or {}).items()}
         self.exploit_latencies = list(state.get("exploit_latencies", []))
+        self.eval_failures = list(state.get("eval_failures", []))
         timing = state.get("timing", {})
         self.compute_s = float(timing.get("member_compute_s", 0.0))
         self.cpu_s = float(timing.get("member_cpu_s", 0.0))
@@ -294,7 +297,11 @@ class Records:
             rec.step = int(res["step"])
             rec.history.append([rec.step, res["val_bpb"]])
             rec.objectives = {"val_bpb": res["val_bpb"], "params": res["params"],
-                              "tokens_per_s": res["tokens_per_s"]}
+                              "tokens_per_s": res["tokens_per_s"],
+                              **{k: v for k, v in res.items() if k.startswith("val_bpb.") or k == SCORE}}
+            if res.get("score_error"):
+                self.eval_failures = [*self.eval_failures[-999:],
+                                      {"member": m, "step": rec.step, "error": res["score_error"]}]
 
     def died(self, m: int, why: str, round: int, *, counts: bool = True) -> None:
         """A "died" record for m: it diverged, or was given up; ``counts`` it as a failure
@@ -374,7 +381,9 @@ class Records:
     # -- the population as the strategy sees it ------------------------------------------------
 
     def snapshot(self, round: int) -> Snapshot:
-        return Snapshot(round=round, members=tuple(self.members[m].view() for m in self.ids))
+        fitness = self.setup.fitness
+        senses = {SCORE: fitness.sense} if fitness is not None and fitness.function else {}
+        return Snapshot(round=round, members=tuple(self.members[m].view() for m in self.ids), senses=senses)
 
     def best(self) -> MemberRecord | None:
         alive = [r for r in self.members.values() if r.alive and r.history]
@@ -427,6 +436,7 @@ class Records:
             "restores": self.restores,
             "member_restores": {str(m): n for m, n in sorted(self.member_restores.items())},
             "exploit_latencies": self.exploit_latencies,
+            **({"eval_failures": self.eval_failures} if self.eval_failures else {}),
             "timing": {"member_compute_s": self.compute_s, "wall_s": wall, "slots": self.slots,
                        "slot_s": self.slot_s + session * self.slots, "member_cpu_s": self.cpu_s},
             "updated": time.time(),

@@ -16,6 +16,7 @@ from typing import Any
 from population.member import apply_genome, build_trainer
 from population.store import RunStore
 from trainers.data import DataConfig
+from trainers.fitness import FitnessConfig
 from trainers.model import InternLM2Config
 from trainers.trainer import TrainConfig
 
@@ -43,17 +44,18 @@ def replay_run(storage: str, name: str, *, console: Any = None) -> dict:
     decay_steps = state.get("decay_steps", config["train"].get("decay_steps"))
     train = TrainConfig(**dict(config["train"], decay_steps=decay_steps))
     data = DataConfig(**config["data"])
+    fitness = FitnessConfig(**config["fitness"]) if config.get("fitness") else None
     threads = state.get("num_threads")
     t0 = time.perf_counter()
     first = schedule[0]
-    trainer = build_trainer(model, train, data, first["genome"], first["seed"], threads)
+    trainer = build_trainer(model, train, data, first["genome"], first["seed"], threads, fitness)
     for entry in schedule[1:]:
         if entry["step"] >= target:   # changes made after the last evaluation are not in its score
             break
         trainer.train(entry["step"] - trainer.step)
         if entry["seed"] != trainer.train_config.seed:
             # the weights moved into a member with another batch order: continue as it did
-            moved = build_trainer(model, train, data, entry["genome"], entry["seed"], threads)
+            moved = build_trainer(model, train, data, entry["genome"], entry["seed"], threads, fitness)
             moved.load_state_dict(trainer.state_dict())
             trainer = moved
         apply_genome(trainer, model, entry["genome"])

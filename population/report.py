@@ -40,7 +40,7 @@ import numpy as np
 
 from evo.genome import Genome, format_diff
 from evo.selection import pareto_front
-from evo.strategy import OBJECTIVE_SENSE
+from evo.strategy import SCORE, objective_sense
 from population.records import efficiency as records_efficiency
 from population.store import RunStore
 
@@ -80,6 +80,15 @@ class RunView:
     @property
     def objectives(self) -> list[str]:
         return list((self.config.get("strategy") or {}).get("objectives") or ["val_bpb"])
+
+    def sense(self, objective: str) -> str:
+        """"min" or "max": evo's, or the run's declared one (fitness.sense for score)."""
+        fitness = self.config.get("fitness") or {}
+        senses = {SCORE: fitness["sense"]} if fitness.get("function") and fitness.get("sense") else {}
+        try:
+            return objective_sense(objective, senses)
+        except KeyError:
+            return "min"
 
     @property
     def mode(self) -> str:
@@ -169,7 +178,7 @@ def render_plots(run: RunView) -> dict[str, tuple[bytes, str, str]]:
                          "non-dominated front highlighted.",
                          "Each point is an alive member's latest evaluation. Red points are the "
                          "non-dominated front: no other member is at least as good in every one of "
-                         + ", ".join(f"{o} ({OBJECTIVE_SENSE.get(o, 'min')}imised)" for o in _pareto_objectives(run))
+                         + ", ".join(f"{o} ({run.sense(o)}imised)" for o in _pareto_objectives(run))
                          + " and better in one.")
     return out
 
@@ -522,7 +531,7 @@ def plot_pareto(run: RunView) -> Figure | None:
     if not points:
         return None
     objectives = _pareto_objectives(run)
-    signs = np.array([-1.0 if OBJECTIVE_SENSE.get(o) == "max" else 1.0 for o in objectives])
+    signs = np.array([-1.0 if run.sense(o) == "max" else 1.0 for o in objectives])
     obj = np.array([[float(m["objectives"][o]) for o in objectives] for m in points]) * signs
     front = set(pareto_front(obj))
     x_name, y_name = _pareto_axes(run)
@@ -536,15 +545,15 @@ def plot_pareto(run: RunView) -> Figure | None:
     ax.scatter(x[f], y[f], s=80, color="tab:red", edgecolors="black", zorder=3,
                label=f"non-dominated front ({len(f)})")
     if len(f) > 1:
-        ax.step(x[f], y[f], where="post" if OBJECTIVE_SENSE.get(y_name) != "max" else "pre",
+        ax.step(x[f], y[f], where="post" if run.sense(y_name) != "max" else "pre",
                 color="tab:red", lw=1.2, alpha=0.7, zorder=2)
     for i, m in enumerate(points):
         ax.annotate(f"m{m['id']}", (x[i], y[i]), textcoords="offset points", xytext=(5, 4), fontsize=9)
     if x.min() > 0 and x.max() / x.min() > 10:
         ax.set_xscale("log")
     ax.margins(0.12)
-    ax.set_xlabel(f"{x_name} ({OBJECTIVE_SENSE.get(x_name, 'min')}imise)")
-    ax.set_ylabel(f"{y_name} ({OBJECTIVE_SENSE.get(y_name, 'min')}imise)")
+    ax.set_xlabel(f"{x_name} ({run.sense(x_name)}imise)")
+    ax.set_ylabel(f"{y_name} ({run.sense(y_name)}imise)")
     ax.set_title(f"{run.name}: objectives of the alive members")
     ax.grid(alpha=0.3)
     ax.legend(fontsize=9)

@@ -320,12 +320,66 @@ class SourcesCorpus(_CacheEntry):
         return list(self._eval[name])
 
 
+class HeldOut(_CacheEntry):
+    """A text never trained on (a fitness.eval set's corpus), every document of it held out,
+    tokenized with the training tokenizer: ``eval_batches()`` and ``bytes_per_token`` as Corpus."""
+
+    def __init__(self, config: DataConfig, entry: Path, from_cache: bool, what: str):
+        super().__init__(config, entry, from_cache)
+        self.bytes_per_token: float = self.meta["val_bytes"] / self.meta["val_tokens"]
+        self.val_tokens = self._split("val.bin", self.meta["val_tokens"], what, "held-out")
+        self._eval: list[tuple[torch.Tensor, torch.Tensor]] | None = None
+
+    def eval_batches(self) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        if self._eval is None:
+            self._eval = _eval_windows(self.val_tokens, self.config)
+        return list(self._eval)
+
+
+def load_held_out(cfg: DataConfig, form: str, tokenizer_path: str | None,
+                  field: str = "fitness.eval") -> HeldOut:
+    """The text ``form`` (any data.corpus form), all of it held out, tokenized with the training
+    tokenizer (``tokenizer_path``: the training entry's BPE tokenizer.json; None for bytes) and
+    cached once per (text, tokenizer)."""
+    docs = _read_documents(cfg, form, field)
+    h = hashlib.sha256(b"held-out\0" + _cache_key(cfg, docs).encode())
+    if tokenizer_path is not None:
+        h.update(Path(tokenizer_path).read_bytes())
+    key = f"{cfg.tokenizer}-heldout-{h.hexdigest()[:32]}"
+    root = _cache_root(cfg)
+    entry = root / key
+    what = f"{field} {form!r}"
+    if (entry / "meta.json").exists():
+        return HeldOut(cfg, entry, True, what)
+
+    def write(out: Path) -> None:
+        if tokenizer_path is None:
+            encode, vocab = (lambda ds: [np.frombuffer(d, dtype=np.uint8) for d in ds]), 256
+        else:
+            from tokenizers import Tokenizer
+            tok = Tokenizer.from_file(tokenizer_path)
+            shutil.copyfile(tokenizer_path, out / "tokenizer.json")
+            encode, vocab = (lambda ds: [np.asarray(e.ids, dtype=np.int64)
+                                         for e in tok.encode_batch([d.decode("utf-8") for d in ds])]), \
+                tok.get_vocab_size()
+        dtype = _token_dtype(vocab)
+        counts = _write_splits(encode, dtype, [], [d for _, d in docs], out)
+        meta = {"version": CACHE_VERSION, "held_out": form, "tokenizer": cfg.tokenizer,
+                "vocab_size": vocab, "dtype": np.dtype(dtype).name, **counts}
+        (out / "meta.json").write_text(json.dumps(meta, indent=1))
+
+    _write_entry(root, key, write)
+    return HeldOut(cfg, entry, False, what)
+
+
 # ----------------------------------------------------------------------------- reading
 
-def check_corpus(cfg: DataConfig) -> None:
-    """Raise DataError unless the corpus (every source) names files that can be read. Cheap (no
-    file is read): the CLI calls it before a run writes anything or starts Ray."""
+def check_corpus(cfg: DataConfig, extra: dict[str, str] | None = None) -> None:
+    """Raise DataError unless the corpus (every source) and the ``extra`` texts ({field: corpus
+    form}, e.g. fitness.eval's) name files that can be read. Cheap (no file is read): the CLI
+    calls it before a run writes anything or starts Ray."""
     named = {f"data.sources.{n}": cfg.sources[n] for n in cfg.source_names()} or {"data.corpus": cfg.corpus}
+    named.update(extra or {})
     for field, source in named.items():
         if source == STDLIB_DOCS:
             continue
@@ -495,7 +549,7 @@ def _write_splits(encode, dtype, train: list[bytes], val: list[bytes], out: Path
     """Write <prefix>train.bin and <prefix>val.bin; their token, byte and document counts."""
     counts = {}
     for split, docs in (("train", train), ("val", val)):
-        tokens = np.concatenate(encode(docs)).astype(dtype)
+        tokens = np.concatenate(encode(docs)).astype(dtype) if docs else np.zeros(0, dtype)
         tokens.tofile(out / f"{prefix}{split}.bin")
         counts[f"{split}_tokens"] = int(len(tokens))
         counts[f"{split}_bytes"] = sum(len(d) for d in docs)

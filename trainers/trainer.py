@@ -22,7 +22,8 @@ from pydantic import ConfigDict, Field, StrictBool, StrictFloat, StrictInt
 from pydantic.dataclasses import dataclass
 
 from trainers import cpu_fused
-from trainers.data import DataConfig, load_corpus
+from trainers.data import DataConfig, SourcesCorpus, load_corpus, load_held_out
+from trainers.fitness import FitnessConfig, call_function
 from trainers.model import InternLM2Config, InternLM2ForCausalLM
 from trainers.transfer import transfer_moments, transfer_norm_eps, transfer_weights
 
@@ -186,9 +187,14 @@ class Trainer:
     the corpus's. Torch threads are limited to the trainer's CPU share (see TrainConfig).
     """
 
-    def __init__(self, model: InternLM2Config, train: TrainConfig, data: DataConfig):
+    def __init__(self, model: InternLM2Config, train: TrainConfig, data: DataConfig,
+                 fitness: FitnessConfig | None = None):
         self.data_config = data
         self.corpus = load_corpus(data)
+        # what evaluate() judges on: the fitness section's held-out sets (None: the training text's)
+        self.eval_config = dict(fitness.eval) if fitness is not None and fitness.eval else None
+        self._held_out = {n: load_held_out(data, s.corpus, self.corpus.tokenizer_path, f"fitness.eval.{n}.corpus")
+                          for n, s in (self.eval_config or {}).items() if s.corpus is not None}
         self._train = train
         self.device = _device(train.device)
         threads = _num_threads(train.num_threads)
@@ -298,17 +304,35 @@ class Trainer:
             raise ValueError(f"data.mix: weights must be finite, >= 0 and not all zero, got {merged}")
         self._mix = new
 
+    def eval_sets(self) -> dict[str, tuple[list[tuple[torch.Tensor, torch.Tensor]], float]]:
+        """What evaluate() scores: {name: (fixed held-out batches, bytes per token)}: the fitness
+        section's sets, else the corpus's ({"": ...} for one corpus, each source's otherwise)."""
+        if self.eval_config is None:
+            return self.corpus.eval_sets()
+        out = {}
+        for name, s in self.eval_config.items():
+            if s.corpus is not None:
+                held = self._held_out[name]
+                out[name] = (held.eval_batches(), held.bytes_per_token)
+            elif isinstance(self.corpus, SourcesCorpus):
+                out[name] = (self.corpus.eval_batches(s.source), self.corpus.bytes_per_tokens[s.source])
+            else:
+                out[name] = (self.corpus.eval_batches(), self.corpus.bytes_per_token)
+        return out
+
     @torch.no_grad()
     def evaluate(self) -> dict:
-        """Loss on the corpus's fixed held-out windows: {"val_loss": nats/token, "val_bpb": bits/byte}.
+        """Loss on the fixed held-out windows: {"val_loss": nats/token, "val_bpb": bits/byte}.
         With several sources also "val_bpb.<source>" each; val_bpb is then their mean and
-        val_loss the loss over all their windows."""
+        val_loss the loss over all their windows. With a fitness section: "val_bpb.<set>" of each
+        held-out set, val_bpb and val_loss their weighted means (fitness.eval.<set>.weight)."""
         model = self._model
         model.eval()
         out: dict[str, float] = {}
+        losses: dict[str, float] = {}
         total_all, count_all = 0.0, 0
         try:
-            for name, (batches, bytes_per_token) in self.corpus.eval_sets().items():
+            for name, (batches, bytes_per_token) in self.eval_sets().items():
                 total, count = 0.0, 0
                 for x, y in batches:
                     x, y = x.to(self.device), y.to(self.device)
@@ -317,14 +341,34 @@ class Trainer:
                     total += F.cross_entropy(logits.float().flatten(0, 1), y.flatten(), reduction="sum").item()
                     count += y.numel()
                 total_all, count_all = total_all + total, count_all + count
+                losses[name] = total / count
                 if name:
                     out[f"val_bpb.{name}"] = total / count / math.log(2) / bytes_per_token
         finally:
             model.train()
+        if self.eval_config is not None:
+            weights = {n: float(s.weight) for n, s in self.eval_config.items()}
+            w = sum(weights.values())
+            return {"val_loss": sum(weights[n] * losses[n] for n in weights) / w,
+                    "val_bpb": sum(weights[n] * out[f"val_bpb.{n}"] for n in weights) / w, **out}
         val_loss = total_all / count_all
         if not out:
             return {"val_loss": val_loss, "val_bpb": val_loss / math.log(2) / self.corpus.bytes_per_token}
         return {"val_loss": val_loss, "val_bpb": sum(out.values()) / len(out), **out}
+
+    def score(self, fn, spec: str) -> tuple[float, str | None]:
+        """fitness.function ``fn`` (named ``spec``) on this model: ``fn(model, batches, device)``
+        with the model in eval mode under no_grad and ``batches`` {held-out set: [(x, y), ...]}
+        (what evaluate() measures; a single corpus's set is named by data.corpus). (score, None),
+        or (nan, one line) when it raised or gave no finite number."""
+        batches = {name or self.data_config.corpus: b for name, (b, _) in self.eval_sets().items()}
+        model = self._model
+        model.eval()
+        try:
+            with torch.no_grad():
+                return call_function(fn, spec, model, batches, self.device)
+        finally:
+            model.train()
 
     # ------------------------------------------------------------------ state
     def state_dict(self) -> dict:

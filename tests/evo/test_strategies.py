@@ -450,7 +450,8 @@ def test_random_search_always_keeps() -> None:
         ("crossover_probability", 1.5, "less_than_equal"),
         ("mutation_probability", math.nan, "less_than_equal"),
         ("objectives", (), "too_short"),
-        ("objectives", ("val_bpb", "latency"), "literal_error"),
+        ("objectives", ("val_bpb", "latency"), "or val_bpb.<held-out set>, got 'latency'"),
+        ("objectives", ("val_bpb.",), "or val_bpb.<held-out set>, got 'val_bpb.'"),
         ("objectives", ("val_bpb", "val_bpb"), "listed twice"),
         ("sampler", "cmaes", "literal_error"),
         ("seed", -1, "greater_than_equal"),
@@ -498,3 +499,20 @@ def test_genomes_in_decisions_are_plain_genomes() -> None:
             if hasattr(d, "genome"):
                 assert isinstance(d.genome, Genome)
                 assert Genome.from_dict(json.loads(json.dumps(d.genome.as_dict()))) == d.genome
+
+
+def test_held_out_sets_and_a_declared_score_are_objectives():
+    """val_bpb.<set> is minimised; the user's score goes the way the run declares (Snapshot.senses);
+    a failed score (nan) is the worst whatever its sense."""
+    from evo.nsga2 import objective_vector
+    from evo.strategy import objective_sense
+
+    m = MemberView(0, Genome.from_dict({}), ((10, 2.0),), objectives={"score": 0.25, "val_bpb.docs": 1.5})
+    assert objective_vector(m, ["score", "val_bpb.docs"], {"score": "max"}).tolist() == [-0.25, 1.5]
+    assert objective_vector(m, ["score"], {"score": "min"}).tolist() == [0.25]
+    failed = dataclasses.replace(m, objectives={"score": math.nan})
+    assert objective_vector(failed, ["score"], {"score": "max"}).tolist() == [math.inf]
+    assert objective_sense("val_bpb.code") == "min" and objective_sense("tokens_per_s") == "max"
+    with pytest.raises(KeyError):
+        objective_sense("score")          # undeclared
+    assert StrategyConfig(name="nsga2", objectives=("score", "val_bpb.docs")).objectives == ("score", "val_bpb.docs")

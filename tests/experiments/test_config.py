@@ -297,7 +297,7 @@ def test_config_error_is_a_value_error():
     ("data.tokenizer=byte", "--set data.tokenizer=byte: data.tokenizer: must be one of bytes, bpe, got 'byte' "
                             "(did you mean 'bytes'?)"),
     ("strategy.objectives=[val_bpb, latency]", "strategy.objectives: must be one of val_bpb, val_loss, params, "
-                                               "tokens_per_s, got 'latency'"),
+                                               "tokens_per_s, score (fitness.function's) or val_bpb.<held-out set>, got 'latency'"),
     ("strategy.objectives=[]", "--set strategy.objectives=[]: strategy.objectives: must not be empty, got []"),
     ("data=3", "--set data=3: data: expected a mapping, got a number"),
     ("model.hidden_size=yes", "--set model.hidden_size=yes: model.hidden_size: expected an integer, got True"),
@@ -403,3 +403,24 @@ def test_mix_genes_are_genes_over_the_sources(tmp_path: Path):
     genome = {"train.lr": 1e-3, "data.mix.docs": 0.5}
     assert split_genome(genome) == ({"lr": 1e-3}, {}) and mix_genes(genome) == {"docs": 0.5}
     assert config_from_dict(config_to_dict(cfg)) == cfg
+
+
+def test_fitness_sets_are_objectives_and_old_runs_resume(tmp_path: Path):
+    """fitness.eval's sets are val_bpb.<set> objectives (minimised); a run stored before the
+    section existed resumes (its config.yaml has no fitness key)."""
+    from evo.strategy import objective_sense
+    from population.driver import config_conflict
+
+    text = MINIMAL.replace("corpus: stdlib,", "sources: {code: stdlib, docs: stdlib-docs},") + (
+                      "fitness: {eval: {docs: {source: docs, weight: 3}, code: {source: code}}}\n"
+                      "strategy: {name: nsga2, objectives: [val_bpb.docs, val_bpb.code]}\n")
+    cfg = load_config(write(tmp_path, text))
+    setup = build_setup(cfg)
+    assert setup.fitness.eval["docs"].weight == 3 and setup.fitness.held_out_corpora() == {}
+    assert [objective_sense(o) for o in cfg.strategy.objectives] == ["min", "min"]
+    assert config_from_dict(config_to_dict(cfg)) == cfg
+    plain = load_config(write(tmp_path, MINIMAL))
+    assert build_setup(plain).fitness is None
+    old = {k: v for k, v in config_to_dict(plain).items() if k != "fitness"}
+    assert config_conflict(config_to_dict(plain), old) is None
+    assert config_conflict(config_to_dict(cfg), old) is not None

@@ -16,6 +16,7 @@ import yaml
 from experiments.config import build_setup, config_to_dict, load_config
 from population.driver import run_search
 from population.inspect import run_status
+from population.store import RunStore
 
 REPO = Path(__file__).resolve().parents[2]
 CONFIGS = sorted((REPO / "experiments").glob("*.yaml"))
@@ -83,9 +84,51 @@ def test_config_runs_scaled_down(path: Path, tmp_path_factory, ray_session):
     assert set(status["best"]["genome"]) == {p for p in cfg.search if p != "max_params"}
     run_dir = tmp / "runs" / cfg.name
     assert yaml.safe_load((run_dir / "config.yaml").read_text()) == config_to_dict(cfg)
+    if cfg.fitness.eval:   # judged on the fitness section's held-out sets, each one's bits/byte recorded
+        weights = {n: s.weight for n, s in cfg.fitness.eval.items()}
+        assert all({f"val_bpb.{n}" for n in weights} <= set(m) for m in alive)   # evo status shows them
+        for m in RunStore(storage, cfg.name).read_state()["members"]:
+            got = m["objectives"]
+            assert got["val_bpb"] == pytest.approx(sum(w * got[f"val_bpb.{n}"] for n, w in weights.items())
+                                                   / sum(weights.values()))
+    if cfg.fitness.function:   # the function's value beside val_bpb, a number for every member
+        assert all(0 <= m["objectives"]["score"] <= 1 for m in alive_state(storage, cfg.name))
     events = [json.loads(line)["event"] for line in (run_dir / "lineage.jsonl").read_text().splitlines()]
     assert events.count("born") == cfg.population.size
     if cfg.population.mode == "sync":
         # the strategy evolved the population after the first round (the GA by crossover); in
         # async mode whether a lone ready member is replaced depends on who finished first
         assert ("crossover" in events) if cfg.strategy.name == "ga" else (set(events) - {"born", "died"})
+
+
+def alive_state(storage: str, name: str) -> list[dict]:
+    return [m for m in RunStore(storage, name).read_state()["members"] if m["alive"]]
+
+
+def test_a_failing_fitness_function_marks_the_evaluation_not_the_run(tmp_path_factory, ray_session):
+    """A fitness.function that raises on some members: each such evaluation's score is nan with
+    one line naming the function (printed, kept in the state), the run finishes, nobody died."""
+    import io
+
+    from rich.console import Console
+
+    tmp = tmp_path_factory.mktemp("failing_fitness")
+    spec = "tests.experiments.fitness_functions:fails_on_negative_first_weight"
+    cfg = load_config(REPO / "experiments" / "completions.yaml", [
+        *SMALL, *TINY_MODEL, "population.size=3", f"storage={tmp / 'runs'}", f"data.cache_dir={tmp / 'cache'}",
+        f"fitness.function={spec}", "fitness.sense=min", "population.max_failures=0"])
+    out = io.StringIO()
+    summary = run_search(build_setup(cfg), console=Console(file=out, width=400))
+    assert summary["status"] == "finished"
+    state = RunStore(str(tmp / "runs"), cfg.name).read_state()
+    failures = state["eval_failures"]
+    assert failures and all(f["error"].startswith(f"fitness.function {spec} failed: ValueError: first output "
+                                                  f"weight") for f in failures)
+    printed = [line for line in out.getvalue().splitlines() if f"fitness.function {spec}" in line]
+    assert len(printed) == len(failures) and "\n" not in failures[0]["error"]
+    members = state["members"]
+    assert all(m["alive"] and m["step"] == 4 for m in members) and state["failures"] == 0
+    scores = [m["objectives"]["score"] for m in members]
+    assert any(s == s for s in scores), scores     # some member was scored (nan != nan)
+    lineage = (tmp / "runs" / cfg.name / "lineage.jsonl").read_text()
+    assert '"died"' not in lineage

@@ -421,3 +421,90 @@ def test_mix_is_in_the_checkpoint_and_resume_is_bit_exact(two_sources, tiny_mode
     assert resumed.mix == {"code": 0.25, "docs": 1.0}
     assert [expected[0]] + resumed.train(3)["losses"] == expected
     assert resumed.evaluate() == whole.evaluate()
+
+
+# ----------------------------------------------------------------------------- fitness
+
+def test_fitness_sets_judge_on_a_text_never_trained_on(tiny_model, tmp_path):
+    """fitness.eval: a text never trained on (stdlib-docs beside a code corpus) and the training
+    corpus's own validation split; val_bpb is their weighted mean, and training is untouched."""
+    from trainers.fitness import EvalSet, FitnessConfig
+
+    data = DataConfig(corpus="stdlib", max_bytes=200_000, seq_len=32, val_fraction=0.2,
+                      eval_batches=1, eval_batch_size=4)
+    fitness = FitnessConfig(eval={"docs": EvalSet(corpus="stdlib-docs", weight=3.0),
+                                  "code": EvalSet(source="stdlib")})
+    judged, plain = Trainer(tiny_model, _train_cfg(), data, fitness), Trainer(tiny_model, _train_cfg(), data)
+    assert judged.train(3)["losses"] == plain.train(3)["losses"]       # the docs are never trained on
+    ev, ev_plain = judged.evaluate(), plain.evaluate()
+    assert set(ev) == {"val_loss", "val_bpb", "val_bpb.docs", "val_bpb.code"}
+    assert set(ev_plain) == {"val_loss", "val_bpb"}
+    assert ev["val_bpb.code"] == ev_plain["val_bpb"]
+    assert ev["val_bpb"] == pytest.approx((3 * ev["val_bpb.docs"] + ev["val_bpb.code"]) / 4)
+    # the held-out docs: pydoc_data topics up to data.max_bytes, all of them held out
+    held = judged._held_out["docs"]
+    assert held.meta["val_documents"] > 10 and held.meta["train_tokens"] == 0
+    # a fitness section that names nothing is no fitness section
+    assert Trainer(tiny_model, _train_cfg(), data, FitnessConfig()).evaluate() == \
+        Trainer(tiny_model, _train_cfg(), data).evaluate()
+    with pytest.raises(ValidationError, match="either source or corpus"):
+        EvalSet(source="a", corpus="b")
+
+
+def test_fitness_held_out_text_uses_the_training_bpe_tokenizer(tiny_model, two_sources):
+    """With bpe, a held-out text is tokenized by the tokenizer trained on the training sources
+    (and not trained on it: the training cache entry is the one without the section)."""
+    from tokenizers import Tokenizer
+
+    from trainers.fitness import EvalSet, FitnessConfig
+
+    data = replace(two_sources, sources={"code": "stdlib"}, tokenizer="bpe", vocab_size=300)
+    fitness = FitnessConfig(eval={"docs": EvalSet(corpus="stdlib-docs"), "code": EvalSet(source="code")})
+    tr = Trainer(replace(tiny_model, vocab_size=300), _train_cfg(), data, fitness)
+    assert tr.corpus.path == load_corpus(data).path
+    held = tr._held_out["docs"]
+    tok = Tokenizer.from_file(tr.corpus.tokenizer_path)
+    first = held.val_tokens[:50].tolist()
+    from pydoc_data.topics import topics
+    text = next(t for _, t in sorted(topics.items()) if t)
+    assert tok.encode(text).ids[:50] == first
+    ev = tr.evaluate()
+    assert ev["val_bpb"] == pytest.approx((ev["val_bpb.docs"] + ev["val_bpb.code"]) / 2)
+
+
+def _nan_metric(model, batches, device):
+    return float("nan")
+
+
+def _raising_metric(model, batches, device):
+    raise RuntimeError("no GPU here\nsecond line")
+
+
+def test_fitness_function_gets_the_model_batches_and_device(tiny_model, small_data):
+    """Trainer.score: the function's value, or nan with one line naming it; the model is back in
+    train mode either way. The worked example (exact_match) scores a fraction of its 64 pairs."""
+    from experiments.examples.exact_match import exact_match, pairs
+    from trainers.fitness import FitnessFunctionError, load_function
+
+    tr = Trainer(tiny_model, _train_cfg(), small_data)
+    seen = {}
+
+    def metric(model, batches, device):
+        seen.update(training=model.training, grad=torch.is_grad_enabled(), names=list(batches), device=device,
+                    n=len(batches["stdlib"]))
+        return 7
+
+    assert tr.score(metric, "t:metric") == (7.0, None)
+    assert seen == {"training": False, "grad": False, "names": ["stdlib"], "device": tr.device,
+                    "n": small_data.eval_batches}
+    assert tr.model.training
+    score, error = tr.score(_nan_metric, "t:nan")
+    assert math.isnan(score) and error == "fitness.function t:nan returned a non-finite value (nan)"
+    score, error = tr.score(_raising_metric, "t:raise")
+    assert math.isnan(score) and error == "fitness.function t:raise failed: RuntimeError: no GPU here"
+    fn = load_function("experiments.examples.exact_match:exact_match")
+    assert fn is exact_match and len(pairs()) == 64
+    score, error = tr.score(fn, "exact_match")
+    assert error is None and score * 64 == int(score * 64) and 0 <= score <= 1
+    with pytest.raises(FitnessFunctionError, match=r"cannot be called as _snapshot\(model, batches, device\)"):
+        load_function("tests.trainers.test_trainer:_snapshot")   # takes one argument
