@@ -536,8 +536,10 @@ def _apply_override(raw: dict, text: str) -> tuple[str, ...]:
             if len(parts) - i < 2:
                 raise ConfigError(f"--set {text}: a search gene is named like search.train.lr "
                                   "(or search.max_params for the parameter budget)")
-            k, child_hint = f"{parts[i]}.{parts[i + 1]}", dict
-            i += 2
+            # data.mix.<source> spans three parts, every other gene two (train.lr)
+            n = 3 if ".".join(parts[i:i + 2]) + "." == MIX_PREFIX and len(parts) - i >= 3 else 2
+            k, child_hint = ".".join(parts[i:i + n]), dict
+            i += n
         elif hint is dict or typing.get_origin(hint) in (dict, Mapping) or hint is Any:
             k, child_hint = parts[i], Any
             i += 1
