@@ -1,0 +1,128 @@
+"""The data mix as a gene on real Ray (experiments/data_mix.yaml scaled down, sync, CPU): an
+exploit gives the receiver the donor's mix (perturbed or resampled like any gene) and that mix is
+the one in force in the member's checkpoint; a run stopped part-way and resumed equals an
+uninterrupted one, lineage and fitness table, mix genes included."""
+from __future__ import annotations
+
+import json
+import os
+import signal
+import threading
+import time
+from pathlib import Path
+
+import pytest
+import ray
+import torch
+from rich.console import Console
+
+from experiments.config import build_setup, load_config
+from population.driver import run_search
+from population.store import RunStore
+
+pytestmark = pytest.mark.slow
+
+REPO = Path(__file__).resolve().parents[2]
+ROUNDS = 6
+GENE = "data.mix.docs"
+
+
+def overrides(storage: Path, cache: Path) -> list[str]:
+    return [
+        "population.size=4", f"population.total_steps={3 * ROUNDS}", "population.interval_steps=3",
+        "population.resources.num_cpus=0.5", "data.seq_len=32", "data.max_bytes=100000",
+        "data.eval_batches=2", "data.eval_batch_size=4", "train.batch_size=4", "train.warmup_steps=2",
+        "model.hidden_size=32", "model.num_hidden_layers=1", "model.num_attention_heads=4",
+        "model.num_key_value_heads=2", "model.intermediate_size=64",
+        "logging.wandb.mode=disabled", "logging.optuna=false",
+        f"storage={storage}", f"data.cache_dir={cache}",
+    ]
+
+
+def setup(tmp: Path, name: str):
+    cfg = load_config(REPO / "experiments" / "data_mix.yaml", overrides(tmp / "runs", tmp / "cache") + [f"name={name}"])
+    return build_setup(cfg)
+
+
+def quiet() -> Console:
+    return Console(file=open(os.devnull, "w"))
+
+
+def lineage(run: Path) -> list[dict]:
+    return [json.loads(line) for line in (run / "lineage.jsonl").read_text().splitlines()]
+
+
+def comparable(records: list[dict]) -> list[dict]:
+    return [{k: v for k, v in r.items() if k not in ("time", "latency_s", "receiver_s")} for r in records]
+
+
+def table(state: dict) -> list[tuple]:
+    return [(m["id"], m["step"], m["history"], m["genome"], m["parent"], m["schedule"]) for m in state["members"]]
+
+
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory):
+    if ray.is_initialized():
+        ray.shutdown()
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, configure_logging=False)
+    tmp = tmp_path_factory.mktemp("mix")
+    summary = run_search(setup(tmp, "ref"), console=quiet())
+    yield tmp, summary
+    ray.shutdown()
+
+
+def test_an_exploit_takes_the_donors_mix_and_the_checkpoint_trains_on_it(reference):
+    tmp, summary = reference
+    run = tmp / "runs" / "ref"
+    assert summary["status"] == "finished"
+    records = lineage(run)
+    exploits = [r for r in records if r["event"] == "exploit"]
+    assert exploits, "the scaled-down data_mix search made no exploit"
+    for r in exploits:
+        donor = r["parents"][0]
+        # the donor's mix gene in force at the exploit: its last genome record up to that step
+        before = [x for x in records if x["member"] == donor and "genome" in x and x["step"] <= r["step"]
+                  and x is not r]
+        donor_mix = before[-1]["genome"][GENE]
+        new = r["genome"][GENE]
+        if r["how"] == "perturb":   # pbt's floats x 0.8 or x 1.2, kept inside [0, 4]
+            assert any(new == pytest.approx(min(max(donor_mix * f, 0.0), 4.0)) for f in (0.8, 1.2)), (donor_mix, new)
+        else:
+            assert 0.0 <= new <= 4.0
+    # the mix in force in each member's last checkpoint is its final genome's (code keeps weight 1)
+    state = RunStore(tmp / "runs", "ref").read_state()
+    for m in state["members"]:
+        ckpt = torch.load(run / m["checkpoint"], map_location="cpu", weights_only=False)
+        assert ckpt["mix"] == {"docs": m["genome"][GENE]}
+        assert ckpt["step"] == 3 * ROUNDS
+
+
+def test_stopped_and_resumed_equals_uninterrupted_with_a_mix_gene(reference):
+    tmp, summary = reference
+    store = RunStore(tmp / "runs", "stopped")
+
+    def stop_after_two_rounds():
+        deadline = time.time() + 300
+        while time.time() < deadline:
+            state = store.read_state() if store.exists() else None
+            if state and state["round"] >= 2 and state["status"] == "running":
+                os.kill(os.getpid(), signal.SIGTERM)
+                return
+            time.sleep(0.01)
+
+    watcher = threading.Thread(target=stop_after_two_rounds, daemon=True)
+    watcher.start()
+    stopped = run_search(setup(tmp, "stopped"), console=quiet())
+    watcher.join()
+    assert stopped["status"] == "stopped", "the signal arrived after the run finished"
+    assert 2 <= store.read_state()["round"] < ROUNDS
+
+    resumed = run_search(setup(tmp, "stopped"), console=quiet())
+    assert resumed["status"] == "finished" and resumed["round"] == ROUNDS
+    ref_state = RunStore(tmp / "runs", "ref").read_state()
+    assert table(store.read_state()) == table(ref_state)
+    assert comparable(lineage(tmp / "runs" / "stopped")) == comparable(lineage(tmp / "runs" / "ref"))
+    assert resumed["best"] == summary["best"]
+    # the mix genes did change during the run, so the comparison covered them
+    assert len({m["genome"][GENE] for m in ref_state["members"]} | {r["genome"][GENE] for r in lineage(tmp / "runs" / "ref")
+                                                                    if r["event"] == "born"}) > 1
