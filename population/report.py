@@ -10,6 +10,8 @@ The page answers what a user asks of a search, from the run store alone (no Ray,
   inherited through every exploit) drawn thick in black.
 - ``lineage.png``: the genealogy: x = round, y = member slot, an edge into every node from the
   node whose weights it continued, nodes coloured by fitness, the best member's ancestry in black.
+- ``mix.png`` (runs with several data sources): the best member's data mix over training steps,
+  each source's share of the batches stacked, following its schedule back through every exploit.
 - ``pareto.png``: val_bpb against the parameter count (or the configured ``strategy.objectives``)
   with the non-dominated front highlighted; skipped while no member has those objectives.
 - tables: the run's headline (status, rounds, best member, its genome and schedule, exploit
@@ -48,7 +50,7 @@ if TYPE_CHECKING:
     from matplotlib.figure import Figure
 
 REPORT_DIR = "report"                 # inside the run store
-PLOTS = ("fitness", "hyperparameters", "lineage", "pareto")   # <name>.png, in page order
+PLOTS = ("fitness", "hyperparameters", "lineage", "mix", "pareto")   # <name>.png, in page order
 JUMPS = ("exploit", "crossover", "restart")   # events that give a member another's weights
 MAX_EVENTS_SHOWN = 200                # lineage rows in the HTML table (the latest ones)
 DPI = 100
@@ -171,6 +173,15 @@ def render_plots(run: RunView) -> dict[str, tuple[bytes, str, str]]:
                        "step / interval_steps, so a member that jumped to a donor's step skips "
                        "columns." if run.mode == "async" else "")),
     }
+    mix = mix_schedule(run)
+    if mix:
+        names = list(mix[0][1])
+        out["mix"] = (_png(plot_mix(run, mix)),
+                      f"The best member's data mix over training steps: the share of {', '.join(names)} "
+                      "in its batches, stacked.",
+                      "The mix the best member's weights were trained with (its schedule, inherited "
+                      "through every exploit): each band is one source's share of the sequences drawn "
+                      "from that step on (data.mix weights normalised).")
     pareto = plot_pareto(run)
     if pareto is not None:
         x, y = _pareto_axes(run)
@@ -375,6 +386,48 @@ def plot_hyperparameters(run: RunView) -> Figure:
         axes[0].legend(fontsize=7, ncols=2)
     for ax in axes[len(genes):]:
         ax.set_visible(False)
+    return fig
+
+
+def mix_schedule(run: RunView) -> list[tuple[int, dict[str, float]]]:
+    """The best member's data mix as (step, {source: share}) at each step of its schedule and at
+    its current step, shares summing to 1; [] unless the run has several data sources and a
+    data.mix gene. A weight not in the genome is data.mix's, else 1.0 (as the trainer reads it)."""
+    data = run.config.get("data") or {}
+    sources = list(data.get("sources") or {})
+    if len(sources) < 2 or not any(g.startswith("data.mix.") for g in run.genes):
+        return []
+    best = run.best()
+    if best is None:
+        return []
+    base = {s: float((data.get("mix") or {}).get(s, 1.0)) for s in sources}
+    schedule = [(int(e["step"]), e["genome"]) for e in best.get("schedule", [])] or [(0, best.get("genome", {}))]
+    schedule.append((int(best.get("step", schedule[-1][0])), schedule[-1][1]))
+    out = []
+    for step, genome in schedule:
+        w = {s: float(genome.get(f"data.mix.{s}", base[s])) for s in sources}
+        total = sum(w.values())
+        out.append((step, {s: (v / total if total > 0 else math.nan) for s, v in w.items()}))
+    return out
+
+
+def plot_mix(run: RunView, mix: list[tuple[int, dict[str, float]]]) -> Figure:
+    """The best member's data mix over steps: each source's share stacked (steps held until changed)."""
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=(7, 3.4), layout="constrained")
+    ax = fig.subplots()
+    best = run.best()
+    steps = [s for s, _ in mix]
+    names = list(mix[0][1])
+    ax.stackplot(steps, [[shares[n] for _, shares in mix] for n in names], labels=names, step="post", alpha=0.85)
+    ax.set_xlim(steps[0], max(steps[-1], steps[0] + 1))
+    ax.set_ylim(0, 1)
+    ax.set_xlabel("training step")
+    ax.set_ylabel("share of sequences")
+    ax.set_title(f"{run.name}: best member m{best['id']}'s data mix over training" if best else run.name)
+    ax.legend(loc="upper right", fontsize=8)
+    ax.grid(alpha=0.3)
     return fig
 
 
@@ -702,7 +755,7 @@ def render_html(run: RunView, plots: dict[str, tuple[bytes, str, str]]) -> str:
         out.append("</table>")
     for key, (png, alt, caption) in plots.items():
         title = {"fitness": "Fitness over training", "hyperparameters": "Hyperparameters and genes",
-                 "lineage": "Lineage", "pareto": "Pareto front"}[key]
+                 "lineage": "Lineage", "mix": "Data mix", "pareto": "Pareto front"}[key]
         data = base64.b64encode(png).decode()
         out += [f"<h2 id={key}>{e(title)}</h2>", "<figure>",
                 f'<img src="data:image/png;base64,{data}" alt="{e(alt)}" data-plot="{key}">',

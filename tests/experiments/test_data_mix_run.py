@@ -126,3 +126,24 @@ def test_stopped_and_resumed_equals_uninterrupted_with_a_mix_gene(reference):
     # the mix genes did change during the run, so the comparison covered them
     assert len({m["genome"][GENE] for m in ref_state["members"]} | {r["genome"][GENE] for r in lineage(tmp / "runs" / "ref")
                                                                     if r["event"] == "born"}) > 1
+
+
+def test_report_plots_the_best_members_mix_schedule(reference):
+    from population.report import load_run, mix_schedule, write_report
+
+    tmp, summary = reference
+    report = Path(write_report(str(tmp / "runs"), "ref"))
+    png = report.parent / "mix.png"
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and png.stat().st_size > 5_000
+    assert 'data-plot="mix"' in report.read_text()
+    run = load_run(str(tmp / "runs"), "ref")
+    mix = mix_schedule(run)
+    best = next(m for m in run.members if m["id"] == summary["best"]["member"])
+    # one point per schedule entry (plus the current step), each the genome's docs weight over
+    # docs + code's fixed weight 1, and the schedule's genomes are ones the lineage recorded
+    assert [s for s, _ in mix] == [e["step"] for e in best["schedule"]] + [best["step"]]
+    for (step, shares), entry in zip(mix, best["schedule"]):
+        docs = entry["genome"][GENE]
+        assert shares == pytest.approx({"code": 1 / (1 + docs), "docs": docs / (1 + docs)})
+        assert any(r.get("genome", {}).get(GENE) == docs and r["step"] == step for r in lineage(tmp / "runs" / "ref"))
+    assert mix[-1][1] == mix[-2][1]
