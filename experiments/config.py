@@ -273,6 +273,7 @@ def _resolve(raw: dict, overrides: list[str], strings: dict[str, str], origin: _
             names = ", ".join(data.source_names()) or "none: data.sources is not set"
             raise ConfigError(f"{origin.where(('search', str(path)))}: search.{path}: no such source "
                               f"(data.sources names {names})")
+    _check_mix_floor(raw["search"], data, origin)
     vocab = BYTES_VOCAB if data.tokenizer == "bytes" else data.vocab_size
     model_raw = raw.setdefault("model", {})
     if isinstance(model_raw, dict):
@@ -291,6 +292,27 @@ def _resolve(raw: dict, overrides: list[str], strings: dict[str, str], origin: _
         raise ConfigError(f"{origin.where_message(('search',), str(e))}: {e}") from None
     cfg.search = _normalised_search(space, cfg.search)
     return cfg
+
+
+def _check_mix_floor(search: Mapping[str, Any], data: DataConfig, origin: _Origin) -> None:
+    """Refuse data.mix genes that can make every source's weight 0 at once: a perturbation that
+    reaches 0 stays there (0 x 1.2 = 0), and a member would fail hours in with nothing to draw."""
+    genes = {str(p)[len(MIX_PREFIX):]: g for p, g in search.items()
+             if str(p).startswith(MIX_PREFIX) and isinstance(g, Mapping)}
+    if not genes or not data.source_names():
+        return
+    fixed = data.mix_weights()
+    floors = {}
+    for source in data.source_names():
+        gene = genes.get(source)
+        low = gene.get("low", 0.0) if gene is not None else fixed[source]
+        floors[source] = low if isinstance(low, (int, float)) and not isinstance(low, bool) else 1.0
+    if all(v <= 0 for v in floors.values()):
+        first = next(iter(genes))
+        parts = ", ".join(f"data.mix.{s} {'low' if s in genes else 'weight'} {floors[s]:g}" for s in floors)
+        raise ConfigError(f"{origin.where(('search', MIX_PREFIX + first))}: search.{MIX_PREFIX}{first}: the mix "
+                          f"genes can make every source's weight 0 at once ({parts}); give one source a gene "
+                          "with low > 0 or a fixed data.mix weight > 0")
 
 
 def _check_held_out(cfg: ExperimentConfig, origin: _Origin) -> None:
