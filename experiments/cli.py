@@ -398,11 +398,14 @@ def _status_view(s: dict) -> Any:
         lines.append(Text(f"fitness.function failed in {s['eval_failures']} evaluation(s) (state.json: eval_failures)"))
     # each held-out set's val_bpb.<set> and the score, where the run records them
     extra = sorted({k for m in s.get("members", []) for k in m if k.startswith("val_bpb.") or k == "score"})
-    table = Table("id", "step", "val_bpb", *extra, "genome", "parent", "alive", "restored", box=None)
+    mix = any("mix" in m for m in s.get("members", []))   # several data sources: each one's share
+    table = Table("id", "step", "val_bpb", *extra, *(["mix"] if mix else []), "genome", "parent", "alive",
+                  "restored", box=None)
     for m in s.get("members", []):
+        shares = " ".join(f"{src} {100 * v:.0f}%" for src, v in (m.get("mix") or {}).items())
         table.add_row(str(m["id"]), str(m["step"]), _fmt(m.get("val_bpb")), *(_fmt(m.get(k)) for k in extra),
-                      _compact(m.get("genome") or {}), _fmt(m.get("parent")), "yes" if m.get("alive") else "no",
-                      str(m.get("restores", 0)))
+                      *([shares] if mix else []), _compact(m.get("genome") or {}), _fmt(m.get("parent")),
+                      "yes" if m.get("alive") else "no", str(m.get("restores", 0)))
     return Group(*lines, table)
 
 

@@ -31,6 +31,9 @@ def run_status(storage: str, name: str) -> dict:
     if status == "running" and not store.driver_alive():
         status = "interrupted"
     restores = _member_restores(store, state or {})
+    data = config.get("data") or {}
+    sources = sorted(data.get("sources") or {})
+    fixed = {src: float((data.get("mix") or {}).get(src, 1.0)) for src in sources}
     members = []
     for m in (state or {}).get("members", []):
         history = m.get("history") or []
@@ -40,6 +43,8 @@ def run_status(storage: str, name: str) -> dict:
             "restores": restores.get(int(m["id"]), 0),
             # each held-out set's bits/byte and fitness.function's score, where the run has them
             **{k: v for k, v in sorted((m.get("objectives") or {}).items()) if k.startswith("val_bpb.") or k == SCORE},
+            # with several data sources: each one's share of the batches (data.mix genes over data.mix)
+            **({"mix": _mix_shares(fixed, m.get("genome", {}))} if len(sources) > 1 else {}),
         })
     best = _best(members)
     updated = (state or {}).get("updated")
@@ -58,6 +63,14 @@ def run_status(storage: str, name: str) -> dict:
         "eval_failures": len((state or {}).get("eval_failures", [])),
         "updated": _iso(updated) if isinstance(updated, (int, float)) else None,
     }
+
+
+def _mix_shares(fixed: dict[str, float], genome: dict) -> dict[str, float]:
+    """{source: share of the sequences drawn}: the genome's data.mix.<source> genes over the
+    config's fixed weights, normalised to sum to 1 (as the trainer draws them)."""
+    weights = {src: float(genome.get(f"data.mix.{src}", w)) for src, w in fixed.items()}
+    total = sum(weights.values())
+    return {src: (w / total if total > 0 else float("nan")) for src, w in weights.items()}
 
 
 def _member_restores(store: RunStore, state: dict) -> dict[int, int]:

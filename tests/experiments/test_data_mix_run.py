@@ -147,3 +147,15 @@ def test_report_plots_the_best_members_mix_schedule(reference):
         assert shares == pytest.approx({"code": 1 / (1 + docs), "docs": docs / (1 + docs)})
         assert any(r.get("genome", {}).get(GENE) == docs and r["step"] == step for r in lineage(tmp / "runs" / "ref"))
     assert mix[-1][1] == mix[-2][1]
+
+
+def test_status_shows_each_members_mix_as_shares(reference):
+    from population.inspect import run_status
+
+    tmp, _ = reference
+    status = run_status(str(tmp / "runs"), "ref")
+    state = RunStore(tmp / "runs", "ref").read_state()
+    genomes = {m["id"]: m["genome"] for m in state["members"]}
+    for m in status["members"]:
+        docs = genomes[m["id"]][GENE]
+        assert m["mix"] == pytest.approx({"code": 1 / (1 + docs), "docs": docs / (1 + docs)})
