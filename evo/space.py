@@ -347,11 +347,12 @@ class SearchSpace:
     """
 
     def __init__(self, genes: Sequence[Gene], base: Mapping[str, Any], max_params: int | None = None,
-                 architecture: ArchitectureRules | None = None):
+                 architecture: ArchitectureRules | None = None, head_dim: int | None = None):
         self.genes: tuple[Gene, ...] = tuple(sorted(genes, key=lambda g: g.path))
         self.paths: tuple[str, ...] = tuple(g.path for g in self.genes)
         self.base: dict[str, Any] = dict(base)
         self.max_params = max_params
+        self.head_dim = head_dim
         self.architecture = architecture
         for g in self.genes:
             if not isinstance(g, (FloatGene, IntGene, ChoiceGene)):
@@ -366,6 +367,10 @@ class SearchSpace:
             raise SpaceError(f"search: max_params must be a positive integer, got {max_params!r}")
         if max_params is not None and architecture is None:
             raise SpaceError("search: max_params needs the model's parameter count (SearchSpace(architecture=...))")
+        if head_dim is not None and (not _is_int(head_dim) or head_dim <= 0 or head_dim % 2):
+            raise SpaceError(f"search: head_dim must be a positive even integer, got {head_dim!r}")
+        if head_dim is not None and architecture is None:
+            raise SpaceError("search: head_dim needs the model's shape rules (SearchSpace(architecture=...))")
         self._by_path = {g.path: g for g in self.genes}
         n = len(ARCHITECTURE_PREFIX)
         self._base_fields = {p[n:]: v for p, v in self.base.items() if p.startswith(ARCHITECTURE_PREFIX)}
@@ -386,6 +391,8 @@ class SearchSpace:
         fields: set[str] = set()
         if all(self._known(f) for f in rules.shape_fields):
             fields |= set(rules.shape_fields)
+        elif self.head_dim is not None:
+            raise SpaceError("search: head_dim needs model.hidden_size and model.num_attention_heads in the base config")
         if self.max_params is not None:
             for f in rules.size_fields:
                 if not self._known(f):
@@ -434,7 +441,7 @@ class SearchSpace:
         rules = self.architecture
         if rules is None:
             return {}
-        if not self._constrained and not rules.violations(self._fields({})):
+        if not self._constrained and not self._shape_violations(self._fields({})):
             if self.max_params is None or rules.count_parameters(self._fields({})) <= self.max_params:
                 return {}
         width, *others = rules.shape_fields
@@ -445,13 +452,13 @@ class SearchSpace:
         broken: list[str] = []   # the rules the first combination broke: the example in the error
         for combo in itertools.product(*(self._domain(f) for f in others)):
             shape = dict(zip(others, combo))
-            if rules.violations(shape):
-                broken = broken or rules.violations(shape)
+            if self._shape_violations(shape):
+                broken = broken or self._shape_violations(shape)
                 continue
             # parameters grow with the width, so the smallest valid one is best for this combination
-            w = next((w for w in widths if not rules.violations({**shape, width: w})), None)
+            w = next((w for w in widths if not self._shape_violations({**shape, width: w})), None)
             if w is None:
-                broken = broken or rules.violations({**shape, width: widths[0]})
+                broken = broken or self._shape_violations({**shape, width: widths[0]})
                 continue
             f = {**smallest, **shape, width: w}
             n = rules.count_parameters(f) if self.max_params is not None else 0
@@ -459,7 +466,7 @@ class SearchSpace:
                 best, best_count = f, n
         names = ", ".join(g.path for g in self._constrained) or "the base model fields"
         if best is None:
-            example = broken or rules.violations(self._fields({}))
+            example = broken or self._shape_violations(self._fields({}))
             raise SpaceError(f"search: no combination of {names} satisfies the model's shape rules"
                              + (f" (e.g. {example[0]})" if example else ""))
         if self.max_params is not None and best_count > self.max_params:
@@ -471,6 +478,14 @@ class SearchSpace:
         return {g.path: best[g.path[len(ARCHITECTURE_PREFIX):]] for g in self._constrained}
 
     # -- constraints -------------------------------------------------------------------------
+
+    def _shape_violations(self, fields: Mapping[str, Any]) -> list[str]:
+        """The model's shape rules `fields` break, and the fixed `head_dim` if one is set."""
+        broken = self.architecture.violations(fields)
+        hidden, heads = fields.get("hidden_size"), fields.get("num_attention_heads")
+        if self.head_dim is not None and hidden is not None and heads is not None and hidden != heads * self.head_dim:
+            broken.append(f"hidden_size ({hidden}) must be num_attention_heads ({heads}) x head_dim ({self.head_dim})")
+        return broken
 
     def _fields(self, values: Mapping[str, Any]) -> dict[str, Any]:
         """Model fields (no prefix): the base's, overridden by `values`' model genes."""
@@ -484,7 +499,7 @@ class SearchSpace:
         if not self._constrained and self._smallest == {}:
             return []  # nothing can vary: the base was checked at construction
         f = self._fields(values)
-        broken = self.architecture.violations(f)
+        broken = self._shape_violations(f)
         if self.max_params is not None:
             n = self.architecture.count_parameters(f)
             if n > self.max_params:
@@ -521,7 +536,7 @@ class SearchSpace:
             point = dict(values)
             for g, xi in zip(genes, x + mid * (target - x)):
                 point[g.path] = g.decode(xi)
-            fixed = self._nearest(point, shape_genes, lambda v: not rules.violations(self._fields(v)))
+            fixed = self._nearest(point, shape_genes, lambda v: not self._shape_violations(self._fields(v)))
             if fixed is not None and self._violation(fixed) is None:
                 hi, best = mid, fixed
             else:
@@ -561,7 +576,7 @@ class SearchSpace:
     @classmethod
     def from_dict(
         cls, spec: Mapping[str, Mapping], base: Mapping[str, Any], max_params: int | None = None,
-        architecture: ArchitectureRules | None = None,
+        architecture: ArchitectureRules | None = None, head_dim: int | None = None,
     ) -> SearchSpace:
         """Parse the YAML `search:` mapping, e.g.
         `{"train.lr": {"type": "float", "low": 1e-4, "high": 1e-2, "log": True},
@@ -592,7 +607,7 @@ class SearchSpace:
                     raise _err(path, f"missing {key!r}")
             args = {k: v for k, v in gspec.items() if k != "type"}
             genes.append({"float": FloatGene, "int": IntGene, "choice": ChoiceGene}[kind](path, **args))
-        return cls(genes, base, max_params, architecture)
+        return cls(genes, base, max_params, architecture, head_dim)
 
     def gene(self, path: str) -> Gene:
         return self._by_path[path]
@@ -602,6 +617,7 @@ class SearchSpace:
 
     def __repr__(self) -> str:
         budget = f", max_params={self.max_params}" if self.max_params is not None else ""
+        budget += f", head_dim={self.head_dim}" if self.head_dim is not None else ""
         return f"SearchSpace({list(self.genes)!r}{budget})"
 
     def _values(self, genome: Genome) -> dict[str, Any]:

@@ -70,6 +70,9 @@ class StrategyConfig:
     merge: Annotated[StrictBool, Field(description=(
         "ga/nsga2: a crossover whose parents and child share the architecture merges the "
         "parents' weights and Adam moments (alpha uniform in [0, 1]) instead of copying one"))] = False
+    merge_alpha: Annotated[Literal["uniform", "fitness"], Field(description=(
+        "merge crossover's alpha: 'uniform' in [0, 1], or 'fitness': each parent weighted by "
+        "2^-val_bpb (its probability per byte)"))] = "uniform"
     seed: Annotated[StrictInt, Field(ge=0, description=(
         "for the caller that derives the rng passed to plan(); strategies never seed themselves"))] = 0
 

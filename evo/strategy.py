@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import math
 import re
 from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
@@ -213,7 +214,9 @@ def in_grace(member: MemberView, grace_intervals: int) -> bool:
 def _with_grace(plan):
     """``plan`` with every decision for a member in its grace period turned into `Keep`, and,
     with `strategy.merge`, each crossover of parents and child of one architecture made a merge
-    (`Crossover.alpha`, uniform in [0, 1] from ``rng``, drawn after the plan)."""
+    (`Crossover.alpha`: `strategy.merge_alpha` "uniform" draws it in [0, 1] from ``rng`` after the
+    plan; "fitness" gives each parent a weight proportional to 2^-val_bpb, its geometric-mean
+    probability per byte, and draws nothing)."""
 
     @functools.wraps(plan)
     def planned(self: Strategy, snapshot: Snapshot, rng: np.random.Generator,
@@ -223,14 +226,23 @@ def _with_grace(plan):
         graced = {m.id for m in snapshot.members if in_grace(m, grace)}
         decisions = [Keep(d.member) if d.member in graced and not isinstance(d, Keep) else d for d in decisions]
         if getattr(self.config, "merge", False):
-            decisions = [_merged(d, snapshot, rng) if isinstance(d, Crossover) else d for d in decisions]
+            by = getattr(self.config, "merge_alpha", "uniform")
+            decisions = [_merged(d, snapshot, rng, by) if isinstance(d, Crossover) else d for d in decisions]
         return decisions
 
     return planned
 
 
-def _merged(d: Crossover, snapshot: Snapshot, rng: np.random.Generator) -> Crossover:
+def _merged(d: Crossover, snapshot: Snapshot, rng: np.random.Generator, by: str = "uniform") -> Crossover:
     shape = d.genome.architecture()
     if any(snapshot.member(p).genome.architecture() != shape for p in d.parents):
         return d
-    return dataclasses.replace(d, alpha=float(rng.uniform(0.0, 1.0)))
+    if by == "uniform":
+        return dataclasses.replace(d, alpha=float(rng.uniform(0.0, 1.0)))
+    other = next((p for p in d.parents if p != d.weights_from), d.weights_from)
+    mine, theirs = snapshot.member(d.weights_from).fitness, snapshot.member(other).fitness
+    if mine is None or theirs is None or not (math.isfinite(mine) and math.isfinite(theirs)):
+        return dataclasses.replace(d, alpha=0.5)
+    # 2^-mine / (2^-mine + 2^-theirs), written so that no power overflows
+    return dataclasses.replace(d, alpha=1.0 / (1.0 + 2.0 ** (mine - theirs)) if mine >= theirs
+                               else 1.0 - 1.0 / (1.0 + 2.0 ** (theirs - mine)))

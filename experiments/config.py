@@ -31,7 +31,9 @@ components after ``search`` (``search.train.lr.high=0.1``); setting a gene to ``
 (``--set search.train.lr=null``) removes it from the search.
 
 Besides genes, ``search`` may hold ``max_params: N``, a parameter budget for the architecture
-genes (``SearchSpace(max_params=N)``): no genome above it is ever proposed.
+genes (``SearchSpace(max_params=N)``): no genome above it is ever proposed; and ``head_dim: D``,
+which keeps ``model.hidden_size == model.num_attention_heads * D`` (width grows with the heads at
+a fixed head_dim, the growth that preserves the function).
 """
 from __future__ import annotations
 
@@ -67,7 +69,10 @@ BYTES_VOCAB = 256
 INTERNLM2_RULES = ArchitectureRules(architecture.SHAPE_FIELDS, architecture.SIZE_FIELDS, architecture.SWITCH_FIELDS,
                                     architecture.shape_violations, architecture.count_parameters)
 SEARCH_HELP = ("genes: {'train.<field>' or 'model.<field>': {type: float|int|choice, low, high, log, step, "
-               "choices}}, and max_params (a parameter budget); a gene set to null is dropped")
+               "choices}}, max_params (a parameter budget) and head_dim (width = heads x head_dim); "
+               "a gene set to null is dropped")
+# keys of `search` that are constraints on the genes, not genes
+SEARCH_CONSTRAINTS = ("max_params", "head_dim")
 
 
 class ConfigError(ValueError):
@@ -168,10 +173,10 @@ def config_to_dict(cfg: ExperimentConfig) -> dict[str, Any]:
 
 def build_space(cfg: ExperimentConfig) -> SearchSpace:
     """The search space of ``cfg``: its genes over the resolved train/model configs."""
-    genes = {k: v for k, v in cfg.search.items() if k != "max_params"}
+    genes = {k: v for k, v in cfg.search.items() if k not in SEARCH_CONSTRAINTS}
     try:
         return SearchSpace.from_dict(genes, base=_space_base(cfg), max_params=cfg.search.get("max_params"),
-                                     architecture=INTERNLM2_RULES)
+                                     architecture=INTERNLM2_RULES, head_dim=cfg.search.get("head_dim"))
     except (ValueError, TypeError) as e:
         raise ConfigError(_prefixed("search", e)) from None
 
@@ -425,7 +430,7 @@ def _check_gene_values(spec: Mapping[str, Any]) -> None:
     fail on it hours into the search. A range's ends are its extremes; each choice is checked.
     Values that are not even numbers are left to the space, which names the gene's own problem."""
     for path, gene in spec.items():
-        if path == "max_params" or not isinstance(gene, Mapping):
+        if path in SEARCH_CONSTRAINTS or not isinstance(gene, Mapping):
             continue
         section, _, name = path.partition(".")
         kind = gene.get("type")
@@ -465,7 +470,7 @@ def _normalised_search(space: SearchSpace, spec: dict[str, Any]) -> dict[str, An
     """The search spec with every gene's defaults written out (what config.yaml stores)."""
     out: dict[str, Any] = {}
     for path in spec:
-        if path == "max_params":
+        if path in SEARCH_CONSTRAINTS:
             continue
         gene = space.gene(path)
         if isinstance(gene, FloatGene):
@@ -474,8 +479,9 @@ def _normalised_search(space: SearchSpace, spec: dict[str, Any]) -> dict[str, An
             out[gene.path] = {"type": "int", "low": gene.low, "high": gene.high, "log": gene.log, "step": gene.step}
         else:
             out[gene.path] = {"type": "choice", "choices": _plain(gene.choices)}
-    if spec.get("max_params") is not None:
-        out["max_params"] = spec["max_params"]
+    for key in SEARCH_CONSTRAINTS:
+        if spec.get(key) is not None:
+            out[key] = spec[key]
     return out
 
 
@@ -502,9 +508,9 @@ def _search(raw: Any, origin: _Origin) -> dict[str, Any]:
     out: dict[str, Any] = {}
     for path, gene in raw.items():
         where = origin.where(("search", str(path)))
-        if path == "max_params":
+        if path in SEARCH_CONSTRAINTS:
             if gene is not None and (isinstance(gene, bool) or not isinstance(gene, int)):
-                raise ConfigError(f"{where}: search.max_params: expected an integer, got {gene!r}")
+                raise ConfigError(f"{where}: search.{path}: expected an integer, got {gene!r}")
         elif str(path).startswith(MIX_PREFIX):
             if not isinstance(gene, Mapping):
                 raise ConfigError(f"{where}: search.{path}: expected a mapping, got {_kind(gene)}")
@@ -513,7 +519,8 @@ def _search(raw: Any, origin: _Origin) -> dict[str, Any]:
             section = str(path).partition(".")[0]
             if section not in ("train", "model"):
                 raise ConfigError(f"{where}: unknown key 'search.{path}' (a gene is named train.<field>, "
-                                  "model.<field> or data.mix.<source>, e.g. train.lr; max_params is the parameter budget)")
+                                  "model.<field> or data.mix.<source>, e.g. train.lr; max_params is the parameter budget, "
+                                  "head_dim the fixed head_dim)")
             fields = [v.partition(".")[2] for v in valid if v.startswith(section + ".")]
             raise ConfigError(f"{where}: {_unknown(('search', section, str(path).partition('.')[2]), fields)}")
         elif not isinstance(gene, Mapping):
@@ -551,13 +558,13 @@ def _apply_override(raw: dict, text: str) -> tuple[str, ...]:
                 raise ConfigError(f"--set {text}: {_unknown(tuple(done) + (k,), list(fields))}")
             child_hint = _SEARCH if (hint is ExperimentConfig and k == "search") else _unwrap(fields[k])
             i += 1
-        elif hint is _SEARCH and parts[i] == "max_params":
+        elif hint is _SEARCH and parts[i] in SEARCH_CONSTRAINTS:
             k, child_hint = parts[i], int
             i += 1
         elif hint is _SEARCH:
             if len(parts) - i < 2:
                 raise ConfigError(f"--set {text}: a search gene is named like search.train.lr "
-                                  "(or search.max_params for the parameter budget)")
+                                  "(or search.max_params / search.head_dim)")
             # data.mix.<source> spans three parts, every other gene two (train.lr)
             n = 3 if ".".join(parts[i:i + 2]) + "." == MIX_PREFIX and len(parts) - i >= 3 else 2
             k, child_hint = ".".join(parts[i:i + n]), dict
@@ -711,7 +718,7 @@ def _named_paths(message: str) -> list[tuple[str, ...]]:
     fields = {f.name for f in dataclasses.fields(head_hint)} if dataclasses.is_dataclass(head_hint) else set()
     named: list[tuple[str, ...]] = []
     for word in re.findall(r"(?<![\w.])[A-Za-z_][\w.]*[\w]", message[m.end() if m else 0:]):
-        if head == ("search",) and (word.split(".")[0] in ("train", "model") or word == "max_params"):
+        if head == ("search",) and (word.split(".")[0] in ("train", "model") or word in SEARCH_CONSTRAINTS):
             path = ("search", word)   # "search: no combination of model.num_key_value_heads ..."
         elif word.split(".")[0] in sections and "." in word:
             path = _key_path(word)

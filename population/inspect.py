@@ -123,4 +123,4 @@ def export_run(storage: str, name: str, fmt: str, out_dir: str, member: int | No
         raise ValueError(f"member {member} of run {name!r} has no committed checkpoint yet")
     trainer_state = store.load_checkpoint(checkpoint)
     config = InternLM2Config(**trainer_state["model_config"])
-    return str(Path(writers[fmt](trainer_state["model"], config, out_dir)))
+    return str(Path(writers[fmt](trainer_state["model"], config, out_dir, norm_eps=trainer_state.get("norm_eps"))))

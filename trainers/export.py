@@ -5,6 +5,12 @@ plain dump (our state-dict keys are HF InternLM2's); the Llama one splits `wqkv`
 q_proj / k_proj / v_proj the way InternLM's `tools/convert2llama.py` does, so the result loads
 with `transformers.LlamaForCausalLM.from_pretrained` and gives the same logits.
 transformers is not needed to write or read these files.
+
+Both formats hold one `rms_norm_eps` for every RMSNorm. A model whose width grew during a search
+has per-norm eps (trainers/transfer.py keeps the function by scaling them with the width): pass
+them as `norm_eps`. When all are equal (the width grew, and no layer was added after it) that one
+value is written and the export is exact; when they differ no single eps reproduces the model,
+and the export is refused (ExportError, one line).
 """
 
 from __future__ import annotations
@@ -96,6 +102,18 @@ def _write(out_dir: str | os.PathLike, config_json: dict[str, Any], state: dict[
     return out
 
 
+def _config_eps(config: InternLM2Config, norm_eps: Mapping[str, float] | None) -> float:
+    """The one rms_norm_eps to write: the config's, or the norms' common eps (see the module doc)."""
+    values = sorted(set((norm_eps or {}).values()))
+    if not values:
+        return config.rms_norm_eps
+    if values[-1] - values[0] > 1e-12 * values[-1]:
+        raise ExportError(
+            f"export: the model's RMSNorms have different eps ({values[0]:.4g} to {values[-1]:.4g}: its width grew "
+            "and layers were added after), and the Hugging Face config holds one rms_norm_eps: no exact export")
+    return values[0]
+
+
 def _dtype_name(state: Mapping[str, torch.Tensor]) -> str:
     dtype = next(iter(state.values())).dtype
     return _DTYPE_NAMES.get(dtype, str(dtype).removeprefix("torch."))
@@ -108,13 +126,16 @@ def export_internlm2(
     *,
     bos_token_id: int | None = None,
     eos_token_id: int | None = None,
+    norm_eps: Mapping[str, float] | None = None,
 ) -> Path:
     """Write an HF InternLM2 checkpoint (model_type "internlm2") of our model to `out_dir`.
 
     Token ids default to None (the byte tokenizer has no BOS/EOS); pass the tokenizer's if it has them.
+    `norm_eps` (module name -> eps, the trainer state's "norm_eps"): see the module docstring.
     """
     state = _cpu_state(model_or_state)
     _check_keys(state, config, "export")
+    eps = _config_eps(config, norm_eps)
     config_json = {
         "architectures": ["InternLM2ForCausalLM"],
         "auto_map": {
@@ -124,6 +145,7 @@ def export_internlm2(
         },
         "model_type": "internlm2",
         **config.to_dict(),
+        "rms_norm_eps": eps,
         "hidden_act": "silu",
         "tie_word_embeddings": False,
         "use_cache": True,
@@ -177,10 +199,13 @@ def export_llama(
     *,
     bos_token_id: int | None = None,
     eos_token_id: int | None = None,
+    norm_eps: Mapping[str, float] | None = None,
 ) -> Path:
-    """Write an HF Llama checkpoint of our model (loadable by `LlamaForCausalLM.from_pretrained`)."""
+    """Write an HF Llama checkpoint of our model (loadable by `LlamaForCausalLM.from_pretrained`);
+    `norm_eps` as for `export_internlm2`."""
     state = _cpu_state(model_or_state)
     _check_keys(state, config, "export")
+    eps = _config_eps(config, norm_eps)
     config_json = {
         "architectures": ["LlamaForCausalLM"],
         "model_type": "llama",
@@ -194,7 +219,7 @@ def export_llama(
         "hidden_act": "silu",
         "max_position_embeddings": config.max_position_embeddings,
         "initializer_range": config.initializer_range,
-        "rms_norm_eps": config.rms_norm_eps,
+        "rms_norm_eps": eps,
         "rope_theta": config.rope_theta,
         "rope_scaling": _llama_rope_scaling(config),
         "attention_bias": config.bias,

@@ -25,10 +25,10 @@ from trainers import cpu_fused
 from trainers.data import DataConfig, SourcesCorpus, load_corpus, load_held_out
 from trainers.fitness import FitnessConfig, call_function
 from trainers.model import InternLM2Config, InternLM2ForCausalLM
-from trainers.transfer import transfer_moments, transfer_norm_eps, transfer_weights
+from trainers.transfer import preserves_function, transfer_moments, transfer_norm_eps, transfer_weights
 
 # Fields of TrainConfig that may change during training (set_hparams); the others
-# (compile, device, num_threads, seed) belong to the member, not to the search.
+# (compile, device, num_threads, seed, distill_*) belong to the member, not to the search.
 HPARAMS = ("batch_size", "lr", "weight_decay", "beta1", "beta2", "eps", "grad_clip",
            "warmup_steps", "schedule", "decay_steps", "min_lr_ratio")
 STATE_FORMAT = 1
@@ -69,6 +69,11 @@ class TrainConfig:
         "torch threads per member (at most 1024); null: $EVO_NUM_THREADS, else the member's CPU "
         "affinity count"))] = None
     seed: Annotated[StrictInt, Field(ge=0, description="model init and batch order (set per member by the driver)")] = 0
+    distill_steps: Annotated[StrictInt, Field(ge=0, le=1_000_000_000, description=(
+        "after a lossy architecture change, the first distill_steps steps add distill_weight x "
+        "KL(pre-change model's next-token distribution || the new model's) to the loss (0: off)"))] = 0
+    distill_weight: Annotated[StrictFloat, Field(ge=0, allow_inf_nan=False, description=(
+        "weight of the distillation KL term (see distill_steps)"))] = 1.0
 
 
 def lr_at(cfg: TrainConfig, step: int) -> float:
@@ -205,6 +210,9 @@ class Trainer:
         self._step = 0
         self._spares: list[tuple] = []   # (config, model, forward, optimizer) of architectures left
         self._tensors: tuple = (None, {})   # (model, its state_dict(keep_vars=True)), for _in_place_pairs
+        # (pre-change model, steps left) after a lossy architecture change with distill_steps > 0;
+        # not part of state_dict: a trainer restored mid-distillation trains on without it
+        self._distill: tuple[InternLM2ForCausalLM, int] | None = None
         self._build(self._with_corpus_vocab(model))
 
     # ------------------------------------------------------------------ properties
@@ -233,14 +241,16 @@ class Trainer:
     def train(self, n_steps: int) -> dict:
         """Run n_steps optimizer steps. Returns {"train_loss" (mean), "last_loss", "losses"
         (per step), "grad_norm" (last, before clipping), "step", "tokens" (this call),
-        "seconds", "tokens_per_s"}. Raises NonFiniteLossError before a step whose loss or
-        gradient norm is not finite."""
+        "seconds", "tokens_per_s", "distill_kl" (the KL term of each distilled step: see
+        TrainConfig.distill_steps; "losses" are the cross-entropy alone)}. Raises
+        NonFiniteLossError before a step whose loss or gradient norm is not finite."""
         if n_steps < 0:
             raise ValueError(f"n_steps: must be >= 0, got {n_steps}")
         cfg, model, opt = self._train, self._model, self._optimizer
         params = [p for g in opt.param_groups for p in g["params"]]
         model.train()
         losses: list[float] = []
+        distill_kl: list[float] = []
         grad_norm = math.nan
         tokens = 0
         t0 = time.perf_counter()
@@ -257,6 +267,10 @@ class Trainer:
             value = loss.item()
             if not math.isfinite(value):
                 raise NonFiniteLossError(step, value)
+            if self._distill is not None:
+                kl = self._distill_kl(x, logits)
+                distill_kl.append(kl.item())
+                loss = loss + cfg.distill_weight * kl
             opt.zero_grad(set_to_none=True)
             loss.backward()
             # with clipping off the norm is still computed (max_norm=inf scales by exactly 1)
@@ -281,7 +295,19 @@ class Trainer:
             "tokens": tokens,
             "seconds": seconds,
             "tokens_per_s": tokens / seconds if seconds > 0 else 0.0,
+            "distill_kl": distill_kl,
         }
+
+    def _distill_kl(self, x: torch.Tensor, logits: torch.Tensor) -> torch.Tensor:
+        """KL(teacher || student) per token, averaged over the batch's tokens, from the pre-change
+        model kept by set_architecture; counts one distilled step down (drops the teacher at 0)."""
+        teacher, left = self._distill
+        with torch.no_grad(), self._autocast():
+            target = teacher(x)                                            # (B, T, V)
+        kl = F.kl_div(F.log_softmax(logits.float(), -1).flatten(0, 1), F.log_softmax(target.float(), -1).flatten(0, 1),
+                      log_target=True, reduction="batchmean")
+        self._distill = (teacher, left - 1) if left > 1 else None
+        return kl
 
     def _batch(self, seed: int, step: int, batch_size: int):
         if self.data_config.sources:
@@ -425,6 +451,7 @@ class Trainer:
             rng = rng.clone() if rng.storage_offset() else rng
         self._model.set_norm_eps(state.get("norm_eps", {}))
         self._step = int(state["step"])
+        self._distill = None    # another model now: the last change's teacher no longer applies
         self._generator.set_state(rng)
         self._mix = {k: float(v) for k, v in state.get("mix", {}).items()}
         self._apply_hparams()
@@ -470,7 +497,9 @@ class Trainer:
     def set_architecture(self, model: InternLM2Config) -> None:
         """Change the architecture, carrying the weights over (trainers.transfer). Adam moments
         are carried along the same map for every parameter that exists in both (zeros for its
-        new coordinates, the old step count); parameters of new layers start with fresh moments."""
+        new coordinates, the old step count); parameters of new layers start with fresh moments.
+        A lossy change (trainers.transfer.preserves_function False) with ``distill_steps`` > 0
+        keeps a frozen copy of the old model as the teacher of the next distill_steps steps."""
         new_cfg = self._with_corpus_vocab(model)
         if new_cfg == self._model_cfg:
             return
@@ -478,6 +507,12 @@ class Trainer:
         old_state = {k: v.detach().cpu() for k, v in old_model.state_dict().items()}
         new_state = transfer_weights(old_state, old_cfg, new_cfg, self._generator)
         norm_eps = transfer_norm_eps(old_model.norm_eps(), old_cfg, new_cfg)
+        if self._train.distill_steps and not preserves_function(old_cfg, new_cfg):
+            teacher = InternLM2ForCausalLM(old_cfg, init=False)
+            teacher.load_state_dict(old_state)
+            teacher.set_norm_eps(old_model.norm_eps())
+            teacher = teacher.to(self.device).eval().requires_grad_(False)
+            self._distill = (teacher, self._train.distill_steps)
         self._build(new_cfg, new_state)
         self._model.set_norm_eps(norm_eps)
         old_moments = {name: old_opt.state[q] for name, q in old_model.named_parameters() if old_opt.state.get(q)}

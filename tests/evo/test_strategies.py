@@ -216,6 +216,33 @@ def test_merge_crossover_has_alpha_exactly_when_the_shapes_agree(kind: str) -> N
         assert n_merged > 0 or want is None
 
 
+@pytest.mark.parametrize("kind", ["ga-sbx", "nsga2"])
+def test_fitness_weighted_merge_alpha_follows_the_parents_val_bpb(kind: str) -> None:
+    """strategy.merge_alpha: fitness gives alpha = 2^-b / (2^-b + 2^-b') for the weights' parent
+    (val_bpb b) and the other (b'), so the better parent weighs more; the same plan otherwise."""
+    space = toy_space()
+    n = 0
+    for seed in range(6):
+        rng = np.random.default_rng([seed, 17])
+        snapshot = random_snapshot(space, rng, n=int(rng.integers(4, 13)))
+        config = StrategyConfig(**STRATEGIES[kind], merge=True, merge_alpha="fitness", crossover_probability=1.0)
+        decisions = make_strategy(config, space).plan(snapshot, np.random.default_rng(seed))
+        uniform = make_strategy(dataclasses.replace(config, merge_alpha="uniform"), space).plan(
+            snapshot, np.random.default_rng(seed))
+        assert [dataclasses.replace(d, alpha=None) if isinstance(d, Crossover) else d for d in decisions] == \
+            [dataclasses.replace(d, alpha=None) if isinstance(d, Crossover) else d for d in uniform]
+        for d in decisions:
+            if isinstance(d, Crossover):
+                other = next(p for p in d.parents if p != d.weights_from) if len(set(d.parents)) > 1 else d.weights_from
+                b, b2 = snapshot.member(d.weights_from).fitness, snapshot.member(other).fitness
+                assert d.alpha == pytest.approx(2.0 ** -b / (2.0 ** -b + 2.0 ** -b2), rel=1e-12)
+                assert (d.alpha >= 0.5) == (b <= b2) or b == b2
+                n += 1
+    assert n > 0
+    with pytest.raises(ValueError):
+        StrategyConfig(name="ga", merge=True, merge_alpha="best")
+
+
 @pytest.mark.parametrize("kind", STRATEGIES)
 def test_async_ready_member_gets_one_decision(kind: str) -> None:
     space = arch_space()

@@ -5,9 +5,11 @@ from __future__ import annotations
 import dataclasses
 from pathlib import Path
 
+import numpy as np
 import pytest
 import yaml
 
+from evo.genome import Genome
 from evo.space import SearchSpace
 from evo.strategies import StrategyConfig
 from experiments.config import (
@@ -185,6 +187,24 @@ def test_search_max_params_is_a_budget(tmp_path: Path):
     assert config_from_dict(config_to_dict(cfg)) == cfg
     assert "max_params (1000) is below the smallest architecture" in error_of(write(tmp_path, text),
                                                                                ["search.max_params=1000"])
+
+
+def test_search_head_dim_ties_the_width_to_the_heads(tmp_path: Path):
+    text = MINIMAL + ("  model.hidden_size: {type: choice, choices: [32, 64, 96, 128]}\n"
+                      "  model.num_attention_heads: {type: choice, choices: [2, 4, 6, 8]}\n  head_dim: 16\n")
+    cfg = load_config(write(tmp_path, text))
+    space = build_space(cfg)
+    assert space.head_dim == 16 and config_from_dict(config_to_dict(cfg)) == cfg
+    rng = np.random.default_rng(0)
+    genomes = [space.sample(rng) for _ in range(50)]
+    genomes += [space.clip(Genome.from_dict({**g.as_dict(), "model.hidden_size": 128})) for g in genomes[:10]]
+    for g in genomes:
+        d = g.as_dict()
+        assert d["model.hidden_size"] == 16 * d["model.num_attention_heads"]
+    assert {g.as_dict()["model.hidden_size"] for g in genomes} == {32, 64, 96, 128}
+    assert error_of(write(tmp_path, text), ["search.head_dim=15"]) == (
+        "--set search.head_dim=15: search: head_dim must be a positive even integer, got 15")
+    assert "no combination of" in error_of(write(tmp_path, text), ["search.head_dim=6"])
 
 
 # ------------------------------------------------------------------------------------------

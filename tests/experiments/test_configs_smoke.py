@@ -13,7 +13,7 @@ import pytest
 import ray
 import yaml
 
-from experiments.config import build_setup, config_to_dict, load_config
+from experiments.config import SEARCH_CONSTRAINTS, build_setup, config_to_dict, load_config
 from population.driver import run_search
 from population.inspect import run_status
 from population.store import RunStore
@@ -33,16 +33,17 @@ TINY_MODEL = [
     "model.num_key_value_heads=2", "model.intermediate_size=64",
 ]
 # what only some configs need on top: a BPE vocabulary a 100 kB corpus can fill, genes kept small,
-# a third member so that the GA has two parents besides the child
+# a third member so that the GA has two parents besides the child (and NSGA-II a worst quarter)
 EXTRA = {
     "ga_crossover": ["population.size=3"],
     "pbt_gpu": ["data.vocab_size=300"],
     "cluster": ["data.vocab_size=300", "search.model.num_hidden_layers.low=1", "search.model.num_hidden_layers.high=2"],
+    "arch_search": ["search.max_params=60000", "population.size=3"],
 }
 
 
 def test_there_are_configs_to_smoke():
-    assert {p.stem for p in CONFIGS} >= {"quickstart", "pbt_gpu", "ga_crossover", "multi_objective", "cluster"}
+    assert {p.stem for p in CONFIGS} >= {"quickstart", "pbt_gpu", "ga_crossover", "multi_objective", "cluster", "arch_search"}
 
 
 @pytest.mark.parametrize("path", CONFIGS, ids=lambda p: p.stem)
@@ -81,7 +82,7 @@ def test_config_runs_scaled_down(path: Path, tmp_path_factory, ray_session):
     alive = [m for m in status["members"] if m["alive"]]
     assert len(alive) == cfg.population.size and all(m["step"] == 4 for m in alive)
     assert status["best"]["val_bpb"] == min(m["val_bpb"] for m in alive)
-    assert set(status["best"]["genome"]) == {p for p in cfg.search if p != "max_params"}
+    assert set(status["best"]["genome"]) == {p for p in cfg.search if p not in SEARCH_CONSTRAINTS}
     run_dir = tmp / "runs" / cfg.name
     assert yaml.safe_load((run_dir / "config.yaml").read_text()) == config_to_dict(cfg)
     if cfg.fitness.eval:   # judged on the fitness section's held-out sets, each one's bits/byte recorded

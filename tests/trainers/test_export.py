@@ -143,3 +143,38 @@ def test_load_refuses_weights_that_do_not_match_config_json(tmp_path):
     with pytest.raises(ExportError) as info:
         load_internlm2(out)
     assert "hidden_size (66)" in _one_line(info)
+
+
+def test_export_writes_the_grown_norms_eps_or_refuses_mixed_eps(tmp_path):
+    """A model whose width grew (trainers.transfer: each norm's eps scaled with the width) exports
+    its norms' common eps, and the checkpoint computes the grown model's function; after a width
+    growth plus new layers (whose norms take the config's eps) the eps differ: one-line refusal."""
+    from dataclasses import replace
+
+    from trainers.transfer import transfer_norm_eps, transfer_weights
+
+    config = small()
+    model = InternLM2ForCausalLM(config, torch.Generator().manual_seed(3))
+    wide = replace(config, hidden_size=48, num_attention_heads=6)
+    grown = InternLM2ForCausalLM(wide, init=False)
+    grown.load_state_dict(transfer_weights(model.state_dict(), config, wide, torch.Generator().manual_seed(4)))
+    grown.set_norm_eps(transfer_norm_eps(model.norm_eps(), config, wide))
+    eps = set(grown.norm_eps().values())
+    assert len(eps) == 1 and eps != {config.rms_norm_eps}
+    ids = torch.randint(0, 50, (2, 9), generator=torch.Generator().manual_seed(0))
+    for export in (export_internlm2, export_llama):
+        out = export(grown.state_dict(), wide, tmp_path / export.__name__, norm_eps=grown.norm_eps())
+        assert json.loads((out / "config.json").read_text())["rms_norm_eps"] == next(iter(eps))
+    loaded_config, state = load_internlm2(tmp_path / "export_internlm2")
+    twin = InternLM2ForCausalLM(loaded_config)
+    twin.load_state_dict(state)
+    with torch.no_grad():
+        assert torch.allclose(twin(ids), model(ids), atol=1e-5)     # the original function, exactly kept
+
+    deeper = replace(wide, num_hidden_layers=3)
+    mixed = InternLM2ForCausalLM(deeper, init=False)
+    mixed.load_state_dict(transfer_weights(grown.state_dict(), wide, deeper, torch.Generator().manual_seed(5)))
+    mixed.set_norm_eps(transfer_norm_eps(grown.norm_eps(), wide, deeper))
+    with pytest.raises(ExportError) as info:
+        export_llama(mixed, deeper, tmp_path / "mixed", norm_eps=mixed.norm_eps())
+    assert "different eps" in _one_line(info) and not (tmp_path / "mixed").exists()

@@ -293,3 +293,46 @@ def test_merge_from_interpolates_weights_and_moments(small_data):
     assert merged["step"] == 6
     with pytest.raises(ValueError, match="architectures differ"):
         a.merge_from(Trainer(replace(BASE, num_hidden_layers=1), _tc(), small_data).state_dict(), 0.5)
+
+
+def test_distillation_adds_the_kl_term_for_exactly_k_steps_after_a_lossy_change(small_data):
+    """train.distill_steps = k: after a lossy change the first k steps' loss is the cross-entropy
+    plus distill_weight x KL(pre-change model || new model), that KL computed here independently;
+    from step k + 1 the steps are plain (equal to a copy's without distillation). A growing change
+    keeps no teacher, and distill_steps 0 (the default) trains exactly as before."""
+    k, w = 3, 0.5
+    tr = Trainer(BASE, _tc(), small_data)
+    tr.train(10)
+    state = tr.state_dict()
+    teacher = Trainer(BASE, _tc(), small_data)
+    teacher.load_state_dict(state)
+    lossy = replace(BASE, hidden_size=16, num_attention_heads=2, num_key_value_heads=1)
+    on = Trainer(BASE, replace(_tc(), distill_steps=k, distill_weight=w), small_data)
+    off = Trainer(BASE, _tc(), small_data)
+    for t in (on, off):
+        t.load_state_dict(state)
+        t.set_architecture(lossy)
+    x, _ = on._batch(on.train_config.seed, on.step, on.train_config.batch_size)
+    with torch.no_grad():
+        p = torch.log_softmax(teacher.model(x), -1)
+        q = torch.log_softmax(off.model(x), -1)
+        expected_kl = (p.exp() * (p - q)).sum(-1).mean().item()
+    first_on, first_off = on.train(1), off.train(1)
+    assert first_on["losses"] == pytest.approx(first_off["losses"], abs=1e-6)   # same weights, same batch
+    assert first_on["distill_kl"] == [pytest.approx(expected_kl, rel=1e-4)] and expected_kl > 0.01
+    assert first_off["distill_kl"] == []
+    # the KL's gradient moved the weights elsewhere
+    assert not torch.equal(on.model.output.weight, off.model.output.weight)
+    rest = on.train(k + 1)
+    assert len(rest["distill_kl"]) == k - 1 and all(v > 0 for v in rest["distill_kl"])
+    # after k distilled steps: training is plain, step for step as a trainer without distillation
+    plain = Trainer(BASE, _tc(), small_data)
+    plain.load_state_dict(on.state_dict())
+    again = on.train(3)
+    assert again["distill_kl"] == [] and again["losses"] == plain.train(3)["losses"]
+    # growth keeps no teacher; the default trains as before
+    grow = Trainer(BASE, replace(_tc(), distill_steps=k), small_data)
+    grow.load_state_dict(state)
+    grow.set_architecture(replace(BASE, num_hidden_layers=3))
+    assert grow.train(2)["distill_kl"] == []
+    assert TrainConfig().distill_steps == 0

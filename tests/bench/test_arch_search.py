@@ -1,0 +1,50 @@
+"""bench/arch_search.py --small: the table is complete and well formed, every variant ran the same
+optimizer steps, the JSON and the plot are written. A smoke test of the benchmark's code paths
+(real driver, real members, one local Ray); it never looks at how long anything took."""
+from __future__ import annotations
+
+import json
+import math
+import subprocess
+import sys
+
+import pytest
+
+from tests.helpers import REPO
+
+VARIANTS = ["search", "base", "largest"]
+
+
+@pytest.mark.slow
+def test_small_setting_prints_every_row_and_writes_the_plot(tmp_path):
+    out = tmp_path / "out"
+    proc = subprocess.run([sys.executable, str(REPO / "bench" / "arch_search.py"), "--small", "--out", str(out)],
+                          capture_output=True, text=True, timeout=600, cwd=REPO)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    lines = proc.stdout.splitlines()
+    assert lines[0].startswith("workload: arch_search.yaml, 3 members x 4 steps, interval 2, 1 seed(s)")
+    header = lines.index("variant  seed best_val_bpb params_best  steps vs_best_fixed")
+    rows = [line.split() for line in lines[header + 1:header + 4]]
+    assert [r[0] for r in rows] == VARIANTS and all(r[1] == "0" for r in rows)
+    bpb = {r[0]: float(r[2]) for r in rows}
+    assert all(math.isfinite(b) and b > 0 for b in bpb.values())
+    assert {int(r[4]) for r in rows} == {12}            # 3 members x 4 steps in every variant
+    ratios = [float(r[5]) for r in rows]
+    assert min(ratios[1:]) == 1.0                       # against the best fixed shape of the seed
+    assert math.isclose(ratios[0], bpb["search"] / min(bpb["base"], bpb["largest"]), abs_tol=1e-4)
+    assert any(line.startswith("search beats every fixed shape") and line.endswith("of 1 seeds") for line in lines)
+    front_header = next(i for i, line in enumerate(lines) if line.startswith("fixed    seed"))
+    front = [line.split() for line in lines[front_header + 1:front_header + 3]]
+    assert [r[0] for r in front] == ["base", "largest"] and all(r[-1] in ("yes", "no") for r in front)
+
+    data = json.loads((out / "arch_search.json").read_text())
+    assert set(data["results"]) == set(VARIANTS) and all(len(v) == 1 for v in data["results"].values())
+    base_params = {m["params"] for m in data["results"]["base"][0]["members"]}
+    largest_params = {m["params"] for m in data["results"]["largest"][0]["members"]}
+    assert len(base_params) == 1 and len(largest_params) == 1           # fixed shapes stay fixed
+    assert largest_params.pop() <= data["budget"] and data["budget"] == 400_000
+    for m in data["results"]["search"][0]["members"]:
+        assert m["params"] <= data["budget"]
+        assert m["genome"]["model.hidden_size"] == 16 * m["genome"]["model.num_attention_heads"]
+    png = out / "arch_search.png"
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and png.stat().st_size > 10_000
