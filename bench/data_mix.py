@@ -5,9 +5,9 @@ stdlib-docs, population 4 under pbt, members judged on the docs source's held-ou
 val_bpb is val_bpb.docs) run by `evo run` with the same seed, population, model and total
 optimizer steps:
 
-- evolved: the shipped search, data.mix.docs a gene in [0, 4] beside code's fixed weight 1 (a docs
-  share of 0-80 %) and train.lr;
-- fixed P %: the gene dropped and data.mix set to {code: 1 - P/100, docs: P/100}; lr is still
+- evolved: the shipped search: genes data.mix.code in [0, 1] and data.mix.docs in [0.05, 1] (a docs
+  share of 5-100 %) and train.lr;
+- fixed P %: the mix genes dropped and data.mix set to {code: 1 - P/100, docs: P/100}; lr is still
   searched by pbt, so only the mix differs.
 
 It prints each arm's best held-out docs bits/byte per seed, mean +- std, and the evolved arm's
@@ -42,7 +42,7 @@ def arm_overrides(arm: str) -> list[str]:
     if arm == "evolved":
         return []
     p = int(arm) / 100
-    return ["search.data.mix.docs=null", f"data.mix={{code: {1 - p}, docs: {p}}}"]
+    return ["search.data.mix.code=null", "search.data.mix.docs=null", f"data.mix={{code: {1 - p}, docs: {p}}}"]
 
 
 def run_arm(arm: str, seed: int, storage: Path, args: argparse.Namespace) -> dict:
@@ -69,7 +69,7 @@ def run_arm(arm: str, seed: int, storage: Path, args: argparse.Namespace) -> dic
 
 
 def docs_schedule(lineage: list[dict], member: int, final_step: int) -> list[tuple[int, float]]:
-    """The docs share (docs / (docs + code), code's weight 1) in force for the best final member at
+    """The docs share (docs / (docs + code), a weight without a gene 1) in force for the best final member at
     each step where it changed, oldest first: its own genome records back to the last exploit,
     then the donor's before that, and so on back to a birth."""
     by_member: dict[int, list[dict]] = {}
@@ -86,7 +86,8 @@ def docs_schedule(lineage: list[dict], member: int, final_step: int) -> list[tup
         docs = rec["genome"].get("data.mix.docs")
         if docs is None:
             break
-        points.append((rec["step"], docs / (docs + 1.0)))
+        code = rec["genome"].get("data.mix.code", 1.0)
+        points.append((rec["step"], docs / (docs + code)))
         if rec["event"] == "exploit" and rec.get("parents"):
             cur = rec["parents"][0]   # before this step the member was its donor
         until = rec["step"] - 1

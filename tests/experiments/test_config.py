@@ -162,10 +162,11 @@ def test_set_parses_values_as_yaml(tmp_path: Path):
 def test_set_adds_and_drops_a_data_mix_gene():
     """A data.mix.<source> gene is three dotted parts: --set can drop it and add it back."""
     shipped = REPO / "experiments" / "data_mix.yaml"
-    cfg = load_config(shipped, ["search.data.mix.docs=null", "data.mix={code: 0.25, docs: 0.75}"])
+    cfg = load_config(shipped, ["search.data.mix.code=null", "search.data.mix.docs=null",
+                                "data.mix={code: 0.25, docs: 0.75}"])
     assert list(cfg.search) == ["train.lr"]
     assert dict(cfg.data.mix) == {"code": 0.25, "docs": 0.75}
-    cfg = load_config(shipped, ["search.data.mix.code={type: float, low: 0.5, high: 2.0}"])
+    cfg = load_config(shipped, ["search.data.mix.code=null", "search.data.mix.code={type: float, low: 0.5, high: 2.0}"])
     assert cfg.search["data.mix.code"]["high"] == 2.0 and "data.mix.docs" in cfg.search
 
 

@@ -24,7 +24,13 @@ pytestmark = pytest.mark.slow
 
 REPO = Path(__file__).resolve().parents[2]
 ROUNDS = 6
-GENE = "data.mix.docs"
+GENES = {"data.mix.code": (0.0, 1.0), "data.mix.docs": (0.05, 1.0)}   # data_mix.yaml's mix genes, bounds
+
+
+def shares(genome: dict) -> dict[str, float]:
+    """Each source's share of the batches for a genome of data_mix.yaml."""
+    code, docs = genome["data.mix.code"], genome["data.mix.docs"]
+    return {"code": code / (code + docs), "docs": docs / (code + docs)}
 
 
 def overrides(storage: Path, cache: Path) -> list[str]:
@@ -83,17 +89,18 @@ def test_an_exploit_takes_the_donors_mix_and_the_checkpoint_trains_on_it(referen
         # the donor's mix gene in force at the exploit: its last genome record up to that step
         before = [x for x in records if x["member"] == donor and "genome" in x and x["step"] <= r["step"]
                   and x is not r]
-        donor_mix = before[-1]["genome"][GENE]
-        new = r["genome"][GENE]
-        if r["how"] == "perturb":   # pbt's floats x 0.8 or x 1.2, kept inside [0, 4]
-            assert any(new == pytest.approx(min(max(donor_mix * f, 0.0), 4.0)) for f in (0.8, 1.2)), (donor_mix, new)
-        else:
-            assert 0.0 <= new <= 4.0
-    # the mix in force in each member's last checkpoint is its final genome's (code keeps weight 1)
+        for gene, (low, high) in GENES.items():
+            donor_mix, new = before[-1]["genome"][gene], r["genome"][gene]
+            if r["how"] == "perturb":   # pbt's floats x 0.8 or x 1.2, kept inside the gene's bounds
+                assert any(new == pytest.approx(min(max(donor_mix * f, low), high)) for f in (0.8, 1.2)), \
+                    (gene, donor_mix, new)
+            else:
+                assert low <= new <= high
+    # the mix in force in each member's last checkpoint is its final genome's
     state = RunStore(tmp / "runs", "ref").read_state()
     for m in state["members"]:
         ckpt = torch.load(run / m["checkpoint"], map_location="cpu", weights_only=False)
-        assert ckpt["mix"] == {"docs": m["genome"][GENE]}
+        assert ckpt["mix"] == {"code": m["genome"]["data.mix.code"], "docs": m["genome"]["data.mix.docs"]}
         assert ckpt["step"] == 3 * ROUNDS
 
 
@@ -124,8 +131,8 @@ def test_stopped_and_resumed_equals_uninterrupted_with_a_mix_gene(reference):
     assert comparable(lineage(tmp / "runs" / "stopped")) == comparable(lineage(tmp / "runs" / "ref"))
     assert resumed["best"] == summary["best"]
     # the mix genes did change during the run, so the comparison covered them
-    assert len({m["genome"][GENE] for m in ref_state["members"]} | {r["genome"][GENE] for r in lineage(tmp / "runs" / "ref")
-                                                                    if r["event"] == "born"}) > 1
+    assert len({m["genome"]["data.mix.docs"] for m in ref_state["members"]}
+               | {r["genome"]["data.mix.docs"] for r in lineage(tmp / "runs" / "ref") if r["event"] == "born"}) > 1
 
 
 def test_report_plots_the_best_members_mix_schedule(reference):
@@ -139,13 +146,12 @@ def test_report_plots_the_best_members_mix_schedule(reference):
     run = load_run(str(tmp / "runs"), "ref")
     mix = mix_schedule(run)
     best = next(m for m in run.members if m["id"] == summary["best"]["member"])
-    # one point per schedule entry (plus the current step), each the genome's docs weight over
-    # docs + code's fixed weight 1, and the schedule's genomes are ones the lineage recorded
+    # one point per schedule entry (plus the current step), each the genome's weights normalised,
+    # and the schedule's genomes are ones the lineage recorded
     assert [s for s, _ in mix] == [e["step"] for e in best["schedule"]] + [best["step"]]
-    for (step, shares), entry in zip(mix, best["schedule"]):
-        docs = entry["genome"][GENE]
-        assert shares == pytest.approx({"code": 1 / (1 + docs), "docs": docs / (1 + docs)})
-        assert any(r.get("genome", {}).get(GENE) == docs and r["step"] == step for r in lineage(tmp / "runs" / "ref"))
+    for (step, got), entry in zip(mix, best["schedule"]):
+        assert got == pytest.approx(shares(entry["genome"]))
+        assert any(r.get("genome") == entry["genome"] and r["step"] == step for r in lineage(tmp / "runs" / "ref"))
     assert mix[-1][1] == mix[-2][1]
 
 
@@ -157,5 +163,4 @@ def test_status_shows_each_members_mix_as_shares(reference):
     state = RunStore(tmp / "runs", "ref").read_state()
     genomes = {m["id"]: m["genome"] for m in state["members"]}
     for m in status["members"]:
-        docs = genomes[m["id"]][GENE]
-        assert m["mix"] == pytest.approx({"code": 1 / (1 + docs), "docs": docs / (1 + docs)})
+        assert m["mix"] == pytest.approx(shares(genomes[m["id"]]))
