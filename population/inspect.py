@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import datetime as dt
 from pathlib import Path
+from typing import Any, Mapping
 
 from evo.strategy import SCORE
 from population.store import RunStore
@@ -31,9 +32,6 @@ def run_status(storage: str, name: str) -> dict:
     if status == "running" and not store.driver_alive():
         status = "interrupted"
     restores = _member_restores(store, state or {})
-    data = config.get("data") or {}
-    sources = sorted(data.get("sources") or {})
-    fixed = {src: float((data.get("mix") or {}).get(src, 1.0)) for src in sources}
     members = []
     for m in (state or {}).get("members", []):
         history = m.get("history") or []
@@ -44,7 +42,7 @@ def run_status(storage: str, name: str) -> dict:
             # each held-out set's bits/byte and fitness.function's score, where the run has them
             **{k: v for k, v in sorted((m.get("objectives") or {}).items()) if k.startswith("val_bpb.") or k == SCORE},
             # with several data sources: each one's share of the batches (data.mix genes over data.mix)
-            **({"mix": _mix_shares(fixed, m.get("genome", {}))} if len(sources) > 1 else {}),
+            **({"mix": mix} if (mix := mix_shares(config.get("data"), m.get("genome", {}))) else {}),
         })
     best = _best(members)
     updated = (state or {}).get("updated")
@@ -65,10 +63,16 @@ def run_status(storage: str, name: str) -> dict:
     }
 
 
-def _mix_shares(fixed: dict[str, float], genome: dict) -> dict[str, float]:
-    """{source: share of the sequences drawn}: the genome's data.mix.<source> genes over the
-    config's fixed weights, normalised to sum to 1 (as the trainer draws them)."""
-    weights = {src: float(genome.get(f"data.mix.{src}", w)) for src, w in fixed.items()}
+def mix_shares(data: Mapping[str, Any] | None, genome: Mapping[str, Any]) -> dict[str, float]:
+    """{source: share of the sequences drawn} for a resolved config's ``data`` section (sources
+    in name order): the genome's data.mix.<source> genes over data.mix's fixed weights (1.0 where
+    unset), normalised to sum to 1 as the trainer draws them; {} with fewer than two sources."""
+    data = data or {}
+    sources = sorted(data.get("sources") or {})
+    if len(sources) < 2:
+        return {}
+    fixed = data.get("mix") or {}
+    weights = {src: float(genome.get(f"data.mix.{src}", fixed.get(src, 1.0))) for src in sources}
     total = sum(weights.values())
     return {src: (w / total if total > 0 else float("nan")) for src, w in weights.items()}
 

@@ -18,6 +18,7 @@ builds and steers its Trainer exactly as a member does.
 from __future__ import annotations
 
 import dataclasses
+import logging
 import math
 import os
 import threading
@@ -34,6 +35,8 @@ from trainers.fitness import FitnessConfig, load_function
 from trainers.model import InternLM2Config
 from trainers.trainer import HPARAMS, NonFiniteLossError, TrainConfig, Trainer
 from trainers.transfer import preserves_function
+
+log = logging.getLogger(__name__)
 
 
 def split_genome(genome: Mapping[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:
@@ -58,6 +61,24 @@ def mix_genes(genome: Mapping[str, Any]) -> dict[str, float]:
     return {p[len("data.mix."):]: float(v) for p, v in genome.items() if p.startswith("data.mix.")}
 
 
+def set_mix(trainer: Trainer, genome: Mapping[str, Any]) -> bool:
+    """Set the genome's data.mix genes in place (the next step draws by them). A mix whose every
+    weight is 0 (the config refuses search spaces that can reach one; a genome from elsewhere
+    still might) leaves nothing to draw: the trainer keeps the mix in force, with one warning
+    line, and False is returned, instead of the member failing. Other bad weights still raise."""
+    genes = mix_genes(genome)
+    if not genes:
+        return True
+    merged = trainer.data_config.mix_weights({**trainer.mix, **genes})
+    if all(w == 0 for w in merged.values()):
+        kept = ", ".join(f"{k} {v:g}" for k, v in trainer.mix.items())
+        log.warning("data.mix: every source's weight would be 0 (%s); the member keeps its mix (%s)",
+                    ", ".join(f"{k} {v:g}" for k, v in merged.items()), kept)
+        return False
+    trainer.set_mix(**genes)
+    return True
+
+
 def model_config_for(base_model: InternLM2Config, genome: Mapping[str, Any]) -> InternLM2Config:
     """The full architecture of ``genome``: the base model with its model.* genes merged in."""
     return dataclasses.replace(base_model, **split_genome(genome)[1])
@@ -72,8 +93,7 @@ def build_trainer(base_model: InternLM2Config, base_train: TrainConfig, data: Da
     if train.num_threads is None and num_threads is not None:
         train = dataclasses.replace(train, num_threads=int(num_threads))
     trainer = Trainer(model_config_for(base_model, genome), train, data, fitness)
-    if mix_genes(genome):
-        trainer.set_mix(**mix_genes(genome))
+    set_mix(trainer, genome)   # an all-zero mix keeps data.mix's weights
     return trainer
 
 
@@ -96,8 +116,7 @@ def apply_genome(trainer: Trainer, base_model: InternLM2Config, genome: Mapping[
             jump = trainer.evaluate()["val_loss"] - before
     if train_fields:
         trainer.set_hparams(**train_fields)
-    if mix_genes(genome):
-        trainer.set_mix(**mix_genes(genome))    # in place: the next step draws by it
+    set_mix(trainer, genome)    # in place: the next step draws by it (an all-zero mix keeps the old one)
     return jump
 
 

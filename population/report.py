@@ -43,6 +43,7 @@ import numpy as np
 from evo.genome import Genome, format_diff
 from evo.selection import pareto_front
 from evo.strategy import SCORE, objective_sense
+from population.inspect import mix_shares
 from population.records import efficiency as records_efficiency
 from population.store import RunStore
 
@@ -394,21 +395,14 @@ def mix_schedule(run: RunView) -> list[tuple[int, dict[str, float]]]:
     its current step, shares summing to 1; [] unless the run has several data sources and a
     data.mix gene. A weight not in the genome is data.mix's, else 1.0 (as the trainer reads it)."""
     data = run.config.get("data") or {}
-    sources = list(data.get("sources") or {})
-    if len(sources) < 2 or not any(g.startswith("data.mix.") for g in run.genes):
+    if len(data.get("sources") or {}) < 2 or not any(g.startswith("data.mix.") for g in run.genes):
         return []
     best = run.best()
     if best is None:
         return []
-    base = {s: float((data.get("mix") or {}).get(s, 1.0)) for s in sources}
     schedule = [(int(e["step"]), e["genome"]) for e in best.get("schedule", [])] or [(0, best.get("genome", {}))]
     schedule.append((int(best.get("step", schedule[-1][0])), schedule[-1][1]))
-    out = []
-    for step, genome in schedule:
-        w = {s: float(genome.get(f"data.mix.{s}", base[s])) for s in sources}
-        total = sum(w.values())
-        out.append((step, {s: (v / total if total > 0 else math.nan) for s, v in w.items()}))
-    return out
+    return [(step, mix_shares(data, genome)) for step, genome in schedule]
 
 
 def plot_mix(run: RunView, mix: list[tuple[int, dict[str, float]]]) -> Figure:

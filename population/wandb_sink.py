@@ -14,9 +14,11 @@ What is logged:
 - run config: only what never changes (the resolved experiment config, the member id);
 - member rows, x-axis ``member/step``: after each interval ``val_bpb``, ``val_loss``,
   ``train_loss``, ``tokens_per_s``, ``seconds``, ``params`` and ``hp/<gene>`` = the genome that
-  trained it; after each lineage event a row at the member's new step with ``event/<event>`` = 1
-  (and ``parent``) and the new ``hp/<gene>`` values; at each session's start a row with
-  ``event/born`` or ``event/resume`` — so the hyperparameter schedule reads off the ``hp/`` charts;
+  trained it, and with several data sources ``mix/<source>`` = each source's share of the
+  batches under that genome (its data.mix genes over data.mix, normalised); after each lineage
+  event a row at the member's new step with ``event/<event>`` = 1 (and ``parent``) and the new
+  ``hp/<gene>`` (and ``mix/<source>``) values; at each session's start a row with ``event/born``
+  or ``event/resume`` — so the hyperparameter schedule reads off the ``hp/`` charts;
 - driver rows, x-axis ``round``: ``best_val_bpb``, ``median_val_bpb``, ``best_member``,
   ``alive``, the round's ``exploits``/``explores``/``crossovers``/``restarts``/``failures``/
   ``restores`` (members whose process died, restored from their own state) and their running
@@ -43,6 +45,7 @@ from typing import TYPE_CHECKING, Any, Mapping
 
 import wandb
 
+from population.inspect import mix_shares
 from population.monitor import EVENTS, evaluated, event_counts, population_stats
 
 if TYPE_CHECKING:
@@ -95,6 +98,11 @@ class WandbSink:
         """The stable W&B id of the driver run (``who="driver"``) or a member run (``"m3"``)."""
         return f"{self.search[:100]}-{who}-{self.key}"
 
+    def _genes(self, genome: Mapping[str, Any]) -> dict[str, Any]:
+        """``hp/<gene>`` and, with several data sources, ``mix/<source>``: each source's share of
+        the batches (the genome's data.mix genes over data.mix, normalised)."""
+        return {**_hp(genome), **{f"mix/{src}": v for src, v in mix_shares(self.config.get("data"), genome).items()}}
+
     # -- the monitor's calls ---------------------------------------------------------------------
 
     def start(self, members: list[dict], round: int) -> None:
@@ -107,7 +115,7 @@ class WandbSink:
             self._open(f"m{mid}", job_type="member", step_metric="member/step",
                        config={**self.config, "member": mid, "member_seed": m.get("seed")})
             rows.append((f"m{mid}", {"member/step": int(m.get("step", 0)), "round": round,
-                                     f"event/{event}": 1, **_hp(m["genome"])}))
+                                     f"event/{event}": 1, **self._genes(m["genome"])}))
         stats = population_stats(members)
         rows.append((DRIVER, {"round": round, "alive": stats["alive"], **_finite(
             best_val_bpb=stats["best"], median_val_bpb=stats["median"])}))
@@ -121,10 +129,10 @@ class WandbSink:
             res = done[mid]
             rows.append((f"m{mid}", {"member/step": int(res["step"]), "round": round,
                                      **{k: res[k] for k in RESULT_KEYS if k in res},
-                                     **_hp(self.genomes.get(mid, {}))}))
+                                     **self._genes(self.genomes.get(mid, {}))}))
         for rec in lineage:
             row = {"member/step": int(rec.get("step") or 0), "round": round,
-                   f"event/{rec['event']}": 1, **_hp(rec.get("genome") or {})}
+                   f"event/{rec['event']}": 1, **self._genes(rec.get("genome") or {})}
             if rec.get("parents"):
                 row["parent"] = int(rec["parents"][0])
             rows.append((f"m{int(rec['member'])}", row))

@@ -298,14 +298,14 @@ class SourcesCorpus(_CacheEntry):
         function of (seed, step, batch_size, weights)."""
         T = self.config.seq_len
         src, u = self._draw(seed, step, batch_size, mix)
-        xs, ys = [], []
-        for i in range(batch_size):
-            tokens = self.train[self.names[src[i]]]
-            start = np.array([int(u[i] * (len(tokens) - T))], dtype=np.int64)
-            x, y = _windows(tokens, start, T)
-            xs.append(x)
-            ys.append(y)
-        return torch.cat(xs), torch.cat(ys)
+        w = np.empty((batch_size, T + 1), dtype=np.int64)
+        for k in np.unique(src):                    # one gather per source, rows kept in place
+            rows = np.flatnonzero(src == k)
+            tokens = self.train[self.names[k]]
+            starts = (u[rows] * (len(tokens) - T)).astype(np.int64)   # = int(u * (n - T)): u >= 0
+            w[rows] = tokens[starts[:, None] + np.arange(T + 1)]
+        w = torch.from_numpy(w)
+        return w[:, :-1], w[:, 1:]
 
     def eval_sets(self) -> dict[str, tuple[list[tuple[torch.Tensor, torch.Tensor]], float]]:
         """{source: (its fixed held-out batches, its bytes per token)}."""

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import dataclasses
+import math
 import os
 import signal
 
@@ -12,6 +13,7 @@ import torch
 from population.member import Member
 from population.store import RunStore
 from tests.population.conftest import assert_same_state, tiny_parts
+from trainers.data import DataConfig
 from trainers.trainer import TrainConfig, lr_at
 
 GENOME = {"train.lr": 3e-3, "model.num_hidden_layers": 1}
@@ -175,3 +177,34 @@ def test_divergence_is_a_result_not_a_crash(pair):
 
 def _with_hparams(state: dict, **hp) -> dict:
     return dict(state, train_config=dict(state["train_config"], **hp))
+
+
+def test_an_all_zero_mix_keeps_the_mix_in_force_and_the_member_trains_on(ray_local, cache_dir):
+    """A genome whose data.mix genes make every source's weight 0 (the config refuses search
+    spaces that can reach one; a genome from elsewhere still might) neither fails the member nor
+    changes what it trains on: it keeps the mix in force, exactly as if the genome had not come."""
+    model, train, _ = tiny_parts(cache_dir)
+    data = DataConfig(sources={"code": "stdlib", "docs": "stdlib-docs"}, seq_len=32, max_bytes=200_000,
+                      eval_batches=1, eval_batch_size=4, cache_dir=cache_dir)
+    genome = {"train.lr": 3e-3, "data.mix.code": 0.25, "data.mix.docs": 1.0}
+    zero = {**genome, "data.mix.code": 0.0, "data.mix.docs": 0.0}
+    member = Member.options(num_cpus=0.5).remote(0, model, train, data, genome, 1, 1)
+    try:
+        ray.get(member.train_and_evaluate.remote(2)[0])
+        ray.get(member.apply_genome.remote(zero))
+        assert ray.get(member.get_state.remote())["mix"] == {"code": 0.25, "docs": 1.0}
+        res = ray.get(member.train_and_evaluate.remote(2)[0])
+        assert res["step"] == 4 and math.isfinite(res["val_bpb"])
+        kept = ray.get(member.get_state.remote())
+
+        ray.get(member.restart.remote(genome, 1))
+        ray.get(member.train_and_evaluate.remote(2)[0])
+        ray.get(member.train_and_evaluate.remote(2)[0])
+        assert_same_state(kept, ray.get(member.get_state.remote()))
+
+        # a fresh member (restart) on an all-zero genome trains on data.mix's weights (1 each)
+        ray.get(member.restart.remote(zero, 1))
+        assert ray.get(member.get_state.remote())["mix"] == {}
+        assert math.isfinite(ray.get(member.train_and_evaluate.remote(1)[0])["val_bpb"])
+    finally:
+        ray.kill(member)

@@ -269,6 +269,40 @@ def test_wandb_member_rows_hold_metrics_and_the_schedule(played):
     assert [(r["round"], r["hp/train.lr"]) for r in m0 if r.get("event/restart")] == [(3, 2.0e-3)]
 
 
+def test_wandb_logs_each_members_data_mix_as_shares(tmp_path):
+    """With several data sources every member row carries mix/<source>: the source's share of the
+    batches under the genome of that row (data.mix.<source> genes over data.mix, normalised)."""
+    from population.wandb_sink import WandbSink
+
+    setup = make_setup(str(tmp_path), "mix-run", optuna_on=False)
+    data = {"sources": {"code": "stdlib", "docs": "stdlib-docs"}, "mix": {"code": 0.5}}
+    setup = dataclasses.replace(setup, config={**setup.config, "data": data})
+    store = RunStore(str(tmp_path), "mix-run")
+    store.create(setup.config)
+    genomes = [{"train.lr": 1e-3, "data.mix.docs": 1.5}, {"train.lr": 2e-3, "data.mix.docs": 0.5}]
+    members = [{"id": m, "genome": dict(g), "seed": m, "step": 0, "history": [], "alive": True}
+               for m, g in enumerate(genomes)]
+    sink = WandbSink(setup, store, resumed=False)
+    sink.start(copy.deepcopy(members), 0)
+    for m, val in ((0, 2.0), (1, 3.0)):
+        members[m].update(step=10, history=[[10, val]])
+    members[1]["genome"] = {"train.lr": 1e-3, "data.mix.docs": 1.8}          # exploit of member 0
+    exploit = {"event": "exploit", "round": 1, "member": 1, "parents": [0], "step": 10,
+               "genome": dict(members[1]["genome"])}
+    results = {m: {"step": 10, "val_bpb": val} for m, val in ((0, 2.0), (1, 3.0))}
+    sink.on_round(1, copy.deepcopy(members), [exploit], results)
+    sink.close("finished")
+    key = run_key(store.uri)
+    rows = {m: [r for s in wandb_sessions(Path(store.uri), f"mix-run-m{m}-{key}") for r in s["rows"]]
+            for m in (0, 1)}
+    # member 0: born and evaluated with docs 1.5 beside code's fixed 0.5
+    assert [(r["mix/code"], r["mix/docs"]) for r in rows[0]] == [(0.25, 0.75)] * 2
+    # member 1: born with docs 0.5 (half), evaluated on it, then the exploit's docs 1.8
+    assert [(r["member/step"], r["mix/docs"]) for r in rows[1]] == [
+        (0, 0.5), (10, 0.5), (10, pytest.approx(1.8 / 2.3))]
+    assert all(r["mix/code"] + r["mix/docs"] == pytest.approx(1.0) for r in rows[1])
+
+
 def test_wandb_driver_rows_and_lineage_table(played):
     key = run_key(played["store"].uri)
     sessions = wandb_sessions(played["run_dir"], f"mon-run-driver-{key}")
