@@ -67,15 +67,20 @@ def test_member_killed_after_a_resume_comes_back_from_its_checkpoint_else_a_dono
     mark = f"EVO_TEST_RESTORE={source}-{os.getpid()}"
     env = dict(env, EVO_TEST_RESTORE=mark.split("=", 1)[1])
     at = STEPS
-    for _ in range(3):   # a publish of a tiny state is short: a resume that missed it is resumed again
+    for _ in range(4):   # a publish of a tiny state is short: a resume that missed it is resumed again
         before = evo_status(storage, name, env)
         more = at + 20
         rc, out, caught = _kill_in_first_publish(
             [EVO, "resume", name, "--storage", str(storage), "--set", f"population.total_steps={more}"], env, mark,
             None if source == "checkpoint" else storage / name / "checkpoints")
         assert rc == 0, out[-3000:]
-        if caught:
+        # a kill that came just after the publish's state reached the object store (the title
+        # still read publish) is restored from there: not the case under test, resume again
+        late = caught and any(r["event"] == "restored" and r.get("source") == "object store"
+                              for r in read_lineage(storage / name) if r["round"] >= before["round"])
+        if caught and not late:
             break
+        caught = False
         at = more
     assert caught, out[-3000:]
 
