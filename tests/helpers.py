@@ -163,3 +163,23 @@ class RayHead:
                 os.killpg(self.proc.pid, signal.SIGKILL)
                 self.proc.wait()
         self.log.close()
+
+
+def sigterm_at_round(store, round: int, timeout: float) -> "threading.Thread":
+    """A started daemon thread that sends this process SIGTERM once ``store``'s committed state
+    is a running run at ``round`` or later (an in-process driver's stop); it gives up after
+    ``timeout`` seconds. Join it after the search returns."""
+    import threading
+
+    def watch() -> None:
+        deadline = time.time() + timeout
+        while time.time() < deadline:
+            state = store.read_state() if store.exists() else None
+            if state and state["round"] >= round and state["status"] == "running":
+                os.kill(os.getpid(), signal.SIGTERM)
+                return
+            time.sleep(0.01)
+
+    thread = threading.Thread(target=watch, daemon=True)
+    thread.start()
+    return thread

@@ -6,9 +6,6 @@ from __future__ import annotations
 
 import json
 import os
-import signal
-import threading
-import time
 from pathlib import Path
 
 import pytest
@@ -19,6 +16,7 @@ from rich.console import Console
 from experiments.config import build_setup, load_config
 from population.driver import run_search
 from population.store import RunStore
+from tests.helpers import sigterm_at_round
 
 pytestmark = pytest.mark.slow
 
@@ -107,17 +105,7 @@ def test_stopped_and_resumed_equals_uninterrupted_with_a_mix_gene(reference):
     tmp, summary = reference
     store = RunStore(tmp / "runs", "stopped")
 
-    def stop_after_two_rounds():
-        deadline = time.time() + 300
-        while time.time() < deadline:
-            state = store.read_state() if store.exists() else None
-            if state and state["round"] >= 2 and state["status"] == "running":
-                os.kill(os.getpid(), signal.SIGTERM)
-                return
-            time.sleep(0.01)
-
-    watcher = threading.Thread(target=stop_after_two_rounds, daemon=True)
-    watcher.start()
+    watcher = sigterm_at_round(store, 2, timeout=300)
     stopped = run_search(setup(tmp, "stopped"), console=quiet())
     watcher.join()
     assert stopped["status"] == "stopped", "the signal arrived after the run finished"

@@ -3,9 +3,7 @@ from __future__ import annotations
 
 import json
 import os
-import signal
 import statistics
-import threading
 import time
 from pathlib import Path
 
@@ -19,6 +17,7 @@ from population.inspect import export_run, run_status
 from population.replay import replay_run
 from population.slots import concurrent_slots
 from population.store import KEEP_STATES, RunStore
+from tests.helpers import sigterm_at_round
 from tests.population.conftest import make_setup
 
 ROUNDS = 6   # reference search: 3 members, 6 rounds of 5 steps
@@ -145,17 +144,7 @@ def test_sigterm_stops_at_a_committed_round_and_resume_equals_uninterrupted(refe
     storage, _ = reference
     store = RunStore(storage, "stopped")
 
-    def stop_after_two_rounds():
-        deadline = time.time() + 120
-        while time.time() < deadline:
-            state = store.read_state() if store.exists() else None
-            if state and state["round"] >= 2 and state["status"] == "running":
-                os.kill(os.getpid(), signal.SIGTERM)
-                return
-            time.sleep(0.01)
-
-    watcher = threading.Thread(target=stop_after_two_rounds, daemon=True)
-    watcher.start()
+    watcher = sigterm_at_round(store, 2, timeout=120)
     t0 = time.time()
     stopped = run_search(_reference(storage, "stopped", cache_dir), console=_quiet())
     watcher.join()
