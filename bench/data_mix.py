@@ -13,7 +13,7 @@ optimizer steps:
 It prints each arm's best held-out docs bits/byte per seed, mean +- std, and the evolved arm's
 ratio to each fixed arm (the baseline is measured in the same invocation; < 1 means the evolved
 mix is better), writes data_mix.json and a plot: the best final member's docs share over
-optimizer steps for each evolved seed (followed back through its exploits in the lineage), and
+optimizer steps for each evolved seed (its schedule, inherited through its exploits), and
 the arms' bits/byte.
 
     .venv/bin/python bench/data_mix.py                       # 3 seeds x 6 arms, 300 steps each
@@ -32,6 +32,7 @@ import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))  # run from a checkout without installing
 CONFIG = REPO / "experiments" / "data_mix.yaml"
 FIXED = (0, 25, 50, 75, 100)
 SMALL = dict(seeds=1, fixed=(0, 100), total_steps=20, interval_steps=10, size=2)
@@ -61,39 +62,18 @@ def run_arm(arm: str, seed: int, storage: Path, args: argparse.Namespace) -> dic
                          f"{proc.stderr.strip().splitlines()[-1:] or proc.stdout[-500:]}")
     run = storage / name
     summary = json.loads((run / "summary.json").read_text())
-    lineage = [json.loads(line) for line in (run / "lineage.jsonl").read_text().splitlines() if line.strip()]
     best = summary["best"]
     return {"arm": arm, "seed": seed, "val_bpb_docs": best["val_bpb"], "member": best["member"],
             "step": best["step"], "wall_s": wall,
-            "schedule": docs_schedule(lineage, best["member"], best["step"]) if arm == "evolved" else None}
+            "schedule": docs_schedule(storage, name) if arm == "evolved" else None}
 
 
-def docs_schedule(lineage: list[dict], member: int, final_step: int) -> list[tuple[int, float]]:
-    """The docs share (docs / (docs + code), a weight without a gene 1) in force for the best final member at
-    each step where it changed, oldest first: its own genome records back to the last exploit,
-    then the donor's before that, and so on back to a birth."""
-    by_member: dict[int, list[dict]] = {}
-    for rec in lineage:
-        if "genome" in rec and rec.get("member") is not None:
-            by_member.setdefault(rec["member"], []).append(rec)
-    points: list[tuple[int, float]] = []
-    cur, until = member, final_step
-    while True:
-        recs = [r for r in by_member.get(cur, []) if r["step"] <= until]
-        if not recs:
-            break
-        rec = recs[-1]
-        docs = rec["genome"].get("data.mix.docs")
-        if docs is None:
-            break
-        code = rec["genome"].get("data.mix.code", 1.0)
-        points.append((rec["step"], docs / (docs + code)))
-        if rec["event"] == "exploit" and rec.get("parents"):
-            cur = rec["parents"][0]   # before this step the member was its donor
-        until = rec["step"] - 1
-        if until < 0:
-            break
-    return sorted(points)
+def docs_schedule(storage: Path, name: str) -> list[tuple[int, float]]:
+    """The best final member's docs share at each step of its schedule (the genes its weights
+    were trained with, inherited through every exploit), as the run's report plots it."""
+    from population.report import load_run, mix_schedule
+
+    return [(step, shares["docs"]) for step, shares in mix_schedule(load_run(str(storage), name))]
 
 
 def mean_std(xs: list[float]) -> tuple[float, float]:
@@ -126,8 +106,8 @@ def plot(rows: list[dict], arms: list[str], stats: dict, path: Path) -> None:
     fig, (a, b) = plt.subplots(1, 2, figsize=(11, 4))
     for r in rows:
         if r["schedule"]:
-            steps = [s for s, _ in r["schedule"]] + [r["step"]]
-            shares = [x for _, x in r["schedule"]] + [r["schedule"][-1][1]]
+            steps = [s for s, _ in r["schedule"]]   # the last point is the member's current step
+            shares = [x for _, x in r["schedule"]]
             a.step(steps, shares, where="post", label=f"seed {r['seed']}")
     a.set_xlabel("optimizer step")
     a.set_ylabel("docs share of the batches")
