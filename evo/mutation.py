@@ -75,19 +75,24 @@ def mut_polynomial(
     rng: np.random.Generator,
     eta: float = 20.0,
     probability: float | None = None,
+    only: int | None = None,
 ) -> Genome:
     """Polynomial bounded mutation (Deb; DEAP `mutPolynomialBounded`) on the normalised
     coordinates in [0, 1], each gene with probability `probability` (default 1/n).
 
     Larger `eta` gives smaller moves. An int gene whose move rounds back to the same value
     steps one grid value in the move's direction; a choice gene (unordered) takes another
-    choice drawn uniformly.
+    choice drawn uniformly. `only`: mutate gene `only` (an index into `space.genes`) and no
+    other, with no per-gene draw.
     """
     n = len(space.genes)
     indpb = 1.0 / n if probability is None else probability
     x = space.encode(g)  # (n,)
     for i, gene in enumerate(space.genes):
-        if rng.random() > indpb:  # DEAP: mutate when random() <= indpb
+        if only is not None:
+            if i != only:
+                continue
+        elif rng.random() > indpb:  # DEAP: mutate when random() <= indpb
             continue
         if isinstance(gene, ChoiceGene):
             if gene.size > 1:

@@ -43,7 +43,7 @@ class StrategyConfig:
     name: Annotated[str, Field(description="the strategy: pbt, ga, nsga2, pb2 or random")] = "pbt"
     quantile: Annotated[StrictFloat, Field(ge=0, le=0.5, description=(
         # 0.5 at most: the bottom and top quantiles never overlap (as in Ray Tune's PBT)
-        "pbt/pb2/nsga2: share of the ranked members replaced each round (at most 0.5)"))] = 0.25
+        "pbt/pb2/ga/nsga2: share of the ranked members replaced each round (at most 0.5)"))] = 0.25
     resample_probability: Annotated[Probability, Field(description=(
         "pbt/pb2: per gene, the chance to resample from the prior instead of perturbing"))] = 0.25
     perturb_factors: Annotated[tuple[Factor, Factor], Field(description=(

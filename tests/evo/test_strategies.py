@@ -401,6 +401,35 @@ def test_ga_keeps_the_elite_and_breeds_from_fitter_parents() -> None:
     assert kinds == {"Keep", "Exploit", "Crossover"}
 
 
+@pytest.mark.parametrize("quantile", [0.25, 0.5])
+@pytest.mark.parametrize("kind", ["ga-uniform", "ga-sbx"])
+def test_ga_replaces_the_bottom_quantile_from_the_survivors_and_never_clones(kind: str, quantile: float) -> None:
+    """Only the bottom `quantile` are bred, their parents are the survivors, and no child is a
+    copy of the genome whose weights it takes (the pre-issue-14 GA bred every member but the
+    elite from all the others, and cloned: on the quickstart task it lost to random search)."""
+    space = toy_space()   # 2 float genes: crossover of two parents often gives one of them back
+    fits = [1.0, 1.1, 1.2, 1.3, 1.4, 1.5, 1.6, 1.7]
+    config = dict(STRATEGIES[kind], quantile=quantile, crossover_probability=0.5)
+    n_replace = int(quantile * len(fits))
+    bred = 0
+    for seed in range(30):
+        snapshot = ranked_snapshot(space, fits, seed=seed)
+        decisions = make_strategy(StrategyConfig(**config), space).plan(snapshot, np.random.default_rng(seed))
+        by_id = {m.id: m for m in snapshot.members}
+        survivors = {m.id for m in snapshot.members[: len(fits) - n_replace]}
+        for d in decisions:
+            if d.member in survivors:
+                assert isinstance(d, Keep)
+                continue
+            assert isinstance(d, (Exploit, Crossover)), d   # the bottom always has fitter survivors
+            source = d.donor if isinstance(d, Exploit) else d.weights_from
+            parents = (d.donor,) if isinstance(d, Exploit) else d.parents
+            assert set(parents) <= survivors
+            assert d.genome != by_id[source].genome
+            bred += 1
+    assert bred == 30 * n_replace
+
+
 def test_nsga2_pareto_front_and_replacement() -> None:
     space = toy_space()
     # (val_bpb, params): 10, 11, 12 are mutually non-dominated; 13 is dominated by 11;
