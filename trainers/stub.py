@@ -42,6 +42,16 @@ LR_PENALTY = 0.02    # val_bpb added per ln(lr / LR_OPT)² (the live hyperparame
 LOSSY_KEEP = 0.8     # share of progress a lossy architecture change keeps
 
 
+def gain(lr: float, weight_decay: float) -> float:
+    """Progress per step at these hyperparameters: 1 at (LR_OPT, WD_OPT), less away from them."""
+    return math.exp(-math.log(lr / LR_OPT) ** 2 / (2 * LR_WIDTH ** 2)) / (1.0 + (weight_decay - WD_OPT) ** 2)
+
+
+def val_bpb(progress: float, lr: float) -> float:
+    """The validation bits per byte of a state with ``progress`` trained at peak learning rate ``lr``."""
+    return FLOOR + SPAN * math.exp(-progress / TAU) + LR_PENALTY * math.log(lr / LR_OPT) ** 2
+
+
 class SleepTrainer:
     """The Trainer's interface over a sleep; see the module docstring."""
 
@@ -99,12 +109,10 @@ class SleepTrainer:
     # ------------------------------------------------------------------ training
     def gain(self) -> float:
         """Progress per step under the current hyperparameters (at most 1)."""
-        cfg = self._train
-        lr_term = math.exp(-math.log(cfg.lr / LR_OPT) ** 2 / (2 * LR_WIDTH ** 2))
-        return lr_term / (1.0 + (cfg.weight_decay - WD_OPT) ** 2)
+        return gain(self._train.lr, self._train.weight_decay)
 
     def _val_bpb(self, progress: float) -> float:
-        return FLOOR + SPAN * math.exp(-progress / TAU) + LR_PENALTY * math.log(self._train.lr / LR_OPT) ** 2
+        return val_bpb(progress, self._train.lr)
 
     def train(self, n_steps: int) -> dict:
         """Sleep ``n_steps × step_s`` seconds and take n_steps of progress; the Trainer's figures."""
