@@ -23,7 +23,9 @@ Reported, from the run store and Ray's actor table:
   the donor's node is the receiver's (same node: a read of shared memory) or not (across nodes:
   Ray's transfer); the ratio across ÷ same is the figure's baseline, measured in the same run;
 - each member's node (the actor table's node of ``<run>/m<id>``) and the members per node;
-- launch to exit of ``evo run``, and the memory (PSS) of the member processes.
+- launch to exit of ``evo run``, and the memory (PSS) of the member processes;
+- that the cluster refuses a client without the token (a GCS call from a process without
+  ``RAY_AUTH_MODE`` and without a token file).
 
 All nodes share this machine's cores: a loaded machine stretches every figure, and a transfer
 "across nodes" is a copy between two processes of one machine through Ray's object manager, not a
@@ -198,6 +200,7 @@ def table(r: dict) -> str:
         f"{s['rounds']} rounds x {s['interval']} steps x {s['step_s']} s, state {s['state_kb']} KiB, {s['strategy']} |",
         f"| members per node | {spread} |",
         f"| nodes used | {r['nodes_used']} of {s['nodes']} |",
+        f"| a client without the token | {r['auth']} |",
         f"| orchestration efficiency (timing.efficiency) | {_f(r['efficiency'])} |",
         f"| slots | {_f(r['slots'], '{}')} |",
         f"| round loop wall s (timing.wall_s) | {_f(r['loop_wall_s'], '{:.2f}')} |",
@@ -251,6 +254,7 @@ def main(argv: list[str] | None = None) -> int:
         node_names = {n.node_id: ("head" if i == 0 else f"worker{i}") for i, n in enumerate(nodes)}
         print(f"cluster: {args.nodes} nodes at {cluster.address} ({cluster_start_s:.1f} s)", file=sys.stderr, flush=True)
 
+        auth = token_refusal(cluster.address, root)
         storage = str(Path(root) / "runs")
         env = dict(os.environ, RAY_ADDRESS=cluster.address, WANDB_MODE="disabled")
         pss: list[float] = []
@@ -278,6 +282,7 @@ def main(argv: list[str] | None = None) -> int:
             print(f"cluster_sim: the actor table names {len(node_of)} of {args.members} members", file=sys.stderr)
             return 1
         result = figures(args, summary, lineage, node_of, node_names, launch_to_exit_s, cluster_start_s, pss)
+        result["auth"] = auth
     finally:
         if cluster is not None:
             cluster.shutdown()
@@ -289,6 +294,18 @@ def main(argv: list[str] | None = None) -> int:
     (out / "cluster_sim.json").write_text(json.dumps(result, indent=1) + "\n")
     print(f"json: {out / 'cluster_sim.json'}")
     return 0
+
+
+def token_refusal(address: str, root: str) -> str:
+    """What the cluster's GCS answers a client without the token (with ``RAY_AUTH_MODE`` unset and
+    no token file): "refused" when it refuses it, as a token-authenticated cluster must."""
+    probe = f"from ray._raylet import GcsClient\nGcsClient(address={address!r}, cluster_id=None).get_all_node_info(timeout=30)"
+    env = {k: v for k, v in os.environ.items() if not k.startswith("RAY_AUTH")}
+    env["HOME"] = root   # no ~/.ray/auth_token either
+    r = subprocess.run([sys.executable, "-c", probe], env=env, capture_output=True, text=True, timeout=300)
+    if r.returncode != 0 and "AuthenticationError" in r.stderr:
+        return "refused"
+    return "accepted" if r.returncode == 0 else f"failed otherwise (exit {r.returncode})"
 
 
 def _free_port() -> int:

@@ -13,7 +13,7 @@ import pytest
 
 from tests.helpers import REPO
 
-ROWS = ("setting", "members per node", "nodes used", "orchestration efficiency (timing.efficiency)", "slots",
+ROWS = ("setting", "members per node", "nodes used", "a client without the token", "orchestration efficiency (timing.efficiency)", "slots",
         "round loop wall s (timing.wall_s)", "ideal s (rounds x interval x step_s)", "loop wall / ideal",
         "evo run launch to exit s", "cluster start s", "member process PSS MB (median / max)")
 EXPLOIT_ROWS = ("all", "same node", "across nodes", "across / same (median)")
@@ -40,6 +40,7 @@ def test_small_setting_runs_members_on_both_nodes_and_prints_every_row(tmp_path)
     assert set(r["member_node"].values()) == {"head", "worker1"}
     assert r["members_per_node"] == {n: list(r["member_node"].values()).count(n) for n in ("head", "worker1")}
     assert r["nodes_used"] == 2 and cells["nodes used"] == ["2 of 2"]
+    assert r["auth"] == "refused" and cells["a client without the token"] == ["refused"]   # token auth is on
     assert r["slots"] == 8   # population.max_concurrent = members: every member sleeps at once
     for key in ("efficiency", "loop_wall_s", "launch_to_exit_s", "cluster_start_s", "loop_over_ideal"):
         assert math.isfinite(r[key]) and r[key] > 0, key
