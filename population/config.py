@@ -74,7 +74,8 @@ class PopulationConfig:
     ``max_concurrent`` is how many members train at the same moment (the driver's slots); null
     picks it from the cluster: every member when they use GPUs, else as many as the cluster's CPUs
     hold at one member's thread count, so that members never oversubscribe the cores. It changes
-    when members train, never what they compute.
+    when members train, never what they compute. ``trainer`` picks what a member trains (the
+    InternLM2 Trainer, or the sleep stub that benchmarks the driver and the cluster).
     """
 
     size: Annotated[StrictInt, Field(le=MAX_SIZE, description=(
