@@ -110,6 +110,9 @@ class ExperimentConfig:
         if self.data.seq_len > self.model.max_position_embeddings:
             raise ValueError(f"data.seq_len ({self.data.seq_len}) exceeds "
                              f"model.max_position_embeddings ({self.model.max_position_embeddings})")
+        if self.population.trainer.kind == "sleep" and self.fitness.active:
+            raise ValueError("population.trainer.kind: 'sleep' trains no model, so the fitness section "
+                             "(fitness.eval, fitness.function) cannot judge it; leave fitness out")
         size = self.population.size
         if self.strategy.name == "ga" and self.strategy.elitism >= size:
             raise ValueError(f"strategy.elitism ({self.strategy.elitism}) must be below population.size ({size})")

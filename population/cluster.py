@@ -15,6 +15,7 @@ A signal while connecting stops the connection (ConnectStopped) instead of waiti
 """
 from __future__ import annotations
 
+import ipaddress
 import os
 import shutil
 import socket
@@ -98,12 +99,31 @@ def connect(console: Any, stopping: Callable[[], bool] = lambda: False) -> Clust
 
 
 def _join(address: str) -> Cluster:
+    # Ray turns a loopback address into this machine's network address before connecting (unless
+    # its single-machine switch is on), so a cluster that listens on loopback only — a head started
+    # with --node-ip-address=127.0.0.1, evo's own kind of Ray — would be retried there forever.
+    saved_flag = ray_constants.ENABLE_RAY_CLUSTER
+    if _is_loopback(address):
+        ray_constants.ENABLE_RAY_CLUSTER = False
     try:
         ray.init(address=address, log_to_driver=False, configure_logging=False)
     except ConnectionError as e:
         raise ClusterError(f"cannot connect to the Ray cluster at {address}: "
                            f"{str(e).strip().splitlines()[0]}") from e
+    finally:
+        ray_constants.ENABLE_RAY_CLUSTER = saved_flag
     return Cluster(started=False)
+
+
+def _is_loopback(address: str) -> bool:
+    """Whether ``address`` (host:port, ray://host:port) names this machine's loopback interface."""
+    host = address.split("://", 1)[-1].rstrip("/").rpartition(":")[0].strip("[]")
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
 
 
 def _start_local() -> Cluster:

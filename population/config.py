@@ -45,6 +45,25 @@ class ResourcesConfig:
                 f"population.resources.num_gpus: above 1 it must be a whole number, got {self.num_gpus}")
 
 
+MAX_STEP_S = 3600.0         # seconds one sleep-trainer step sleeps
+MAX_STATE_KB = 65_536        # KiB of a sleep trainer's state (64 MiB)
+
+
+@dataclass(config=ConfigDict(extra="forbid"))
+class TrainerConfig:
+    """What each member trains: the InternLM2 Trainer (trainers/trainer.py), or a stub that only
+    sleeps (trainers/stub.py), which measures the driver, the exploits and the cluster with
+    everything else real (actors, object store, checkpoints, run store)."""
+
+    kind: Annotated[Literal["internlm2", "sleep"], Field(description=(
+        "'internlm2': the model trainer; 'sleep': a stub whose steps only sleep (benchmarks of "
+        "the driver and the cluster; its val_bpb is a closed form of lr, weight decay and steps)"))] = "internlm2"
+    step_s: Annotated[StrictFloat, Field(ge=0, le=MAX_STEP_S, allow_inf_nan=False, description=(
+        f"kind sleep: seconds each step sleeps (at most {MAX_STEP_S:g})"))] = 0.01
+    state_kb: Annotated[StrictInt, Field(ge=1, le=MAX_STATE_KB, description=(
+        f"kind sleep: KiB of tensors in its state, moved by exploits and checkpoints (at most {MAX_STATE_KB})"))] = 256
+
+
 @dataclass(config=ConfigDict(extra="forbid"))
 class PopulationConfig:
     """How many members train, how long, how often they are judged, and on what resources.
@@ -55,7 +74,8 @@ class PopulationConfig:
     ``max_concurrent`` is how many members train at the same moment (the driver's slots); null
     picks it from the cluster: every member when they use GPUs, else as many as the cluster's CPUs
     hold at one member's thread count, so that members never oversubscribe the cores. It changes
-    when members train, never what they compute.
+    when members train, never what they compute. ``trainer`` picks what a member trains (the
+    InternLM2 Trainer, or the sleep stub that benchmarks the driver and the cluster).
     """
 
     size: Annotated[StrictInt, Field(le=MAX_SIZE, description=(
@@ -74,6 +94,7 @@ class PopulationConfig:
     max_concurrent: Annotated[StrictInt | None, Field(ge=1, le=MAX_SIZE, description=(
         f"members training at the same moment (at most {MAX_SIZE}); null: as many as the cluster's CPUs hold at one "
         "member's thread count (every member on GPUs)"))] = None
+    trainer: TrainerConfig = dataclasses.field(default_factory=TrainerConfig)
 
     def __post_init__(self) -> None:
         if self.size < 2:

@@ -435,6 +435,9 @@ def config_conflict(here: Mapping[str, Any], stored: Mapping[str, Any]) -> str |
     the budget, logging.* changes how the run is watched.
     """
     a, b = _flatten(plain(dict(here))), _flatten(plain(dict(stored)))
+    if a.get("population.trainer.kind") == "internlm2" and not any(k.startswith("population.trainer.") for k in b):
+        # a run made before population.trainer existed trained the InternLM2 model
+        b.update({k: v for k, v in a.items() if k.startswith("population.trainer.")})
     for key in sorted(set(a) | set(b)):
         if any(key == k or key.startswith(k + ".") for k in RESUMABLE_KEYS):
             continue

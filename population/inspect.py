@@ -122,6 +122,9 @@ def export_run(storage: str, name: str, fmt: str, out_dir: str, member: int | No
         member = best["id"]
     if member not in records:
         raise KeyError(f"run {name!r} has no member {member} (members: {', '.join(map(str, sorted(records)))})")
+    trainer = (store.read_config().get("population") or {}).get("trainer") or {}
+    if trainer.get("kind", "internlm2") != "internlm2":
+        raise ValueError(f"run {name!r} trained the sleep stub (population.trainer.kind): it has no model to export")
     checkpoint = records[member].get("checkpoint")
     if not checkpoint:
         raise ValueError(f"member {member} of run {name!r} has no committed checkpoint yet")

@@ -29,10 +29,12 @@ import ray
 import torch
 
 from evo.strategy import SCORE
+from population.config import TrainerConfig
 from population.handoff import WireState, take_state
 from trainers.data import DataConfig
 from trainers.fitness import FitnessConfig, load_function
 from trainers.model import InternLM2Config
+from trainers.stub import SleepTrainer
 from trainers.trainer import HPARAMS, NonFiniteLossError, TrainConfig, Trainer
 from trainers.transfer import preserves_function
 
@@ -61,7 +63,7 @@ def mix_genes(genome: Mapping[str, Any]) -> dict[str, float]:
     return {p[len("data.mix."):]: float(v) for p, v in genome.items() if p.startswith("data.mix.")}
 
 
-def set_mix(trainer: Trainer, genome: Mapping[str, Any]) -> bool:
+def set_mix(trainer: Trainer | SleepTrainer, genome: Mapping[str, Any]) -> bool:
     """Set the genome's data.mix genes in place (the next step draws by them). A mix whose every
     weight is 0 (the config refuses search spaces that can reach one; a genome from elsewhere
     still might) leaves nothing to draw: the trainer keeps the mix in force, with one warning
@@ -86,18 +88,25 @@ def model_config_for(base_model: InternLM2Config, genome: Mapping[str, Any]) -> 
 
 def build_trainer(base_model: InternLM2Config, base_train: TrainConfig, data: DataConfig,
                   genome: Mapping[str, Any], seed: int, num_threads: int | None = None,
-                  fitness: FitnessConfig | None = None) -> Trainer:
-    """A fresh Trainer for ``genome``: its genes set from step 0, ``seed`` for init and batch order."""
+                  fitness: FitnessConfig | None = None,
+                  kind: TrainerConfig | None = None) -> Trainer | SleepTrainer:
+    """A fresh trainer for ``genome``: its genes set from step 0, ``seed`` for init and batch order.
+    ``kind`` (population.trainer) picks the InternLM2 Trainer (None, the default) or the stub
+    that only sleeps (trainers/stub.py)."""
     train_fields, _ = split_genome(genome)
     train = dataclasses.replace(base_train, **train_fields, seed=int(seed))
     if train.num_threads is None and num_threads is not None:
         train = dataclasses.replace(train, num_threads=int(num_threads))
-    trainer = Trainer(model_config_for(base_model, genome), train, data, fitness)
+    if kind is not None and kind.kind == "sleep":
+        trainer = SleepTrainer(model_config_for(base_model, genome), train, data,
+                               step_s=kind.step_s, state_kb=kind.state_kb)
+    else:
+        trainer = Trainer(model_config_for(base_model, genome), train, data, fitness)
     set_mix(trainer, genome)   # an all-zero mix keeps data.mix's weights
     return trainer
 
 
-def apply_genome(trainer: Trainer, base_model: InternLM2Config, genome: Mapping[str, Any]) -> float | None:
+def apply_genome(trainer: Trainer | SleepTrainer, base_model: InternLM2Config, genome: Mapping[str, Any]) -> float | None:
     """Steer a running trainer to ``genome``: train.* and data.mix.* genes in place, model.* genes
     by weight transfer. Returns the validation loss's jump at a lossy architecture change (shrinking, merging kv
     heads: trainers.transfer.preserves_function is False), measured before and after; None otherwise."""
@@ -145,7 +154,7 @@ class Member:
 
     def __init__(self, member_id: int, base_model: InternLM2Config, base_train: TrainConfig,
                  data: DataConfig, genome: Mapping[str, Any], seed: int, num_threads: int,
-                 fitness: FitnessConfig | None = None) -> None:
+                 fitness: FitnessConfig | None = None, kind: TrainerConfig | None = None) -> None:
         os.environ["EVO_NUM_THREADS"] = str(num_threads)
         torch.set_num_threads(num_threads)
         self.member_id = member_id
@@ -153,10 +162,11 @@ class Member:
         self.base_train = base_train
         self.data = data
         self.fitness = fitness
+        self.kind = kind
         # the user's metric (fitness.function), imported here; the config checked it already
         self._score_fn = load_function(fitness.function) if fitness is not None and fitness.function else None
         self.num_threads = num_threads
-        self.trainer = build_trainer(base_model, base_train, data, genome, seed, num_threads, fitness)
+        self.trainer = build_trainer(base_model, base_train, data, genome, seed, num_threads, fitness, kind)
         self._lock = threading.Lock()        # guards the snapshot against a concurrent get_state
         self._snapshot: dict | None = None   # None: the trainer changed since the last one
         self._wire: WireState | None = None  # the snapshot packed for the object store
@@ -306,7 +316,7 @@ class Member:
     def restart(self, genome: Mapping[str, Any], seed: int) -> dict:
         """Throw the weights away: a fresh Trainer for ``genome`` (same process)."""
         self.trainer = build_trainer(self.base_model, self.base_train, self.data, genome, seed,
-                                     self.num_threads, self.fitness)
+                                     self.num_threads, self.fitness, self.kind)
         self._changed()
         return {"step": self.trainer.step, "params": int(self.trainer.num_parameters())}
 

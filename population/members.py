@@ -67,9 +67,10 @@ class Members:
         """One actor per record (its genome and seed); members with a committed checkpoint
         continue from it. ``train`` is the run's base TrainConfig (its cosine horizon set).
         A member whose process dies meanwhile is started again (at most MAX_STARTS times)."""
-        corpus = load_corpus(self.setup.data)   # tokenize once here, not in every member at once
-        for n, form in (self.setup.fitness.held_out_corpora() if self.setup.fitness else {}).items():
-            load_held_out(self.setup.data, form, corpus.tokenizer_path, f"fitness.eval.{n}.corpus")
+        if self.setup.population.trainer.kind == "internlm2":   # the sleep trainer reads no text
+            corpus = load_corpus(self.setup.data)   # tokenize once here, not in every member at once
+            for n, form in (self.setup.fitness.held_out_corpora() if self.setup.fitness else {}).items():
+                load_held_out(self.setup.data, form, corpus.tokenizer_path, f"fitness.eval.{n}.corpus")
         self.train = train
         todo = dict(records)
         for _ in range(MAX_STARTS):
@@ -108,7 +109,7 @@ class Members:
         options = dict(name=f"{self.setup.name}/m{m}", num_cpus=res.num_cpus, num_gpus=res.num_gpus,
                        max_concurrency=2, max_restarts=0)
         args = (m, self.setup.model, self.train, self.setup.data, genome, seed, self.num_threads,
-                self.setup.fitness)
+                self.setup.fitness, self.setup.population.trainer)
         deadline = time.monotonic() + 30
         while True:
             try:

@@ -13,6 +13,7 @@ import json
 import time
 from typing import Any
 
+from population.config import TrainerConfig
 from population.member import apply_genome, build_trainer
 from population.store import RunStore
 from trainers.data import DataConfig
@@ -45,17 +46,18 @@ def replay_run(storage: str, name: str, *, console: Any = None) -> dict:
     train = TrainConfig(**dict(config["train"], decay_steps=decay_steps))
     data = DataConfig(**config["data"])
     fitness = FitnessConfig(**config["fitness"]) if config.get("fitness") else None
+    kind = TrainerConfig(**config["population"].get("trainer") or {})
     threads = state.get("num_threads")
     t0 = time.perf_counter()
     first = schedule[0]
-    trainer = build_trainer(model, train, data, first["genome"], first["seed"], threads, fitness)
+    trainer = build_trainer(model, train, data, first["genome"], first["seed"], threads, fitness, kind)
     for entry in schedule[1:]:
         if entry["step"] >= target:   # changes made after the last evaluation are not in its score
             break
         trainer.train(entry["step"] - trainer.step)
         if entry["seed"] != trainer.train_config.seed:
             # the weights moved into a member with another batch order: continue as it did
-            moved = build_trainer(model, train, data, entry["genome"], entry["seed"], threads, fitness)
+            moved = build_trainer(model, train, data, entry["genome"], entry["seed"], threads, fitness, kind)
             moved.load_state_dict(trainer.state_dict())
             trainer = moved
         apply_genome(trainer, model, entry["genome"])

@@ -10,7 +10,7 @@ import torch
 
 from evo.space import SearchSpace
 from evo.strategies import StrategyConfig
-from population.config import LoggingConfig, PopulationConfig, ResourcesConfig, WandbConfig
+from population.config import LoggingConfig, PopulationConfig, ResourcesConfig, TrainerConfig, WandbConfig
 from population.config import SearchSetup
 from trainers.data import DataConfig
 from trainers.model import InternLM2Config
@@ -82,7 +82,7 @@ def tiny_parts(cache_dir: str) -> tuple[InternLM2Config, TrainConfig, DataConfig
 def make_setup(storage, name: str, cache_dir: str, *, size: int = 2, interval: int = 5, total: int = 20,
                mode: str = "sync", strategy: str = "pbt", num_cpus: float = 0.5, seed: int = 0,
                max_failures: int = 3, train: dict | None = None,
-               max_concurrent: int | None = None) -> SearchSetup:
+               max_concurrent: int | None = None, trainer: dict | None = None) -> SearchSetup:
     """A search small enough to take seconds on 2 cores (hidden 32, 1-2 layers, seq_len 32)."""
     model, base_train, data = tiny_parts(cache_dir)
     if train:
@@ -90,7 +90,7 @@ def make_setup(storage, name: str, cache_dir: str, *, size: int = 2, interval: i
     strategy_cfg = StrategyConfig(name=strategy, quantile=0.5)
     population = PopulationConfig(size=size, mode=mode, interval_steps=interval, total_steps=total,
                                   resources=ResourcesConfig(num_cpus=num_cpus), max_failures=max_failures,
-                                  max_concurrent=max_concurrent)
+                                  max_concurrent=max_concurrent, trainer=TrainerConfig(**(trainer or {})))
     logging = LoggingConfig(wandb=WandbConfig(mode="disabled"), optuna=False)
     base = {f"train.{k}": v for k, v in dataclasses.asdict(base_train).items()}
     base.update({f"model.{k}": v for k, v in dataclasses.asdict(model).items()})

@@ -250,3 +250,14 @@ def test_local_ray_listens_on_loopback_and_dies_with_a_killed_driver(tmp_path, s
         if run.poll() is None:
             run.kill()
             run.wait()
+
+
+@pytest.mark.parametrize("address,loopback", [
+    ("127.0.0.1:6379", True), ("localhost:6379", True), ("127.0.1.1:6379", True), ("[::1]:6379", True),
+    ("ray://127.0.0.1:10001", True), ("10.0.0.5:6379", False), ("head.example:6379", False),
+])
+def test_a_loopback_address_is_joined_on_loopback(address, loopback):
+    # Ray would connect to this machine's network address instead (and retry there forever)
+    from population.cluster import _is_loopback
+
+    assert _is_loopback(address) is loopback
