@@ -386,8 +386,9 @@ def test_every_listed_key_exists_and_takes_its_default(tmp_path: Path):
     flat = {f"{section}.{k}" for section, v in base.items() if isinstance(v, dict) and section != "search"
             for k in v}
     flat |= {f"population.resources.{k}" for k in base["population"]["resources"]}
+    flat |= {f"population.trainer.{k}" for k in base["population"]["trainer"]}
     flat |= {f"logging.wandb.{k}" for k in base["logging"]["wandb"]}
-    flat -= {"population.resources", "logging.wandb"}
+    flat -= {"population.resources", "population.trainer", "logging.wandb"}
     assert flat | {"name", "seed", "storage", "search"} == {key for key, _, _ in config_keys()}
 
 
