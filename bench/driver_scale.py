@@ -94,15 +94,19 @@ def stub_results(records: Records, rng: np.random.Generator, params: dict) -> di
     return out
 
 
-def write_checkpoints(store: RunStore, paths: dict) -> None:
-    """The members' part: each checkpoint file and its checksum beside it."""
+def write_checkpoints(store: RunStore, paths: dict) -> dict[int, tuple[str, str]]:
+    """The members' part: each checkpoint file and its checksum beside it; returns what
+    ``Members.finish_checkpoints`` hands the driver ({member: (path, SHA-256)})."""
     root = Path(store.uri)
-    for rel, step in paths.values():
+    out = {}
+    for m, (rel, step) in paths.items():
         body = f"step {step}".encode()
         path = root / rel
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_bytes(body)
-        (root / (rel + ".sha256")).write_text(hashlib.sha256(body).hexdigest() + "\n")
+        out[m] = (rel, hashlib.sha256(body).hexdigest())
+        (root / (rel + ".sha256")).write_text(out[m][1] + "\n")
+    return out
 
 
 def one_round(records: Records, strategy, monitor: Monitor, progress: Progress, r: int,
@@ -124,8 +128,9 @@ def one_round(records: Records, strategy, monitor: Monitor, progress: Progress, 
                            params=params[source], latency=0.001, received={"read_s": 0.0, "load_s": 0.001})
     paths = records.set_checkpoints(records.ids, r)
     t3 = time.perf_counter()
-    write_checkpoints(records.store, paths)   # the members' work: not timed
+    written = write_checkpoints(records.store, paths)   # the members' work: not timed
     t4 = time.perf_counter()
+    records.saved(written)
     steps = records.steps_done + INTERVAL
     members, lineage = records.commit(r, steps_done=steps)
     monitor.on_round(r, members, lineage, results)
@@ -157,6 +162,7 @@ def measure(strategy_name: str, n: int, warmup: int, rounds: int) -> dict:
                 book_ms.append(b)
         state_bytes = json.loads((Path(store.uri) / "state.json").read_text())["bytes"]
         monitor.close("finished")
+        store.wait_pruned()   # before the folder goes
     return {"strategy": strategy_name, "n": n, "decision_ms": statistics.median(plan_ms),
             "bookkeeping_ms": statistics.median(book_ms),
             "total_ms": statistics.median(p + b for p, b in zip(plan_ms, book_ms)),

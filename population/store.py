@@ -159,6 +159,10 @@ class RunStore:
         # checkpoints folder was last listed whole (monotonic seconds)
         self._present: set[str] | None = None
         self._listed_at = -math.inf
+        # prune_checkpoints(background=True): the thread deleting the last round's unnamed
+        # checkpoints, and the first error it met (raised by the next wait_pruned)
+        self._deleter: threading.Thread | None = None
+        self._delete_error: BaseException | None = None
 
     def __repr__(self) -> str:
         return f"RunStore({self.uri!r})"
@@ -422,6 +426,11 @@ class RunStore:
         Safe from a background thread (each call writes its own temporary file). Store tensors
         and plain Python only: ``load_checkpoint`` uses ``torch.load(weights_only=True)``.
         """
+        return self.write_checkpoint(rel_path, state)[0]
+
+    def write_checkpoint(self, rel_path: str, state: dict) -> tuple[int, str]:
+        """``save_checkpoint``, returning (bytes written, the SHA-256 written beside it): a
+        member hands the checksum to the driver, which need not read the ``.sha256`` back."""
         import torch
 
         rel = _clean_rel(rel_path)
@@ -439,7 +448,7 @@ class RunStore:
             if cause is None:
                 raise
             raise StoreError(f"cannot write checkpoint {self._uri(rel)}: {_os_error(cause)}") from e
-        return size
+        return size, digest.hexdigest()
 
     def checkpoint_sha256(self, rel_path: str) -> str | None:
         """The SHA-256 written beside a checkpoint by ``save_checkpoint``; None without one."""
@@ -518,7 +527,8 @@ class RunStore:
             raise CorruptRunError(f"checkpoint {where} holds a {type(state).__name__}, not a dict")
         return state
 
-    def prune_checkpoints(self, keep: set[str], new: set[str] | None = None) -> list[str]:
+    def prune_checkpoints(self, keep: set[str], new: set[str] | None = None,
+                          background: bool = False) -> list[str]:
         """Delete checkpoint files (``*.pt`` under checkpoints/) not in ``keep``; returns them.
 
         A checkpoint named anywhere in a committed state still kept (the last commit and the
@@ -532,8 +542,16 @@ class RunStore:
         the candidates, and the folder is listed whole only on the first call and every
         LIST_EVERY_S seconds (temporaries, files of a crashed session): a round costs what it
         deletes, not the size of the store. Without ``new``, the folder is listed every time.
+
+        ``background`` (with ``new``, between listings): which files go is decided here, from
+        the committed states, and a thread deletes them (their ``.pt`` paths are returned); the
+        round goes on meanwhile. Only files no kept commit names are handed to it, so a crash
+        while it deletes loses nothing a resume needs (a file it left is deleted by the next
+        listing). ``wait_pruned`` joins it: call it before a path may be named again (the
+        driver does before naming checkpoints), and ``lock()`` does before it releases the run.
         """
         self._check_not_lost()
+        self.wait_pruned()
         kept = {_clean_rel(k) for k in keep}
         raw = self._read_bytes(STATE)
         if raw is not None:
@@ -543,13 +561,13 @@ class RunStore:
         if new is not None and self._present is not None and time.monotonic() - self._listed_at < LIST_EVERY_S:
             self._present |= {_clean_rel(k) for k in new}
             gone = sorted(self._present - kept)
-            deleted = []
-            for rel in gone:
-                for path in (rel, rel + CHECKSUM_SUFFIX):
-                    if self._remove_existing(path):
-                        deleted.append(path)
             self._present -= set(gone)
-            return deleted
+            if background and gone:
+                self._deleter = threading.Thread(target=self._delete_quietly, args=(gone,),
+                                                 name=f"evo-store-prune-{self.name}", daemon=True)
+                self._deleter.start()
+                return gone
+            return self._delete(gone)
         try:
             paths = self._fresh().find(self._path(CHECKPOINTS_DIR))
         except FileNotFoundError:
@@ -573,6 +591,32 @@ class RunStore:
             deleted.append(rel)
         self._present, self._listed_at = present, time.monotonic()
         return deleted
+
+    def wait_pruned(self) -> None:
+        """Wait until the deletions ``prune_checkpoints(background=True)`` started are done; a
+        deletion that failed is a StoreError here (one line)."""
+        deleter, self._deleter = self._deleter, None
+        if deleter is not None:
+            deleter.join()
+        error, self._delete_error = self._delete_error, None
+        if error is not None:
+            why = _os_error(error) if isinstance(error, OSError) else _describe(error)
+            raise StoreError(f"cannot delete an old checkpoint of run {self.name!r}: {why}")
+
+    def _delete(self, gone: list[str]) -> list[str]:
+        """Delete each checkpoint of ``gone`` and its checksum; returns the files that were there."""
+        deleted = []
+        for rel in gone:
+            for path in (rel, rel + CHECKSUM_SUFFIX):
+                if self._remove_existing(path):
+                    deleted.append(path)
+        return deleted
+
+    def _delete_quietly(self, gone: list[str]) -> None:
+        try:
+            self._delete(gone)
+        except BaseException as e:   # handed to the driver by wait_pruned
+            self._delete_error = e
 
     def _refs_of(self, entry: dict) -> frozenset[str]:
         """The checkpoints the state body of a pointer entry names (read once per body; a body
@@ -623,6 +667,8 @@ class RunStore:
         finally:
             stop.set()
             beat.join()
+            with contextlib.suppress(StoreError):   # no deletion of this driver's outlives its lock
+                self.wait_pruned()
             self._release()
             # a driver refused after locking (the population does not fit) leaves no trace
             for path in made:
