@@ -235,6 +235,11 @@ class Records:
         # copy of thousands of records per round), as a dict when loaded from the store
         self.committed_members: dict[int, str | dict] = {}
         self._encoded: dict[int, _Encoded] = {}   # each member's committed text and its parts
+        # Genome of a genome dict, by the dict's identity (the records replace genomes, never
+        # change them in place); the dict is held, so its id is not reused while cached
+        self._genomes: dict[int, tuple[dict, Genome]] = {}
+        # each member's history as the strategy sees it: (record, its history list, the tuple)
+        self._views: dict[int, tuple[MemberRecord, list, tuple]] = {}
         self.pending_lineage: list[dict] = []
         self.named_checkpoints: set[str] = set()   # named since the last commit (pruned if unused)
         self.notes: list[str] = []    # one-line warnings of open() (a commit skipped as damaged)
@@ -398,7 +403,7 @@ class Records:
         another parent's for a merge crossover) at ``step``: its schedule becomes src's up to
         ``step``, then ``genome``."""
         rec = self.members[m]
-        if merged or Genome.from_dict(genome).architecture() != Genome.from_dict(src.genome).architecture():
+        if merged or self.genome(genome).architecture() != self.genome(src.genome).architecture():
             rec.since_change = 0                      # a new shape, or merged weights: its grace period starts
         elif src.id != m:
             rec.since_change = src.since_change       # the donor's weights, as recently changed as they are
@@ -424,7 +429,7 @@ class Records:
         record = {"event": event, "round": round, "member": member, "parents": parents,
                   "genome": genome, "step": step, "fitness": fitness, "time": time.time()}
         if changed_from is not None:
-            a, b = Genome.from_dict(changed_from), Genome.from_dict(genome)
+            a, b = self.genome(changed_from), self.genome(genome)
             changes = diff(a, b)
             record["changed"] = format_diff(a, b, changes)
             record["diff"] = {p: list(v) for p, v in changes.items()}
@@ -434,11 +439,12 @@ class Records:
     def set_checkpoints(self, ids: list[int], round: int) -> dict[int, tuple[str, int]]:
         """Each member of ``ids`` names its checkpoint of ``round`` (committed once written);
         returns {member: (path in the store, the step the checkpoint must hold)}."""
-        self.store.wait_pruned()   # a path pruned in the background may be named again below
+        paths = {m: self.store.checkpoint_path(m, round) for m in ids}
+        self.store.wait_pruned(paths.values())   # one of them may still be being deleted (pruned)
         out = {}
         for m in ids:
             rec = self.members[m]
-            rec.checkpoint = self.store.checkpoint_path(m, round)
+            rec.checkpoint = paths[m]
             rec.checkpoint_sha256 = None   # known once written (saved(), else commit reads it)
             self.named_checkpoints.add(rec.checkpoint)
             out[m] = (rec.checkpoint, rec.step)
@@ -455,9 +461,43 @@ class Records:
     # -- the population as the strategy sees it ------------------------------------------------
 
     def snapshot(self, round: int) -> Snapshot:
+        """The population as the strategy sees it: ``MemberRecord.view()`` of every member, with
+        the genomes and the histories' unchanged part reused from the last snapshot."""
         fitness = self.setup.fitness
         senses = {SCORE: fitness.sense} if fitness is not None and fitness.function else {}
-        return Snapshot(round=round, members=tuple(self.members[m].view() for m in self.ids), senses=senses)
+        views = []
+        for m in self.ids:
+            rec = self.members[m]
+            views.append(MemberView(id=rec.id, genome=self.genome(rec.genome), history=self._history(rec),
+                                    age=rec.age, step=rec.step, objectives=dict(rec.objectives),
+                                    since_change=rec.since_change))
+        if len(self._genomes) > 4 * len(self.ids) + 64:   # genomes no record holds any more
+            held = {id(self.members[m].genome) for m in self.ids}
+            self._genomes = {k: v for k, v in self._genomes.items() if k in held}
+        return Snapshot(round=round, members=tuple(views), senses=senses)
+
+    def genome(self, d: dict) -> Genome:
+        """``Genome.from_dict(d)``, built once per genome dict."""
+        hit = self._genomes.get(id(d))
+        if hit is not None and hit[0] is d:
+            return hit[1]
+        g = Genome.from_dict(d)
+        self._genomes[id(d)] = (d, g)
+        return g
+
+    def _history(self, rec: MemberRecord) -> tuple[tuple[int, float], ...]:
+        """``rec.view().history``, extended by the evaluations appended since the last snapshot."""
+        h = rec.history
+        hit = self._views.get(rec.id)
+        if hit is not None and hit[0] is rec and hit[1] is h and len(hit[2]) <= len(h):
+            seen = hit[2]
+            if len(seen) == len(h):
+                return seen
+            out = seen + tuple((int(s), float(f)) for s, f in h[len(seen):])
+        else:
+            out = tuple((int(s), float(f)) for s, f in h)
+        self._views[rec.id] = (rec, h, out)
+        return out
 
     def best(self) -> MemberRecord | None:
         alive = [r for r in self.members.values() if r.alive and r.history]

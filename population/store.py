@@ -66,7 +66,7 @@ import threading
 import time
 import uuid
 import warnings
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from typing import IO, Any
 
 import fsspec
@@ -162,6 +162,7 @@ class RunStore:
         # prune_checkpoints(background=True): the thread deleting the last round's unnamed
         # checkpoints, and the first error it met (raised by the next wait_pruned)
         self._deleter: threading.Thread | None = None
+        self._deleting: frozenset[str] = frozenset()   # the .pt paths it was handed
         self._delete_error: BaseException | None = None
 
     def __repr__(self) -> str:
@@ -547,8 +548,9 @@ class RunStore:
         the committed states, and a thread deletes them (their ``.pt`` paths are returned); the
         round goes on meanwhile. Only files no kept commit names are handed to it, so a crash
         while it deletes loses nothing a resume needs (a file it left is deleted by the next
-        listing). ``wait_pruned`` joins it: call it before a path may be named again (the
-        driver does before naming checkpoints), and ``lock()`` does before it releases the run.
+        listing). ``wait_pruned`` joins it: call it before a path it deletes may be named again
+        (the driver does before naming checkpoints), and ``lock()`` does before it releases the run;
+        the next prune joins it first.
         """
         self._check_not_lost()
         self.wait_pruned()
@@ -563,6 +565,7 @@ class RunStore:
             gone = sorted(self._present - kept)
             self._present -= set(gone)
             if background and gone:
+                self._deleting = frozenset(gone)
                 self._deleter = threading.Thread(target=self._delete_quietly, args=(gone,),
                                                  name=f"evo-store-prune-{self.name}", daemon=True)
                 self._deleter.start()
@@ -592,10 +595,13 @@ class RunStore:
         self._present, self._listed_at = present, time.monotonic()
         return deleted
 
-    def wait_pruned(self) -> None:
-        """Wait until the deletions ``prune_checkpoints(background=True)`` started are done; a
-        deletion that failed is a StoreError here (one line)."""
-        deleter, self._deleter = self._deleter, None
+    def wait_pruned(self, paths: Iterable[str] | None = None) -> None:
+        """Wait until the deletions ``prune_checkpoints(background=True)`` started are done --
+        with ``paths``, only if one of them is being deleted; a deletion that failed is a
+        StoreError here (one line)."""
+        if paths is not None and self._deleter is not None and self._deleting.isdisjoint(paths):
+            return
+        deleter, self._deleter, self._deleting = self._deleter, None, frozenset()
         if deleter is not None:
             deleter.join()
         error, self._delete_error = self._delete_error, None

@@ -40,8 +40,8 @@ def _body_members(store: RunStore) -> list[str]:
     return body[start:body.index("\n]", start)].split(",\n")
 
 
-def test_commit_writes_each_member_as_a_whole_encoding_would(tmp_path, cache_dir):
-    """Members re-encoded only in part (history appended, genome and schedule kept, one member
+def test_commit_and_snapshot_equal_whole_encodings_and_views(tmp_path, cache_dir):
+    """Snapshots equal every record's own view(); members re-encoded only in part (history appended, genome and schedule kept, one member
     changed in an async-like event, a record set back or restarted) are committed byte for byte
     as encoding the whole record gives, and a resume reads them back equal."""
     records = _records(tmp_path, cache_dir, "enc")
@@ -59,6 +59,8 @@ def test_commit_writes_each_member_as_a_whole_encoding_would(tmp_path, cache_dir
         records.saved(_write(store, records.set_checkpoints(records.ids, r)))
         records.commit(r, steps_done=r * 5)
         assert _body_members(store) == [_encode(records[m].fields()) for m in records.ids]
+        # the snapshot reuses genomes and histories: what each record's own view() gives
+        assert records.snapshot(r).members == tuple(records[m].view() for m in records.ids)
         # one member changes alone (async): only it is re-encoded, the rest reused
         records.record_results({4: {"step": r * 5 + 1, "val_bpb": 2.5, "params": 104, "tokens_per_s": 2e3}})
         records.saved(_write(store, records.set_checkpoints([4], 100 + r)))
