@@ -64,7 +64,8 @@ class MemberRecord:
 
     def fields(self) -> dict[str, Any]:
         """{field: value}, the values the record's own (no copy)."""
-        return {f: getattr(self, f) for f in _FIELDS}
+        d = self.__dict__
+        return d.copy() if len(d) == len(_FIELDS) else {f: getattr(self, f) for f in _FIELDS}
 
     def to_dict(self) -> dict[str, Any]:
         """The record as JSON-shaped data sharing no list or dict with it: what
@@ -240,6 +241,7 @@ class Records:
         self._genomes: dict[int, tuple[dict, Genome]] = {}
         # each member's history as the strategy sees it: (record, its history list, the tuple)
         self._views: dict[int, tuple[MemberRecord, list, tuple]] = {}
+        self._view_of: dict[int, tuple[MemberRecord, tuple, MemberView]] = {}   # the last view, its key
         self.pending_lineage: list[dict] = []
         self.named_checkpoints: set[str] = set()   # named since the last commit (pruned if unused)
         self.notes: list[str] = []    # one-line warnings of open() (a commit skipped as damaged)
@@ -468,9 +470,16 @@ class Records:
         views = []
         for m in self.ids:
             rec = self.members[m]
-            views.append(MemberView(id=rec.id, genome=self.genome(rec.genome), history=self._history(rec),
-                                    age=rec.age, step=rec.step, objectives=dict(rec.objectives),
-                                    since_change=rec.since_change))
+            key = (rec.genome, rec.history, len(rec.history), rec.age, rec.step, rec.objectives, rec.since_change)
+            hit = self._view_of.get(m)
+            if hit is not None and hit[0] is rec and all(a is b for a, b in zip(hit[1], key)):
+                views.append(hit[2])   # unchanged since the last snapshot (async: all but a few)
+                continue
+            view = MemberView(id=rec.id, genome=self.genome(rec.genome), history=self._history(rec),
+                              age=rec.age, step=rec.step, objectives=dict(rec.objectives),
+                              since_change=rec.since_change)
+            self._view_of[m] = (rec, key, view)
+            views.append(view)
         if len(self._genomes) > 4 * len(self.ids) + 64:   # genomes no record holds any more
             held = {id(self.members[m].genome) for m in self.ids}
             self._genomes = {k: v for k, v in self._genomes.items() if k in held}
@@ -555,12 +564,12 @@ class Records:
                        "slot_s": self.slot_s + session * self.slots, "member_cpu_s": self.cpu_s},
             "updated": time.time(),
         }
-        self.store.commit_state(state)
+        named = {r.checkpoint for r in self.members.values() if r.checkpoint}
+        self.store.commit_state(state, refs=named)
         self.committed = state
         self.committed_members = dict(zip(self.ids, encoded))
         # the store lists its checkpoints only now and then; it is told what was named since
-        self.store.prune_checkpoints({r.checkpoint for r in self.members.values() if r.checkpoint},
-                                     new=self.named_checkpoints, background=True)
+        self.store.prune_checkpoints(named, new=self.named_checkpoints, background=True)
         self.named_checkpoints = set()
         return members, lineage
 

@@ -54,6 +54,7 @@ from __future__ import annotations
 import contextlib
 import datetime as dt
 import errno
+import functools
 import hashlib
 import io
 import json
@@ -211,11 +212,13 @@ class RunStore:
         return config
 
     # ------------------------------------------------------------------ state
-    def commit_state(self, state: dict) -> None:
+    def commit_state(self, state: dict, refs: Iterable[str] | None = None) -> None:
         """Commit ``state`` (JSON: dict keys become strings) as the run's current state.
 
         ``state["round"]`` must be a non-negative int. Atomic: a crash at any point leaves
-        either the previous commit or this one (see the module docstring).
+        either the previous commit or this one (see the module docstring). ``refs``: every
+        checkpoint path the state names, when the caller knows them (the driver: its members'
+        checkpoints); else the body is searched for them.
         """
         self._check_not_lost()
         rnd = state.get("round") if isinstance(state, dict) else None
@@ -231,7 +234,7 @@ class RunStore:
         rel = f"{STATES_DIR}/{seq:06d}.json"
         self._write_bytes(rel, body)
         sha = hashlib.sha256(body).hexdigest()
-        self._body_refs[(rel, sha)] = _refs_in(body)
+        self._body_refs[(rel, sha)] = frozenset(map(_clean_rel, refs)) if refs is not None else _refs_in(body)
         pointer = {
             "commit": seq, "round": rnd, "file": rel, "bytes": len(body),
             "sha256": sha, "time": _iso(time.time()),
@@ -923,6 +926,7 @@ def list_runs(storage: str | os.PathLike[str]) -> list[str]:
 
 
 # ---------------------------------------------------------------------- helpers
+@functools.lru_cache(maxsize=1 << 16)   # the driver cleans every member's checkpoint path per commit
 def _clean_rel(rel: str) -> str:
     """``rel`` normalised; StoreError unless it is a relative path inside the run."""
     norm = posixpath.normpath(rel) if isinstance(rel, str) and rel else ""
@@ -955,7 +959,8 @@ def _encode_state(state: dict) -> bytes:
     lines = []
     for key in sorted(state, key=str):
         value = state[key]
-        if isinstance(value, list) and value and all(isinstance(v, (dict, RawJSON)) for v in value):
+        if isinstance(value, list) and value and (all(type(v) is RawJSON for v in value)
+                                                  or all(isinstance(v, (dict, RawJSON)) for v in value)):
             inner = ",\n".join(v if isinstance(v, RawJSON) else _ENCODE(v) for v in value)
             text = f"[\n{inner}\n]"
         else:

@@ -66,6 +66,7 @@ def test_commit_and_snapshot_equal_whole_encodings_and_views(tmp_path, cache_dir
         records.saved(_write(store, records.set_checkpoints([4], 100 + r)))
         records.commit(r, steps_done=r * 5, events=r)
         assert _body_members(store) == [_encode(records[m].fields()) for m in records.ids]
+        assert records.snapshot(r).members == tuple(records[m].view() for m in records.ids)
     assert records[0].parent == 5 and records[0].genome["train.lr"] == 1e-3
     again = Records(records.setup, RunStore(tmp_path, "enc"), make_strategy(records.setup.strategy, records.setup.space), 1)
     assert again.open() == "resumed"
