@@ -25,9 +25,10 @@ Layout::
     ├── checkpoints/
     │   └── m3/
     │       ├── r12.pt             torch.save of member 3's trainer state at round 12
-    │       └── r12.pt.sha256      its SHA-256, written by the member after the file; the driver
-    │                              copies it into the member's record (checkpoint_sha256) when it
-    │                              commits, and a resume checks the file against the record's
+    │       └── r12.pt.sha256      its SHA-256, written by the member after the file; the member
+    │                              also reports it (wait_saved), the driver commits it in the
+    │                              member's record (checkpoint_sha256; read from this file only
+    │                              when not reported), and a resume checks the file against it
     ├── lock.json                  while a driver holds the run: {"pid", "host", "pid_start",
     │                              "started", "heartbeat" (unix s), "token"}
     └── …                          whatever else is written with write_text (reports, optuna.db …)
@@ -38,7 +39,9 @@ pointer is replaced: a crash before that leaves the previous pointer, which name
 complete and never touched again. ``read_state`` checks the checksum, so a torn body is reported
 (``CorruptRunError``), never returned. ``committed_states`` also yields the older bodies still
 kept, each checked against its checksum, and ``prune_checkpoints`` keeps every checkpoint one of
-them names: a run whose last commit lost a file resumes from the commit before it.
+them names: a run whose last commit lost a file resumes from the commit before it. The driver
+prunes in the background (``prune_checkpoints(background=True)``): the files to delete are chosen
+from the kept commits before the thread starts, so a crash meanwhile only leaves files behind.
 
 Writes. On a local disk every file is written under a temporary name beside it
 (``<name>.tmp-<hex>``), fsynced and renamed into place with ``os.replace``: a reader sees the old
