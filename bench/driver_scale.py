@@ -94,15 +94,31 @@ def stub_results(records: Records, rng: np.random.Generator, params: dict) -> di
     return out
 
 
-def write_checkpoints(store: RunStore, paths: dict) -> None:
-    """The members' part: each checkpoint file and its checksum beside it."""
+def write_checkpoints(store: RunStore, paths: dict) -> dict[int, tuple[str, str]]:
+    """The members' part: each checkpoint file and its checksum beside it; returns what
+    ``Members.finish_checkpoints`` hands the driver ({member: (path, SHA-256)})."""
     root = Path(store.uri)
-    for rel, step in paths.values():
+    out = {}
+    for m, (rel, step) in paths.items():
         body = f"step {step}".encode()
         path = root / rel
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_bytes(body)
-        (root / (rel + ".sha256")).write_text(hashlib.sha256(body).hexdigest() + "\n")
+        out[m] = (rel, hashlib.sha256(body).hexdigest())
+        (root / (rel + ".sha256")).write_text(out[m][1] + "\n")
+    return out
+
+
+def apply_records(records: Records, decisions: list, r: int, params: dict) -> None:
+    """The records' side of a plan: what ``apply_decisions`` writes once the members took it."""
+    pending = [d for d in decisions if not isinstance(d, Keep)]
+    before = records_before(records, pending)
+    for d in pending:
+        if isinstance(d, (Exploit, Crossover)):
+            source = d.donor if isinstance(d, Exploit) else d.weights_from
+            params[d.member] = params[source]
+            record_applied(records, d, before, source, r, step=before[source].step,
+                           params=params[source], latency=0.001, received={"read_s": 0.0, "load_s": 0.001})
 
 
 def one_round(records: Records, strategy, monitor: Monitor, progress: Progress, r: int,
@@ -114,18 +130,12 @@ def one_round(records: Records, strategy, monitor: Monitor, progress: Progress, 
     t1 = time.perf_counter()
     decisions = strategy.plan(records.snapshot(r), np.random.default_rng([0, r]))
     t2 = time.perf_counter()
-    pending = [d for d in decisions if not isinstance(d, Keep)]
-    before = records_before(records, pending)
-    for d in pending:
-        if isinstance(d, (Exploit, Crossover)):
-            source = d.donor if isinstance(d, Exploit) else d.weights_from
-            params[d.member] = params[source]
-            record_applied(records, d, before, source, r, step=before[source].step,
-                           params=params[source], latency=0.001, received={"read_s": 0.0, "load_s": 0.001})
+    apply_records(records, decisions, r, params)
     paths = records.set_checkpoints(records.ids, r)
     t3 = time.perf_counter()
-    write_checkpoints(records.store, paths)   # the members' work: not timed
+    written = write_checkpoints(records.store, paths)   # the members' work: not timed
     t4 = time.perf_counter()
+    records.saved(written)
     steps = records.steps_done + INTERVAL
     members, lineage = records.commit(r, steps_done=steps)
     monitor.on_round(r, members, lineage, results)
@@ -157,10 +167,57 @@ def measure(strategy_name: str, n: int, warmup: int, rounds: int) -> dict:
                 book_ms.append(b)
         state_bytes = json.loads((Path(store.uri) / "state.json").read_text())["bytes"]
         monitor.close("finished")
+        store.wait_pruned()   # before the folder goes
     return {"strategy": strategy_name, "n": n, "decision_ms": statistics.median(plan_ms),
             "bookkeeping_ms": statistics.median(book_ms),
             "total_ms": statistics.median(p + b for p, b in zip(plan_ms, book_ms)),
             "state_bytes": state_bytes}
+
+
+def measure_async(strategy_name: str, n: int, warmup: int, events: int) -> dict:
+    """Async mode's unit of work at n members: one member's result, its decision
+    (``plan(ready=[m])``), its checkpoint and a whole commit, as ``driver.async_events`` does
+    after every event; after ``warmup`` sync rounds (histories, checkpoints). Returns the median
+    ms per event and that times n (a round of events)."""
+    with tempfile.TemporaryDirectory() as storage:
+        setup = setup_for(strategy_name, n, storage, warmup + events)
+        store = RunStore(storage, setup.name)
+        strategy = make_strategy(setup.strategy, setup.space)
+        records = Records(setup, store, strategy, 1)
+        records.open()
+        monitor = Monitor(setup, store, resumed=False)
+        progress = Progress(setup.name, records, Console())
+        records.start_clock(n)
+        params = {m: setup.space.count_parameters(Genome.from_dict(records[m].genome)) for m in records.ids}
+        rng = np.random.default_rng([n, 2])
+        for r in range(1, warmup + 1):
+            one_round(records, strategy, monitor, progress, r, rng, params)
+        plan_ms, book_ms = [], []
+        for e in range(events):
+            m = records.ids[(e * 7919) % n]   # members finish in some order
+            result = {m: stub_results(records, rng, params)[m]}
+            t0 = time.perf_counter()
+            records.record_results(result)
+            t1 = time.perf_counter()
+            decisions = strategy.plan(records.snapshot(warmup), np.random.default_rng([0, warmup, e]), ready=[m])
+            t2 = time.perf_counter()
+            apply_records(records, decisions, warmup, params)
+            paths = records.set_checkpoints([m], records[m].intervals)
+            t3 = time.perf_counter()
+            written = write_checkpoints(store, paths)
+            t4 = time.perf_counter()
+            records.saved(written)
+            steps = min(x.step for x in records.members.values())
+            members, lineage = records.commit(warmup, steps_done=steps, events=warmup * n + e + 1)
+            monitor.on_round(warmup, members, lineage, result)
+            t5 = time.perf_counter()
+            plan_ms.append((t2 - t1) * 1e3)
+            book_ms.append(((t1 - t0) + (t3 - t2) + (t5 - t4)) * 1e3)
+        monitor.close("finished")
+        store.wait_pruned()
+    event_ms = statistics.median(p + b for p, b in zip(plan_ms, book_ms))
+    return {"strategy": strategy_name, "n": n, "decision_ms": statistics.median(plan_ms),
+            "bookkeeping_ms": statistics.median(book_ms), "event_ms": event_ms, "round_ms": event_ms * n}
 
 
 def exponent(rows: list[dict], key: str) -> float | None:
@@ -222,11 +279,14 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--warmup", type=int, default=2, help="untimed rounds first")
     ap.add_argument("--rounds", type=int, default=3, help="timed rounds (the median is shown)")
     ap.add_argument("--out", default="bench-out", help="folder for driver_scale.png and driver_scale.json")
+    ap.add_argument("--async-events", type=int, default=0, metavar="K",
+                    help="also time K async events (one member's result, decision, checkpoint and "
+                         "commit) per strategy at each size >= 256, after the warm-up rounds")
     args = ap.parse_args(argv)
     if args.small:
         args.sizes, args.warmup, args.rounds = list(SMALL["sizes"]), SMALL["warmup"], SMALL["rounds"]
-    if min(args.sizes) < 2 or args.rounds < 1 or args.warmup < 0:
-        print("driver_scale: sizes must be >= 2, --rounds >= 1 and --warmup >= 0", file=sys.stderr)
+    if min(args.sizes) < 2 or args.rounds < 1 or args.warmup < 0 or args.async_events < 0:
+        print("driver_scale: sizes must be >= 2, --rounds >= 1, --warmup and --async-events >= 0", file=sys.stderr)
         return 2
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -239,10 +299,22 @@ def main(argv: list[str] | None = None) -> int:
           f"{os.cpu_count()} CPUs; median of {args.rounds} timed rounds after {args.warmup} untimed")
     print(table(rows, args.strategies))
     plot(rows, args.strategies, out / "driver_scale.png")
+    async_rows = []
+    if args.async_events:
+        for s in args.strategies:
+            for n in sorted(x for x in args.sizes if x >= FIT_FROM):
+                async_rows.append(measure_async(s, n, args.warmup, args.async_events))
+                print(f"  async {s} n={n}: {async_rows[-1]['event_ms']:.2f} ms/event", file=sys.stderr, flush=True)
     (out / "driver_scale.json").write_text(json.dumps({"rows": rows, "exponents": {
         s: {k: exponent([r for r in rows if r["strategy"] == s], k) for k in ("decision_ms", "bookkeeping_ms", "total_ms")}
-        for s in args.strategies}}, indent=1) + "\n")
+        for s in args.strategies}, "async": async_rows}, indent=1) + "\n")
     print(f"plot: {out / 'driver_scale.png'}")
+    if async_rows:
+        print(f"\nasync, per event (median of {args.async_events}); a round is n events:")
+        print(f"{'strategy':<9}{'n':>6}{'decision ms':>13}{'bookkeeping ms':>16}{'event ms':>10}{'round ms':>10}")
+        for r in async_rows:
+            print(f"{r['strategy']:<9}{r['n']:>6}{r['decision_ms']:>13.2f}{r['bookkeeping_ms']:>16.2f}"
+                  f"{r['event_ms']:>10.2f}{r['round_ms']:>10.0f}")
     return 0
 
 

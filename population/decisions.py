@@ -231,7 +231,7 @@ def checkpoint_dead(s: Search, round: int, key: Callable[[int], int]) -> None:
         for m in ms:
             checkpoints.update(s.records.set_checkpoints([m], key(m)))
         s.members.start_checkpoints(checkpoints)
-        s.members.finish_checkpoints(sorted(checkpoints))
+        s.records.saved(s.members.finish_checkpoints(sorted(checkpoints)))
 
 
 def _load_own_state(s: Search, m: int) -> str | None:

@@ -249,7 +249,7 @@ def sync_rounds(s: Search) -> None:
         n = min(pop.interval_steps, pop.total_steps - steps)
         started = dict(s.members.generation)
         training = s.slots.start_interval(ids, n) if n > 0 else None
-        s.members.finish_checkpoints(ids)
+        s.records.saved(s.members.finish_checkpoints(ids))
         checkpoint_dead(s, r, lambda m: r)
         members, lineage = s.records.commit(r, steps_done=steps)
         s.monitor.on_round(r, members, lineage, results)
@@ -327,7 +327,7 @@ def async_events(s: Search) -> None:
         restore_dead(s, r)
         s.members.start_checkpoints(s.records.set_checkpoints([m], s.records[m].intervals))
         fill_slots()
-        s.members.finish_checkpoints([m])
+        s.records.saved(s.members.finish_checkpoints([m]))
         checkpoint_dead(s, r, lambda j: s.records[j].intervals)
         steps = min(x.step for x in s.records.members.values())
         members, lineage = s.records.commit(r, steps_done=steps, events=event)

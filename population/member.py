@@ -171,7 +171,7 @@ class Member:
         self._snapshot: dict | None = None   # None: the trainer changed since the last one
         self._wire: WireState | None = None  # the snapshot packed for the object store
         self._saver: threading.Thread | None = None
-        self._saved: int | BaseException = 0
+        self._saved: dict | BaseException = {}
         self._interval = _interval_totals()  # the parts of the interval trained so far
 
     def pid(self) -> int:
@@ -333,22 +333,25 @@ class Member:
 
         def write() -> None:
             try:
-                self._saved = int(RunStore(storage, name).save_checkpoint(rel_path, state) or 0)
+                size, sha = RunStore(storage, name).write_checkpoint(rel_path, state)
+                self._saved = {"path": rel_path, "bytes": int(size or 0), "sha256": sha}
             except BaseException as e:  # handed to the driver by wait_saved
                 self._saved = e
 
-        self._saved = 0
+        self._saved = {}
         self._saver = threading.Thread(target=write, name=f"save-{rel_path}", daemon=True)
         self._saver.start()
         return {"step": int(state["step"])}
 
-    def wait_saved(self) -> int:
-        """Block until the last checkpoint write is complete; returns the bytes written."""
+    def wait_saved(self) -> dict:
+        """Block until the last checkpoint write is complete; returns {"path", "bytes",
+        "sha256"} of it ({} when none was written): the driver records the checksum without
+        reading the ``.sha256`` file back."""
         if self._saver is not None:
             self._saver.join()
             self._saver = None
         if isinstance(self._saved, BaseException):
-            error, self._saved = self._saved, 0
+            error, self._saved = self._saved, {}
             raise error
         return self._saved
 

@@ -152,10 +152,13 @@ class Members:
                 raise SearchError(f"member {m}: checkpoint at step {info['step']}, "
                                   f"record at step {checkpoints[m][1]}")
 
-    def finish_checkpoints(self, ids: list[int]) -> None:
+    def finish_checkpoints(self, ids: list[int]) -> dict[int, tuple[str, str]]:
         """Wait until the checkpoint writes of ``ids`` are complete (a member that died meanwhile
-        is noted in ``dead``: its checkpoint is not written)."""
-        self.call({m: self.actors[m].wait_saved.remote() for m in ids})
+        is noted in ``dead``: its checkpoint is not written); returns {member: (path, SHA-256)}
+        of what each wrote (``Records.saved`` takes it)."""
+        done = self.call({m: self.actors[m].wait_saved.remote() for m in ids})
+        return {m: (info["path"], info["sha256"]) for m, info in done.items()
+                if isinstance(info, dict) and info.get("sha256")}
 
     # -- calls -----------------------------------------------------------------------------------
 

@@ -64,7 +64,8 @@ class MemberRecord:
 
     def fields(self) -> dict[str, Any]:
         """{field: value}, the values the record's own (no copy)."""
-        return {f: getattr(self, f) for f in _FIELDS}
+        d = self.__dict__
+        return d.copy() if len(d) == len(_FIELDS) else {f: getattr(self, f) for f in _FIELDS}
 
     def to_dict(self) -> dict[str, Any]:
         """The record as JSON-shaped data sharing no list or dict with it: what
@@ -82,6 +83,70 @@ class MemberRecord:
 _FIELDS = tuple(f.name for f in dataclasses.fields(MemberRecord))
 _encode = json.JSONEncoder(sort_keys=True).encode   # one encoder for thousands of records a round
 _SCALARS = frozenset({str, int, float, bool, type(None)})
+_encode_str = json.encoder.encode_basestring_ascii   # what the encoder above writes for a str
+
+
+def _scalar(x: Any) -> str:
+    """``_encode(x)`` of a str / int / bool / None field, without the encoder's call overhead."""
+    t = type(x)
+    if t is int:
+        return int.__repr__(x)
+    if t is str:
+        return _encode_str(x)
+    if x is None:
+        return "null"
+    if t is bool:
+        return "true" if x else "false"
+    return _encode(x)
+
+
+class _Encoded:
+    """A member's record as committed, as JSON text, with the parts it was made of.
+
+    ``Records.commit`` re-encodes only what changed since the last commit: the genome, the
+    schedule and the objectives by identity (the records replace them, never change them in
+    place), the history by its length (it is only appended to), the scalars by value. In sync
+    mode every member's history and counters move each round, so the whole text is rebuilt but
+    the genome and schedule are not re-encoded; in async mode one member changes per event and
+    the others cost one comparison each."""
+
+    __slots__ = ("rec", "genome", "genome_text", "schedule", "schedule_text", "objectives",
+                 "objectives_text", "history", "history_len", "history_text", "scalars", "text")
+
+    def __init__(self, rec: MemberRecord) -> None:
+        self.rec = rec
+        self.genome = self.schedule = self.objectives = self.history = self.scalars = None
+        self.history_len = -1
+        self.text = ""
+
+    def update(self, rec: MemberRecord) -> str:
+        """The record's JSON text, exactly ``_encode(rec.fields())``."""
+        changed = False
+        if rec.genome is not self.genome:
+            self.genome, self.genome_text, changed = rec.genome, _encode(rec.genome), True
+        if rec.schedule is not self.schedule:
+            self.schedule, self.schedule_text, changed = rec.schedule, _encode(rec.schedule), True
+        if rec.objectives is not self.objectives:
+            self.objectives, self.objectives_text, changed = rec.objectives, _encode(rec.objectives), True
+        h = rec.history
+        if h is not self.history or len(h) < self.history_len:
+            self.history, self.history_len, self.history_text = h, len(h), _encode(h)[1:-1]
+            changed = True
+        elif len(h) != self.history_len:
+            more = _encode(h[self.history_len:])[1:-1]
+            self.history_text = f"{self.history_text}, {more}" if self.history_len else more
+            self.history_len, changed = len(h), True
+        scalars = (rec.age, rec.alive, rec.checkpoint, rec.checkpoint_sha256, rec.id, rec.intervals,
+                   rec.parent, rec.seed, rec.since_change, rec.step)
+        if changed or scalars != self.scalars or any(type(a) is not type(b) for a, b in zip(scalars, self.scalars)):
+            self.scalars = scalars
+            age, alive, ckpt, sha, id_, intervals, parent, seed, since, step = map(_scalar, scalars)
+            self.text = (f'{{"age": {age}, "alive": {alive}, "checkpoint": {ckpt}, "checkpoint_sha256": {sha}, '
+                         f'"genome": {self.genome_text}, "history": [{self.history_text}], "id": {id_}, '
+                         f'"intervals": {intervals}, "objectives": {self.objectives_text}, "parent": {parent}, '
+                         f'"schedule": {self.schedule_text}, "seed": {seed}, "since_change": {since}, '
+                         f'"step": {step}}}')
+        return self.text
 
 
 def _copy(x: Any) -> Any:
@@ -170,6 +235,13 @@ class Records:
         # the committed members by id: each as its JSON text once committed here (immutable: no
         # copy of thousands of records per round), as a dict when loaded from the store
         self.committed_members: dict[int, str | dict] = {}
+        self._encoded: dict[int, _Encoded] = {}   # each member's committed text and its parts
+        # Genome of a genome dict, by the dict's identity (the records replace genomes, never
+        # change them in place); the dict is held, so its id is not reused while cached
+        self._genomes: dict[int, tuple[dict, Genome]] = {}
+        # each member's history as the strategy sees it: (record, its history list, the tuple)
+        self._views: dict[int, tuple[MemberRecord, list, tuple]] = {}
+        self._view_of: dict[int, tuple[MemberRecord, tuple, MemberView]] = {}   # the last view, its key
         self.pending_lineage: list[dict] = []
         self.named_checkpoints: set[str] = set()   # named since the last commit (pruned if unused)
         self.notes: list[str] = []    # one-line warnings of open() (a commit skipped as damaged)
@@ -333,7 +405,7 @@ class Records:
         another parent's for a merge crossover) at ``step``: its schedule becomes src's up to
         ``step``, then ``genome``."""
         rec = self.members[m]
-        if merged or Genome.from_dict(genome).architecture() != Genome.from_dict(src.genome).architecture():
+        if merged or self.genome(genome).architecture() != self.genome(src.genome).architecture():
             rec.since_change = 0                      # a new shape, or merged weights: its grace period starts
         elif src.id != m:
             rec.since_change = src.since_change       # the donor's weights, as recently changed as they are
@@ -359,7 +431,7 @@ class Records:
         record = {"event": event, "round": round, "member": member, "parents": parents,
                   "genome": genome, "step": step, "fitness": fitness, "time": time.time()}
         if changed_from is not None:
-            a, b = Genome.from_dict(changed_from), Genome.from_dict(genome)
+            a, b = self.genome(changed_from), self.genome(genome)
             changes = diff(a, b)
             record["changed"] = format_diff(a, b, changes)
             record["diff"] = {p: list(v) for p, v in changes.items()}
@@ -369,21 +441,72 @@ class Records:
     def set_checkpoints(self, ids: list[int], round: int) -> dict[int, tuple[str, int]]:
         """Each member of ``ids`` names its checkpoint of ``round`` (committed once written);
         returns {member: (path in the store, the step the checkpoint must hold)}."""
+        paths = {m: self.store.checkpoint_path(m, round) for m in ids}
+        self.store.wait_pruned(paths.values())   # one of them may still be being deleted (pruned)
         out = {}
         for m in ids:
             rec = self.members[m]
-            rec.checkpoint = self.store.checkpoint_path(m, round)
-            rec.checkpoint_sha256 = None   # known once written (commit reads it)
+            rec.checkpoint = paths[m]
+            rec.checkpoint_sha256 = None   # known once written (saved(), else commit reads it)
             self.named_checkpoints.add(rec.checkpoint)
             out[m] = (rec.checkpoint, rec.step)
         return out
 
+    def saved(self, written: Mapping[int, tuple[str, str]]) -> None:
+        """The members wrote their checkpoints: {member: (path, its SHA-256)} as they reported
+        it (``Members.finish_checkpoints``); a record that names another path keeps its own."""
+        for m, (path, sha256) in written.items():
+            rec = self.members.get(m)
+            if rec is not None and rec.checkpoint == path:
+                rec.checkpoint_sha256 = sha256
+
     # -- the population as the strategy sees it ------------------------------------------------
 
     def snapshot(self, round: int) -> Snapshot:
+        """The population as the strategy sees it: ``MemberRecord.view()`` of every member, with
+        the genomes and the histories' unchanged part reused from the last snapshot."""
         fitness = self.setup.fitness
         senses = {SCORE: fitness.sense} if fitness is not None and fitness.function else {}
-        return Snapshot(round=round, members=tuple(self.members[m].view() for m in self.ids), senses=senses)
+        views = []
+        for m in self.ids:
+            rec = self.members[m]
+            key = (rec.genome, rec.history, len(rec.history), rec.age, rec.step, rec.objectives, rec.since_change)
+            hit = self._view_of.get(m)
+            if hit is not None and hit[0] is rec and all(a is b for a, b in zip(hit[1], key)):
+                views.append(hit[2])   # unchanged since the last snapshot (async: all but a few)
+                continue
+            view = MemberView(id=rec.id, genome=self.genome(rec.genome), history=self._history(rec),
+                              age=rec.age, step=rec.step, objectives=dict(rec.objectives),
+                              since_change=rec.since_change)
+            self._view_of[m] = (rec, key, view)
+            views.append(view)
+        if len(self._genomes) > 4 * len(self.ids) + 64:   # genomes no record holds any more
+            held = {id(self.members[m].genome) for m in self.ids}
+            self._genomes = {k: v for k, v in self._genomes.items() if k in held}
+        return Snapshot(round=round, members=tuple(views), senses=senses)
+
+    def genome(self, d: dict) -> Genome:
+        """``Genome.from_dict(d)``, built once per genome dict."""
+        hit = self._genomes.get(id(d))
+        if hit is not None and hit[0] is d:
+            return hit[1]
+        g = Genome.from_dict(d)
+        self._genomes[id(d)] = (d, g)
+        return g
+
+    def _history(self, rec: MemberRecord) -> tuple[tuple[int, float], ...]:
+        """``rec.view().history``, extended by the evaluations appended since the last snapshot."""
+        h = rec.history
+        hit = self._views.get(rec.id)
+        if hit is not None and hit[0] is rec and hit[1] is h and len(hit[2]) <= len(h):
+            seen = hit[2]
+            if len(seen) == len(h):
+                return seen
+            out = seen + tuple((int(s), float(f)) for s, f in h[len(seen):])
+        else:
+            out = tuple((int(s), float(f)) for s, f in h)
+        self._views[rec.id] = (rec, h, out)
+        return out
 
     def best(self) -> MemberRecord | None:
         alive = [r for r in self.members.values() if r.alive and r.history]
@@ -401,7 +524,7 @@ class Records:
         lineage, self.pending_lineage = self.pending_lineage, []
         if lineage:
             self.lineage_count = self.store.append_lineage(lineage)
-        for rec in self.members.values():   # the checksums the members wrote beside new checkpoints
+        for rec in self.members.values():   # checksums no member reported: the ones written beside them
             if rec.checkpoint and rec.checkpoint_sha256 is None:
                 rec.checkpoint_sha256 = self.store.checkpoint_sha256(rec.checkpoint)
         now = time.perf_counter()
@@ -412,7 +535,7 @@ class Records:
             self.events = events
         members = [self.members[m].fields() for m in self.ids]
         try:
-            encoded = [RawJSON(_encode(d)) for d in members]
+            encoded = [RawJSON(self._encode_member(self.members[m])) for m in self.ids]
         except (TypeError, ValueError) as e:
             raise StoreError(f"state is not JSON-serialisable: {str(e).splitlines()[0] if str(e) else e!r}") from e
         state = {
@@ -441,14 +564,25 @@ class Records:
                        "slot_s": self.slot_s + session * self.slots, "member_cpu_s": self.cpu_s},
             "updated": time.time(),
         }
-        self.store.commit_state(state)
+        named = {r.checkpoint for r in self.members.values() if r.checkpoint}
+        self.store.commit_state(state, refs=named)
         self.committed = state
         self.committed_members = dict(zip(self.ids, encoded))
         # the store lists its checkpoints only now and then; it is told what was named since
-        self.store.prune_checkpoints({r.checkpoint for r in self.members.values() if r.checkpoint},
-                                     new=self.named_checkpoints)
+        self.store.prune_checkpoints(named, new=self.named_checkpoints, background=True)
         self.named_checkpoints = set()
         return members, lineage
+
+    def _encode_member(self, rec: MemberRecord) -> str:
+        """``_encode(rec.fields())``, re-encoding only the parts that changed since the last commit."""
+        enc = self._encoded.get(rec.id)
+        if enc is None or enc.rec is not rec:   # a record replaced (set back, restarted): start over
+            enc = self._encoded[rec.id] = _Encoded(rec)
+        try:
+            return enc.update(rec)
+        except BaseException:
+            del self._encoded[rec.id]   # half updated: never reused
+            raise
 
     def member_dicts(self) -> list[dict]:
         """Every record as a JSON-shaped dict sharing nothing with it (what the commit keeps)."""

@@ -25,9 +25,10 @@ Layout::
     ├── checkpoints/
     │   └── m3/
     │       ├── r12.pt             torch.save of member 3's trainer state at round 12
-    │       └── r12.pt.sha256      its SHA-256, written by the member after the file; the driver
-    │                              copies it into the member's record (checkpoint_sha256) when it
-    │                              commits, and a resume checks the file against the record's
+    │       └── r12.pt.sha256      its SHA-256, written by the member after the file; the member
+    │                              also reports it (wait_saved), the driver commits it in the
+    │                              member's record (checkpoint_sha256; read from this file only
+    │                              when not reported), and a resume checks the file against it
     ├── lock.json                  while a driver holds the run: {"pid", "host", "pid_start",
     │                              "started", "heartbeat" (unix s), "token"}
     └── …                          whatever else is written with write_text (reports, optuna.db …)
@@ -38,7 +39,9 @@ pointer is replaced: a crash before that leaves the previous pointer, which name
 complete and never touched again. ``read_state`` checks the checksum, so a torn body is reported
 (``CorruptRunError``), never returned. ``committed_states`` also yields the older bodies still
 kept, each checked against its checksum, and ``prune_checkpoints`` keeps every checkpoint one of
-them names: a run whose last commit lost a file resumes from the commit before it.
+them names: a run whose last commit lost a file resumes from the commit before it. The driver
+prunes in the background (``prune_checkpoints(background=True)``): the files to delete are chosen
+from the kept commits before the thread starts, so a crash meanwhile only leaves files behind.
 
 Writes. On a local disk every file is written under a temporary name beside it
 (``<name>.tmp-<hex>``), fsynced and renamed into place with ``os.replace``: a reader sees the old
@@ -54,6 +57,7 @@ from __future__ import annotations
 import contextlib
 import datetime as dt
 import errno
+import functools
 import hashlib
 import io
 import json
@@ -66,7 +70,7 @@ import threading
 import time
 import uuid
 import warnings
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from typing import IO, Any
 
 import fsspec
@@ -159,6 +163,11 @@ class RunStore:
         # checkpoints folder was last listed whole (monotonic seconds)
         self._present: set[str] | None = None
         self._listed_at = -math.inf
+        # prune_checkpoints(background=True): the thread deleting the last round's unnamed
+        # checkpoints, and the first error it met (raised by the next wait_pruned)
+        self._deleter: threading.Thread | None = None
+        self._deleting: frozenset[str] = frozenset()   # the .pt paths it was handed
+        self._delete_error: BaseException | None = None
 
     def __repr__(self) -> str:
         return f"RunStore({self.uri!r})"
@@ -206,11 +215,13 @@ class RunStore:
         return config
 
     # ------------------------------------------------------------------ state
-    def commit_state(self, state: dict) -> None:
+    def commit_state(self, state: dict, refs: Iterable[str] | None = None) -> None:
         """Commit ``state`` (JSON: dict keys become strings) as the run's current state.
 
         ``state["round"]`` must be a non-negative int. Atomic: a crash at any point leaves
-        either the previous commit or this one (see the module docstring).
+        either the previous commit or this one (see the module docstring). ``refs``: every
+        checkpoint path the state names, when the caller knows them (the driver: its members'
+        checkpoints); else the body is searched for them.
         """
         self._check_not_lost()
         rnd = state.get("round") if isinstance(state, dict) else None
@@ -226,7 +237,7 @@ class RunStore:
         rel = f"{STATES_DIR}/{seq:06d}.json"
         self._write_bytes(rel, body)
         sha = hashlib.sha256(body).hexdigest()
-        self._body_refs[(rel, sha)] = _refs_in(body)
+        self._body_refs[(rel, sha)] = frozenset(map(_clean_rel, refs)) if refs is not None else _refs_in(body)
         pointer = {
             "commit": seq, "round": rnd, "file": rel, "bytes": len(body),
             "sha256": sha, "time": _iso(time.time()),
@@ -422,6 +433,11 @@ class RunStore:
         Safe from a background thread (each call writes its own temporary file). Store tensors
         and plain Python only: ``load_checkpoint`` uses ``torch.load(weights_only=True)``.
         """
+        return self.write_checkpoint(rel_path, state)[0]
+
+    def write_checkpoint(self, rel_path: str, state: dict) -> tuple[int, str]:
+        """``save_checkpoint``, returning (bytes written, the SHA-256 written beside it): a
+        member hands the checksum to the driver, which need not read the ``.sha256`` back."""
         import torch
 
         rel = _clean_rel(rel_path)
@@ -439,7 +455,7 @@ class RunStore:
             if cause is None:
                 raise
             raise StoreError(f"cannot write checkpoint {self._uri(rel)}: {_os_error(cause)}") from e
-        return size
+        return size, digest.hexdigest()
 
     def checkpoint_sha256(self, rel_path: str) -> str | None:
         """The SHA-256 written beside a checkpoint by ``save_checkpoint``; None without one."""
@@ -518,7 +534,8 @@ class RunStore:
             raise CorruptRunError(f"checkpoint {where} holds a {type(state).__name__}, not a dict")
         return state
 
-    def prune_checkpoints(self, keep: set[str], new: set[str] | None = None) -> list[str]:
+    def prune_checkpoints(self, keep: set[str], new: set[str] | None = None,
+                          background: bool = False) -> list[str]:
         """Delete checkpoint files (``*.pt`` under checkpoints/) not in ``keep``; returns them.
 
         A checkpoint named anywhere in a committed state still kept (the last commit and the
@@ -532,8 +549,17 @@ class RunStore:
         the candidates, and the folder is listed whole only on the first call and every
         LIST_EVERY_S seconds (temporaries, files of a crashed session): a round costs what it
         deletes, not the size of the store. Without ``new``, the folder is listed every time.
+
+        ``background`` (with ``new``, between listings): which files go is decided here, from
+        the committed states, and a thread deletes them (their ``.pt`` paths are returned); the
+        round goes on meanwhile. Only files no kept commit names are handed to it, so a crash
+        while it deletes loses nothing a resume needs (a file it left is deleted by the next
+        listing). ``wait_pruned`` joins it: call it before a path it deletes may be named again
+        (the driver does before naming checkpoints), and ``lock()`` does before it releases the run;
+        the next prune joins it first.
         """
         self._check_not_lost()
+        self.wait_pruned()
         kept = {_clean_rel(k) for k in keep}
         raw = self._read_bytes(STATE)
         if raw is not None:
@@ -543,13 +569,14 @@ class RunStore:
         if new is not None and self._present is not None and time.monotonic() - self._listed_at < LIST_EVERY_S:
             self._present |= {_clean_rel(k) for k in new}
             gone = sorted(self._present - kept)
-            deleted = []
-            for rel in gone:
-                for path in (rel, rel + CHECKSUM_SUFFIX):
-                    if self._remove_existing(path):
-                        deleted.append(path)
             self._present -= set(gone)
-            return deleted
+            if background and gone:
+                self._deleting = frozenset(gone)
+                self._deleter = threading.Thread(target=self._delete_quietly, args=(gone,),
+                                                 name=f"evo-store-prune-{self.name}", daemon=True)
+                self._deleter.start()
+                return gone
+            return self._delete(gone)
         try:
             paths = self._fresh().find(self._path(CHECKPOINTS_DIR))
         except FileNotFoundError:
@@ -573,6 +600,35 @@ class RunStore:
             deleted.append(rel)
         self._present, self._listed_at = present, time.monotonic()
         return deleted
+
+    def wait_pruned(self, paths: Iterable[str] | None = None) -> None:
+        """Wait until the deletions ``prune_checkpoints(background=True)`` started are done --
+        with ``paths``, only if one of them is being deleted; a deletion that failed is a
+        StoreError here (one line)."""
+        if paths is not None and self._deleter is not None and self._deleting.isdisjoint(paths):
+            return
+        deleter, self._deleter, self._deleting = self._deleter, None, frozenset()
+        if deleter is not None:
+            deleter.join()
+        error, self._delete_error = self._delete_error, None
+        if error is not None:
+            why = _os_error(error) if isinstance(error, OSError) else _describe(error)
+            raise StoreError(f"cannot delete an old checkpoint of run {self.name!r}: {why}")
+
+    def _delete(self, gone: list[str]) -> list[str]:
+        """Delete each checkpoint of ``gone`` and its checksum; returns the files that were there."""
+        deleted = []
+        for rel in gone:
+            for path in (rel, rel + CHECKSUM_SUFFIX):
+                if self._remove_existing(path):
+                    deleted.append(path)
+        return deleted
+
+    def _delete_quietly(self, gone: list[str]) -> None:
+        try:
+            self._delete(gone)
+        except BaseException as e:   # handed to the driver by wait_pruned
+            self._delete_error = e
 
     def _refs_of(self, entry: dict) -> frozenset[str]:
         """The checkpoints the state body of a pointer entry names (read once per body; a body
@@ -623,6 +679,8 @@ class RunStore:
         finally:
             stop.set()
             beat.join()
+            with contextlib.suppress(StoreError):   # no deletion of this driver's outlives its lock
+                self.wait_pruned()
             self._release()
             # a driver refused after locking (the population does not fit) leaves no trace
             for path in made:
@@ -871,6 +929,7 @@ def list_runs(storage: str | os.PathLike[str]) -> list[str]:
 
 
 # ---------------------------------------------------------------------- helpers
+@functools.lru_cache(maxsize=1 << 16)   # the driver cleans every member's checkpoint path per commit
 def _clean_rel(rel: str) -> str:
     """``rel`` normalised; StoreError unless it is a relative path inside the run."""
     norm = posixpath.normpath(rel) if isinstance(rel, str) and rel else ""
@@ -903,7 +962,8 @@ def _encode_state(state: dict) -> bytes:
     lines = []
     for key in sorted(state, key=str):
         value = state[key]
-        if isinstance(value, list) and value and all(isinstance(v, (dict, RawJSON)) for v in value):
+        if isinstance(value, list) and value and (all(type(v) is RawJSON for v in value)
+                                                  or all(isinstance(v, (dict, RawJSON)) for v in value)):
             inner = ",\n".join(v if isinstance(v, RawJSON) else _ENCODE(v) for v in value)
             text = f"[\n{inner}\n]"
         else:

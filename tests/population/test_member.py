@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import math
 import os
 import signal
@@ -158,8 +159,9 @@ def test_checkpoint_save_wait_load_round_trip(pair, tmp_path):
     written = ray.get(member.wait_saved.remote())
     ray.get(training)
 
-    assert saved["step"] == 3 and written > 0
-    assert (tmp_path / "ckpt" / path).stat().st_size == written
+    assert saved["step"] == 3 and written["bytes"] > 0 and written["path"] == path
+    assert (tmp_path / "ckpt" / path).stat().st_size == written["bytes"]
+    assert written["sha256"] == store.checkpoint_sha256(path) == hashlib.sha256((tmp_path / "ckpt" / path).read_bytes()).hexdigest()
     assert ray.get(other.load_checkpoint.remote(store.storage, store.name, path))["step"] == 3
     assert_same_state(store.load_checkpoint(path), ray.get(other.get_state.remote()))
 

@@ -1,0 +1,113 @@
+"""Records' commit without Ray: the member texts it re-encodes only in part, the checksums the
+members report, the checkpoints it prunes in the background."""
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+
+import numpy as np
+
+from evo.strategies import make_strategy
+from evo.strategy import Exploit
+from population.decisions import record_applied, records_before
+from population.records import Records, _encode
+from population.store import KEEP_STATES, RunStore
+from tests.population.conftest import make_setup
+
+
+def _records(tmp_path, cache_dir, name: str, size: int = 6) -> Records:
+    setup = make_setup(tmp_path, name, cache_dir, size=size, interval=5, total=100)
+    records = Records(setup, RunStore(tmp_path, name), make_strategy(setup.strategy, setup.space), 1)
+    assert records.open() == "new"
+    return records
+
+
+def _write(store: RunStore, paths: dict) -> dict[int, tuple[str, str]]:
+    """What the members do: each checkpoint and its checksum beside it; what they report."""
+    out = {}
+    for m, (rel, step) in paths.items():
+        size, sha = store.write_checkpoint(rel, {"step": step, "member": m})
+        assert sha == hashlib.sha256((Path(store.uri) / rel).read_bytes()).hexdigest() == store.checkpoint_sha256(rel)
+        out[m] = (rel, sha)
+    return out
+
+
+def _body_members(store: RunStore) -> list[str]:
+    """The member lines of the committed state body, as written."""
+    body = store.read_text(json.loads(store.read_text("state.json"))["file"])
+    start = body.index('"members": [\n') + len('"members": [\n')
+    return body[start:body.index("\n]", start)].split(",\n")
+
+
+def test_commit_and_snapshot_equal_whole_encodings_and_views(tmp_path, cache_dir):
+    """Snapshots equal every record's own view(); members re-encoded only in part (history appended, genome and schedule kept, one member
+    changed in an async-like event, a record set back or restarted) are committed byte for byte
+    as encoding the whole record gives, and a resume reads them back equal."""
+    records = _records(tmp_path, cache_dir, "enc")
+    store, rng = records.store, np.random.default_rng(0)
+    for r in range(1, 6):
+        records.record_results({m: {"step": r * 5, "val_bpb": float(3 - 0.1 * r + rng.normal(0, 0.05)),
+                                    "params": 100 + m, "tokens_per_s": 1e3} for m in records.ids})
+        if r == 2:   # an exploit: 0 takes 5's weights and a new genome
+            d = Exploit(member=0, donor=5, genome=records.snapshot(r).member(5).genome.replace({"train.lr": 1e-3}),
+                        how="perturb")
+            record_applied(records, d, records_before(records, [d]), 5, r, step=records[5].step, params=105)
+        if r == 3:
+            records.set_back(1)
+            records.fresh(2, dict(records[2].genome), seed=11)
+        records.saved(_write(store, records.set_checkpoints(records.ids, r)))
+        records.commit(r, steps_done=r * 5)
+        assert _body_members(store) == [_encode(records[m].fields()) for m in records.ids]
+        # the snapshot reuses genomes and histories: what each record's own view() gives
+        assert records.snapshot(r).members == tuple(records[m].view() for m in records.ids)
+        # one member changes alone (async): only it is re-encoded, the rest reused
+        records.record_results({4: {"step": r * 5 + 1, "val_bpb": 2.5, "params": 104, "tokens_per_s": 2e3}})
+        records.saved(_write(store, records.set_checkpoints([4], 100 + r)))
+        records.commit(r, steps_done=r * 5, events=r)
+        assert _body_members(store) == [_encode(records[m].fields()) for m in records.ids]
+        assert records.snapshot(r).members == tuple(records[m].view() for m in records.ids)
+    assert records[0].parent == 5 and records[0].genome["train.lr"] == 1e-3
+    again = Records(records.setup, RunStore(tmp_path, "enc"), make_strategy(records.setup.strategy, records.setup.space), 1)
+    assert again.open() == "resumed"
+    assert [again[m].to_dict() for m in again.ids] == records.member_dicts()
+
+
+def test_reported_checksums_are_committed_without_reading_them_back(tmp_path, cache_dir):
+    """A checksum the member reported is what the commit names (the file beside the checkpoint
+    is not read); a member that reported none gets the one written beside its checkpoint."""
+    records = _records(tmp_path, cache_dir, "sha", size=3)
+    store = records.store
+    written = _write(store, records.set_checkpoints(records.ids, 1))
+    (Path(store.uri) / (written[0][0] + ".sha256")).write_text("0" * 64 + "\n")   # not what 0 reported
+    records.saved({m: written[m] for m in (0, 1)})
+    records.saved({2: ("checkpoints/m2/r9.pt", "f" * 64)})   # another path than its record's: ignored
+    records.commit(1, steps_done=5)
+    state = store.read_state()
+    assert [m["checkpoint_sha256"] for m in state["members"]] == [written[0][1], written[1][1], written[2][1]]
+
+
+def test_old_checkpoints_are_pruned_in_the_background_never_a_committed_one(tmp_path, cache_dir):
+    """After each commit the checkpoints no kept commit names are deleted (once wait_pruned
+    returns), the ones the last KEEP_STATES commits name are all there, and a path named again
+    after it was pruned is written and committed intact."""
+    records = _records(tmp_path, cache_dir, "prune", size=3)
+    store, root = records.store, Path(records.store.uri)
+    for r in range(1, 7):
+        records.saved(_write(store, records.set_checkpoints(records.ids, r)))
+        records.commit(r, steps_done=5 * r)
+        store.wait_pruned()
+        named = {d["checkpoint"] for _, state in store.committed_states() for d in state["members"] if d["checkpoint"]}
+        assert {str(p.relative_to(root)) for p in root.glob("checkpoints/*/*.pt")} == named
+        assert {str(p.relative_to(root)) for p in root.glob("checkpoints/*/*.pt.sha256")} == {n + ".sha256" for n in named}
+    assert len(named) == 3 * KEEP_STATES
+    # member 0 names new paths until no kept commit names its r6, which goes in the background;
+    # then r6 is named and written again (an async member set back names its old path again)
+    for r in range(7, 7 + KEEP_STATES):
+        records.saved(_write(store, records.set_checkpoints([0], r)))
+        records.commit(r, steps_done=5 * r)
+    records.saved(_write(store, records.set_checkpoints([0], 6)))   # waits for the deletion first
+    records.commit(7 + KEEP_STATES, steps_done=50)
+    store.wait_pruned()
+    assert store.read_state()["members"][0]["checkpoint"] == "checkpoints/m0/r6.pt"
+    assert store.check_checkpoint("checkpoints/m0/r6.pt", store.read_state()["members"][0]["checkpoint_sha256"]) is None
