@@ -158,10 +158,14 @@ def run_tune_pbt(*, genomes: list[dict], setup, seed: int, total_steps: int, int
         else:
             os.environ["RAY_ADDRESS"] = saved
     try:
+        import numpy as np
         import ray
 
         cpus = ray.cluster_resources()["CPU"]
-        random.seed(seed)   # PBT's choices (quantile donors, perturbations) use the random module
+        # PBT draws donors and perturbations from the random module, resamples from numpy's
+        # global generator: both seeded (the caller's global states change)
+        random.seed(seed)
+        np.random.seed(seed)
         scheduler = tune.schedulers.PopulationBasedTraining(
             time_attr="training_iteration", metric="val_bpb", mode="min", perturbation_interval=1,
             hyperparam_mutations={"genome": _mutations(setup.space, genes)})
@@ -197,11 +201,16 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--small", action="store_true",
                    help="the smoke test: 2 trials x 2 intervals of 4 steps, a tiny model, one trial at a time")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="any config override")
+    p.add_argument("--pool", action="store_true",
+                   help="also time bench/startup.py's plain 2-process pool right before and after this arm "
+                        "(run as its own process) and print the whole-process ratio")
     args = p.parse_args(argv)
     if args.small:
         args.size, args.total_steps, args.interval = 2, 8, 4
         args.slots = args.slots or 1
         args.set = [*SMALL, *args.set]
+    if args.pool:
+        return pool_ratio(args, [a for a in (sys.argv[1:] if argv is None else argv) if a != "--pool"])
     import numpy as np
 
     from experiments.config import build_setup, load_config
@@ -221,6 +230,34 @@ def main(argv: list[str] | None = None) -> int:
           f"{out['steps']} steps trained, {out['restores']} restores ({out['exploits']} exploits)")
     print(json.dumps({"workload": {"seed": args.seed, "size": args.size, "total_steps": args.total_steps,
                                    "interval": args.interval, "set": args.set}, "genomes": genomes, **out}))
+    return 0
+
+
+def pool_ratio(args: argparse.Namespace, argv: list[str]) -> int:
+    """Launch to exit of this arm as its own process, divided by the mean of a plain 2-process
+    pool (bench/startup.py: same Trainer, genomes, seeds, steps and evaluations; no Ray, no
+    exploits) measured right before and right after it."""
+    import subprocess
+
+    from startup import pool_run   # bench/ is on sys.path when this file runs
+
+    workload = argparse.Namespace(size=args.size, total_steps=args.total_steps, interval=args.interval,
+                                  mode="sync", set=[f"seed={args.seed}", *args.set])
+    before = pool_run(workload)
+    launch = time.time()
+    out = subprocess.run([sys.executable, str(Path(__file__).resolve()), *argv], capture_output=True, text=True,
+                         cwd=ROOT)
+    whole = time.time() - launch
+    if out.returncode != 0:
+        raise SystemExit(f"Tune PBT arm failed ({out.returncode}): {out.stderr.strip().splitlines()[-1:]}")
+    after = pool_run(workload)
+    tune_out = json.loads(out.stdout.strip().splitlines()[-1])
+    ratio = whole / ((before["whole_s"] + after["whole_s"]) / 2)
+    print(out.stdout.strip().splitlines()[-2])
+    print(f"plain pool before {before['whole_s']:.1f} s, Tune PBT whole process {whole:.1f} s, plain pool after "
+          f"{after['whole_s']:.1f} s: whole process / plain pool (mean) {ratio:.3f}")
+    print(json.dumps({**tune_out, "whole_s": whole, "pool_before": before, "pool_after": after,
+                      "whole_over_pool": ratio}))
     return 0
 
 
