@@ -162,6 +162,8 @@ def run_tune_pbt(*, genomes: list[dict], setup, seed: int, total_steps: int, int
         import ray
 
         cpus = ray.cluster_resources()["CPU"]
+        if __name__ != "__main__":   # imported (bench/ is no package): Ray's workers cannot import
+            ray.cloudpickle.register_pickle_by_value(sys.modules[__name__])   # it, so ship its code
         # PBT draws donors and perturbations from the random module, resamples from numpy's
         # global generator: both seeded (the caller's global states change)
         random.seed(seed)

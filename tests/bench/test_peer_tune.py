@@ -20,8 +20,10 @@ ROOT = Path(__file__).resolve().parents[2]
 
 @pytest.mark.slow
 def test_tune_pbt_small_trains_every_trial_to_the_end_through_checkpoint_restores():
-    out = subprocess.run([sys.executable, str(ROOT / "bench" / "peer_tune.py"), "--small"], capture_output=True,
-                         text=True, timeout=600, cwd=ROOT)
+    # imported as bench/peers.py imports it (not run as __main__): Ray's workers get its code by value
+    script = (f"import sys; sys.path.insert(0, {str(ROOT / 'bench')!r}); import peer_tune; "
+              "sys.exit(peer_tune.main(['--small']))")
+    out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=600, cwd=ROOT)
     assert out.returncode == 0, out.stderr[-2000:]
     result = json.loads(out.stdout.strip().splitlines()[-1])
     assert result["workload"] == {"seed": 0, "size": 2, "total_steps": 8, "interval": 4,
