@@ -130,6 +130,7 @@ def run_evo(strategy: str, sets: list[str], storage: Path, name: str) -> dict:
     state = RunStore(str(storage), name).read_state()
     interval = int(state["interval_steps"])
     events = []
+    first = {str(m["id"]): float(m["history"][0][1]) for m in state["members"] if m["history"]}
     for m in state["members"]:
         last = 0
         for step, val in m["history"]:   # sync: round r's evaluation is at step r x interval
@@ -137,8 +138,8 @@ def run_evo(strategy: str, sets: list[str], storage: Path, name: str) -> dict:
             events.append((rounds.get(r, wall), max(int(step) - last, 0) or interval, float(val)))
             last = int(step)
     curve = curve_of(events)
-    return {"best_val_bpb": curve[-1][2], "wall_s": wall, "curve": curve,
-            "steps": curve[-1][0], "rounds_timed": len(rounds)}
+    return {"best_val_bpb": curve[-1][2], "wall_s": wall, "curve": curve, "steps": curve[-1][0],
+            "rounds_timed": len(rounds), "first_evaluations": first}
 
 
 # -- Optuna TPE + successive halving (its own process: --optuna-child) ------------------------------
@@ -161,6 +162,7 @@ def _optuna_worker(params: dict, index: int, used, queue) -> None:
                               pruner=optuna.pruners.SuccessiveHalvingPruner())
     budget, deadline, interval = params["budget_steps"], params["deadline"], params["interval"]
     events: list[tuple[float, int, float]] = []
+    first: dict[str, float] = {}   # the initial genomes' trials (0 .. size-1): their first val_bpb
     last_interval_s = [0.0]
 
     def take(n: int) -> int:
@@ -199,6 +201,8 @@ def _optuna_worker(params: dict, index: int, used, queue) -> None:
             val = float(trainer.evaluate()["val_bpb"])
             last_interval_s[0] = time.time() - t0
             events.append((time.time() - params["launch"], n, val))
+            if trial.number < len(params["genomes"]):
+                first.setdefault(str(trial.number), val)
             trial.report(val, trainer.step)
             if trial.should_prune():
                 raise optuna.TrialPruned()
@@ -211,7 +215,7 @@ def _optuna_worker(params: dict, index: int, used, queue) -> None:
 
     while not spent():
         study.optimize(objective, n_trials=1)
-    queue.put(events)
+    queue.put((events, first))
 
 
 def optuna_child(params: dict) -> int:
@@ -231,14 +235,17 @@ def optuna_child(params: dict) -> int:
     procs = [ctx.Process(target=_optuna_worker, args=(params, i, used, queue)) for i in range(WORKERS)]
     for p in procs:
         p.start()
-    events = [e for _ in procs for e in queue.get()]
+    got = [queue.get() for _ in procs]
+    events = [e for ev, _ in got for e in ev]
+    first = {k: v for _, f in got for k, v in f.items()}
     for p in procs:
         p.join()
         if p.exitcode != 0:
             raise SystemExit(f"optuna worker failed (exit {p.exitcode})")
     trials = study.get_trials(deepcopy=False)
     states = {s.name.lower(): sum(t.state == s for t in trials) for s in optuna.trial.TrialState}
-    print(json.dumps({"events": events, "trials": len(trials), "states": {k: v for k, v in states.items() if v}}))
+    print(json.dumps({"events": events, "first": dict(sorted(first.items())), "trials": len(trials),
+                      "states": {k: v for k, v in states.items() if v}}))
     return 0
 
 
@@ -257,7 +264,7 @@ def run_optuna(sets: list[str], genomes: list[dict], seed: int, args: argparse.N
     child = json.loads(out.stdout.strip().splitlines()[-1])
     curve = curve_of([tuple(e) for e in child["events"]])
     return {"best_val_bpb": curve[-1][2], "wall_s": wall, "curve": curve, "steps": curve[-1][0],
-            "trials": child["trials"], "trial_states": child["states"]}
+            "trials": child["trials"], "trial_states": child["states"], "first_evaluations": child["first"]}
 
 
 # -- Ray Tune PBT (bench/peer_tune.py, in its own process: --tune-child) ----------------------------
