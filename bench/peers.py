@@ -308,11 +308,16 @@ def run_tune(sets: list[str], genomes: list[dict], seed: int, args: argparse.Nam
 # -- the tables -----------------------------------------------------------------------------------
 
 
+def reused(prior: dict, table: str, setting: str, method: str, seed: int) -> dict | None:
+    """An arm of a --reuse peers.json, or None."""
+    return prior.get(table, {}).get("arms", {}).get(setting, {}).get(method, {}).get(str(seed))
+
+
 def mean_std(xs: list[float]) -> tuple[float, float]:
     return statistics.fmean(xs), (statistics.stdev(xs) if len(xs) > 1 else 0.0)
 
 
-def table_text(title: str, arms: dict, methods: list[str], seeds: list[int], budget: bool = False) -> str:
+def table_text(title: str, arms: dict, methods: list[str], seeds: list[int]) -> str:
     lines = [title, f"{'method':<16} " + " ".join(f"{'seed ' + str(s):>8}" for s in seeds)
              + f" {'mean':>8} {'std':>7} {'wall s':>8} {'steps':>7} {'mean/pbt':>8}"]
     ref = statistics.fmean(arms["pbt"][s]["best_val_bpb"] for s in seeds) if "pbt" in arms else math.nan
@@ -423,6 +428,9 @@ def main(argv: list[str] | None = None) -> int:
                    help="methods run at once at equal compute (1 for published figures: they share the cores)")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="any other config override")
     p.add_argument("--out", type=Path, default=Path("peers-out"))
+    p.add_argument("--reuse", type=Path, default=None, metavar="PEERS_JSON",
+                   help="take the arms an earlier peers.json of the same workload measured, run only the others "
+                        "(e.g. the Tune arm added later; its equal-wall budget is evo pbt's wall from that file)")
     args = p.parse_args(argv)
     if args.small:
         args.seeds, args.size, args.total_steps, args.interval, args.tables = [0], 2, 8, 4, ["A"]
@@ -431,17 +439,34 @@ def main(argv: list[str] | None = None) -> int:
     methods = list(EVO_ARMS) + [m for m in PEERS if m != "tune_pbt" or tune_available()]
     if not tune_available():
         print("tune arm: bench/peer_tune.py missing", flush=True)
+    workload = {"size": args.size, "total_steps": args.total_steps, "interval": args.interval, "seeds": args.seeds,
+                "tables": args.tables, "set": args.set, "cpus": os.cpu_count(), "optuna_workers": WORKERS}
+    prior = {}
+    if args.reuse is not None:
+        try:
+            old = json.loads(args.reuse.read_text())
+        except (OSError, ValueError) as e:
+            print(f"peers: --reuse {args.reuse}: {e}", file=sys.stderr)
+            return 2
+        same = ("size", "total_steps", "interval", "set")
+        if any(old["workload"].get(k) != workload[k] for k in same):
+            print(f"peers: --reuse {args.reuse}: another workload ({', '.join(same)} differ)", file=sys.stderr)
+            return 2
+        prior = old["tables"]
     args.out.mkdir(parents=True, exist_ok=True)
     work = Path(tempfile.mkdtemp(prefix="evo-bench-peers-"))
     results: dict = {}
-    workload = {"size": args.size, "total_steps": args.total_steps, "interval": args.interval, "seeds": args.seeds,
-                "tables": args.tables, "set": args.set, "cpus": os.cpu_count(), "optuna_workers": WORKERS}
 
     def save() -> None:
         for res in results.values():
             res["summary"] = {k: summarize(v, args.seeds) for k, v in res["arms"].items()}
         (args.out / "peers.json").write_text(json.dumps({"workload": workload, "tables": results,
                                                          "goals": goals(results)}, indent=1))
+
+    def report(table: str, seed: int, m: str, r: dict, how: str) -> None:
+        print(f"  table {table} seed {seed} {LABELS[m]:<16} {how}best {r['best_val_bpb']:.4f}  wall {r['wall_s']:6.1f} s"
+              f"  steps {r['steps']}  (load {os.getloadavg()[0]:.1f})", flush=True)
+        save()
 
     try:
         for table in args.tables:
@@ -452,30 +477,35 @@ def main(argv: list[str] | None = None) -> int:
             for seed in args.seeds:
                 sets = overrides(args, table, seed)
                 genomes = initial_genomes(load_setup(sets), args.size)
+
                 def arm(m: str) -> dict:
                     if m in EVO_ARMS:
                         return run_evo(m, sets, work, f"{table}-{m}-s{seed}")
                     run = run_optuna if m == "optuna_tpe_sh" else run_tune
                     return run(sets, genomes, seed, args, work, None)
 
+                todo = []
+                for m in methods:
+                    if (r := reused(prior, table, "equal_compute", m, seed)) is not None:
+                        arms["equal_compute"][m][seed] = r
+                        report(table, seed, m, r, "(reused) ")
+                    else:
+                        todo.append(m)
                 with ThreadPoolExecutor(args.jobs) as pool:   # --jobs 1: one method at a time
-                    done = list(zip(methods, pool.map(arm, methods)))
-                for m, r in done:
-                    arms["equal_compute"][m][seed] = r
-                    print(f"  table {table} seed {seed} {LABELS[m]:<16} best {r['best_val_bpb']:.4f}  "
-                          f"wall {r['wall_s']:6.1f} s  steps {r['steps']}  (load {os.getloadavg()[0]:.1f})", flush=True)
-                    save()
+                    for m, r in zip(todo, pool.map(arm, todo)):
+                        arms["equal_compute"][m][seed] = r
+                        report(table, seed, m, r, "")
                 if args.equal_wall:
                     budget = arms["equal_compute"]["pbt"][seed]["wall_s"]
                     arms["equal_wall"]["pbt"][seed] = arms["equal_compute"]["pbt"][seed]
                     for m in methods[len(EVO_ARMS):]:
-                        run = run_optuna if m == "optuna_tpe_sh" else run_tune
-                        r = dict(run(sets, genomes, seed, args, work, budget), wall_budget_s=budget)
+                        r = reused(prior, table, "equal_wall", m, seed)
+                        how = f"equal wall ({budget:.0f} s): " + ("(reused) " if r is not None else "")
+                        if r is None:
+                            run = run_optuna if m == "optuna_tpe_sh" else run_tune
+                            r = dict(run(sets, genomes, seed, args, work, budget), wall_budget_s=budget)
                         arms["equal_wall"][m][seed] = r
-                        print(f"  table {table} seed {seed} {LABELS[m]:<16} equal wall ({budget:.0f} s): best "
-                              f"{r['best_val_bpb']:.4f}  wall {r['wall_s']:6.1f} s  steps {r['steps']}  "
-                              f"(load {os.getloadavg()[0]:.1f})", flush=True)
-                        save()
+                        report(table, seed, m, r, how)
     finally:
         shutil.rmtree(work, ignore_errors=True)
     print(f"workload: quickstart, {args.size} members x {args.total_steps} steps (interval {args.interval}), "
