@@ -104,10 +104,9 @@ def pool_run(args: argparse.Namespace) -> dict:
 # -- the plain pool (runs in its own process: ``--pool-child``) -----------------------------------
 
 
-def _member_work(job: tuple) -> dict:
-    """Train one member for its whole budget, evaluating after every interval (as evo does)."""
-    started = time.time()
-    model, train, data, genome, seed, total, interval = job
+def member_trainer(model, train, data, genome: dict, seed: int):
+    """The Trainer of one member as evo builds it: the genome's train.* and model.* genes over the
+    base configs, the member's seed, one torch thread (bench/peers.py's peers train the same)."""
     import torch
 
     from trainers.trainer import Trainer
@@ -115,8 +114,15 @@ def _member_work(job: tuple) -> dict:
     torch.set_num_threads(1)
     train_fields = {k.split(".", 1)[1]: v for k, v in genome.items() if k.startswith("train.")}
     model_fields = {k.split(".", 1)[1]: v for k, v in genome.items() if k.startswith("model.")}
-    trainer = Trainer(dataclasses.replace(model, **model_fields),
-                      dataclasses.replace(train, **train_fields, seed=seed, num_threads=1), data)
+    return Trainer(dataclasses.replace(model, **model_fields),
+                   dataclasses.replace(train, **train_fields, seed=seed, num_threads=1), data)
+
+
+def _member_work(job: tuple) -> dict:
+    """Train one member for its whole budget, evaluating after every interval (as evo does)."""
+    started = time.time()
+    model, train, data, genome, seed, total, interval = job
+    trainer = member_trainer(model, train, data, genome, seed)
     history = []
     while trainer.step < total:
         trainer.train(min(interval, total - trainer.step))

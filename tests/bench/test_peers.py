@@ -1,0 +1,60 @@
+"""Smoke test of bench/peers.py --small: the table is complete and well formed (never a timing)."""
+from __future__ import annotations
+
+import json
+import math
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+@pytest.mark.slow
+def test_peers_bench_small_writes_a_complete_table(tmp_path):
+    tune = (ROOT / "bench" / "peer_tune.py").exists()
+    out = subprocess.run([sys.executable, str(ROOT / "bench" / "peers.py"), "--small", "--out", str(tmp_path)],
+                         capture_output=True, text=True, timeout=600, cwd=ROOT)
+    assert out.returncode == 0, (out.stdout[-2000:], out.stderr[-2000:])
+    labels = ["evo pbt", "evo pb2", "evo ga", "evo random", *(["Ray Tune PBT"] if tune else []), "Optuna TPE + SH"]
+    assert ("tune arm: bench/peer_tune.py missing" in out.stdout) is not tune
+    lines = out.stdout.splitlines()
+    head = lines.index("table A (lr, weight decay), equal compute: 16 optimizer steps per method")
+    assert lines[head + 1].split() == ["method", "seed", "0", "mean", "std", "wall", "s", "steps", "mean/pbt"]
+    rows = {}
+    for line in lines[head + 2: head + 2 + len(labels)]:
+        m = re.fullmatch(r"(.+?) +(\S+) +(\S+) +(\S+) +(\S+) +(\S+) +(\S+)", line)
+        assert m, line
+        rows[m.group(1)] = [float(x) for x in m.groups()[1:]]
+    assert list(rows) == labels
+    assert all(math.isfinite(v) for row in rows.values() for v in row)
+    for seed0, mean, std, wall, steps, ratio in rows.values():
+        assert seed0 == mean and std == 0.0 and wall > 0
+        assert steps == 16   # equal compute: 2 members x 8 steps for every method
+    assert rows["evo pbt"][-1] == 1.0
+
+    figures = json.loads((tmp_path / "peers.json").read_text())
+    assert figures["workload"]["size"] == 2 and figures["workload"]["total_steps"] == 8
+    arms = figures["tables"]["A"]["arms"]["equal_compute"]
+    summary = figures["tables"]["A"]["summary"]["equal_compute"]
+    methods = ["pbt", "pb2", "ga", "random", *(["tune_pbt"] if tune else []), "optuna_tpe_sh"]
+    assert list(arms) == methods == list(summary)
+    for m in methods:
+        run = arms[m]["0"]
+        curve = run["curve"]
+        # best so far: optimizer steps growing to the budget, wall finite, values never rising
+        assert [p[0] for p in curve] == sorted(p[0] for p in curve) and curve[-1][0] == run["steps"] == 16
+        assert all(math.isfinite(p[1]) and p[1] >= 0 for p in curve)
+        assert all(a[2] >= b[2] for a, b in zip(curve, curve[1:]))
+        assert curve[-1][2] == run["best_val_bpb"] == summary[m]["mean"]
+    # the same Trainer, initial genomes and trainer seeds: every evo strategy's first round (before
+    # any exploit) and Optuna's enqueued trials evaluate the same members to the same bits/byte
+    first = arms["random"]["0"]["first_evaluations"]
+    assert sorted(first) == ["0", "1"] and all(math.isfinite(v) for v in first.values())
+    for m in ("pbt", "pb2", "ga", "optuna_tpe_sh"):
+        assert arms[m]["0"]["first_evaluations"] == first, m
+    for png in ("peers_steps.png", "peers_wall.png"):
+        assert (tmp_path / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
