@@ -27,12 +27,12 @@ each round, from parents drawn among all the others. With 4 members, 8 rounds an
 measured after 50 steps, that replaced a member whose val_bpb was 0.005 behind the best, handed
 children the learning rate of the worst member, and left one learning rate in the whole
 population by the third round: on the quickstart task (lr, weight decay; 4 x 400 steps, 3 seeds)
-it ended at 2.790 best val_bpb, worse than random search's 2.730 (BENCHMARKS.md, "the GA").
+it ended at 2.790 best val_bpb, worse than random search's 2.729 (BENCHMARKS.md, "The GA against
+random search").
 """
 
 from __future__ import annotations
 
-import math
 from typing import Callable, Sequence
 
 import numpy as np
@@ -40,6 +40,7 @@ import numpy as np
 from evo.crossover import cx_sbx, cx_uniform
 from evo.genome import Genome
 from evo.mutation import mut_polynomial
+from evo.selection import truncation_count
 from evo.space import SearchSpace
 from evo.strategy import Crossover, Decision, Exploit, Keep, MemberView, Snapshot, Strategy
 from evo.strategies import StrategyConfig, fitness_key, inside, is_fitter, ranked, ready_members
@@ -142,7 +143,7 @@ class GA(Strategy):
         members = ready_members(snapshot, ready)
         population = ranked(snapshot)
         n = len(population)
-        n_replace = max(min(math.ceil(self.config.quantile * n), n // 2, n - self.config.elitism), 0)
+        n_replace = max(min(truncation_count(n, self.config.quantile), n - self.config.elitism), 0)
         survivors = population[: n - n_replace]
         survivor_ids = {m.id for m in survivors}
         scores = np.array([fitness_key(p) for p in survivors])

@@ -29,7 +29,7 @@ from typing import Mapping, Sequence
 import numpy as np
 
 from evo.ga import Pool, breed
-from evo.selection import front_ranks, sel_nsga2
+from evo.selection import front_ranks, sel_nsga2, truncation_count
 from evo.strategy import Decision, Keep, MemberView, Snapshot, Strategy, objective_sense
 from evo.strategies import ready_members
 
@@ -75,7 +75,7 @@ class NSGA2(Strategy):
         todo = ready_members(snapshot, ready)
         members, objectives = self._eligible(snapshot)
         n = len(members)
-        n_replace = min(math.ceil(self.config.quantile * n), n // 2) if n >= 2 else 0
+        n_replace = truncation_count(n, self.config.quantile)
         if n_replace == 0:
             return [Keep(m.id) for m in todo]
         fronts = front_ranks(objectives)

@@ -27,6 +27,13 @@ def _valid_order(fitnesses: Sequence[float | None] | np.ndarray) -> list[int]:
     return sorted(valid, key=lambda i: (f[i], i))
 
 
+def truncation_count(n: int, quantile: float) -> int:
+    """How many of `n` ranked members a truncation replaces: k = min(ceil(quantile * n),
+    floor(n / 2)), 0 below two members (Ray Tune's rule: any positive quantile replaces at least
+    one of two or more, and the bottom and top quantiles never overlap)."""
+    return min(math.ceil(quantile * n), n // 2) if n >= 2 else 0
+
+
 def sel_truncation(fitnesses: Sequence[float | None] | np.ndarray, quantile: float) -> tuple[list[int], list[int]]:
     """PBT truncation selection: `(bottom, top)` index lists, each of the k = min(ceil(quantile * n),
     floor(n / 2)) members (n = members with a fitness; Ray Tune's rule, so the two never
@@ -35,8 +42,7 @@ def sel_truncation(fitnesses: Sequence[float | None] | np.ndarray, quantile: flo
     if not 0.0 <= quantile <= 0.5:
         raise ValueError(f"quantile ({quantile}) must be in [0, 0.5]")
     order = _valid_order(fitnesses)
-    n = len(order)
-    k = min(math.ceil(quantile * n), n // 2)
+    k = truncation_count(len(order), quantile)
     if k == 0:
         return [], []
     return order[::-1][:k], order[:k]
