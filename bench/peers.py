@@ -266,6 +266,18 @@ def optuna_child(params: dict) -> int:
     return 0
 
 
+def run_child(arm: str, params: dict, launch: float) -> tuple[dict, float]:
+    """This script again as ``--<arm>-child PARAMS`` (an arm in its own process): the JSON of the
+    child's last output line and the wall seconds since ``launch``; a failed child ends the run
+    with its last lines."""
+    out = subprocess.run([sys.executable, str(Path(__file__).resolve()), f"--{arm}-child", json.dumps(params)],
+                         capture_output=True, text=True, cwd=ROOT)
+    wall = time.time() - launch
+    if out.returncode != 0:
+        raise SystemExit(f"peers: {arm} arm failed ({out.returncode}): {out.stderr.strip().splitlines()[-3:]}")
+    return json.loads(out.stdout.strip().splitlines()[-1]), wall
+
+
 def run_optuna(sets: list[str], genomes: list[dict], seed: int, args: argparse.Namespace, workdir: Path,
                wall_budget_s: float | None) -> dict:
     launch = time.time()
@@ -273,12 +285,7 @@ def run_optuna(sets: list[str], genomes: list[dict], seed: int, args: argparse.N
               "interval": args.interval, "launch": launch, "journal": str(workdir / f"optuna-{launch}.journal"),
               "budget_steps": None if wall_budget_s is not None else args.size * args.total_steps,
               "deadline": None if wall_budget_s is None else launch + wall_budget_s}
-    out = subprocess.run([sys.executable, str(Path(__file__).resolve()), "--optuna-child", json.dumps(params)],
-                         capture_output=True, text=True, cwd=ROOT)
-    wall = time.time() - launch
-    if out.returncode != 0:
-        raise SystemExit(f"peers: optuna arm failed ({out.returncode}): {out.stderr.strip().splitlines()[-3:]}")
-    child = json.loads(out.stdout.strip().splitlines()[-1])
+    child, wall = run_child("optuna", params, launch)
     curve = curve_of([tuple(e) for e in child["events"]])
     return {"best_val_bpb": curve[-1][2], "wall_s": wall, "curve": curve, "steps": curve[-1][0],
             "trials": child["trials"], "trial_states": child["states"], "first_evaluations": child["first"]}
@@ -311,12 +318,7 @@ def run_tune(sets: list[str], genomes: list[dict], seed: int, args: argparse.Nam
     sub.mkdir()
     params = {"sets": sets, "genomes": genomes, "seed": seed, "total_steps": args.total_steps,
               "interval": args.interval, "launch": launch, "wall_budget_s": wall_budget_s, "workdir": str(sub)}
-    out = subprocess.run([sys.executable, str(Path(__file__).resolve()), "--tune-child", json.dumps(params)],
-                         capture_output=True, text=True, cwd=ROOT)
-    wall = time.time() - launch
-    if out.returncode != 0:
-        raise SystemExit(f"peers: tune arm failed ({out.returncode}): {out.stderr.strip().splitlines()[-3:]}")
-    child = json.loads(out.stdout.strip().splitlines()[-1])
+    child, wall = run_child("tune", params, launch)
     curve = child["curve"]
     return {"best_val_bpb": float(child["best_val_bpb"]), "wall_s": wall, "curve": curve,
             "steps": curve[-1][0] if curve else 0}
