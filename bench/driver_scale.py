@@ -26,6 +26,7 @@ nsga2 runs on three objectives (val_bpb, params, tokens_per_s).
 from __future__ import annotations
 
 import argparse
+import contextlib
 import hashlib
 import io
 import json
@@ -36,6 +37,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import Iterator, NamedTuple
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
 
@@ -43,7 +45,7 @@ import numpy as np  # noqa: E402
 
 from evo.genome import Genome  # noqa: E402
 from evo.strategies import make_strategy  # noqa: E402
-from evo.strategy import Crossover, Exploit, Keep  # noqa: E402
+from evo.strategy import Crossover, Exploit, Keep, Strategy  # noqa: E402
 from experiments.config import build_setup, load_config  # noqa: E402
 from population.decisions import record_applied, records_before  # noqa: E402
 from population.monitor import Monitor  # noqa: E402
@@ -144,9 +146,21 @@ def one_round(records: Records, strategy, monitor: Monitor, progress: Progress, 
     return (t2 - t1) * 1e3, ((t1 - t0) + (t3 - t2) + (t5 - t4)) * 1e3
 
 
-def measure(strategy_name: str, n: int, warmup: int, rounds: int) -> dict:
+class Parts(NamedTuple):
+    store: RunStore
+    strategy: Strategy
+    records: Records
+    monitor: Monitor
+    progress: Progress
+    params: dict[int, int]   # member -> parameter count
+
+
+@contextlib.contextmanager
+def driver_parts(strategy_name: str, n: int, rounds: int) -> Iterator[Parts]:
+    """The driver's parts for ``n`` stub members in a temporary run store, opened, with each
+    member's parameter count; closed (and the background prune waited for) before it goes."""
     with tempfile.TemporaryDirectory() as storage:
-        setup = setup_for(strategy_name, n, storage, warmup + rounds)
+        setup = setup_for(strategy_name, n, storage, rounds)
         store = RunStore(storage, setup.name)
         strategy = make_strategy(setup.strategy, setup.space)
         records = Records(setup, store, strategy, 1)
@@ -158,16 +172,21 @@ def measure(strategy_name: str, n: int, warmup: int, rounds: int) -> dict:
         params = {m: counts.setdefault(json.dumps(records[m].genome, sort_keys=True),
                                        setup.space.count_parameters(Genome.from_dict(records[m].genome)))
                   for m in records.ids}
+        yield Parts(store, strategy, records, monitor, progress, params)
+        monitor.close("finished")
+        store.wait_pruned()   # before the folder goes
+
+
+def measure(strategy_name: str, n: int, warmup: int, rounds: int) -> dict:
+    with driver_parts(strategy_name, n, warmup + rounds) as d:
         rng = np.random.default_rng([n, 1])
         plan_ms, book_ms = [], []
         for r in range(1, warmup + rounds + 1):
-            p, b = one_round(records, strategy, monitor, progress, r, rng, params)
+            p, b = one_round(d.records, d.strategy, d.monitor, d.progress, r, rng, d.params)
             if r > warmup:
                 plan_ms.append(p)
                 book_ms.append(b)
-        state_bytes = json.loads((Path(store.uri) / "state.json").read_text())["bytes"]
-        monitor.close("finished")
-        store.wait_pruned()   # before the folder goes
+        state_bytes = json.loads((Path(d.store.uri) / "state.json").read_text())["bytes"]
     return {"strategy": strategy_name, "n": n, "decision_ms": statistics.median(plan_ms),
             "bookkeeping_ms": statistics.median(book_ms),
             "total_ms": statistics.median(p + b for p, b in zip(plan_ms, book_ms)),
@@ -179,16 +198,8 @@ def measure_async(strategy_name: str, n: int, warmup: int, events: int) -> dict:
     (``plan(ready=[m])``), its checkpoint and a whole commit, as ``driver.async_events`` does
     after every event; after ``warmup`` sync rounds (histories, checkpoints). Returns the median
     ms per event and that times n (a round of events)."""
-    with tempfile.TemporaryDirectory() as storage:
-        setup = setup_for(strategy_name, n, storage, warmup + events)
-        store = RunStore(storage, setup.name)
-        strategy = make_strategy(setup.strategy, setup.space)
-        records = Records(setup, store, strategy, 1)
-        records.open()
-        monitor = Monitor(setup, store, resumed=False)
-        progress = Progress(setup.name, records, Console())
-        records.start_clock(n)
-        params = {m: setup.space.count_parameters(Genome.from_dict(records[m].genome)) for m in records.ids}
+    with driver_parts(strategy_name, n, warmup + events) as d:
+        store, strategy, records, monitor, progress, params = d
         rng = np.random.default_rng([n, 2])
         for r in range(1, warmup + 1):
             one_round(records, strategy, monitor, progress, r, rng, params)
@@ -213,8 +224,6 @@ def measure_async(strategy_name: str, n: int, warmup: int, events: int) -> dict:
             t5 = time.perf_counter()
             plan_ms.append((t2 - t1) * 1e3)
             book_ms.append(((t1 - t0) + (t3 - t2) + (t5 - t4)) * 1e3)
-        monitor.close("finished")
-        store.wait_pruned()
     event_ms = statistics.median(p + b for p, b in zip(plan_ms, book_ms))
     return {"strategy": strategy_name, "n": n, "decision_ms": statistics.median(plan_ms),
             "bookkeeping_ms": statistics.median(book_ms), "event_ms": event_ms, "round_ms": event_ms * n}
