@@ -597,7 +597,7 @@ class Trainer:
             src = sources.get(unit_of(name))
             if src is None or name in perturbed or name not in moments[src]:
                 continue
-            self._optimizer.state[p] = {"step": moments[src][name]["step"].clone(),
+            self._optimizer.state[p] = {"step": moments[src][name]["step"].to(p.device, copy=True),
                                         "exp_avg": moved[src]["exp_avg"][name].to(p.device),
                                         "exp_avg_sq": moved[src]["exp_avg_sq"][name].to(p.device)}
         return sorted(perturbed)
