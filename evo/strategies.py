@@ -69,10 +69,15 @@ class StrategyConfig:
         "receiver (0: none)"))] = GRACE_DEFAULT
     merge: Annotated[StrictBool, Field(description=(
         "ga/nsga2: a crossover whose parents and child share the architecture merges the "
-        "parents' weights and Adam moments (alpha uniform in [0, 1]) instead of copying one"))] = False
+        "parents' weights and Adam moments (alpha uniform in [0, 1]) instead of copying one; "
+        "parents of two architectures give the child each layer from one of them (the weights' "
+        "parent with probability alpha)"))] = False
     merge_alpha: Annotated[Literal["uniform", "fitness"], Field(description=(
         "merge crossover's alpha: 'uniform' in [0, 1], or 'fitness': each parent weighted by "
         "2^-val_bpb (its probability per byte)"))] = "uniform"
+    merge_shrink: Annotated[StrictFloat, Field(ge=0.0, le=1.0, description=(
+        "layer-wise merge: a tensor whose shape differs from its parent's becomes shrink x "
+        "reconciled + (1 - shrink) x a fresh init (shrink-and-perturb; 1: kept as reconciled)"))] = 0.9
     seed: Annotated[StrictInt, Field(ge=0, description=(
         "for the caller that derives the rng passed to plan(); strategies never seed themselves"))] = 0
 

@@ -137,15 +137,21 @@ class Exploit:
 @dataclass(frozen=True)
 class Crossover:
     """Take the weights of `weights_from` (one of `parents`), then train with `genome`,
-    a recombination of both parents' genomes. With `alpha` (merge crossover, `strategy.merge`:
-    parents and child of one architecture) the weights and Adam moments are
-    alpha * weights_from's + (1 - alpha) * the other parent's."""
+    a recombination of both parents' genomes. With `alpha` (merge crossover, `strategy.merge`)
+    and no `layers` (parents and child of one architecture) the weights and Adam moments are
+    alpha * weights_from's + (1 - alpha) * the other parent's. With `layers` (parents of
+    different architectures) the child takes each of its layers whole from one parent:
+    `layers` maps each unit of the child ("tok_embeddings", "layers.<i>", "norm", "output") to
+    the parent it comes from, or to None for a layer deeper than both parents (a new layer, as a
+    depth change makes it); a unit both parents have came from weights_from with probability
+    alpha."""
 
     member: int
     parents: tuple[int, int]
     weights_from: int
     genome: Genome
     alpha: float | None = None
+    layers: Mapping[str, int | None] | None = None
 
 
 @dataclass(frozen=True)
@@ -213,10 +219,7 @@ def in_grace(member: MemberView, grace_intervals: int) -> bool:
 
 def _with_grace(plan):
     """``plan`` with every decision for a member in its grace period turned into `Keep`, and,
-    with `strategy.merge`, each crossover of parents and child of one architecture made a merge
-    (`Crossover.alpha`: `strategy.merge_alpha` "uniform" draws it in [0, 1] from ``rng`` after the
-    plan; "fitness" gives each parent a weight proportional to 2^-val_bpb, its geometric-mean
-    probability per byte, and draws nothing)."""
+    with `strategy.merge`, each crossover made a merge (`_merged`)."""
 
     @functools.wraps(plan)
     def planned(self: Strategy, snapshot: Snapshot, rng: np.random.Generator,
@@ -227,22 +230,60 @@ def _with_grace(plan):
         decisions = [Keep(d.member) if d.member in graced and not isinstance(d, Keep) else d for d in decisions]
         if getattr(self.config, "merge", False):
             by = getattr(self.config, "merge_alpha", "uniform")
-            decisions = [_merged(d, snapshot, rng, by) if isinstance(d, Crossover) else d for d in decisions]
+            decisions = [_merged(d, snapshot, rng, by, self.space) if isinstance(d, Crossover) else d
+                         for d in decisions]
         return decisions
 
     return planned
 
 
-def _merged(d: Crossover, snapshot: Snapshot, rng: np.random.Generator, by: str = "uniform") -> Crossover:
-    shape = d.genome.architecture()
-    if any(snapshot.member(p).genome.architecture() != shape for p in d.parents):
+def _merged(d: Crossover, snapshot: Snapshot, rng: np.random.Generator, by: str,
+            space: SearchSpace) -> Crossover:
+    """``d`` as a merge crossover, its draws from ``rng`` after the plan.
+
+    Parents and child of one architecture: `Crossover.alpha` — `strategy.merge_alpha` "uniform"
+    draws it in [0, 1]; "fitness" gives each parent a weight proportional to 2^-val_bpb, its
+    geometric-mean probability per byte, and draws nothing. Parents of two architectures:
+    alpha as well, then `Crossover.layers` (`layer_sources`). Parents of one architecture and a
+    child of another (a mutated shape): unchanged, weights_from's weights carried to the child."""
+    parent_shapes = [snapshot.member(p).genome.architecture() for p in d.parents]
+    differ = parent_shapes[0] != parent_shapes[1]
+    if not differ and parent_shapes[0] != d.genome.architecture():
         return d
     if by == "uniform":
-        return dataclasses.replace(d, alpha=float(rng.uniform(0.0, 1.0)))
+        d = dataclasses.replace(d, alpha=float(rng.uniform(0.0, 1.0)))
+    else:
+        d = dataclasses.replace(d, alpha=_fitness_alpha(d, snapshot))
+    if differ:
+        depths = {p: space.model_fields(snapshot.member(p).genome)["num_hidden_layers"] for p in d.parents}
+        d = dataclasses.replace(d, layers=layer_sources(
+            space.model_fields(d.genome)["num_hidden_layers"], depths, d.weights_from, d.alpha, rng))
+    return d
+
+
+def layer_sources(depth: int, parent_depths: Mapping[int, int], weights_from: int, alpha: float,
+                  rng: np.random.Generator) -> dict[str, int | None]:
+    """Which parent each unit of a child of ``depth`` layers comes from (layer-wise inheritance):
+    {"tok_embeddings", "layers.0", …, "norm", "output": parent id, or None for a layer neither
+    parent has}. A unit both parents have comes from ``weights_from`` with probability ``alpha``
+    (one draw from ``rng`` per such unit, in this order); one only a parent has, from that parent."""
+    other = next((p for p in parent_depths if p != weights_from), weights_from)
+    units = ["tok_embeddings", *(f"layers.{i}" for i in range(depth)), "norm", "output"]
+    out: dict[str, int | None] = {}
+    for unit in units:
+        i = int(unit.split(".")[1]) if unit.startswith("layers.") else -1
+        have = [p for p in (weights_from, other) if i < parent_depths[p]]
+        if len(have) == 2 and have[0] != have[1]:
+            out[unit] = weights_from if rng.random() < alpha else other
+        else:
+            out[unit] = have[0] if have else None
+    return out
+
+
+def _fitness_alpha(d: Crossover, snapshot: Snapshot) -> float:
     other = next((p for p in d.parents if p != d.weights_from), d.weights_from)
     mine, theirs = snapshot.member(d.weights_from).fitness, snapshot.member(other).fitness
     if mine is None or theirs is None or not (math.isfinite(mine) and math.isfinite(theirs)):
-        return dataclasses.replace(d, alpha=0.5)
+        return 0.5
     # 2^-mine / (2^-mine + 2^-theirs), written so that no power overflows
-    return dataclasses.replace(d, alpha=1.0 / (1.0 + 2.0 ** (mine - theirs)) if mine >= theirs
-                               else 1.0 - 1.0 / (1.0 + 2.0 ** (theirs - mine)))
+    return 1.0 / (1.0 + 2.0 ** (mine - theirs)) if mine >= theirs else 1.0 - 1.0 / (1.0 + 2.0 ** (theirs - mine))

@@ -2,7 +2,8 @@
 whose process died, replace the members that failed.
 
 - :func:`apply_decisions`: Exploit / Crossover — the receiver becomes a copy of the donor
-  (population/handoff.py), then takes its new genome; an Exploit of a member by itself is an
+  (population/handoff.py), then takes its new genome (a merge crossover first blends in the other
+  parent's weights, or, for parents of two shapes, takes each layer from one parent); an Exploit of a member by itself is an
   explore (new hyperparameters in place); Restart — a fresh trainer; Keep — nothing. A member
   whose process dies while its decision is applied keeps its own state: the decision is dropped.
 - :func:`restore_dead`: a member whose process died (SIGKILL, OOM kill, a lost node: the
@@ -31,6 +32,7 @@ from evo.space import FloatGene, IntGene, SearchSpace
 from evo.strategy import Crossover, Exploit, Keep, Restart
 from population.members import SearchError, failure
 from population.records import member_seed, plain
+from trainers.transfer import unit_of
 
 if TYPE_CHECKING:
     from population.driver import Search
@@ -76,8 +78,16 @@ def _apply(s: Search, decisions: list, before: Mapping[int, Any], states: Mappin
                   round, parents=[])
     merges = {d.member: (d, d.parents[1] if d.parents[0] == d.weights_from else d.parents[0])
               for d in live if isinstance(d, Crossover) and d.alpha is not None}
-    if merges:   # merge crossover: the receiver holds weights_from's state; blend in the other parent's
-        s.members.call({m: s.members[m].merge.remote([states[other]], d.alpha) for m, (d, other) in merges.items()})
+    inherited: dict[int, dict] = {}
+    if merges:   # merge crossover: the receiver holds weights_from's state; blend in the other parent's,
+        # or (parents of two shapes) take each layer from one of them (0: its own, 1: the other's)
+        shrink = s.setup.strategy.merge_shrink
+        inherited = s.members.call({
+            m: s.members[m].inherit_layers.remote(
+                [states[other]], plain(d.genome.as_dict()),
+                {u: None if p is None else int(p != d.weights_from) for u, p in d.layers.items()}, shrink)
+            if d.layers is not None else s.members[m].merge.remote([states[other]], d.alpha)
+            for m, (d, other) in merges.items()})
         live = [d for d in live if d.member not in s.members.dead]
     applied = s.members.call({d.member: s.members[d.member].apply_genome.remote(plain(d.genome.as_dict()))
                               for d in live if isinstance(d, (Exploit, Crossover))})
@@ -92,7 +102,8 @@ def _apply(s: Search, decisions: list, before: Mapping[int, Any], states: Mappin
         record_applied(s.records, d, before, source, round,
                        step=loaded[m]["step"] if m in loaded else s.records[m].step,
                        params=applied[m]["params"], latency=latency.get(m), received=loaded.get(m),
-                       val_loss_jump=applied[m].get("val_loss_jump"))
+                       val_loss_jump=applied[m].get("val_loss_jump"),
+                       perturbed=inherited.get(m, {}).get("perturbed"))
     return [d for d in decisions if d.member in s.members.dead]
 
 
@@ -113,12 +124,13 @@ def records_before(records: Records, decisions: Sequence) -> dict[int, MemberRec
 def record_applied(records: Records, d: Exploit | Crossover, before: Mapping[int, MemberRecord], source: int,
                    round: int, step: int, params: int, latency: float | None = None,
                    received: Mapping[str, Any] | None = None,
-                   val_loss_jump: float | None = None) -> None:
+                   val_loss_jump: float | None = None, perturbed: Sequence[str] | None = None) -> None:
     """The records' side of an Exploit / Crossover that was applied: member ``d.member`` now runs
     ``d.genome`` on the weights of ``source`` (itself for an explore) at ``step``, with ``params``
     parameters; its record takes ``source``'s schedule and a lineage record says what happened
     (``latency``, ``received``: the exploit's seconds and what the receiver reported;
-    ``val_loss_jump``: a lossy architecture change's jump in validation loss, measured at the change)."""
+    ``val_loss_jump``: a lossy architecture change's jump in validation loss, measured at the change;
+    ``perturbed``: a layer-wise merge's shrunk-and-perturbed tensors, recorded by unit)."""
     m = d.member
     genome = plain(d.genome.as_dict())
     src = before[source]
@@ -134,6 +146,9 @@ def record_applied(records: Records, d: Exploit | Crossover, before: Mapping[int
         extra["parent_genomes"] = [before[p].genome for p in d.parents]
         if d.alpha is not None:          # weights = alpha * weights_from's + (1 - alpha) * the other's
             extra["alpha"] = d.alpha
+        if d.layers is not None:         # layer-wise: each unit of the child from one parent (None: new)
+            extra["layers"] = dict(d.layers)
+            extra["perturbed"] = sorted({unit_of(n) for n in perturbed or ()}, key=list(d.layers).index)
     if latency is not None:
         extra["latency_s"] = latency
         extra["receiver_s"] = {k: received[k] for k in ("read_s", "load_s") if k in (received or {})}

@@ -304,6 +304,17 @@ class Member:
         self._changed()
         return {"step": self.trainer.step, "params": int(self.trainer.num_parameters())}
 
+    def inherit_layers(self, state: dict | list, genome: Mapping[str, Any], sources: dict[str, int | None],
+                       shrink: float) -> dict:
+        """Merge crossover of parents of two architectures: become ``genome``'s architecture with
+        each unit from one parent (``sources``: 0 own, 1 ``state``'s — the other parent, ``[ref]``
+        as for load_state —, None a new layer; Trainer.inherit_layers). "perturbed": the names
+        of the tensors shrunk and perturbed because their shape differs from the source's."""
+        perturbed = self.trainer.inherit_layers(take_state(state), model_config_for(self.base_model, genome),
+                                                sources, shrink)
+        self._changed()
+        return {"step": self.trainer.step, "params": int(self.trainer.num_parameters()), "perturbed": perturbed}
+
     def apply_genome(self, genome: Mapping[str, Any]) -> dict:
         """Take ``genome``: hyperparameters set in place, architecture changed with weights carried."""
         jump = apply_genome(self.trainer, self.base_model, genome)

@@ -9,7 +9,11 @@ Lineage (``lineage.jsonl``): one record per event, ``event`` one of born | explo
 crossover | restart | died | restored, with round, member, parents, genome, changed (the readable
 diff against the genome the weights came from), diff, step and fitness. ``restored``: the
 member's process died and it came back to its own state at ``step`` (``source``: object store or
-checkpoint), the lost steps to be trained again; it is not a "died" (not a failure). A round's records are
+checkpoint), the lost steps to be trained again; it is not a "died" (not a failure). ``crossover``
+also has weights_from and parent_genomes; a merge crossover ``alpha``, and when its parents had
+two architectures ``layers`` (each unit of the child — tok_embeddings, layers.<i>, norm, output —
+to the parent it came from, null for a new layer) and ``perturbed`` (the units with a tensor
+shrunk and perturbed because its shape changed). A round's records are
 written with its commit, before ``state.json`` names them.
 """
 from __future__ import annotations

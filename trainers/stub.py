@@ -3,7 +3,7 @@
 A member with ``population.trainer.kind: sleep`` builds this instead of the InternLM2 Trainer
 (population/member.py). It has the Trainer's interface — ``train(n)``, ``evaluate()``,
 ``state_dict()`` / ``load_state_dict()``, ``set_hparams``, ``set_architecture``, ``set_mix``,
-``merge_from``, ``num_parameters()`` — so the driver, the member actor, the exploits through the
+``merge_from``, ``inherit_layers``, ``num_parameters()`` — so the driver, the member actor, the exploits through the
 object store, the checkpoints and the run store do all their work; only the training is replaced:
 
 - ``train(n)`` sleeps ``n × step_s`` seconds and advances a scalar ``progress`` by a per-step gain
@@ -202,3 +202,15 @@ class SleepTrainer:
             raise ValueError("merge: the parents' architectures differ (merge needs the same shape)")
         self._weights.mul_(alpha).add_(state["weights"], alpha=1.0 - alpha)
         self._progress = alpha * self._progress + (1.0 - alpha) * float(state["progress"])
+
+    def inherit_layers(self, state: dict, model: InternLM2Config, sources: dict[str, int | None],
+                       shrink: float) -> list[str]:
+        """Layer-wise merge of parents of two architectures: ``model``'s shape; progress is the
+        mean of its units' parents' (a new layer counts as progress 0), times LOSSY_KEEP; no
+        tensor is shrunk (the stub has no layers)."""
+        if not 0.0 <= shrink <= 1.0:
+            raise ValueError(f"merge: shrink ({shrink}) must be in [0, 1]")
+        progress = [self._progress, float(state["progress"])]
+        self._progress = LOSSY_KEEP * sum(0.0 if p is None else progress[p] for p in sources.values()) / len(sources)
+        self._model_cfg = replace(model)
+        return []

@@ -25,7 +25,8 @@ from trainers import cpu_fused
 from trainers.data import DataConfig, SourcesCorpus, load_corpus, load_held_out
 from trainers.fitness import FitnessConfig, call_function
 from trainers.model import InternLM2Config, InternLM2ForCausalLM
-from trainers.transfer import preserves_function, transfer_moments, transfer_norm_eps, transfer_weights
+from trainers.transfer import (inherit_norm_eps, inherit_weights, preserves_function, transfer_moments,
+                               transfer_norm_eps, transfer_weights, unit_of)
 
 # Fields of TrainConfig that may change during training (set_hparams); the others
 # (compile, device, num_threads, seed, distill_*) belong to the member, not to the search.
@@ -166,10 +167,18 @@ def make_optimizer(model: torch.nn.Module, cfg: TrainConfig, lr: float) -> Fused
     (exp_avg, exp_avg_sq, step) and the state_dict layout are the same as the for-each optimizer's.
     """
     decay = [p for p in model.parameters() if p.dim() >= 2]
-    no_decay = [p for p in model.parameters() if p.dim() < 2]
+    no_decay = [p for p in model.parameters() if p.dim() < 2]   # optimizer_names follows this order
     return FusedAdamW([{"params": decay, "weight_decay": cfg.weight_decay},
                        {"params": no_decay, "weight_decay": 0.0}],
                       lr=lr, betas=(cfg.beta1, cfg.beta2), eps=cfg.eps)
+
+
+def optimizer_names(config: InternLM2Config) -> list[str]:
+    """The parameter names of a model of ``config`` in the order of `make_optimizer`'s groups:
+    entry i of its state_dict's "state" belongs to parameter names[i]."""
+    with torch.device("meta"):
+        shapes = [(n, p.dim()) for n, p in InternLM2ForCausalLM(config, init=False).named_parameters()]
+    return [n for n, d in shapes if d >= 2] + [n for n, d in shapes if d < 2]
 
 
 class NonFiniteLossError(RuntimeError):
@@ -550,6 +559,48 @@ class Trainer:
         eps, other_eps = self._model.norm_eps(), state.get("norm_eps", {})
         self._model.set_norm_eps({n: alpha * e + (1.0 - alpha) * other_eps.get(n, self._model_cfg.rms_norm_eps)
                                   for n, e in eps.items()})
+
+    def inherit_layers(self, state: dict, model: InternLM2Config, sources: dict[str, int | None],
+                       shrink: float) -> list[str]:
+        """Merge crossover of parents of two architectures (layer-wise inheritance): become a model
+        of architecture ``model`` whose units (trainers.transfer.unit_of: embeddings, each layer,
+        final norm, output head) come whole from one parent — ``sources[unit]`` 0: this trainer,
+        1: ``state`` (the other parent), None: a new layer — reconciled to ``model``'s shapes,
+        tensors whose shape differs from the source's shrunk and perturbed by ``shrink``
+        (trainers.transfer.inherit_weights, drawing from this trainer's generator). Adam moments
+        follow the weights: carried from the unit's parent along the same map where the shape
+        matches; reset (none: the optimizer starts them afresh, step 0) for a shrunk-and-perturbed
+        tensor, whose weights moved away from where its moments were measured. The step, RNG
+        and hyperparameters stay this trainer's. Returns the names of the shrunk tensors."""
+        other_cfg = InternLM2Config(**state["model_config"])
+        if other_cfg.vocab_size != self.corpus.vocab_size:
+            raise ValueError(f"model.vocab_size: state has {other_cfg.vocab_size}, "
+                             f"the corpus has {self.corpus.vocab_size}")
+        new_cfg = self._with_corpus_vocab(model)
+        own_cfg, own_model, own_opt = self._model_cfg, self._model, self._optimizer
+        own = {k: v.detach().cpu() for k, v in own_model.state_dict().items()}
+        configs = [own_cfg, other_cfg]
+        weights, perturbed = inherit_weights([(own, own_cfg), (state["model"], other_cfg)], new_cfg,
+                                             sources, shrink, self._generator)
+        norm_eps = inherit_norm_eps([own_model.norm_eps(), state.get("norm_eps", {})], configs, new_cfg, sources)
+        moments = [{n: {k: v.detach().cpu() for k, v in own_opt.state[q].items()}
+                    for n, q in own_model.named_parameters() if own_opt.state.get(q)},
+                   {n: st for i, n in enumerate(optimizer_names(other_cfg))
+                    if (st := state["optimizer"]["state"].get(i))}]
+        self._distill = None    # two parents: no single teacher
+        self._build(new_cfg, weights)
+        self._model.set_norm_eps(norm_eps)
+        shapes = {name: p.shape for name, p in self._model.named_parameters()}
+        moved = [{key: transfer_moments({n: s[key] for n, s in m.items()}, cfg, new_cfg, shapes, power)
+                  for key, power in (("exp_avg", 1), ("exp_avg_sq", 2))} for m, cfg in zip(moments, configs)]
+        for name, p in self._model.named_parameters():
+            src = sources.get(unit_of(name))
+            if src is None or name in perturbed or name not in moments[src]:
+                continue
+            self._optimizer.state[p] = {"step": moments[src][name]["step"].to(p.device, copy=True),
+                                        "exp_avg": moved[src]["exp_avg"][name].to(p.device),
+                                        "exp_avg_sq": moved[src]["exp_avg_sq"][name].to(p.device)}
+        return sorted(perturbed)
 
     # ------------------------------------------------------------------ internals
     def _with_corpus_vocab(self, cfg: InternLM2Config) -> InternLM2Config:

@@ -22,6 +22,15 @@ Rules, for a state of ``old`` moved to ``new``:
   preserve the function, it keeps as much of the trained weights as fits.
 
 `transfer_moments` carries Adam moments along the same map (zeros for the new coordinates).
+
+Layer-wise inheritance (a merge crossover of parents of two architectures, `inherit_weights`):
+the child's units — the embeddings, each decoder layer, the final norm, the output head
+(`unit_of`) — each come whole from one parent, reconciled to the child's shape by the map above
+(`transfer_weights` of that parent). A tensor whose shape differs from its source tensor's is
+then shrunk and perturbed (Ash & Adams 2020): ``shrink * reconciled + (1 - shrink) * init``,
+with ``init`` a fresh draw of that tensor — zero-mean noise of (1 - shrink) times the init's std
+for matrices and embeddings; for norm weights (init 1) a pull towards 1 rather than towards 0,
+which would silence the stream. ``shrink`` 1 keeps the reconciled tensor as it is.
 """
 from __future__ import annotations
 
@@ -67,6 +76,67 @@ def transfer_moments(moments: dict[str, Tensor], old: InternLM2Config, new: Inte
             dst.mul_(_norm_scale(old, new) ** -power)
         out[name] = dst
     return out
+
+
+def unit_of(name: str) -> str:
+    """The unit of layer-wise inheritance a parameter or module belongs to: "tok_embeddings",
+    "layers.<i>", "norm" or "output" (``model.layers.3.attention.wqkv.weight`` -> "layers.3")."""
+    parts = name.split(".")
+    if parts[0] == "model" and len(parts) > 1:
+        return f"layers.{parts[2]}" if parts[1] == "layers" else parts[1]
+    return parts[0]
+
+
+def units(config: InternLM2Config) -> list[str]:
+    """The units of a model of ``config``, in order."""
+    return ["tok_embeddings", *(f"layers.{i}" for i in range(config.num_hidden_layers)), "norm", "output"]
+
+
+def inherit_weights(parents: list[tuple[dict[str, Tensor], InternLM2Config]], new: InternLM2Config,
+                    sources: dict[str, int | None], shrink: float,
+                    generator: torch.Generator | None) -> tuple[dict[str, Tensor], set[str]]:
+    """(state dict of a model of config ``new``, names of the shrunk-and-perturbed tensors):
+    each unit (`units`) from the parent ``sources[unit]`` indexes in ``parents`` ([(state,
+    config)]), reconciled by `transfer_weights`; None: a new layer as `transfer_weights` of
+    parents[0] makes it (an identity block). A tensor whose shape differs from its source's:
+    ``shrink * reconciled + (1 - shrink) * init`` (module docstring). Draws from ``generator``,
+    in this order: each parent's `transfer_weights`, then the fresh model ``init`` is taken from."""
+    if not 0.0 <= shrink <= 1.0:
+        raise ValueError(f"merge: shrink ({shrink}) must be in [0, 1]")
+    want = units(new)
+    if list(sources) != want:
+        raise ValueError(f"merge: the layer map names {list(sources)}, the child has {want}")
+    for unit, p in sources.items():
+        if p is None:
+            continue
+        if not 0 <= p < len(parents):
+            raise ValueError(f"merge: {unit} comes from parent {p}, there are {len(parents)}")
+        if unit not in units(parents[p][1]):
+            raise ValueError(f"merge: {unit} comes from parent {p}, which has "
+                             f"{parents[p][1].num_hidden_layers} layers")
+    reconciled = [transfer_weights(state, cfg, new, generator) for state, cfg in parents]
+    init = InternLM2ForCausalLM(new, generator=generator).state_dict()
+    out = dict(reconciled[0])
+    perturbed: set[str] = set()
+    for name in out:
+        p = sources.get(unit_of(name))
+        if p is None:
+            continue
+        t = reconciled[p][name]
+        if parents[p][0][name].shape != t.shape:
+            t = t.mul(shrink).add_(init[name], alpha=1.0 - shrink)
+            perturbed.add(name)
+        out[name] = t
+    return out, perturbed
+
+
+def inherit_norm_eps(norm_eps: list[dict[str, float]], configs: list[InternLM2Config], new: InternLM2Config,
+                     sources: dict[str, int | None]) -> dict[str, float]:
+    """Each norm's eps for the child of `inherit_weights`: its unit's parent's, carried by
+    `transfer_norm_eps` (norms of new layers are not listed)."""
+    carried = [transfer_norm_eps(eps, cfg, new) for eps, cfg in zip(norm_eps, configs)]
+    return {name: carried[p][name] for name in carried[0].keys() | carried[-1].keys()
+            if (p := sources.get(unit_of(name))) is not None and name in carried[p]}
 
 
 def transfer_norm_eps(norm_eps: dict[str, float], old: InternLM2Config, new: InternLM2Config) -> dict[str, float]:

@@ -21,7 +21,7 @@ from evo.genome import Genome
 from evo.nsga2 import NSGA2
 from evo.pb2 import MIN_OBSERVATIONS
 from evo.space import ChoiceGene, FloatGene, IntGene, SearchSpace
-from evo.strategy import OBJECTIVE_SENSE, Crossover, Exploit, Keep, MemberView, Restart, Snapshot, in_grace
+from evo.strategy import OBJECTIVE_SENSE, Crossover, Exploit, Keep, MemberView, Restart, Snapshot, in_grace, layer_sources
 from evo.strategies import StrategyConfig, make_strategy
 from evo.toy import toy_space
 from tests.evo.test_space import RULES
@@ -122,9 +122,19 @@ def assert_valid(strategy, space: SearchSpace, snapshot: Snapshot, decisions: li
             assert d.how in ("perturb", "resample", "model")
         if isinstance(d, Crossover):
             assert d.parents[0] != d.parents[1] and d.member not in d.parents
-            if d.alpha is not None:          # a merge: parents and child share one architecture
+            shapes = [snapshot.member(p).genome.architecture() for p in d.parents]
+            if d.alpha is not None:
                 assert strategy.config.merge and 0.0 <= d.alpha <= 1.0
-                assert all(snapshot.member(p).genome.architecture() == d.genome.architecture() for p in d.parents)
+            if d.alpha is not None and d.layers is None:   # interpolation: parents and child share one architecture
+                assert all(s == d.genome.architecture() for s in shapes)
+            if d.layers is not None:         # layer-wise: each child unit from a parent that has it
+                assert d.alpha is not None and shapes[0] != shapes[1]
+                depth = space.model_fields(d.genome)["num_hidden_layers"]
+                assert list(d.layers) == ["tok_embeddings", *(f"layers.{i}" for i in range(depth)), "norm", "output"]
+                for unit, p in d.layers.items():
+                    have = [q for q in d.parents if not unit.startswith("layers.")
+                            or int(unit.split(".")[1]) < space.model_fields(snapshot.member(q).genome)["num_hidden_layers"]]
+                    assert p in have if have else p is None
             assert d.weights_from in d.parents
             for p in d.parents:
                 snapshot.member(p)
@@ -196,12 +206,15 @@ def test_a_member_in_its_grace_period_is_never_a_receiver(kind: str, grace: int)
 
 
 @pytest.mark.parametrize("kind", ["ga-uniform", "ga-sbx", "nsga2"])
-def test_merge_crossover_has_alpha_exactly_when_the_shapes_agree(kind: str) -> None:
-    space = toy_space()                     # no architecture genes: every crossover merges
+def test_merge_crossover_interpolates_one_shape_and_takes_layers_across_two(kind: str) -> None:
+    """strategy.merge: parents and child of one shape get alpha alone (interpolation); parents of
+    two shapes get alpha and a layer map (layer-wise inheritance); parents of one shape with a
+    mutated child neither (weights_from's weights, carried)."""
+    space = toy_space()                     # no architecture genes: every crossover interpolates
     arch = arch_space()
-    for sp, want in ((space, True), (arch, None)):
+    for sp in (space, arch):
         config = StrategyConfig(**STRATEGIES[kind], merge=True, crossover_probability=1.0)
-        n_merged = 0
+        seen = {"interpolated": 0, "layered": 0}
         for seed in range(6):
             rng = np.random.default_rng([seed, 17])
             snapshot = random_snapshot(sp, rng, n=int(rng.integers(4, 13)))
@@ -209,11 +222,32 @@ def test_merge_crossover_has_alpha_exactly_when_the_shapes_agree(kind: str) -> N
             decisions = strategy.plan(snapshot, np.random.default_rng(seed))
             assert_valid(strategy, sp, snapshot, decisions, [m.id for m in snapshot.members])
             assert decisions == make_strategy(config, sp).plan(snapshot, np.random.default_rng(seed))
-            crossovers = [d for d in decisions if isinstance(d, Crossover)]
-            n_merged += sum(d.alpha is not None for d in crossovers)
-            if want:
-                assert all(d.alpha is not None for d in crossovers)
-        assert n_merged > 0 or want is None
+            for d in (d for d in decisions if isinstance(d, Crossover)):
+                shapes = [snapshot.member(p).genome.architecture() for p in d.parents]
+                if shapes[0] != shapes[1]:
+                    assert d.layers is not None and d.alpha is not None
+                    seen["layered"] += 1
+                elif shapes[0] == d.genome.architecture():
+                    assert d.layers is None and d.alpha is not None
+                    seen["interpolated"] += 1
+                else:
+                    assert d.layers is None and d.alpha is None
+        if sp is space:
+            assert seen["interpolated"] > 0 and seen["layered"] == 0
+        else:
+            assert seen["layered"] > 0
+
+
+def test_layer_sources_follow_alpha_and_the_parents_depths() -> None:
+    """A unit both parents have comes from weights_from with probability alpha (alpha 1: all of
+    them, 0: none); a layer only the deeper parent has comes from it; deeper than both: None."""
+    rng = np.random.default_rng(0)
+    assert layer_sources(4, {7: 2, 9: 3}, 7, 1.0, rng) == {
+        "tok_embeddings": 7, "layers.0": 7, "layers.1": 7, "layers.2": 9, "layers.3": None, "norm": 7, "output": 7}
+    assert layer_sources(2, {7: 2, 9: 3}, 7, 0.0, rng) == {
+        "tok_embeddings": 9, "layers.0": 9, "layers.1": 9, "norm": 9, "output": 9}
+    picks = [layer_sources(1, {7: 1, 9: 1}, 7, 0.3, rng)["layers.0"] == 7 for _ in range(2000)]
+    assert 0.25 < np.mean(picks) < 0.35
 
 
 @pytest.mark.parametrize("kind", ["ga-sbx", "nsga2"])

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import math
 import os
 import statistics
 import time
@@ -328,4 +329,45 @@ def test_merge_crossover_blends_both_parents_and_says_so(ray_local, cache_dir, t
     for r in merged:
         assert len(r["parents"]) == 2 and r["weights_from"] in r["parents"] and 0.0 <= r["alpha"] <= 1.0
         shapes = {g["model.num_hidden_layers"] for g in r["parent_genomes"]}
-        assert shapes == {r["genome"]["model.num_hidden_layers"]}
+        if "layers" not in r:                                    # interpolated: one shape throughout
+            assert shapes == {r["genome"]["model.num_hidden_layers"]}
+
+
+@pytest.mark.slow
+def test_merge_crossover_of_two_shapes_takes_layers_and_the_child_trains_on(ray_local, cache_dir, tmp_path):
+    """strategy.merge with parents of two architectures (depth and FFN width genes): the child
+    takes each layer from one parent; the lineage names both parents, alpha and the layer map
+    (and which units were shrunk and perturbed); the child trains on to the budget."""
+    import dataclasses
+
+    from evo.space import SearchSpace
+
+    setup = make_setup(tmp_path, "xmerge", cache_dir, size=4, interval=4, total=8, strategy="ga")
+    search = {"train.lr": {"type": "float", "low": 1.0e-3, "high": 1.0e-2, "log": True},
+              "model.num_hidden_layers": {"type": "int", "low": 1, "high": 2},
+              "model.intermediate_size": {"type": "choice", "choices": [64, 96]}}
+    strategy = dataclasses.replace(setup.strategy, merge=True, crossover_probability=1.0, mutation_probability=0.0)
+    setup = dataclasses.replace(setup, strategy=strategy, space=SearchSpace.from_dict(search, base=setup.space.base),
+                                config=dict(setup.config, strategy=dataclasses.asdict(strategy), search=search))
+    run_search(setup, console=_quiet())
+    lineage = _lineage(tmp_path / "xmerge")
+    layered = [r for r in lineage if r["event"] == "crossover" and "layers" in r]
+    assert any(r["perturbed"] for r in layered), [r for r in lineage if r["event"] == "crossover"]
+    for r in layered:
+        parents = r["parent_genomes"]
+        assert parents[0] != parents[1] and 0.0 <= r["alpha"] <= 1.0 and r["weights_from"] in r["parents"]
+        depth = r["genome"]["model.num_hidden_layers"]
+        assert set(r["layers"]) == {"tok_embeddings", *(f"layers.{i}" for i in range(depth)), "norm", "output"}
+        for unit, p in r["layers"].items():
+            assert p in r["parents"] or (p is None and unit.startswith("layers."))
+        ffn = {q: g["model.intermediate_size"] for q, g in zip(r["parents"], parents)}
+        for unit in r["layers"]:                                 # shrunk exactly where the FFN width changed
+            p = r["layers"][unit]
+            want = unit.startswith("layers.") and p is not None and ffn[p] != r["genome"]["model.intermediate_size"]
+            assert (unit in r["perturbed"]) == want, (unit, r)
+    assert not [r for r in lineage if r["event"] == "died"]
+    state = _state(tmp_path / "xmerge")
+    for r in layered:                                           # the child trained on and was judged again
+        m = next(x for x in state["members"] if x["id"] == r["member"])
+        assert m["step"] == 8 and any(step > r["step"] for step, _ in m["history"])
+        assert all(math.isfinite(v) for _, v in m["history"])

@@ -70,6 +70,14 @@ def test_architecture_changes_hparams_merge_and_refusals():
     other.train(20)
     t.merge_from(other.state_dict(), 0.25)
     assert t.progress == pytest.approx(0.25 * p * stub.LOSSY_KEEP + 0.75 * other.progress)
+    q = t.progress
+    deeper = dataclasses.replace(MODEL, num_hidden_layers=MODEL.num_hidden_layers + 1)
+    sources = {"tok_embeddings": 0, **{f"layers.{i}": 1 for i in range(MODEL.num_hidden_layers)},
+               f"layers.{MODEL.num_hidden_layers}": None, "norm": 0, "output": 1}
+    assert t.inherit_layers(other.state_dict(), deeper, sources, 0.9) == []   # layer-wise: mean progress, lossy
+    n = len(sources)
+    assert t.progress == pytest.approx(stub.LOSSY_KEEP * (2 * q + (n - 3) * other.progress) / n)
+    assert t.model_config == deeper
     with pytest.raises(ValueError, match="KiB of weights"):
         sleeper(state_kb=16).load_state_dict(t.state_dict())
     with pytest.raises(ValueError, match="a sleep trainer's state"):

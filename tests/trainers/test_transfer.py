@@ -1,15 +1,16 @@
 """trainers/transfer.py and Trainer.set_architecture: weights carried to a new architecture."""
 from __future__ import annotations
 
+import math
 from dataclasses import replace
 
 import pytest
 import torch
 
 from trainers.model import InternLM2Config, InternLM2ForCausalLM
-from trainers.trainer import Trainer, TrainConfig
+from trainers.trainer import Trainer, TrainConfig, optimizer_names
 from trainers import cpu_fused
-from trainers.transfer import transfer_norm_eps, transfer_weights
+from trainers.transfer import inherit_weights, transfer_norm_eps, transfer_weights, unit_of
 
 BASE = InternLM2Config(hidden_size=32, intermediate_size=64, num_hidden_layers=2,
                        num_attention_heads=4, num_key_value_heads=2)
@@ -336,3 +337,78 @@ def test_distillation_adds_the_kl_term_for_exactly_k_steps_after_a_lossy_change(
     grow.set_architecture(replace(BASE, num_hidden_layers=3))
     assert grow.train(2)["distill_kl"] == []
     assert TrainConfig().distill_steps == 0
+
+
+def test_inherit_weights_takes_each_layer_from_its_parent_and_shrinks_what_changed_shape():
+    """Layer-wise merge of parents of two architectures: a unit from the parent of the child's
+    shape is that parent's tensors exactly; a unit from the wider parent is reconciled to the
+    child's shape, then shrink x reconciled + (1 - shrink) x a fresh init (fixed seed); a layer
+    neither parent has is the new identity layer a depth change makes."""
+    a_cfg = BASE                                                             # width 32, 2 layers
+    b_cfg = replace(BASE, hidden_size=48, num_attention_heads=6, num_key_value_heads=3,
+                    intermediate_size=96, num_hidden_layers=3)
+    child = replace(BASE, num_hidden_layers=4)
+    a, b = _trained_like(a_cfg, 0).state_dict(), _trained_like(b_cfg, 1).state_dict()
+    sources = {"tok_embeddings": 1, "layers.0": 0, "layers.1": 1, "layers.2": 1, "layers.3": None,
+               "norm": 0, "output": 1}
+    out, perturbed = inherit_weights([(a, a_cfg), (b, b_cfg)], child, sources, 0.7,
+                                     torch.Generator().manual_seed(5))
+    g = torch.Generator().manual_seed(5)                                     # the same draws, in order
+    ra, rb = transfer_weights(a, a_cfg, child, g), transfer_weights(b, b_cfg, child, g)
+    init = InternLM2ForCausalLM(child, generator=g).state_dict()
+    assert set(out) == set(ra)
+    for name, t in out.items():
+        src = sources[unit_of(name)]
+        if src == 0:                                                         # same shape: A's tensor
+            assert torch.equal(t, a[name]) and name not in perturbed, name
+        elif src == 1:                                                       # every B tensor is wider
+            assert name in perturbed
+            assert torch.allclose(t, 0.7 * rb[name] + 0.3 * init[name], rtol=0, atol=1e-7), name
+        else:                                                                # new layer: identity block
+            assert torch.equal(t, ra[name]) and name not in perturbed, name
+    assert out["model.layers.3.attention.wo.weight"].abs().sum() == 0
+    # shrink 1: reconciled as they are
+    kept, _ = inherit_weights([(a, a_cfg), (b, b_cfg)], child, sources, 1.0, torch.Generator().manual_seed(5))
+    assert torch.equal(kept["model.layers.1.attention.wqkv.weight"], rb["model.layers.1.attention.wqkv.weight"])
+    with pytest.raises(ValueError, match="layers.3 comes from parent 1, which has 3 layers"):
+        inherit_weights([(a, a_cfg), (b, b_cfg)], child, {**sources, "layers.3": 1}, 0.7, None)
+    with pytest.raises(ValueError, match="the layer map names"):
+        inherit_weights([(a, a_cfg), (b, b_cfg)], child, {"layers.0": 0}, 0.7, None)
+
+
+def test_inherit_layers_moves_weights_and_moments_and_the_child_trains(small_data):
+    """Trainer.inherit_layers: parents A (2 layers, FFN 64) and B (3 layers, FFN 96), child of A's
+    shape with 3 layers. Each unit's tensors are its parent's exactly where the shape matches
+    (Adam moments too), shrink x reconciled + (1 - shrink) x init where it differs (the FFN of B's
+    layers; their moments reset); the step stays A's; the child trains on."""
+    b_cfg = replace(BASE, num_hidden_layers=3, intermediate_size=96)
+    child = replace(BASE, num_hidden_layers=3)
+    a, b = Trainer(BASE, _tc(3), small_data), Trainer(b_cfg, _tc(4), small_data)
+    a.train(5)
+    b.train(4)
+    sa, sb = a.state_dict(), b.state_dict()
+    sources = {"tok_embeddings": 1, "layers.0": 0, "layers.1": 1, "layers.2": 1, "norm": 0, "output": 1}
+    perturbed = a.inherit_layers(sb, child, sources, 0.8)
+    g = torch.Generator()
+    g.set_state(sa["rng"]["torch"])
+    parents = [(sa["model"], InternLM2Config(**sa["model_config"])), (sb["model"], InternLM2Config(**sb["model_config"]))]
+    want, want_perturbed = inherit_weights(parents, a.model_config, sources, 0.8, g)
+    assert sorted(want_perturbed) == perturbed
+    assert perturbed == sorted(f"model.layers.{i}.feed_forward.{w}.weight" for i in (1, 2) for w in ("w1", "w2", "w3"))
+    sc = a.state_dict()
+    names = optimizer_names(a.model_config)
+    opt = {names[i]: st for i, st in sc["optimizer"]["state"].items()}
+    moments = [{n: s["optimizer"]["state"][i] for i, n in enumerate(optimizer_names(cfg))}
+               for s, (_, cfg) in zip((sa, sb), parents)]
+    for name, t in sc["model"].items():
+        src = sources[unit_of(name)]
+        assert torch.equal(t, want[name]), name
+        if name in perturbed:
+            assert name not in opt, name                                     # moments reset
+            continue
+        assert torch.equal(t, parents[src][0][name]), name                   # same shape: the parent's
+        for key in ("exp_avg", "exp_avg_sq", "step"):
+            assert torch.equal(opt[name][key], moments[src][name][key]), (name, key)
+    assert sc["step"] == 5
+    out = a.train(3)
+    assert a.step == 8 and all(math.isfinite(x) for x in out["losses"])
