@@ -22,7 +22,8 @@ def test_small_setting_prints_every_row_and_writes_the_plot(tmp_path):
                           capture_output=True, text=True, timeout=600, cwd=REPO)
     assert proc.returncode == 0, proc.stderr[-2000:]
     lines = proc.stdout.splitlines()
-    assert lines[0].startswith("workload: arch_search.yaml, 3 members x 4 steps, interval 2, 1 seed(s)")
+    assert lines[0].startswith("workload: arch_search.yaml, 3 members x 4 steps, interval 2, start ")
+    assert "seeds [0]; budget 400000 params" in lines[0]
     header = lines.index("variant  seed best_val_bpb params_best  steps vs_best_fixed")
     rows = [line.split() for line in lines[header + 1:header + 4]]
     assert [r[0] for r in rows] == VARIANTS and all(r[1] == "0" for r in rows)
