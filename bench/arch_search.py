@@ -114,6 +114,8 @@ def main() -> None:
     ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="extra config overrides")
     ap.add_argument("--seed-list", type=int, nargs="+", metavar="SEED",
                     help="run these seeds instead of 0 .. --seeds - 1 (e.g. --seed-list 0 to screen a setting)")
+    ap.add_argument("--variants", nargs="+", choices=VARIANTS, default=list(VARIANTS),
+                    help="run only these variants (screening; the tables need all three)")
     ap.add_argument("--out", type=Path, default=REPO / "bench" / "figures")
     args = ap.parse_args()
     base_overrides = [*(SMALL if args.small else []), *args.set]
@@ -134,12 +136,21 @@ def main() -> None:
     try:
         with tempfile.TemporaryDirectory(prefix="evo-arch-bench-") as tmp:
             for seed in seed_list:
-                for variant in VARIANTS:
+                for variant in args.variants:
                     results[variant].append(run_one([*base_overrides, *variant_overrides(variant, arch_paths, largest)],
                                                     f"{variant}-s{seed}", str(Path(tmp) / "runs"), seed))
     finally:
         cluster.close()
 
+    if set(args.variants) != set(VARIANTS):
+        for v in args.variants:
+            for seed, r in zip(seed_list, results[v]):
+                best = min(r["members"], key=lambda m: m["val_bpb"])
+                print(f"{v} seed {seed}: best val_bpb {r['best_val_bpb']:.4f} ({best['params']} params, {best['genome']}), "
+                      f"steps {r['steps']}")
+        (args.out / "arch_search.json").parent.mkdir(parents=True, exist_ok=True)
+        (args.out / "arch_search.json").write_text(json.dumps({"seeds": seed_list, "results": results}, indent=1))
+        return
     print(f"{'variant':8s} {'seed':>4s} {'best_val_bpb':>12s} {'params_best':>11s} {'steps':>6s} {'vs_best_fixed':>13s}")
     for seed in range(seeds):
         fixed_best = min(results[v][seed]["best_val_bpb"] for v in ("base", "largest"))
