@@ -116,6 +116,9 @@ def main() -> None:
                     help="run these seeds instead of 0 .. --seeds - 1 (e.g. --seed-list 0 to screen a setting)")
     ap.add_argument("--variants", nargs="+", choices=VARIANTS, default=list(VARIANTS),
                     help="run only these variants (screening; the tables need all three)")
+    ap.add_argument("--combine", type=Path, nargs="+", metavar="JSONL",
+                    help="run nothing: the tables and the plot from arch_search.runs.jsonl files of earlier runs "
+                         "(e.g. the search and the fixed shapes run as two commands)")
     ap.add_argument("--out", type=Path, default=REPO / "bench" / "figures")
     args = ap.parse_args()
     base_overrides = [*(SMALL if args.small else []), *args.set]
@@ -130,27 +133,39 @@ def main() -> None:
           f"{cfg0.strategy.name} {list(cfg0.strategy.objectives)}, seeds {seed_list}; budget {space.max_params} params")
     print("largest shape: " + ", ".join(f"{p[len(ARCHITECTURE_PREFIX):]}={v}" for p, v in largest.items()))
 
-    os.environ["RAY_ADDRESS"] = "local"     # a private local Ray, never another session's cluster
-    cluster = connect(Quiet())
-    results: dict[str, list[dict]] = {v: [] for v in VARIANTS}
-    try:
-        with tempfile.TemporaryDirectory(prefix="evo-arch-bench-") as tmp:
-            for seed in seed_list:
+    args.out.mkdir(parents=True, exist_ok=True)
+    log = args.out / "arch_search.runs.jsonl"    # one line per finished search, written as it ends
+    runs: list[dict] = []
+    if args.combine:
+        for path in args.combine:
+            runs += [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    else:
+        log.write_text("")
+        os.environ["RAY_ADDRESS"] = "local"     # a private local Ray, never another session's cluster
+        cluster = connect(Quiet())
+        try:
+            with tempfile.TemporaryDirectory(prefix="evo-arch-bench-") as tmp:
                 for variant in args.variants:
-                    results[variant].append(run_one([*base_overrides, *variant_overrides(variant, arch_paths, largest)],
-                                                    f"{variant}-s{seed}", str(Path(tmp) / "runs"), seed))
-    finally:
-        cluster.close()
+                    for seed in seed_list:
+                        r = run_one([*base_overrides, *variant_overrides(variant, arch_paths, largest)],
+                                    f"{variant}-s{seed}", str(Path(tmp) / "runs"), seed)
+                        runs.append({"variant": variant, "seed": seed, **r})
+                        with log.open("a") as f:
+                            f.write(json.dumps(runs[-1]) + "\n")
+        finally:
+            cluster.close()
+    by = {(r["variant"], r["seed"]): r for r in runs}
+    variants = [v for v in VARIANTS if any(k[0] == v for k in by)]
+    seed_list = sorted({k[1] for k in by})
+    seeds = len(seed_list)
 
-    if set(args.variants) != set(VARIANTS):
-        for v in args.variants:
-            for seed, r in zip(seed_list, results[v]):
-                best = min(r["members"], key=lambda m: m["val_bpb"])
-                print(f"{v} seed {seed}: best val_bpb {r['best_val_bpb']:.4f} ({best['params']} params, {best['genome']}), "
-                      f"steps {r['steps']}")
-        (args.out / "arch_search.json").parent.mkdir(parents=True, exist_ok=True)
-        (args.out / "arch_search.json").write_text(json.dumps({"seeds": seed_list, "results": results}, indent=1))
+    if set(variants) != set(VARIANTS) or len(by) != len(VARIANTS) * seeds:
+        for (v, seed), r in sorted(by.items()):
+            best = min(r["members"], key=lambda m: m["val_bpb"])
+            print(f"{v} seed {seed}: best val_bpb {r['best_val_bpb']:.4f} ({best['params']} params, {best['genome']}), "
+                  f"steps {r['steps']}")
         return
+    results = {v: [by[v, seed] for seed in seed_list] for v in VARIANTS}
     print(f"{'variant':8s} {'seed':>4s} {'best_val_bpb':>12s} {'params_best':>11s} {'steps':>6s} {'vs_best_fixed':>13s}")
     for seed in range(seeds):
         fixed_best = min(results[v][seed]["best_val_bpb"] for v in ("base", "largest"))
@@ -179,7 +194,6 @@ def main() -> None:
             print(f"{v:8s} {seed_list[seed]:4d} {n:8d} {r['best_val_bpb']:9.4f} {s_b:10.4f} {s_n:13d} {'yes' if beats else 'no':>5s}")
     print("front beats the fixed shape: " + ", ".join(f"{v} {front_wins[v]} of {seeds}" for v in front_wins))
 
-    args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "arch_search.json").write_text(json.dumps(
         {"largest": largest, "budget": space.max_params, "seeds": seed_list, "results": results}, indent=1))
     plot(results, args.out / "arch_search.png")

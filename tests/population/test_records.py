@@ -121,7 +121,7 @@ def test_start_base_draws_the_first_members_at_the_base_shape_with_the_fixed_sha
     from tests.helpers import REPO
 
     path = REPO / "experiments" / "arch_search.yaml"
-    common = ["population.start=base", "model.intermediate_size=192"]
+    common = ["population.start=base"]
     drawn = {}
     for variant, extra in (("search", []), ("fixed", None)):
         cfg = load_config(path, common + (extra if extra is not None else []), strings={"storage": str(tmp_path)})
@@ -136,7 +136,7 @@ def test_start_base_draws_the_first_members_at_the_base_shape_with_the_fixed_sha
     assert len(drawn["search"]) == 6
     for g, f in zip(drawn["search"], drawn["fixed"]):
         assert {p: v for p, v in g.items() if p.startswith("model.")} == {
-            "model.hidden_size": 64, "model.intermediate_size": 192, "model.num_attention_heads": 4,
+            "model.hidden_size": 64, "model.intermediate_size": 172, "model.num_attention_heads": 4,
             "model.num_hidden_layers": 2, "model.num_key_value_heads": 2}
         assert g["train.lr"] == f["train.lr"] and set(f) == {"train.lr"}
     assert len({g["train.lr"] for g in drawn["search"]}) == 6
