@@ -18,8 +18,13 @@ shape's parameter count, and whether it is better than the fixed shape's best me
 
     nice -n 5 .venv/bin/python bench/arch_search.py                 # 3 seeds, the config as shipped
     .venv/bin/python bench/arch_search.py --small                   # the test suite's smoke setting
+    .venv/bin/python bench/arch_search.py --seed-list 0 --variants search --set strategy.grow_only=false
+                                                                    # screen a setting: one seed, one arm
 
-Writes arch_search.json and arch_search.png (val_bpb against parameters) to --out.
+Writes arch_search.runs.jsonl (one line per finished search, as it ends), arch_search.json and
+arch_search.png (val_bpb against parameters) to --out. `--combine` runs nothing and makes the
+tables and the plot from runs.jsonl files of earlier runs (the search and the fixed shapes run as
+two commands side by side, as in BENCHMARKS.md).
 """
 from __future__ import annotations
 
