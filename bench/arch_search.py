@@ -18,8 +18,13 @@ shape's parameter count, and whether it is better than the fixed shape's best me
 
     nice -n 5 .venv/bin/python bench/arch_search.py                 # 3 seeds, the config as shipped
     .venv/bin/python bench/arch_search.py --small                   # the test suite's smoke setting
+    .venv/bin/python bench/arch_search.py --seed-list 0 --variants search --set strategy.grow_only=false
+                                                                    # screen a setting: one seed, one arm
 
-Writes arch_search.json and arch_search.png (val_bpb against parameters) to --out.
+Writes arch_search.runs.jsonl (one line per finished search, as it ends), arch_search.json and
+arch_search.png (val_bpb against parameters) to --out. `--combine` runs nothing and makes the
+tables and the plot from runs.jsonl files of earlier runs (the search and the fixed shapes run as
+two commands side by side, as in BENCHMARKS.md).
 """
 from __future__ import annotations
 
@@ -112,37 +117,67 @@ def main() -> None:
     ap.add_argument("--seeds", type=int, default=3)
     ap.add_argument("--small", action="store_true", help="the test suite's smoke setting (1 seed, 4 steps)")
     ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="extra config overrides")
+    ap.add_argument("--seed-list", type=int, nargs="+", metavar="SEED",
+                    help="run these seeds instead of 0 .. --seeds - 1 (e.g. --seed-list 0 to screen a setting)")
+    ap.add_argument("--variants", nargs="+", choices=VARIANTS, default=list(VARIANTS),
+                    help="run only these variants (screening; the tables need all three)")
+    ap.add_argument("--combine", type=Path, nargs="+", metavar="JSONL",
+                    help="run nothing: the tables and the plot from arch_search.runs.jsonl files of earlier runs "
+                         "(e.g. the search and the fixed shapes run as two commands)")
     ap.add_argument("--out", type=Path, default=REPO / "bench" / "figures")
     args = ap.parse_args()
     base_overrides = [*(SMALL if args.small else []), *args.set]
-    seeds = 1 if args.small else args.seeds
+    seed_list = [0] if args.small else (args.seed_list or list(range(args.seeds)))
+    seeds = len(seed_list)
     space = build_setup(load_config(CONFIG, base_overrides)).space
     arch_paths = [p for p in space.paths if p.startswith(ARCHITECTURE_PREFIX)]
     largest = largest_shape(space)
     cfg0 = load_config(CONFIG, base_overrides)
     print(f"workload: {CONFIG.name}, {cfg0.population.size} members x {cfg0.population.total_steps} steps, "
-          f"interval {cfg0.population.interval_steps}, {seeds} seed(s); budget {space.max_params} params")
+          f"interval {cfg0.population.interval_steps}, start {cfg0.population.start}, strategy "
+          f"{cfg0.strategy.name} {list(cfg0.strategy.objectives)}, seeds {seed_list}; budget {space.max_params} params")
     print("largest shape: " + ", ".join(f"{p[len(ARCHITECTURE_PREFIX):]}={v}" for p, v in largest.items()))
 
-    os.environ["RAY_ADDRESS"] = "local"     # a private local Ray, never another session's cluster
-    cluster = connect(Quiet())
-    results: dict[str, list[dict]] = {v: [] for v in VARIANTS}
-    try:
-        with tempfile.TemporaryDirectory(prefix="evo-arch-bench-") as tmp:
-            for seed in range(seeds):
-                for variant in VARIANTS:
-                    results[variant].append(run_one([*base_overrides, *variant_overrides(variant, arch_paths, largest)],
-                                                    f"{variant}-s{seed}", str(Path(tmp) / "runs"), seed))
-    finally:
-        cluster.close()
+    args.out.mkdir(parents=True, exist_ok=True)
+    log = args.out / "arch_search.runs.jsonl"    # one line per finished search, written as it ends
+    runs: list[dict] = []
+    if args.combine:
+        for path in args.combine:
+            runs += [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    else:
+        log.write_text("")
+        os.environ["RAY_ADDRESS"] = "local"     # a private local Ray, never another session's cluster
+        cluster = connect(Quiet())
+        try:
+            with tempfile.TemporaryDirectory(prefix="evo-arch-bench-") as tmp:
+                for variant in args.variants:
+                    for seed in seed_list:
+                        r = run_one([*base_overrides, *variant_overrides(variant, arch_paths, largest)],
+                                    f"{variant}-s{seed}", str(Path(tmp) / "runs"), seed)
+                        runs.append({"variant": variant, "seed": seed, **r})
+                        with log.open("a") as f:
+                            f.write(json.dumps(runs[-1]) + "\n")
+        finally:
+            cluster.close()
+    by = {(r["variant"], r["seed"]): r for r in runs}
+    variants = [v for v in VARIANTS if any(k[0] == v for k in by)]
+    seed_list = sorted({k[1] for k in by})
+    seeds = len(seed_list)
 
+    if set(variants) != set(VARIANTS) or len(by) != len(VARIANTS) * seeds:
+        for (v, seed), r in sorted(by.items()):
+            best = min(r["members"], key=lambda m: m["val_bpb"])
+            print(f"{v} seed {seed}: best val_bpb {r['best_val_bpb']:.4f} ({best['params']} params, {best['genome']}), "
+                  f"steps {r['steps']}")
+        return
+    results = {v: [by[v, seed] for seed in seed_list] for v in VARIANTS}
     print(f"{'variant':8s} {'seed':>4s} {'best_val_bpb':>12s} {'params_best':>11s} {'steps':>6s} {'vs_best_fixed':>13s}")
     for seed in range(seeds):
         fixed_best = min(results[v][seed]["best_val_bpb"] for v in ("base", "largest"))
         for v in VARIANTS:
             r = results[v][seed]
             best = min(r["members"], key=lambda m: m["val_bpb"])
-            print(f"{v:8s} {seed:4d} {r['best_val_bpb']:12.4f} {best['params']:11d} {r['steps']:6d} "
+            print(f"{v:8s} {seed_list[seed]:4d} {r['best_val_bpb']:12.4f} {best['params']:11d} {r['steps']:6d} "
                   f"{r['best_val_bpb'] / fixed_best:13.4f}")
     means = {v: statistics.mean(r["best_val_bpb"] for r in results[v]) for v in VARIANTS}
     print("mean best val_bpb: " + ", ".join(f"{v} {means[v]:.4f}" for v in VARIANTS))
@@ -161,12 +196,11 @@ def main() -> None:
             s_n, s_b = min(under, key=lambda p: p[1]) if under else (0, float("nan"))
             beats = bool(under) and s_b < r["best_val_bpb"]
             front_wins[v] += beats
-            print(f"{v:8s} {seed:4d} {n:8d} {r['best_val_bpb']:9.4f} {s_b:10.4f} {s_n:13d} {'yes' if beats else 'no':>5s}")
+            print(f"{v:8s} {seed_list[seed]:4d} {n:8d} {r['best_val_bpb']:9.4f} {s_b:10.4f} {s_n:13d} {'yes' if beats else 'no':>5s}")
     print("front beats the fixed shape: " + ", ".join(f"{v} {front_wins[v]} of {seeds}" for v in front_wins))
 
-    args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "arch_search.json").write_text(json.dumps(
-        {"largest": largest, "budget": space.max_params, "results": results}, indent=1))
+        {"largest": largest, "budget": space.max_params, "seeds": seed_list, "results": results}, indent=1))
     plot(results, args.out / "arch_search.png")
     print(f"plot: {args.out / 'arch_search.png'}")
 

@@ -107,12 +107,12 @@ def breed(
         child = crossover_operator(config)(p1.genome, p2.genome, space, rng)
         child = unlike(mut_polynomial(child, space, rng, probability=config.mutation_probability),
                        source.genome, space, rng)
-        return Crossover(member.id, (p1.id, p2.id), source.id, inside(space, child, source.genome))
+        return Crossover(member.id, (p1.id, p2.id), source.id, inside(space, child, source.genome, config.grow_only))
     if not fitter(p1, member):
         return Keep(member.id)
     child = unlike(mut_polynomial(p1.genome, space, rng, probability=config.mutation_probability),
                    p1.genome, space, rng)
-    return Exploit(member.id, p1.id, inside(space, child, p1.genome), "perturb")
+    return Exploit(member.id, p1.id, inside(space, child, p1.genome, config.grow_only), "perturb")
 
 
 def unlike(child: Genome, source: Genome, space: SearchSpace, rng: np.random.Generator,

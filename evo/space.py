@@ -643,6 +643,19 @@ class SearchSpace:
             + (" or raise max_params" if self.max_params is not None else "")
         )
 
+    def sample_at_base(self, rng: np.random.Generator) -> Genome:
+        """A genome at the base shape: every architecture gene at the base config's value, the
+        other genes drawn from their priors (with no architecture genes, the same draws as
+        `sample`). Raises `SpaceError` when the base shape is outside the space."""
+        values = {g.path: self.base[g.path] for g in self.genes if g.is_architecture}
+        for path, v in values.items():
+            if not self._by_path[path].contains(v):
+                raise _err(path, f"the base value {v!r} is not one of the gene's values, so members cannot start at the base shape")
+        broken = self._violations(values)   # the constraints are on the model fields alone
+        if broken:
+            raise SpaceError(f"search: the base shape breaks the constraints ({broken[0]}), so members cannot start at it")
+        return Genome.from_dict({**{g.path: g.sample(rng) for g in self.genes if not g.is_architecture}, **values})
+
     def contains(self, genome: Genome) -> bool:
         """Exactly the gene paths, each value inside its gene (type included), constraints met."""
         d = genome.as_dict()

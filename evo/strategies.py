@@ -67,6 +67,10 @@ class StrategyConfig:
     grace_intervals: Annotated[StrictInt, Field(ge=0, description=(
         "intervals after an architecture change (or merge) during which a member is never a "
         "receiver (0: none)"))] = GRACE_DEFAULT
+    grow_only: Annotated[StrictBool, Field(description=(
+        "ga/nsga2: a child's architecture genes never go below those of the parent whose weights it "
+        "takes (a proposed shrink keeps that parent's shape), so every shape change is a "
+        "function-preserving growth"))] = False
     merge: Annotated[StrictBool, Field(description=(
         "ga/nsga2: a crossover whose parents and child share the architecture merges the "
         "parents' weights and Adam moments (alpha uniform in [0, 1]) instead of copying one; "
@@ -155,17 +159,24 @@ def ready_members(snapshot: Snapshot, ready: Sequence[int] | None) -> list[Membe
     return [snapshot.member(i) for i in ids]
 
 
-def inside(space: SearchSpace, candidate: Genome, fallback: Genome) -> Genome:
+def inside(space: SearchSpace, candidate: Genome, fallback: Genome, grow_only: bool = False) -> Genome:
     """`candidate` brought inside the space.
 
     `space.clip` first; if a constraint still fails (e.g. heads no longer divide the width),
     the architecture genes come from `fallback` (a genome already in the space, usually the
-    donor's), and in the last resort `fallback` itself.
+    donor's), and in the last resort `fallback` itself. With `grow_only`, a result with any
+    architecture gene below `fallback`'s takes `fallback`'s architecture genes instead (the
+    other genes kept): every shape change is then a growth.
     """
     genome = space.clip(candidate)
-    if space.contains(genome):
+    if space.contains(genome) and not (grow_only and _shrinks(genome, fallback)):
         return genome
     genome = space.clip(candidate.replace(fallback.architecture()))
     if space.contains(genome):
         return genome
     return fallback
+
+
+def _shrinks(genome: Genome, donor: Genome) -> bool:
+    """Whether any architecture gene of `genome` is below `donor`'s."""
+    return any(genome[p] < v for p, v in donor.architecture().items())

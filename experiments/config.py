@@ -49,11 +49,12 @@ import typing
 from pathlib import Path
 from typing import Annotated, Any, Iterable, Literal, Mapping
 
+import numpy as np
 import yaml
 from pydantic import ConfigDict, Field, StrictInt, TypeAdapter, ValidationError
 from pydantic.dataclasses import dataclass
 
-from evo.space import ArchitectureRules, FloatGene, IntGene, SearchSpace
+from evo.space import ArchitectureRules, FloatGene, IntGene, SearchSpace, SpaceError
 from evo.strategies import StrategyConfig
 from evo.strategy import SCORE
 from population.config import LoggingConfig, PopulationConfig, SearchSetup
@@ -298,6 +299,11 @@ def _resolve(raw: dict, overrides: list[str], strings: dict[str, str], origin: _
         space = build_space(cfg)  # validates genes, bounds and architecture constraints
     except ConfigError as e:
         raise ConfigError(f"{origin.where_message(('search',), str(e))}: {e}") from None
+    if cfg.population.start == "base":
+        try:
+            space.sample_at_base(np.random.default_rng(0))   # the base shape must be inside the space
+        except SpaceError as e:
+            raise ConfigError(f"{origin.where(('population', 'start'))}: population.start: base: {e}") from None
     cfg.search = _normalised_search(space, cfg.search)
     return cfg
 

@@ -75,7 +75,8 @@ class PopulationConfig:
     picks it from the cluster: every member when they use GPUs, else as many as the cluster's CPUs
     hold at one member's thread count, so that members never oversubscribe the cores. It changes
     when members train, never what they compute. ``trainer`` picks what a member trains (the
-    InternLM2 Trainer, or the sleep stub that benchmarks the driver and the cluster).
+    InternLM2 Trainer, or the sleep stub that benchmarks the driver and the cluster). ``start``
+    ``base`` draws the first members at the base shape (only the non-architecture genes sampled).
     """
 
     size: Annotated[StrictInt, Field(le=MAX_SIZE, description=(
@@ -95,6 +96,10 @@ class PopulationConfig:
         f"members training at the same moment (at most {MAX_SIZE}); null: as many as the cluster's CPUs hold at one "
         "member's thread count (every member on GPUs)"))] = None
     trainer: TrainerConfig = dataclasses.field(default_factory=TrainerConfig)
+    start: Annotated[Literal["sample", "base"], Field(description=(
+        "how the first members' genomes are drawn: 'sample' draws every gene from its prior; 'base' "
+        "starts every member at the base shape (the model: section) and draws only the other genes, "
+        "so the search changes the shape only by mutation"))] = "sample"
 
     def __post_init__(self) -> None:
         if self.size < 2:

@@ -310,8 +310,9 @@ class Records:
             self.train = dataclasses.replace(self.train, decay_steps=self.pop.total_steps)
         self.store.truncate_lineage(0)
         rng = np.random.default_rng([setup.seed, 0])
+        draw = setup.space.sample_at_base if self.pop.start == "base" else setup.space.sample
         for m in self.ids:
-            genome = plain(setup.space.sample(rng).as_dict())
+            genome = plain(draw(rng).as_dict())
             seed = member_seed(setup.seed, m)
             self.members[m] = MemberRecord(id=m, genome=genome, seed=seed,
                                            schedule=[{"step": 0, "genome": genome, "seed": seed}])

@@ -22,7 +22,8 @@ def test_small_setting_prints_every_row_and_writes_the_plot(tmp_path):
                           capture_output=True, text=True, timeout=600, cwd=REPO)
     assert proc.returncode == 0, proc.stderr[-2000:]
     lines = proc.stdout.splitlines()
-    assert lines[0].startswith("workload: arch_search.yaml, 3 members x 4 steps, interval 2, 1 seed(s)")
+    assert lines[0].startswith("workload: arch_search.yaml, 3 members x 4 steps, interval 2, start ")
+    assert "seeds [0]; budget 400000 params" in lines[0]
     header = lines.index("variant  seed best_val_bpb params_best  steps vs_best_fixed")
     rows = [line.split() for line in lines[header + 1:header + 4]]
     assert [r[0] for r in rows] == VARIANTS and all(r[1] == "0" for r in rows)
@@ -48,3 +49,12 @@ def test_small_setting_prints_every_row_and_writes_the_plot(tmp_path):
         assert m["genome"]["model.hidden_size"] == 16 * m["genome"]["model.num_attention_heads"]
     png = out / "arch_search.png"
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and png.stat().st_size > 10_000
+    # one line per finished search, as it ends; --combine rebuilds the same tables from them, running nothing
+    runs = [json.loads(line) for line in (out / "arch_search.runs.jsonl").read_text().splitlines()]
+    assert [(r["variant"], r["seed"]) for r in runs] == [(v, 0) for v in VARIANTS]
+    again = subprocess.run([sys.executable, str(REPO / "bench" / "arch_search.py"), "--small", "--out", str(tmp_path / "again"),
+                            "--combine", str(out / "arch_search.runs.jsonl")],
+                           capture_output=True, text=True, timeout=600, cwd=REPO)
+    assert again.returncode == 0, again.stderr[-2000:]
+    assert again.stdout.splitlines()[:-1] == lines[:-1]      # all but the plot's path
+    assert json.loads((tmp_path / "again" / "arch_search.json").read_text()) == data

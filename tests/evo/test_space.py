@@ -439,6 +439,34 @@ def test_budget_is_respected_by_sample_and_clip():
     assert space.contains(fixed) and space.count_parameters(fixed) <= 200_000
 
 
+def test_sample_at_base_keeps_the_base_shape_and_draws_the_rest_like_a_space_without_shape_genes():
+    space = SearchSpace.from_dict(ARCH_SPEC, BASE, max_params=200_000, architecture=RULES)
+    lr_only = SearchSpace.from_dict({"train.lr": ARCH_SPEC["train.lr"]}, BASE, architecture=RULES)
+    a, b = np.random.default_rng(3), np.random.default_rng(3)
+    for _ in range(20):
+        g, h = space.sample_at_base(a), lr_only.sample_at_base(b)
+        assert space.contains(g)
+        assert {p: g[p] for p in space.paths if p.startswith("model.")} == {
+            "model.hidden_size": 64, "model.num_attention_heads": 4, "model.num_key_value_heads": 2,
+            "model.num_hidden_layers": 2}
+        assert g["train.lr"] == h["train.lr"]       # the same draws as the fixed-shape space
+    c, d = np.random.default_rng(5), np.random.default_rng(5)
+    assert [lr_only.sample_at_base(c) for _ in range(5)] == [lr_only.sample(d) for _ in range(5)]
+
+
+@pytest.mark.parametrize("spec, max_params, expected", [
+    ({"model.num_hidden_layers": {"type": "int", "low": 3, "high": 6}}, None,
+     "model.num_hidden_layers: the base value 2 is not one of the gene's values"),
+    ({"model.num_hidden_layers": {"type": "int", "low": 1, "high": 6}}, 100_000,
+     "the base shape breaks the constraints (parameters ("),
+])
+def test_sample_at_base_refuses_a_base_shape_outside_the_space(spec, max_params, expected):
+    space = SearchSpace.from_dict(spec, BASE, max_params=max_params, architecture=RULES)
+    with pytest.raises(SpaceError) as e:
+        space.sample_at_base(np.random.default_rng(0))
+    assert expected in str(e.value) and "\n" not in str(e.value)
+
+
 def test_count_parameters_matches_the_internlm2_layout():
     f = {"vocab_size": 256, "hidden_size": 64, "intermediate_size": 172, "num_hidden_layers": 2,
          "num_attention_heads": 4, "num_key_value_heads": 2, "bias": False}

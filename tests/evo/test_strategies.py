@@ -206,6 +206,32 @@ def test_a_member_in_its_grace_period_is_never_a_receiver(kind: str, grace: int)
 
 
 @pytest.mark.parametrize("kind", ["ga-uniform", "ga-sbx", "nsga2"])
+def test_grow_only_children_never_shrink_below_the_weight_donor(kind: str) -> None:
+    """With strategy.grow_only every child's architecture genes are at least those of the member
+    whose weights it takes (so each shape change is a function-preserving growth); the same plans
+    without it do shrink some, and grow_only still lets some children grow."""
+    space = arch_space(max_params=200_000)
+    shrunk = {False: 0, True: 0}
+    grown = 0
+    for grow_only in (False, True):
+        config = StrategyConfig(**{**STRATEGIES[kind], "mutation_probability": 0.6}, grow_only=grow_only)
+        for seed in range(15):
+            rng = np.random.default_rng([seed, 17])
+            snapshot = random_snapshot(space, rng, n=int(rng.integers(4, 13)))
+            strategy = make_strategy(config, space)
+            decisions = strategy.plan(snapshot, np.random.default_rng(seed))
+            assert_valid(strategy, space, snapshot, decisions, [m.id for m in snapshot.members])
+            for d in decisions:
+                if isinstance(d, (Exploit, Crossover)):
+                    source = d.donor if isinstance(d, Exploit) else d.weights_from
+                    donor = snapshot.member(source).genome.architecture()
+                    child = d.genome.architecture()
+                    shrunk[grow_only] += any(child[p] < v for p, v in donor.items())
+                    grown += grow_only and child != donor
+    assert shrunk[True] == 0 and shrunk[False] > 0 and grown > 0
+
+
+@pytest.mark.parametrize("kind", ["ga-uniform", "ga-sbx", "nsga2"])
 def test_merge_crossover_interpolates_one_shape_and_takes_layers_across_two(kind: str) -> None:
     """strategy.merge: parents and child of one shape get alpha alone (interpolation); parents of
     two shapes get alpha and a layer map (layer-wise inheritance); parents of one shape with a

@@ -96,6 +96,15 @@ def test_a_missing_corpus_given_by_set_is_refused_before_ray(cwd: Path, tmp_path
     assert not storage.exists() and not ray.is_initialized()
 
 
+def test_start_base_with_a_base_shape_outside_the_search_is_refused_before_ray(cwd: Path, tmp_path: Path, capsys):
+    storage = tmp_path / "store"
+    message = run_bad(capsys, "run", str(REPO / "experiments" / "arch_search.yaml"), "--storage", str(storage),
+                      "--set", "population.start=base", "--set", "model.intermediate_size=176")
+    assert message == ("--set population.start=base: population.start: base: search.model.intermediate_size: "
+                       "the base value 176 is not one of the gene's values, so members cannot start at the base shape")
+    assert not storage.exists() and not ray.is_initialized()
+
+
 def test_the_setting_that_breaks_a_shape_rule_is_blamed(tmp_path: Path):
     # the default model has 4 heads; only the --set of the kv heads makes the pair invalid
     with pytest.raises(ValueError) as info:

@@ -38,7 +38,9 @@ EXTRA = {
     "ga_crossover": ["population.size=3"],
     "pbt_gpu": ["data.vocab_size=300"],
     "cluster": ["data.vocab_size=300", "search.model.num_hidden_layers.low=1", "search.model.num_hidden_layers.high=2"],
-    "arch_search": ["search.max_params=60000", "population.size=3"],
+    # the tiny base must be a shape of the search (population.start: base): 2 heads of 16, FFN on the grid
+    "arch_search": ["search.max_params=60000", "population.size=3", "model.num_attention_heads=2",
+                    "model.intermediate_size=72"],
 }
 
 

@@ -111,3 +111,32 @@ def test_old_checkpoints_are_pruned_in_the_background_never_a_committed_one(tmp_
     store.wait_pruned()
     assert store.read_state()["members"][0]["checkpoint"] == "checkpoints/m0/r6.pt"
     assert store.check_checkpoint("checkpoints/m0/r6.pt", store.read_state()["members"][0]["checkpoint_sha256"]) is None
+
+
+def test_start_base_draws_the_first_members_at_the_base_shape_with_the_fixed_shape_search_s_other_genes(tmp_path):
+    """population.start: base on experiments/arch_search.yaml: every first member has the base
+    `model:` shape, and its train.lr is the one the same search without architecture genes draws
+    for that member (bench/arch_search.py's base variant), so the two start alike."""
+    from experiments.config import SEARCH_CONSTRAINTS, build_setup, load_config
+    from tests.helpers import REPO
+
+    path = REPO / "experiments" / "arch_search.yaml"
+    common = ["population.start=base"]
+    drawn = {}
+    for variant, extra in (("search", []), ("fixed", None)):
+        cfg = load_config(path, common + (extra if extra is not None else []), strings={"storage": str(tmp_path)})
+        if extra is None:   # the architecture genes and constraints removed, as the benchmark does
+            arch = [p for p in cfg.search if p.startswith("model.")]
+            cfg = load_config(path, common + [f"search.{p}=null" for p in [*arch, *SEARCH_CONSTRAINTS]],
+                              strings={"storage": str(tmp_path)})
+        setup = build_setup(cfg)
+        records = Records(setup, RunStore(tmp_path, variant), make_strategy(setup.strategy, setup.space), 1)
+        assert records.open() == "new"
+        drawn[variant] = [records[m].genome for m in records.ids]
+    assert len(drawn["search"]) == 6
+    for g, f in zip(drawn["search"], drawn["fixed"]):
+        assert {p: v for p, v in g.items() if p.startswith("model.")} == {
+            "model.hidden_size": 64, "model.intermediate_size": 172, "model.num_attention_heads": 4,
+            "model.num_hidden_layers": 2, "model.num_key_value_heads": 2}
+        assert g["train.lr"] == f["train.lr"] and set(f) == {"train.lr"}
+    assert len({g["train.lr"] for g in drawn["search"]}) == 6
