@@ -8,7 +8,8 @@ on the quickstart's search space, in a temporary run store:
 - bookkeeping = ``Records.record_results`` + the records' side of every applied decision
   (``records_before`` + ``record_applied``: schedule, lineage record) + ``set_checkpoints`` +
   ``Records.commit`` (lineage append, state.json commit, checkpoint pruning) + ``Monitor.on_round``
-  (no sink enabled: W&B disabled, no Optuna mirror, no Ray) + ``Progress.update`` (the printed line).
+  (no sink enabled: W&B disabled, no Optuna mirror, no Ray) + ``Progress.update`` (the printed line)
+  + ``settle_heap`` (the young garbage collected, the survivors frozen, as the driver does).
 
 The members' own work is left out of the timing: between plan and commit the script writes each
 member's (tiny) checkpoint and its ``.sha256``, as a member would, so the commit reads and prunes
@@ -52,7 +53,7 @@ from experiments.config import build_setup, load_config  # noqa: E402
 from population.decisions import record_applied, records_before  # noqa: E402
 from population.monitor import Monitor  # noqa: E402
 from population.progress import Progress  # noqa: E402
-from population.records import Records  # noqa: E402
+from population.records import Records, settle_heap  # noqa: E402
 from population.store import RunStore  # noqa: E402
 
 QUICKSTART = Path(__file__).resolve().parents[1] / "experiments" / "quickstart.yaml"
@@ -150,6 +151,7 @@ def one_round(records: Records, strategy, monitor: Monitor, progress: Progress, 
     members, lineage = records.commit(r, steps_done=steps)
     monitor.on_round(r, members, lineage, results)
     progress.update(r, steps)
+    settle_heap()
     t5 = clocks()
     return tuple((t2[c] - t1[c]) * 1e3 if part == 0 else ((t1[c] - t0[c]) + (t3[c] - t2[c]) + (t5[c] - t4[c])) * 1e3
                  for c in (0, 1) for part in (0, 1))
@@ -232,6 +234,7 @@ def measure_async(strategy_name: str, n: int, warmup: int, events: int) -> dict:
             steps = min(x.step for x in records.members.values())
             members, lineage = records.commit(warmup, steps_done=steps, events=warmup * n + e + 1)
             monitor.on_round(warmup, members, lineage, result)
+            settle_heap()
             t5 = time.perf_counter()
             plan_ms.append((t2 - t1) * 1e3)
             book_ms.append(((t1 - t0) + (t3 - t2) + (t5 - t4)) * 1e3)
