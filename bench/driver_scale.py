@@ -8,12 +8,15 @@ on the quickstart's search space, in a temporary run store:
 - bookkeeping = ``Records.record_results`` + the records' side of every applied decision
   (``records_before`` + ``record_applied``: schedule, lineage record) + ``set_checkpoints`` +
   ``Records.commit`` (lineage append, state.json commit, checkpoint pruning) + ``Monitor.on_round``
-  (no sink enabled: W&B disabled, no Optuna mirror, no Ray) + ``Progress.update`` (the printed line).
+  (no sink enabled: W&B disabled, no Optuna mirror, no Ray) + ``Progress.update`` (the printed line)
+  + ``settle_heap`` (the young garbage collected, the survivors frozen, as the driver does).
 
 The members' own work is left out of the timing: between plan and commit the script writes each
 member's (tiny) checkpoint and its ``.sha256``, as a member would, so the commit reads and prunes
 real files. Each size runs ``--warmup`` untimed rounds (pb2's model needs observations), then
-``--rounds`` timed ones; the table shows the median ms per round and, per strategy, the growth
+``--rounds`` timed ones; the table shows the median ms per round, in wall time and in CPU time of
+the driver's process (``time.process_time``, its threads included: on a machine shared with
+other work the wall clock also counts the time the process waited for a core), and, per strategy, the growth
 exponent k of ms ∝ n^k fitted (least squares on log-log) over the sizes >= 256 (n log n from
 1,024 to 4,096 is k ≈ 1.13; n² is 2). The plot (PNG) shows ms per round against n, log-log.
 
@@ -50,7 +53,7 @@ from experiments.config import build_setup, load_config  # noqa: E402
 from population.decisions import record_applied, records_before  # noqa: E402
 from population.monitor import Monitor  # noqa: E402
 from population.progress import Progress  # noqa: E402
-from population.records import Records  # noqa: E402
+from population.records import Records, settle_heap  # noqa: E402
 from population.store import RunStore  # noqa: E402
 
 QUICKSTART = Path(__file__).resolve().parents[1] / "experiments" / "quickstart.yaml"
@@ -123,27 +126,35 @@ def apply_records(records: Records, decisions: list, r: int, params: dict) -> No
                            params=params[source], latency=0.001, received={"read_s": 0.0, "load_s": 0.001})
 
 
+def clocks() -> tuple[float, float]:
+    """(wall, CPU of this process, its threads included) in seconds."""
+    return time.perf_counter(), time.process_time()
+
+
 def one_round(records: Records, strategy, monitor: Monitor, progress: Progress, r: int,
-              rng: np.random.Generator, params: dict) -> tuple[float, float]:
-    """One sync round as the driver does it; returns (decision ms, bookkeeping ms)."""
+              rng: np.random.Generator, params: dict) -> tuple[float, float, float, float]:
+    """One sync round as the driver does it; returns (decision ms, bookkeeping ms) in wall
+    time, then the same in CPU time of the process."""
     results = stub_results(records, rng, params)
-    t0 = time.perf_counter()
+    t0 = clocks()
     records.record_results(results)
-    t1 = time.perf_counter()
+    t1 = clocks()
     decisions = strategy.plan(records.snapshot(r), np.random.default_rng([0, r]))
-    t2 = time.perf_counter()
+    t2 = clocks()
     apply_records(records, decisions, r, params)
     paths = records.set_checkpoints(records.ids, r)
-    t3 = time.perf_counter()
+    t3 = clocks()
     written = write_checkpoints(records.store, paths)   # the members' work: not timed
-    t4 = time.perf_counter()
+    t4 = clocks()
     records.saved(written)
     steps = records.steps_done + INTERVAL
     members, lineage = records.commit(r, steps_done=steps)
     monitor.on_round(r, members, lineage, results)
     progress.update(r, steps)
-    t5 = time.perf_counter()
-    return (t2 - t1) * 1e3, ((t1 - t0) + (t3 - t2) + (t5 - t4)) * 1e3
+    settle_heap()
+    t5 = clocks()
+    return tuple((t2[c] - t1[c]) * 1e3 if part == 0 else ((t1[c] - t0[c]) + (t3[c] - t2[c]) + (t5[c] - t4[c])) * 1e3
+                 for c in (0, 1) for part in (0, 1))
 
 
 class Parts(NamedTuple):
@@ -180,16 +191,18 @@ def driver_parts(strategy_name: str, n: int, rounds: int) -> Iterator[Parts]:
 def measure(strategy_name: str, n: int, warmup: int, rounds: int) -> dict:
     with driver_parts(strategy_name, n, warmup + rounds) as d:
         rng = np.random.default_rng([n, 1])
-        plan_ms, book_ms = [], []
+        timed = []
         for r in range(1, warmup + rounds + 1):
-            p, b = one_round(d.records, d.strategy, d.monitor, d.progress, r, rng, d.params)
+            t = one_round(d.records, d.strategy, d.monitor, d.progress, r, rng, d.params)
             if r > warmup:
-                plan_ms.append(p)
-                book_ms.append(b)
+                timed.append(t)
         state_bytes = json.loads((Path(d.store.uri) / "state.json").read_text())["bytes"]
+    plan_ms, book_ms, plan_cpu, book_cpu = zip(*timed)
     return {"strategy": strategy_name, "n": n, "decision_ms": statistics.median(plan_ms),
             "bookkeeping_ms": statistics.median(book_ms),
             "total_ms": statistics.median(p + b for p, b in zip(plan_ms, book_ms)),
+            "decision_cpu_ms": statistics.median(plan_cpu), "bookkeeping_cpu_ms": statistics.median(book_cpu),
+            "total_cpu_ms": statistics.median(p + b for p, b in zip(plan_cpu, book_cpu)),
             "state_bytes": state_bytes}
 
 
@@ -221,6 +234,7 @@ def measure_async(strategy_name: str, n: int, warmup: int, events: int) -> dict:
             steps = min(x.step for x in records.members.values())
             members, lineage = records.commit(warmup, steps_done=steps, events=warmup * n + e + 1)
             monitor.on_round(warmup, members, lineage, result)
+            settle_heap()
             t5 = time.perf_counter()
             plan_ms.append((t2 - t1) * 1e3)
             book_ms.append(((t1 - t0) + (t3 - t2) + (t5 - t4)) * 1e3)
@@ -239,15 +253,18 @@ def exponent(rows: list[dict], key: str) -> float | None:
 
 
 def table(rows: list[dict], strategies: list[str]) -> str:
-    lines = [f"{'strategy':<9}{'n':>6}{'decision ms':>13}{'bookkeeping ms':>16}{'total ms':>10}{'state MB':>10}"]
+    keys = ("decision_ms", "bookkeeping_ms", "total_ms", "decision_cpu_ms", "bookkeeping_cpu_ms", "total_cpu_ms")
+    widths = (13, 16, 10, 10, 10, 10)
+    lines = [f"{'strategy':<9}{'n':>6}{'decision ms':>13}{'bookkeeping ms':>16}{'total ms':>10}"
+             f"{'dec CPU':>10}{'book CPU':>10}{'tot CPU':>10}{'state MB':>10}"]
     for s in strategies:
         mine = [r for r in rows if r["strategy"] == s]
         for r in mine:
-            lines.append(f"{s:<9}{r['n']:>6}{r['decision_ms']:>13.1f}{r['bookkeeping_ms']:>16.1f}"
-                         f"{r['total_ms']:>10.1f}{r['state_bytes'] / 1e6:>10.2f}")
-        k = {key: exponent(mine, key) for key in ("decision_ms", "bookkeeping_ms", "total_ms")}
-        fmt = {key: f"{v:.2f}" if v is not None else "-" for key, v in k.items()}
-        lines.append(f"{s:<9}{'k':>6}{fmt['decision_ms']:>13}{fmt['bookkeeping_ms']:>16}{fmt['total_ms']:>10}{'':>10}")
+            lines.append(f"{s:<9}{r['n']:>6}" + "".join(f"{r[key]:>{w}.1f}" for key, w in zip(keys, widths))
+                         + f"{r['state_bytes'] / 1e6:>10.2f}")
+        k = {key: exponent(mine, key) for key in keys}
+        lines.append(f"{s:<9}{'k':>6}" + "".join(f"{k[key]:>{w}.2f}" if k[key] is not None else f"{'-':>{w}}"
+                                                for key, w in zip(keys, widths)))
     return "\n".join(lines)
 
 
@@ -303,7 +320,8 @@ def main(argv: list[str] | None = None) -> int:
     for s in args.strategies:
         for n in sorted(args.sizes):
             rows.append(measure(s, n, args.warmup, args.rounds))
-            print(f"  {s} n={n}: {rows[-1]['total_ms']:.1f} ms", file=sys.stderr, flush=True)
+            print(f"  {s} n={n}: {rows[-1]['total_ms']:.1f} ms, {rows[-1]['total_cpu_ms']:.1f} CPU ms",
+                  file=sys.stderr, flush=True)
     print(f"load average (1, 5, 15 min): {' '.join(f'{x:.2f}' for x in os.getloadavg())}; "
           f"{os.cpu_count()} CPUs; median of {args.rounds} timed rounds after {args.warmup} untimed")
     print(table(rows, args.strategies))
@@ -315,7 +333,8 @@ def main(argv: list[str] | None = None) -> int:
                 async_rows.append(measure_async(s, n, args.warmup, args.async_events))
                 print(f"  async {s} n={n}: {async_rows[-1]['event_ms']:.2f} ms/event", file=sys.stderr, flush=True)
     (out / "driver_scale.json").write_text(json.dumps({"rows": rows, "exponents": {
-        s: {k: exponent([r for r in rows if r["strategy"] == s], k) for k in ("decision_ms", "bookkeeping_ms", "total_ms")}
+        s: {k: exponent([r for r in rows if r["strategy"] == s], k)
+            for k in ("decision_ms", "bookkeeping_ms", "total_ms", "total_cpu_ms")}
         for s in args.strategies}, "async": async_rows}, indent=1) + "\n")
     print(f"plot: {out / 'driver_scale.png'}")
     if async_rows:

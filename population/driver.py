@@ -44,7 +44,7 @@ from population.member import threads_for
 from population.members import Members, SearchError, failure, failures
 from population.monitor import Monitor
 from population.progress import Progress
-from population.records import Records, plain
+from population.records import Records, plain, settle_heap
 from population.slots import ResourceFitError, Slots, check_fit
 from population.store import RunStore
 
@@ -223,6 +223,7 @@ def sync_rounds(s: Search) -> None:
             wait for the checkpoints (a member that died: restored, its checkpoint written
                 again); commit the round to state.json; prune old checkpoints
             tell the monitor (W&B, Optuna, Ray metrics); print the round's progress line
+            settle the heap: the round's young garbage collected, the survivors frozen
 
     No plan after the last interval: the final weights are the ones that were evaluated.
     """
@@ -254,6 +255,7 @@ def sync_rounds(s: Search) -> None:
         members, lineage = s.records.commit(r, steps_done=steps)
         s.monitor.on_round(r, members, lineage, results)
         s.progress.update(r, steps)
+        settle_heap()
 
 
 def print_eval_failures(s: Search, results: Mapping[int, Any]) -> None:
@@ -332,6 +334,7 @@ def async_events(s: Search) -> None:
         steps = min(x.step for x in s.records.members.values())
         members, lineage = s.records.commit(r, steps_done=steps, events=event)
         s.monitor.on_round(r, members, lineage, {m: result})
+        settle_heap()
         if event % pop.size == 0 or not training:
             s.progress.update(r, steps)
 
