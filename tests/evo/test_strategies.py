@@ -150,9 +150,21 @@ def assert_valid(strategy, space: SearchSpace, snapshot: Snapshot, decisions: li
                 assert space.count_parameters(d.genome) <= space.max_params
 
 
-def plan(kind: str, space: SearchSpace, snapshot: Snapshot, seed: int, ready=None):
-    strategy = make_strategy(StrategyConfig(**STRATEGIES[kind]), space)
+def plan(kind: str | StrategyConfig, space: SearchSpace, snapshot: Snapshot, seed: int, ready=None):
+    """(strategy, its plan for ``snapshot`` with rng ``seed``); ``kind`` names one of STRATEGIES
+    or is a StrategyConfig."""
+    config = kind if isinstance(kind, StrategyConfig) else StrategyConfig(**STRATEGIES[kind])
+    strategy = make_strategy(config, space)
     return strategy, strategy.plan(snapshot, np.random.default_rng(seed), ready)
+
+
+def valid_plan(config: StrategyConfig, space: SearchSpace, seed: int) -> tuple[Snapshot, list]:
+    """A random snapshot of 4-12 members for ``seed`` and ``config``'s plan for it, checked valid."""
+    rng = np.random.default_rng([seed, 17])
+    snapshot = random_snapshot(space, rng, n=int(rng.integers(4, 13)))
+    strategy, decisions = plan(config, space, snapshot, seed)
+    assert_valid(strategy, space, snapshot, decisions, [m.id for m in snapshot.members])
+    return snapshot, decisions
 
 
 # ------------------------------------------------------------------------------------------------
@@ -216,11 +228,7 @@ def test_grow_only_children_never_shrink_below_the_weight_donor(kind: str) -> No
     for grow_only in (False, True):
         config = StrategyConfig(**{**STRATEGIES[kind], "mutation_probability": 0.6}, grow_only=grow_only)
         for seed in range(15):
-            rng = np.random.default_rng([seed, 17])
-            snapshot = random_snapshot(space, rng, n=int(rng.integers(4, 13)))
-            strategy = make_strategy(config, space)
-            decisions = strategy.plan(snapshot, np.random.default_rng(seed))
-            assert_valid(strategy, space, snapshot, decisions, [m.id for m in snapshot.members])
+            snapshot, decisions = valid_plan(config, space, seed)
             for d in decisions:
                 if isinstance(d, (Exploit, Crossover)):
                     source = d.donor if isinstance(d, Exploit) else d.weights_from
@@ -242,12 +250,8 @@ def test_merge_crossover_interpolates_one_shape_and_takes_layers_across_two(kind
         config = StrategyConfig(**STRATEGIES[kind], merge=True, crossover_probability=1.0)
         seen = {"interpolated": 0, "layered": 0}
         for seed in range(6):
-            rng = np.random.default_rng([seed, 17])
-            snapshot = random_snapshot(sp, rng, n=int(rng.integers(4, 13)))
-            strategy = make_strategy(config, sp)
-            decisions = strategy.plan(snapshot, np.random.default_rng(seed))
-            assert_valid(strategy, sp, snapshot, decisions, [m.id for m in snapshot.members])
-            assert decisions == make_strategy(config, sp).plan(snapshot, np.random.default_rng(seed))
+            snapshot, decisions = valid_plan(config, sp, seed)
+            assert decisions == plan(config, sp, snapshot, seed)[1]
             for d in (d for d in decisions if isinstance(d, Crossover)):
                 shapes = [snapshot.member(p).genome.architecture() for p in d.parents]
                 if shapes[0] != shapes[1]:
