@@ -56,6 +56,8 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))  # run from a checkout without installing
 
+from population.store import RunStore  # noqa: E402
+
 QUICKSTART = ROOT / "experiments" / "quickstart.yaml"
 NAME = "sim"
 FULL = dict(nodes=4, cpus_per_node=4, members=64, rounds=5, interval=20, step_s=0.1, state_kb=256)
@@ -276,7 +278,7 @@ def main(argv: list[str] | None = None) -> int:
             return 1
         run = Path(storage) / NAME
         summary = json.loads((run / "summary.json").read_text())
-        lineage = [json.loads(x) for x in (run / "lineage.jsonl").read_text().splitlines() if x.strip()]
+        lineage = RunStore(storage, NAME).read_lineage()
         node_of = {int(a["Name"].rsplit("/m", 1)[1]): a["Address"]["NodeID"] for a in _member_actors(cluster)}
         if len(node_of) != args.members:
             print(f"cluster_sim: the actor table names {len(node_of)} of {args.members} members", file=sys.stderr)

@@ -73,11 +73,11 @@ def main() -> None:
     args = ap.parse_args()
     total: list[dict] = []
     for run in map(Path, args.runs):
-        state = RunStore(str(run.parent), run.name).read_state()
+        store = RunStore(str(run.parent), run.name)
+        state = store.read_state()
         if state is None:
             sys.exit(f"merge_in_search: {run} has no committed round")
-        lineage = [json.loads(line) for line in (run / "lineage.jsonl").read_text().splitlines()]
-        rows = crossover_outcomes(lineage, state)
+        rows = crossover_outcomes(store.read_lineage(), state)
         total += rows
         for row in rows if args.rows else ():
             print(json.dumps({"run": run.name, **row}))
