@@ -70,15 +70,15 @@ class PB2(Strategy):
             if candidates:
                 chosen[m.id] = candidates[rng.integers(len(candidates))]
         proposals = iter(self._propose(min(len(chosen), MAX_PROPOSALS), rng) if chosen else [])
+        explored = iter(explore([chosen[m.id].genome for m in members if m.id in chosen], self.space, rng,
+                                self.config.resample_probability, self.config.perturb_factors))
         decisions: list[Decision] = []
         for m in members:
             donor = chosen.get(m.id)
             if donor is None:
                 decisions.append(Keep(m.id))
                 continue
-            genome, how = explore(
-                donor.genome, self.space, rng, self.config.resample_probability, self.config.perturb_factors
-            )
+            genome, how = next(explored)
             proposal = next(proposals, None)
             if proposal is not None:
                 genome, how = inside(self.space, genome.replace(proposal), donor.genome), "model"

@@ -27,29 +27,50 @@ from collections.abc import Sequence
 import numpy as np
 
 from evo.genome import Genome
-from evo.mutation import mut_perturb, mut_resample
+from evo.mutation import perturb_column, sample_column
 from evo.selection import sel_truncation
 from evo.space import SearchSpace
 from evo.strategy import Decision, Exploit, Keep, MemberView, Snapshot, Strategy
-from evo.strategies import fitness_key, inside, is_fitter, ranked, ready_members
+from evo.strategies import fitness_key, inside, is_fitter, ranked, ranked_keys, ready_members
 
 
 def explore(
-    genome: Genome,
+    genomes: Sequence[Genome],
     space: SearchSpace,
     rng: np.random.Generator,
     resample_probability: float,
     factors: tuple[float, float],
-) -> tuple[Genome, str]:
-    """PBT's explore step on a donor's genome: per gene, resample from the prior with
-    probability `resample_probability`, else perturb. Returns (genome inside the space,
-    "resample" if any gene was resampled else "perturb")."""
-    resample = rng.random(len(space.paths)) < resample_probability
-    candidate = mut_perturb(genome, space, rng, factors=factors)
-    if resample.any():
-        fresh = mut_resample(genome, space, rng, probability=1.0)
-        candidate = candidate.replace({p: fresh[p] for p, r in zip(space.paths, resample) if r})
-    return inside(space, candidate, genome), "resample" if resample.any() else "perturb"
+) -> list[tuple[Genome, str]]:
+    """PBT's explore step on each donor genome of `genomes`: per gene, resample from the prior
+    with probability `resample_probability`, else perturb (`mut_perturb`'s move). Returns, for
+    each, (genome inside the space, "resample" if any gene was resampled else "perturb").
+
+    All genomes at once, a column of the population per gene: the draws are arrays of
+    [genomes, genes] (which genes resample, each factor, each choice's direction, a fresh
+    value per gene and genome), taken in that order from `rng`, so one call costs a few
+    array draws instead of several scalar draws per gene and genome."""
+    n, genes = len(genomes), space.genes
+    if n == 0:
+        return []
+    resample = rng.random((n, len(genes))) < resample_probability   # (n, G)
+    factor = np.asarray(factors, dtype=np.float64)[rng.integers(len(factors), size=(n, len(genes)))]   # (n, G)
+    up = rng.random((n, len(genes))) < 0.5   # (n, G): choice genes move one index up, else down
+    dicts = [space._values(g) for g in genomes]   # also: a clear error for a missing gene
+    columns = []
+    for j, gene in enumerate(genes):
+        values = [d[gene.path] for d in dicts]
+        moved = perturb_column(gene, values, factor[:, j], up[:, j])
+        rows = np.flatnonzero(resample[:, j])
+        if len(rows):
+            for i, v in zip(rows.tolist(), sample_column(gene, rng, len(rows))):
+                moved[i] = v
+        columns.append(moved)
+    any_resampled = resample.any(axis=1).tolist()
+    out = []
+    for i, g in enumerate(genomes):
+        candidate = Genome(tuple((gene.path, col[i]) for gene, col in zip(genes, columns)))
+        out.append((inside(space, candidate, g), "resample" if any_resampled[i] else "perturb"))
+    return out
 
 
 def truncation_donors(snapshot: Snapshot, quantile: float) -> dict[int, Sequence[MemberView]]:
@@ -58,10 +79,9 @@ def truncation_donors(snapshot: Snapshot, quantile: float) -> dict[int, Sequence
     The top quantile is sorted by fitness, so the members fitter than a receiver are a prefix of
     it: each receiver gets a view of that prefix (found by bisection), not a copy -- O(n log n)
     in all rather than O(n^2)."""
-    members = ranked(snapshot)
+    members, keys = ranked_keys(snapshot)
     if len(members) < 2 or quantile <= 0:
         return {}
-    keys = [fitness_key(m) for m in members]
     bottom, top = sel_truncation(np.array(keys), quantile)
     top_members = [members[i] for i in top]
     top_keys = [keys[i] for i in top]   # ascending
@@ -93,23 +113,25 @@ class PBT(Strategy):
     ) -> list[Decision]:
         members = ready_members(snapshot, ready)
         if self.config.selection == "truncation":
-            donors = truncation_donors(snapshot, self.config.quantile)
+            donors_of = truncation_donors(snapshot, self.config.quantile)
+            candidates = [donors_of.get(m.id, ()) for m in members]
+            sizes = np.array([len(c) for c in candidates], dtype=np.int64)
+            # one draw per receiver, uniform over its candidates (a member without any draws nothing)
+            drawn = iter(rng.integers(sizes[sizes > 0]).tolist())
+            donors = [c[next(drawn)] if len(c) else None for c in candidates]
         else:
             contestants = ranked(snapshot)
             position = {c.id: i for i, c in enumerate(contestants)}
+            donors = [tournament_donor(m, contestants, self.config.tournament_size, rng, position) for m in members]
+        # every receiver's genome explored at once, once the donors are drawn
+        explored = iter(explore([d.genome for d in donors if d is not None], self.space, rng,
+                                self.config.resample_probability, self.config.perturb_factors))
         decisions: list[Decision] = []
-        for m in members:
-            if self.config.selection == "truncation":
-                candidates = donors.get(m.id, [])
-                donor = candidates[rng.integers(len(candidates))] if candidates else None
-            else:
-                donor = tournament_donor(m, contestants, self.config.tournament_size, rng, position)
+        for m, donor in zip(members, donors):
             if donor is None:
                 decisions.append(Keep(m.id))
                 continue
-            genome, how = explore(
-                donor.genome, self.space, rng, self.config.resample_probability, self.config.perturb_factors
-            )
+            genome, how = next(explored)
             decisions.append(Exploit(m.id, donor.id, genome, how))
         return decisions
 

@@ -12,6 +12,7 @@ import importlib.util
 import math
 from typing import TYPE_CHECKING, Annotated, Literal
 
+import numpy as np
 from pydantic import ConfigDict, Field, StrictBool, StrictFloat, StrictInt
 from pydantic.dataclasses import dataclass
 
@@ -146,7 +147,17 @@ def is_fitter(a: MemberView, b: MemberView) -> bool:
 
 def ranked(snapshot: Snapshot) -> list[MemberView]:
     """The members with a fitness, best first (ties broken by id so the order is stable)."""
-    return sorted((m for m in snapshot.members if m.history), key=lambda m: (fitness_key(m), m.id))
+    return ranked_keys(snapshot)[0]
+
+
+def ranked_keys(snapshot: Snapshot) -> tuple[list[MemberView], list[float]]:
+    """`ranked(snapshot)` and each one's `fitness_key`, in that order (one sort of arrays:
+    populations of thousands)."""
+    members = [m for m in snapshot.members if m.history]
+    keys = np.array([m.history[-1][1] for m in members], dtype=np.float64)   # (n,)
+    keys[~np.isfinite(keys)] = np.inf   # diverged (non-finite) ranks last, as fitness_key
+    order = np.lexsort((np.array([m.id for m in members], dtype=np.int64), keys))
+    return [members[i] for i in order.tolist()], keys[order].tolist()
 
 
 def ready_members(snapshot: Snapshot, ready: Sequence[int] | None) -> list[MemberView]:

@@ -23,7 +23,6 @@ Each change is written to the member's record and to the lineage (population/rec
 """
 from __future__ import annotations
 
-import dataclasses
 import math
 import statistics
 from typing import TYPE_CHECKING, Any, Callable, Mapping, Sequence
@@ -117,8 +116,7 @@ def records_before(records: Records, decisions: Sequence) -> dict[int, MemberRec
             ids.add(d.donor)
         elif isinstance(d, Crossover):
             ids.update((*d.parents, d.weights_from))
-    return {m: dataclasses.replace(r, schedule=list(r.schedule), genome=dict(r.genome))
-            for m in sorted(ids) if (r := records.members.get(m)) is not None}
+    return {m: r.copy() for m in sorted(ids) if (r := records.members.get(m)) is not None}
 
 
 def record_applied(records: Records, d: Exploit | Crossover, before: Mapping[int, MemberRecord], source: int,
@@ -132,7 +130,7 @@ def record_applied(records: Records, d: Exploit | Crossover, before: Mapping[int
     ``val_loss_jump``: a lossy architecture change's jump in validation loss, measured at the change;
     ``perturbed``: a layer-wise merge's shrunk-and-perturbed tensors, recorded by unit)."""
     m = d.member
-    genome = plain(d.genome.as_dict())
+    genome = records.genome_dict(d.genome)
     src = before[source]
     extra: dict[str, Any] = {}
     if isinstance(d, Exploit):

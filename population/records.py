@@ -23,6 +23,7 @@ import gc
 import json
 import math
 import statistics
+import sys
 import time
 from dataclasses import dataclass, field
 from typing import Any, Mapping
@@ -67,6 +68,15 @@ class MemberRecord:
                           age=self.age, step=self.step, objectives=dict(self.objectives),
                           since_change=self.since_change)
 
+    def copy(self) -> MemberRecord:
+        """A copy of the record as it is now, to read while decisions are applied to it: its
+        schedule list copied, the rest shared (a genome is replaced, never changed in place, and
+        no evaluation is appended while decisions are applied)."""
+        c = object.__new__(MemberRecord)
+        c.__dict__.update(self.__dict__)
+        c.schedule = list(self.schedule)
+        return c
+
     def fields(self) -> dict[str, Any]:
         """{field: value}, the values the record's own (no copy)."""
         d = self.__dict__
@@ -92,10 +102,13 @@ _encode_str = json.encoder.encode_basestring_ascii   # what the encoder above wr
 
 
 def _scalar(x: Any) -> str:
-    """``_encode(x)`` of a str / int / bool / None field, without the encoder's call overhead."""
+    """``_encode(x)`` of a str / int / float / bool / None field, without the encoder's call
+    overhead."""
     t = type(x)
     if t is int:
         return int.__repr__(x)
+    if t is float:
+        return _float_text(x)
     if t is str:
         return _encode_str(x)
     if x is None:
@@ -103,6 +116,81 @@ def _scalar(x: Any) -> str:
     if t is bool:
         return "true" if x else "false"
     return _encode(x)
+
+
+def _float_text(x: float) -> str:
+    """What json's encoder writes for a float (``allow_nan``: NaN, Infinity, -Infinity)."""
+    if x != x:
+        return "NaN"
+    if x == math.inf:
+        return "Infinity"
+    if x == -math.inf:
+        return "-Infinity"
+    return float.__repr__(x)
+
+
+def _encode_flat(d: dict) -> str:
+    """``_encode(d)`` of a dict of str keys and scalar values (a member's objectives, a genome),
+    written here: the encoder's call costs more than the text."""
+    if not all(type(k) is str for k in d):
+        return _encode(d)
+    parts = []
+    for k in sorted(d):
+        v = d[k]
+        t = type(v)
+        if t is float and _FINITE_MIN <= v <= _FINITE_MAX:
+            parts.append(f"{_encode_str(k)}: {float.__repr__(v)}")
+        elif t in _SCALARS:
+            parts.append(f"{_encode_str(k)}: {_scalar(v)}")
+        else:
+            return _encode(d)
+    return "{" + ", ".join(parts) + "}"
+
+
+_FINITE_MIN, _FINITE_MAX = -sys.float_info.max, sys.float_info.max
+
+
+def _encode_evaluations(items: list) -> str:
+    """``_encode(items)[1:-1]`` of history entries ([step, val_bpb] lists), written here."""
+    out = []
+    for e in items:
+        if type(e) is not list or len(e) != 2 or type(e[0]) is not int or type(e[1]) is not float:
+            return _encode(items)[1:-1]
+        v = e[1]
+        out.append(f"[{int.__repr__(e[0])}, {float.__repr__(v) if _FINITE_MIN <= v <= _FINITE_MAX else _float_text(v)}]")
+    return ", ".join(out)
+
+
+class _GenomeTexts:
+    """``_encode(genome)`` of genome dicts, by the dict's identity (the records replace genomes,
+    never change them in place; a schedule entry shares its genome dict with the record it came
+    from), the dict held so its id is not reused while cached."""
+
+    def __init__(self) -> None:
+        self.texts: dict[int, tuple[dict, str]] = {}
+
+    def __call__(self, genome: Any) -> str:
+        if type(genome) is not dict:
+            return _encode(genome)
+        hit = self.texts.get(id(genome))
+        if hit is not None and hit[0] is genome:
+            return hit[1]
+        text = _encode_flat(genome)
+        self.texts[id(genome)] = (genome, text)
+        return text
+
+
+_SCHEDULE_KEYS = ("genome", "seed", "step")
+
+
+def _encode_schedule(schedule: list, texts: _GenomeTexts) -> str:
+    """``_encode(schedule)``, each entry's genome text from ``texts``."""
+    out = []
+    for e in schedule:
+        if type(e) is not dict or len(e) != 3 or any(k not in e for k in _SCHEDULE_KEYS):
+            return _encode(schedule)
+        out.append(f'{{"genome": {texts(e["genome"])}, "seed": {_scalar(e["seed"])}, "step": {_scalar(e["step"])}}}')
+    return "[" + ", ".join(out) + "]"
 
 
 class _Encoded:
@@ -124,21 +212,22 @@ class _Encoded:
         self.history_len = -1
         self.text = ""
 
-    def update(self, rec: MemberRecord) -> str:
-        """The record's JSON text, exactly ``_encode(rec.fields())``."""
+    def update(self, rec: MemberRecord, texts: _GenomeTexts) -> str:
+        """The record's JSON text, exactly ``_encode(rec.fields())`` (``texts``: genome dicts'
+        texts, shared by the members)."""
         changed = False
         if rec.genome is not self.genome:
-            self.genome, self.genome_text, changed = rec.genome, _encode(rec.genome), True
+            self.genome, self.genome_text, changed = rec.genome, texts(rec.genome), True
         if rec.schedule is not self.schedule:
-            self.schedule, self.schedule_text, changed = rec.schedule, _encode(rec.schedule), True
+            self.schedule, self.schedule_text, changed = rec.schedule, _encode_schedule(rec.schedule, texts), True
         if rec.objectives is not self.objectives:
-            self.objectives, self.objectives_text, changed = rec.objectives, _encode(rec.objectives), True
+            self.objectives, self.objectives_text, changed = rec.objectives, _encode_flat(rec.objectives), True
         h = rec.history
         if h is not self.history or len(h) < self.history_len:
-            self.history, self.history_len, self.history_text = h, len(h), _encode(h)[1:-1]
+            self.history, self.history_len, self.history_text = h, len(h), _encode_evaluations(h)
             changed = True
         elif len(h) != self.history_len:
-            more = _encode(h[self.history_len:])[1:-1]
+            more = _encode_evaluations(h[self.history_len:])
             self.history_text = f"{self.history_text}, {more}" if self.history_len else more
             self.history_len, changed = len(h), True
         scalars = (rec.age, rec.alive, rec.checkpoint, rec.checkpoint_sha256, rec.id, rec.intervals,
@@ -156,22 +245,23 @@ class _Encoded:
 
 def _copy(x: Any) -> Any:
     """A JSON-shaped deep copy of plain data (tuples become lists, keys strings); anything
-    else goes through ``plain``."""
+    else (numpy scalars, non-str keys) through a JSON round trip."""
     t = type(x)
     if t in _SCALARS:
         return x
     if t is dict:
         if all(type(k) is str for k in x):
             return {k: _copy(v) for k, v in x.items()}
-        return plain(x)   # JSON's own key conversion
+        return json.loads(json.dumps(x))   # JSON's own key conversion
     if t is list or t is tuple:
         return [_copy(v) for v in x]
-    return plain(x)
+    return json.loads(json.dumps(x))
 
 
 def plain(x: Any) -> Any:
-    """JSON-shaped copy (tuples -> lists), so records compare equal before and after a commit."""
-    return json.loads(json.dumps(x))
+    """JSON-shaped copy (tuples -> lists), so records compare equal before and after a commit:
+    what a JSON round trip gives, without one for data that is plain already."""
+    return _copy(x)
 
 
 def slot_seconds(timing: Mapping[str, Any]) -> float:
@@ -252,6 +342,7 @@ class Records:
         # copy of thousands of records per round), as a dict when loaded from the store
         self.committed_members: dict[int, str | dict] = {}
         self._encoded: dict[int, _Encoded] = {}   # each member's committed text and its parts
+        self._genome_texts = _GenomeTexts()
         # Genome of a genome dict, by the dict's identity (the records replace genomes, never
         # change them in place); the dict is held, so its id is not reused while cached
         self._genomes: dict[int, tuple[dict, Genome]] = {}
@@ -511,6 +602,13 @@ class Records:
         self._genomes[id(d)] = (d, g)
         return g
 
+    def genome_dict(self, genome: Genome) -> dict:
+        """``plain(genome.as_dict())``, a new dict whose ``self.genome`` is ``genome`` (no
+        Genome built again for it)."""
+        d = plain(genome.as_dict())
+        self._genomes[id(d)] = (d, genome)
+        return d
+
     def _history(self, rec: MemberRecord) -> tuple[tuple[int, float], ...]:
         """``rec.view().history``, extended by the evaluations appended since the last snapshot."""
         h = rec.history
@@ -551,6 +649,8 @@ class Records:
         if events is not None:
             self.events = events
         members = [self.members[m].fields() for m in self.ids]
+        if len(self._genome_texts.texts) > 8 * len(self.ids) + 64:   # genomes no record holds any more
+            self._genome_texts = _GenomeTexts()
         try:
             encoded = [RawJSON(self._encode_member(self.members[m])) for m in self.ids]
         except (TypeError, ValueError) as e:
@@ -596,7 +696,7 @@ class Records:
         if enc is None or enc.rec is not rec:   # a record replaced (set back, restarted): start over
             enc = self._encoded[rec.id] = _Encoded(rec)
         try:
-            return enc.update(rec)
+            return enc.update(rec, self._genome_texts)
         except BaseException:
             del self._encoded[rec.id]   # half updated: never reused
             raise

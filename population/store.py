@@ -413,7 +413,7 @@ class RunStore:
         if not isinstance(record, dict):
             raise StoreError(f"lineage record {i} must be a dict, got {type(record).__name__}")
         try:
-            return json.dumps(record, sort_keys=True).encode() + b"\n"
+            return _ENCODE(record).encode() + b"\n"   # json.dumps(record, sort_keys=True)
         except (TypeError, ValueError) as e:
             raise StoreError(f"lineage record {i} is not JSON-serialisable: {_first_line(e)}") from e
 

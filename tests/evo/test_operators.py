@@ -23,6 +23,7 @@ from hypothesis import strategies as st
 from evo.crossover import cx_sbx, cx_uniform
 from evo.genome import Genome
 from evo.mutation import mut_perturb, mut_polynomial, mut_resample
+from evo.pbt import explore
 from evo.selection import (crowding_distances, front_ranks, pareto_front, sel_aging, sel_nsga2, sel_tournament,
                            sel_truncation)
 from evo.space import ChoiceGene, FloatGene, IntGene, SearchSpace
@@ -153,6 +154,64 @@ def test_perturb_leaves_architecture_alone_when_asked():
         assert h.architecture() == g.architecture() and h["train.lr"] != g["train.lr"]
     moved = [mut_perturb(g, space, np.random.default_rng(s)).architecture() != g.architecture() for s in range(20)]
     assert all(moved)
+
+
+# ----------------------------------------------------------------------------------------------
+# PBT's explore of many genomes at once (evo.pbt.explore): the same moves, as arrays
+
+
+@SETTINGS
+@given(space_and_two_genomes(), st.floats(0.0, 1.0), st.sampled_from([(0.8, 1.2), (0.5, 2.0), (0.9,)]))
+def test_explore_stays_inside(s, probability, factors):
+    space, a, b, rng = s
+    out = explore([a, b, a], space, rng, probability, factors)
+    assert len(out) == 3 and all(space.contains(g) and how in ("perturb", "resample") for g, how in out)
+
+
+@pytest.mark.parametrize("gene, value", [
+    (FloatGene("train.lr", 1e-5, 1e-1, log=True), 1e-3),
+    (FloatGene("train.lr", 1e-5, 1e-2, log=True), 1e-2),
+    (FloatGene("train.lr", 1e-3, 1e-1), 1e-3),
+    (IntGene("train.warmup_steps", 0, 100), 10),
+    (IntGene("train.warmup_steps", 0, 100), 2),
+    (IntGene("train.warmup_steps", 0, 100), 0),
+    (IntGene("train.warmup_steps", 0, 100), 100),
+    (IntGene("train.batch_size", 8, 64, step=8), 16),
+    (ChoiceGene("train.schedule", ("a", "b", "c", "d")), "b"),
+    (ChoiceGene("train.schedule", ("a", "b", "c", "d")), "a"),
+    (ChoiceGene("train.batch_size", (8, 16, 32)), 16),
+])
+def test_explore_without_resampling_makes_exactly_mut_perturbs_moves(gene, value):
+    space = one_gene_space(gene)
+    g = Genome.from_dict({gene.path: value})
+    out = explore([g] * 200, space, np.random.default_rng(0), 0.0, (0.8, 1.2))
+    assert {h[gene.path] for h, _ in out} == set(perturbed_values(gene, value))
+    assert {how for _, how in out} == {"perturb"}
+    assert all(type(h[gene.path]) is type(value) for h, _ in out)
+
+
+def test_explore_resamples_each_gene_at_its_rate_from_the_prior():
+    space = SearchSpace.from_dict({"train.lr": {"type": "float", "low": 1e-4, "high": 1e-2, "log": True},
+                                   "train.warmup_steps": {"type": "int", "low": 0, "high": 100},
+                                   "train.schedule": {"type": "choice", "choices": ["a", "b", "c"]}},
+                                  BASE, architecture=RULES)
+    g = Genome.from_dict({"train.lr": 1e-3, "train.warmup_steps": 50, "train.schedule": "b"})
+    out = explore([g] * 4000, space, np.random.default_rng(1), 0.25, (0.8, 1.2))
+    resampled = np.mean([how == "resample" for _, how in out])
+    assert abs(resampled - (1 - 0.75 ** 3)) < 0.03    # any of three genes, each with probability 1/4
+    lrs = np.array([h["train.lr"] for h, _ in out])
+    fresh = lrs[(lrs != 8e-4) & (lrs != 1.2e-3)]       # neither perturbation: resampled
+    assert abs(len(fresh) / len(lrs) - 0.25) < 0.03
+    assert abs(np.mean(np.log10(fresh)) + 3.0) < 0.1   # log-uniform on [1e-4, 1e-2]: mean log10 = -3
+    steps = np.array([h["train.warmup_steps"] for h, _ in out])
+    assert set(steps[(steps != 40) & (steps != 60)]) <= set(range(101)) and len(set(steps)) > 50
+
+
+def test_explore_of_no_genomes_draws_nothing():
+    space = one_gene_space(FloatGene("train.lr", 1e-5, 1e-1, log=True))
+    rng = np.random.default_rng(3)
+    assert explore([], space, rng, 0.25, (0.8, 1.2)) == []
+    assert rng.random() == np.random.default_rng(3).random()
 
 
 def test_resample_probability_zero_and_one():

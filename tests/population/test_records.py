@@ -42,7 +42,7 @@ def _body_members(store: RunStore) -> list[str]:
 
 def test_commit_and_snapshot_equal_whole_encodings_and_views(tmp_path, cache_dir):
     """Snapshots equal every record's own view(); members re-encoded only in part (history appended, genome and schedule kept, one member
-    changed in an async-like event, a record set back or restarted) are committed byte for byte
+    changed in an async-like event, a record set back or restarted, non-finite and numpy values) are committed byte for byte
     as encoding the whole record gives, and a resume reads them back equal."""
     records = _records(tmp_path, cache_dir, "enc")
     store, rng = records.store, np.random.default_rng(0)
@@ -53,6 +53,10 @@ def test_commit_and_snapshot_equal_whole_encodings_and_views(tmp_path, cache_dir
             d = Exploit(member=0, donor=5, genome=records.snapshot(r).member(5).genome.replace({"train.lr": 1e-3}),
                         how="perturb")
             record_applied(records, d, records_before(records, [d]), 5, r, step=records[5].step, params=105)
+        if r == 4:   # non-finite and numpy values: the encoder's own texts
+            records.record_results({3: {"step": r * 5, "val_bpb": float("inf"), "params": 103,
+                                        "tokens_per_s": float("-inf")},
+                                    1: {"step": r * 5, "val_bpb": np.float64(2.5), "params": 101, "tokens_per_s": -0.0}})
         if r == 3:
             records.set_back(1)
             records.fresh(2, dict(records[2].genome), seed=11)
