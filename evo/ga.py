@@ -33,86 +33,145 @@ random search").
 
 from __future__ import annotations
 
-from typing import Callable, Sequence
+from typing import Sequence
 
 import numpy as np
 
-from evo.crossover import cx_sbx, cx_uniform
 from evo.genome import Genome
 from evo.mutation import mut_polynomial
 from evo.selection import truncation_count
-from evo.space import SearchSpace
+from evo.space import ChoiceGene, IntGene, SearchSpace
 from evo.strategy import Crossover, Decision, Exploit, Keep, MemberView, Snapshot, Strategy
-from evo.strategies import StrategyConfig, fitness_key, inside, is_fitter, ranked, ready_members
+from evo.strategies import StrategyConfig, fitness_key, inside, ranked, ready_members
 
 
-def crossover_operator(config: StrategyConfig) -> Callable[[Genome, Genome, SearchSpace, np.random.Generator], Genome]:
-    """The crossover named by `config.crossover`."""
-    return cx_sbx if config.crossover == "sbx" else cx_uniform
-
-
-class Pool:
-    """The parents a member may draw from: `members[:size]` without the positions in
-    `excluded`, indexed without building that list, with each member's tournament `scores`
-    (lower wins) computed once per plan. Pool index j is `members`' j-th position left."""
-
-    def __init__(self, members: Sequence[MemberView], scores: np.ndarray, size: int | None = None,
-                 excluded: tuple[int, ...] = ()) -> None:
-        self.members, self.scores = members, scores
-        self.size = len(members) if size is None else size
-        self.excluded = tuple(sorted(excluded))
-
-    def __len__(self) -> int:
-        return self.size - len(self.excluded)
-
-    def _positions(self, j: np.ndarray) -> np.ndarray:
-        for e in self.excluded:   # ascending: each skipped position shifts the rest by one
-            j = j + (j >= e)
-        return j
-
-    def __getitem__(self, j: int) -> MemberView:
-        return self.members[int(self._positions(np.int64(j)))]
-
-    def tournament(self, size: int, rng: np.random.Generator) -> int:
-        """Pool index of one tournament winner: `size` draws with replacement, the lowest
-        score wins, the first drawn among equals (the draws of `sel_tournament`)."""
-        drawn = rng.integers(len(self), size=size)
-        return int(drawn[np.argmin(self.scores[self._positions(drawn)])])
-
-    def without(self, j: int) -> Pool:
-        return Pool(self.members, self.scores, self.size, (*self.excluded, int(self._positions(np.int64(j)))))
-
-
-def breed(
-    member: MemberView,
-    pool: Pool,
-    fitter: Callable[[MemberView, MemberView], bool],
+def breed_all(
+    members: Sequence[MemberView],
+    keys: np.ndarray,
+    pool: Sequence[MemberView],
+    scores: np.ndarray,
+    sizes: np.ndarray,
     space: SearchSpace,
     config: StrategyConfig,
     rng: np.random.Generator,
-) -> Decision:
-    """One offspring for `member`'s slot from parents drawn by tournament in `pool` (members
-    other than `member`), or Keep when the weights would come from a member that is not
-    `fitter` than `member`. Shared by the GA and NSGA-II."""
-    if not len(pool):
-        return Keep(member.id)
-    i1 = pool.tournament(config.tournament_size, rng)
-    p1 = pool[i1]
-    if len(pool) >= 2 and rng.random() < config.crossover_probability:
-        rest = pool.without(i1)
-        p2 = rest[rest.tournament(config.tournament_size, rng)]
-        source = p2 if fitter(p2, p1) else p1
-        if not fitter(source, member):
-            return Keep(member.id)
-        child = crossover_operator(config)(p1.genome, p2.genome, space, rng)
-        child = unlike(mut_polynomial(child, space, rng, probability=config.mutation_probability),
-                       source.genome, space, rng)
-        return Crossover(member.id, (p1.id, p2.id), source.id, inside(space, child, source.genome, config.grow_only))
-    if not fitter(p1, member):
-        return Keep(member.id)
-    child = unlike(mut_polynomial(p1.genome, space, rng, probability=config.mutation_probability),
-                   p1.genome, space, rng)
-    return Exploit(member.id, p1.id, inside(space, child, p1.genome, config.grow_only), "perturb")
+) -> list[Decision]:
+    """`breed` for many members at once, the draws as arrays over them: member i draws its
+    parents by tournament among `pool[:sizes[i]]` (`scores`: each pool member's, lower wins;
+    `keys[i]`: member i's on the same scale), and takes weights only from a parent whose score
+    is below its key (else Keep). Children: crossover of the two parents with probability
+    `crossover_probability` (at least two parents), then polynomial mutation, both on the
+    normalised coordinates (`space.encode`) and decoded once, `unlike` the genome whose weights
+    they take, brought `inside` the space.
+
+    The draws, in order: the first parents' tournaments [n, size], the crossover coins [n], the
+    second parents' tournaments [n, size] (among the pool without the first parent), then for
+    the members that breed the crossover's draws (uniform: [k, genes]; SBX: three [k, genes]),
+    the mutation's ([k, genes] coins, [k, genes] polynomial draws, [k, genes] choice draws)."""
+    n = len(members)
+    if n == 0 or len(pool) == 0:
+        return [Keep(m.id) for m in members]
+    size = config.tournament_size
+    sizes = np.asarray(sizes, dtype=np.int64)   # (n,)
+    rows = np.arange(n)
+    first = rng.integers(0, np.maximum(sizes, 1)[:, None], size=(n, size))   # (n, size) pool indices
+    p1 = first[rows, np.argmin(scores[np.minimum(first, len(scores) - 1)], axis=1)]   # the first drawn among equals
+    cross = (sizes >= 2) & (rng.random(n) < config.crossover_probability)
+    second = rng.integers(0, np.maximum(sizes - 1, 1)[:, None], size=(n, size))
+    second = np.minimum(second + (second >= p1[:, None]), max(len(scores) - 1, 0))   # skip the first parent
+    p2 = second[rows, np.argmin(scores[second], axis=1)]
+    source = np.where(cross & (scores[p2] < scores[p1]), p2, p1)
+    breeds = (sizes > 0) & (scores[np.minimum(source, len(scores) - 1)] < np.asarray(keys, dtype=np.float64))
+    chosen = np.flatnonzero(breeds).tolist()
+    if not chosen:
+        return [Keep(m.id) for m in members]
+    encoded: dict[int, np.ndarray] = {}   # each parent's coordinates, once
+
+    def coordinates(g: Genome) -> np.ndarray:
+        x = encoded.get(id(g))
+        if x is None:
+            x = encoded[id(g)] = space.encode(g)
+        return x
+
+    xa = np.stack([coordinates(pool[p1[i]].genome) for i in chosen])   # (k, G)
+    crossed = cross[chosen]
+    if crossed.any():
+        xb = np.stack([coordinates(pool[p2[i]].genome) for i in chosen])
+        xa = np.where(crossed[:, None], _crossover_coordinates(xa, xb, space, config.crossover, rng), xa)
+    mutated = _polynomial_coordinates(xa, space, config.mutation_probability, rng)
+    out: list[Decision] = [Keep(m.id) for m in members]
+    for row, i in enumerate(chosen):
+        m, parent = members[i], pool[p1[i]]
+        src = pool[source[i]]
+        child = unlike(space.decode(mutated[row]), src.genome, space, rng)
+        genome = inside(space, child, src.genome, config.grow_only)
+        if crossed[row]:
+            out[i] = Crossover(m.id, (parent.id, pool[p2[i]].id), src.id, genome)
+        else:
+            out[i] = Exploit(m.id, parent.id, genome, "perturb")
+    return out
+
+
+def _crossover_coordinates(xa: np.ndarray, xb: np.ndarray, space: SearchSpace, kind: str,
+                           rng: np.random.Generator) -> np.ndarray:
+    """Children [k, G] of the rows of `xa` and `xb` on the normalised coordinates: uniform
+    (each gene from either parent with probability 1/2) or SBX (`cx_sbx`'s formulas, choice
+    genes uniform)."""
+    if kind != "sbx":
+        return np.where(rng.random(xa.shape) < 0.5, xb, xa)
+    eta = 15.0
+    skip, rand, pick = rng.random(xa.shape), rng.random(xa.shape), rng.random(xa.shape)
+    x1, x2 = np.minimum(xa, xb), np.maximum(xa, xb)
+    apart = np.abs(xa - xb) > 1e-14
+    gap = np.where(apart, x2 - x1, 1.0)
+    with np.errstate(divide="ignore", over="ignore", invalid="ignore"):
+        c1 = 0.5 * (x1 + x2 - _spread(1.0 + 2.0 * x1 / gap, rand, eta) * gap)
+        c2 = 0.5 * (x1 + x2 + _spread(1.0 + 2.0 * (1.0 - x2) / gap, rand, eta) * gap)
+    child = np.where(pick <= 0.5, np.clip(c2, 0.0, 1.0), np.clip(c1, 0.0, 1.0))
+    child = np.where((skip > 0.5) | ~apart, xa, child)
+    choice = np.array([isinstance(g, ChoiceGene) for g in space.genes])
+    return np.where(choice[None, :], np.where(skip < 0.5, xb, xa), child)
+
+
+def _spread(beta: np.ndarray, rand: np.ndarray, eta: float) -> np.ndarray:
+    """`crossover._sbx_spread` on arrays."""
+    alpha = 2.0 - beta ** -(eta + 1)
+    return np.where(rand <= 1.0 / alpha, (rand * alpha) ** (1.0 / (eta + 1)),
+                    (1.0 / np.abs(2.0 - rand * alpha)) ** (1.0 / (eta + 1)))
+
+
+def _polynomial_coordinates(x: np.ndarray, space: SearchSpace, probability: float | None,
+                            rng: np.random.Generator, eta: float = 20.0) -> np.ndarray:
+    """`mut_polynomial` on each row of `x` [k, G] (normalised coordinates): each gene with
+    `probability` (default 1/G) moves polynomially; an int gene whose move rounds back to its
+    value steps one grid value in the move's direction; a choice gene takes another choice
+    drawn uniformly."""
+    k, n = x.shape
+    indpb = 1.0 / n if probability is None else probability
+    move = rng.random(x.shape) <= indpb   # DEAP: mutate when random() <= indpb
+    rand = rng.random(x.shape)
+    other = rng.random(x.shape)   # a choice gene's new choice, uniform among the others
+    mut_pow = 1.0 / (eta + 1.0)
+    low = rand < 0.5
+    val = np.where(low, 2.0 * rand + (1.0 - 2.0 * rand) * (1.0 - x) ** (eta + 1),   # xy = 1 - delta_1 = 1 - x
+                   2.0 * (1.0 - rand) + 2.0 * (rand - 0.5) * x ** (eta + 1))          # xy = 1 - delta_2 = x
+    delta_q = np.where(low, val ** mut_pow - 1.0, 1.0 - val ** mut_pow)
+    new = np.where(move, np.clip(x + delta_q, 0.0, 1.0), x)
+    for j, gene in enumerate(space.genes):
+        rows = np.flatnonzero(move[:, j]).tolist()
+        if isinstance(gene, ChoiceGene):
+            for i in rows:
+                if gene.size > 1:
+                    c = int(other[i, j] * (gene.size - 1))
+                    current = gene.index(gene.decode(x[i, j]))
+                    new[i, j] = gene.encode_index(c if c < current else c + 1)
+                else:
+                    new[i, j] = x[i, j]
+        elif isinstance(gene, IntGene):
+            for i in rows:
+                old = gene.decode(x[i, j])
+                if gene.decode(new[i, j]) == old and new[i, j] != x[i, j]:
+                    new[i, j] = gene.encode(gene.clip(old + (gene.step if new[i, j] > x[i, j] else -gene.step)))
+    return new
 
 
 def unlike(child: Genome, source: Genome, space: SearchSpace, rng: np.random.Generator,
@@ -123,7 +182,7 @@ def unlike(child: Genome, source: Genome, space: SearchSpace, rng: np.random.Gen
     mutated polynomially, up to `tries` draws until it differs."""
     n = len(space.genes)
     for _ in range(tries):
-        if child != source:
+        if child.values != source.values or child != source:   # (gene values are never NaN)
             return child
         child = mut_polynomial(source, space, rng, only=int(rng.integers(n)))
     return child
@@ -146,13 +205,13 @@ class GA(Strategy):
         n_replace = max(min(truncation_count(n, self.config.quantile), n - self.config.elitism), 0)
         survivors = population[: n - n_replace]
         survivor_ids = {m.id for m in survivors}
-        scores = np.array([fitness_key(p) for p in survivors])
-        decisions: list[Decision] = []
-        for m in members:
-            if not m.history or m.id in survivor_ids:
-                decisions.append(Keep(m.id))
-                continue
-            decisions.append(breed(m, Pool(survivors, scores), is_fitter, self.space, self.config, rng))
+        scores = np.array([fitness_key(p) for p in survivors], dtype=np.float64)
+        # the members replaced, each breeding from all the survivors
+        bred = [m for m in members if m.history and m.id not in survivor_ids]
+        children = iter(breed_all(bred, np.array([fitness_key(m) for m in bred], dtype=np.float64), survivors,
+                                  scores, np.full(len(bred), len(survivors)), self.space, self.config, rng))
+        decisions: list[Decision] = [next(children) if m.history and m.id not in survivor_ids else Keep(m.id)
+                                     for m in members]
         self.generation += 1
         return decisions
 

@@ -28,7 +28,7 @@ from typing import Mapping, Sequence
 
 import numpy as np
 
-from evo.ga import Pool, breed
+from evo.ga import breed_all
 from evo.selection import front_ranks, sel_nsga2, truncation_count
 from evo.strategy import Decision, Keep, MemberView, Snapshot, Strategy, objective_sense
 from evo.strategies import ready_members
@@ -85,18 +85,12 @@ class NSGA2(Strategy):
         survivor_ids = {m.id for m in survivors}
         survivor_ranks = np.array([rank[s.id] for s in survivors])
 
-        def better_front(a: MemberView, b: MemberView) -> bool:
-            return rank[a.id] < rank[b.id]
-
-        decisions: list[Decision] = []
-        for m in todo:
-            if m.id not in rank or m.id in survivor_ids:
-                decisions.append(Keep(m.id))
-                continue
-            # the survivors in a better front than m: a prefix of them
-            pool = Pool(survivors, survivor_ranks, int(np.searchsorted(survivor_ranks, rank[m.id])))
-            decisions.append(breed(m, pool, better_front, self.space, self.config, rng))
-        return decisions
+        bred = [m for m in todo if m.id in rank and m.id not in survivor_ids]
+        keys = np.array([rank[m.id] for m in bred], dtype=np.int64)
+        # each breeds from the survivors in a better front than its own: a prefix of them
+        children = iter(breed_all(bred, keys, survivors, survivor_ranks, np.searchsorted(survivor_ranks, keys),
+                                  self.space, self.config, rng))
+        return [next(children) if m.id in rank and m.id not in survivor_ids else Keep(m.id) for m in todo]
 
     def _eligible(self, snapshot: Snapshot) -> tuple[list[MemberView], np.ndarray]:
         """The members with every objective, and their minimised objectives [n, m]."""

@@ -179,8 +179,8 @@ def inside(space: SearchSpace, candidate: Genome, fallback: Genome, grow_only: b
     architecture gene below `fallback`'s takes `fallback`'s architecture genes instead (the
     other genes kept): every shape change is then a growth.
     """
-    genome = space.clip(candidate)
-    if space.contains(genome) and not (grow_only and _shrinks(genome, fallback)):
+    genome = candidate if space.contains(candidate) else space.clip(candidate)   # clip: the identity inside
+    if (genome is candidate or space.contains(genome)) and not (grow_only and _shrinks(genome, fallback)):
         return genome
     genome = space.clip(candidate.replace(fallback.architecture()))
     if space.contains(genome):

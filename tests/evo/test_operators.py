@@ -20,9 +20,10 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from evo.crossover import cx_sbx, cx_uniform
+from evo.crossover import _sbx_first_child, cx_sbx, cx_uniform
+from evo.ga import _crossover_coordinates, _polynomial_coordinates
 from evo.genome import Genome
-from evo.mutation import mut_perturb, mut_polynomial, mut_resample
+from evo.mutation import _polynomial, mut_perturb, mut_polynomial, mut_resample
 from evo.pbt import explore
 from evo.selection import (crowding_distances, front_ranks, pareto_front, sel_aging, sel_nsga2, sel_tournament,
                            sel_truncation)
@@ -212,6 +213,44 @@ def test_explore_of_no_genomes_draws_nothing():
     rng = np.random.default_rng(3)
     assert explore([], space, rng, 0.25, (0.8, 1.2)) == []
     assert rng.random() == np.random.default_rng(3).random()
+
+
+class Draws:
+    """An rng whose random() returns the given numbers in turn (to replay a scalar operator)."""
+
+    def __init__(self, *values: float) -> None:
+        self.values = list(values)
+
+    def random(self) -> float:
+        return self.values.pop(0)
+
+
+def test_polynomial_on_arrays_is_the_scalar_formula():
+    space = SearchSpace.from_dict({"train.lr": {"type": "float", "low": 1e-4, "high": 1e-2, "log": True},
+                                   "train.weight_decay": {"type": "float", "low": 0.0, "high": 0.2}}, BASE)
+    x = np.random.default_rng(5).random((300, 2))
+    x[:4] = [[0.0, 1.0], [1.0, 0.0], [0.5, 0.5], [1e-9, 1 - 1e-9]]
+    new = _polynomial_coordinates(x, space, 1.0, np.random.default_rng(6))
+    replay = np.random.default_rng(6)
+    replay.random(x.shape)               # the coins (all move with probability 1)
+    rand = replay.random(x.shape)
+    expected = [[_polynomial(x[i, j], 20.0, Draws(rand[i, j])) for j in range(2)] for i in range(len(x))]
+    np.testing.assert_allclose(new, expected, rtol=1e-12, atol=1e-15)
+
+
+def test_sbx_on_arrays_is_the_scalar_formula():
+    space = SearchSpace.from_dict({"train.lr": {"type": "float", "low": 1e-4, "high": 1e-2, "log": True},
+                                   "train.weight_decay": {"type": "float", "low": 0.0, "high": 0.2}}, BASE)
+    gen = np.random.default_rng(7)
+    xa, xb = gen.random((300, 2)), gen.random((300, 2))
+    xb[:3] = xa[:3]                      # equal parents: the child is the first
+    xa[3:6], xb[3:6] = 0.0, 1.0
+    child = _crossover_coordinates(xa, xb, space, "sbx", np.random.default_rng(8))
+    replay = np.random.default_rng(8)
+    skip, rand, pick = replay.random(xa.shape), replay.random(xa.shape), replay.random(xa.shape)
+    expected = [[_sbx_first_child(xa[i, j], xb[i, j], 15.0, Draws(skip[i, j], rand[i, j], pick[i, j]))
+                 for j in range(2)] for i in range(len(xa))]
+    np.testing.assert_allclose(child, expected, rtol=1e-12, atol=1e-15)
 
 
 def test_resample_probability_zero_and_one():
