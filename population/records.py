@@ -251,10 +251,10 @@ def _copy(x: Any) -> Any:
         return x
     if t is dict:
         if all(type(k) is str for k in x):
-            return {k: _copy(v) for k, v in x.items()}
+            return {k: v if type(v) in _SCALARS else _copy(v) for k, v in x.items()}
         return json.loads(json.dumps(x))   # JSON's own key conversion
     if t is list or t is tuple:
-        return [_copy(v) for v in x]
+        return [v if type(v) in _SCALARS else _copy(v) for v in x]
     return json.loads(json.dumps(x))
 
 
@@ -536,15 +536,18 @@ class Records:
     def lineage(self, event: str, round: int, member: int, *, parents: list[int], genome: dict,
                 step: int, fitness: float | None, changed_from: dict | None = None, **extra: Any) -> None:
         """One lineage record, written with the next commit."""
-        record = {"event": event, "round": round, "member": member, "parents": parents,
-                  "genome": genome, "step": step, "fitness": fitness, "time": time.time()}
+        # JSON-shaped and sharing nothing that may change: the parts built here are new, the
+        # rest copied (a genome dict is replaced, never changed, but may hold tuples)
+        record = {"event": event, "round": round, "member": member, "parents": _copy(parents),
+                  "genome": _copy(genome), "step": step, "fitness": fitness, "time": time.time()}
         if changed_from is not None:
             a, b = self.genome(changed_from), self.genome(genome)
             changes = diff(a, b)
             record["changed"] = format_diff(a, b, changes)
-            record["diff"] = {p: list(v) for p, v in changes.items()}
-        record.update(extra)
-        self.pending_lineage.append(_copy(record))
+            record["diff"] = {p: _copy(v) for p, v in changes.items()}
+        for k, v in extra.items():
+            record[k] = v if type(v) in _SCALARS else _copy(v)
+        self.pending_lineage.append(record)
 
     def set_checkpoints(self, ids: list[int], round: int) -> dict[int, tuple[str, int]]:
         """Each member of ``ids`` names its checkpoint of ``round`` (committed once written);
@@ -576,17 +579,24 @@ class Records:
         fitness = self.setup.fitness
         senses = {SCORE: fitness.sense} if fitness is not None and fitness.function else {}
         views = []
+        view_of, members, new_view = self._view_of, self.members, object.__new__
         for m in self.ids:
-            rec = self.members[m]
+            rec = members[m]
             key = (rec.genome, rec.history, len(rec.history), rec.age, rec.step, rec.objectives, rec.since_change)
-            hit = self._view_of.get(m)
-            if hit is not None and hit[0] is rec and all(a is b for a, b in zip(hit[1], key)):
-                views.append(hit[2])   # unchanged since the last snapshot (async: all but a few)
-                continue
-            view = MemberView(id=rec.id, genome=self.genome(rec.genome), history=self._history(rec),
-                              age=rec.age, step=rec.step, objectives=dict(rec.objectives),
-                              since_change=rec.since_change)
-            self._view_of[m] = (rec, key, view)
+            hit = view_of.get(m)
+            if hit is not None and hit[0] is rec:
+                k = hit[1]
+                if (k[0] is key[0] and k[1] is key[1] and k[5] is key[5] and k[2] == key[2] and k[3] == key[3]
+                        and k[4] == key[4] and k[6] == key[6]):
+                    views.append(hit[2])   # unchanged since the last snapshot (async: all but a few)
+                    continue
+            # MemberView(...) without the frozen dataclass's __init__ (one setattr per field):
+            # the same fields, thousands of views a round
+            view = new_view(MemberView)
+            view.__dict__.update(id=rec.id, genome=self.genome(rec.genome), history=self._history(rec),
+                                 age=rec.age, step=rec.step, objectives=dict(rec.objectives),
+                                 since_change=rec.since_change)
+            view_of[m] = (rec, key, view)
             views.append(view)
         if len(self._genomes) > 4 * len(self.ids) + 64:   # genomes no record holds any more
             held = {id(self.members[m].genome) for m in self.ids}
