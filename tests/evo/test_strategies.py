@@ -22,7 +22,7 @@ from evo.nsga2 import NSGA2
 from evo.pb2 import MIN_OBSERVATIONS
 from evo.space import ChoiceGene, FloatGene, IntGene, SearchSpace
 from evo.strategy import OBJECTIVE_SENSE, Crossover, Exploit, Keep, MemberView, Restart, Snapshot, in_grace, layer_sources
-from evo.strategies import StrategyConfig, make_strategy
+from evo.strategies import StrategyConfig, inside, make_strategy
 from evo.toy import toy_space
 from tests.evo.test_space import RULES
 
@@ -301,6 +301,22 @@ def test_grow_only_children_are_never_clones_of_the_weight_donor(kind: str) -> N
     strategy, decisions = plan(config, top, snapshot, 0)
     assert_valid(strategy, top, snapshot, decisions, [m.id for m in snapshot.members])
     assert [d.genome for d in decisions if not isinstance(d, Keep)] == [genome, genome]
+
+
+def test_grow_only_keeps_the_growth_of_a_child_that_also_proposes_a_shrink() -> None:
+    """inside(grow_only): a gene proposed below the donor's is put back at the donor's value and
+    the other genes' growth stays (before, one shrunk gene took the donor's whole shape back); a
+    width shrink whose heads the head_dim rule then asks back is the donor's width again."""
+    space = shape_space()
+    donor = space.clip(Genome.from_dict({**BASE, "train.lr": 3e-3}))
+    child = donor.replace({"model.num_hidden_layers": 1, "model.intermediate_size": 212, "train.lr": 4e-3})
+    got = inside(space, child, donor, grow_only=True)
+    assert got == donor.replace({"model.intermediate_size": 212, "train.lr": 4e-3})
+    narrow = donor.replace({"model.hidden_size": 32, "model.num_attention_heads": 2, "model.num_hidden_layers": 3})
+    got = inside(space, narrow, donor, grow_only=True)
+    assert got == donor.replace({"model.num_hidden_layers": 3})
+    assert inside(space, child, donor) == donor.replace({"model.num_hidden_layers": 1, "model.intermediate_size": 212,
+                                                         "train.lr": 4e-3})   # without grow_only: as proposed
 
 
 @pytest.mark.parametrize("kind", ["ga-uniform", "ga-sbx", "nsga2"])
