@@ -14,8 +14,9 @@ Each round (sync mode; in async mode the same for the one ready member):
         else:
             child <- polynomial mutation of p1's genome
             m takes p1's weights -> Exploit
-        a child equal to the genome whose weights it takes has one gene mutated (a clone
-        would spend its interval training what the donor trains already)
+        a child equal (once inside the space, and with grow_only) to the genome whose weights it
+        takes has one gene mutated instead, an architecture gene only upward with grow_only (a
+        clone would spend its interval training what the donor trains already)
         a member only takes weights from a strictly fitter member: if the weights would
         come from a member not fitter than m, m is kept
 
@@ -106,27 +107,41 @@ def breed(
             return Keep(member.id)
         child = crossover_operator(config)(p1.genome, p2.genome, space, rng)
         child = unlike(mut_polynomial(child, space, rng, probability=config.mutation_probability),
-                       source.genome, space, rng)
-        return Crossover(member.id, (p1.id, p2.id), source.id, inside(space, child, source.genome, config.grow_only))
+                       source.genome, space, rng, config.grow_only)
+        return Crossover(member.id, (p1.id, p2.id), source.id, child)
     if not fitter(p1, member):
         return Keep(member.id)
     child = unlike(mut_polynomial(p1.genome, space, rng, probability=config.mutation_probability),
-                   p1.genome, space, rng)
-    return Exploit(member.id, p1.id, inside(space, child, p1.genome, config.grow_only), "perturb")
+                   p1.genome, space, rng, config.grow_only)
+    return Exploit(member.id, p1.id, child, "perturb")
 
 
 def unlike(child: Genome, source: Genome, space: SearchSpace, rng: np.random.Generator,
-           tries: int = 8) -> Genome:
-    """`child`, or when it equals `source` (the genome whose weights it takes: crossover of
-    two near-identical parents and a mutation that drew no gene make a clone, which spends an
-    interval training what the donor already trains) `source` with one gene, drawn uniformly,
-    mutated polynomially, up to `tries` draws until it differs."""
+           grow_only: bool = False, tries_per_gene: int = 8) -> Genome:
+    """`child` brought inside the space (`inside`; with `grow_only` no architecture gene below
+    `source`'s), or when that is `source` itself (the genome whose weights it takes: crossover of
+    two near-identical parents, a mutation that drew no gene, a shrink that `grow_only` turned back
+    or a shape the constraints refused all make a clone, which spends an interval training what
+    the donor already trains) `source` with one gene, drawn uniformly, mutated polynomially, up to
+    `tries_per_gene` draws per gene until it differs (a donor at the top of its shape has few genes
+    that can still move). With `grow_only` that gene, if it is an architecture gene, only
+    moves up (`mut_polynomial(grow=True)`), so the redraw is a growth or a change of another gene,
+    never a shrink turned back into a clone; a clone is left only when no gene can move."""
     n = len(space.genes)
-    for _ in range(tries):
-        if child != source:
-            return child
-        child = mut_polynomial(source, space, rng, only=int(rng.integers(n)))
-    return child
+    genome = inside(space, child, source, grow_only)
+    for _ in range(tries_per_gene * n):
+        if not same_point(space, genome, source):
+            return genome
+        child = mut_polynomial(source, space, rng, only=int(rng.integers(n)), grow=grow_only)
+        genome = inside(space, child, source, grow_only)
+    return genome
+
+
+def same_point(space: SearchSpace, a: Genome, b: Genome, atol: float = 1e-9) -> bool:
+    """Whether `a` and `b` are one point of the space: equal coordinates up to float round-off
+    (a float gene encoded and decoded again, as crossover and mutation do for the genes they
+    leave alone, can come back a few ulps away, which `==` on genomes tells apart)."""
+    return bool(np.allclose(space.encode(a), space.encode(b), rtol=0.0, atol=atol))
 
 
 class GA(Strategy):
