@@ -14,8 +14,9 @@ Each round (sync mode; in async mode the same for the one ready member):
         else:
             child <- polynomial mutation of p1's genome
             m takes p1's weights -> Exploit
-        a child equal to the genome whose weights it takes has one gene mutated (a clone
-        would spend its interval training what the donor trains already)
+        a child equal (once inside the space, and with grow_only) to the genome whose weights it
+        takes has one gene mutated instead, an architecture gene only upward with grow_only (a
+        clone would spend its interval training what the donor trains already)
         a member only takes weights from a strictly fitter member: if the weights would
         come from a member not fitter than m, m is kept
 
@@ -55,13 +56,15 @@ def breed_all(
     config: StrategyConfig,
     rng: np.random.Generator,
 ) -> list[Decision]:
-    """`breed` for many members at once, the draws as arrays over them: member i draws its
+    """One offspring (or Keep) for each of `members`, the draws as arrays over them (the GA's and
+    NSGA-II's breeding): member i draws its
     parents by tournament among `pool[:sizes[i]]` (`scores`: each pool member's, lower wins;
     `keys[i]`: member i's on the same scale), and takes weights only from a parent whose score
     is below its key (else Keep). Children: crossover of the two parents with probability
     `crossover_probability` (at least two parents), then polynomial mutation, both on the
-    normalised coordinates (`space.encode`) and decoded once, `unlike` the genome whose weights
-    they take, brought `inside` the space.
+    normalised coordinates (`space.encode`; with `grow_only` architecture genes move only up)
+    and decoded once, then `unlike` the genome whose weights they take (inside the space, never
+    a clone of it).
 
     The draws, in order: the first parents' tournaments [n, size], the crossover coins [n], the
     second parents' tournaments [n, size] (among the pool without the first parent), then for
@@ -97,13 +100,12 @@ def breed_all(
     if crossed.any():
         xb = np.stack([coordinates(pool[p2[i]].genome) for i in chosen])
         xa = np.where(crossed[:, None], _crossover_coordinates(xa, xb, space, config.crossover, rng), xa)
-    mutated = _polynomial_coordinates(xa, space, config.mutation_probability, rng)
+    mutated = _polynomial_coordinates(xa, space, config.mutation_probability, rng, grow=config.grow_only)
     out: list[Decision] = [Keep(m.id) for m in members]
     for row, i in enumerate(chosen):
         m, parent = members[i], pool[p1[i]]
         src = pool[source[i]]
-        child = unlike(space.decode(mutated[row]), src.genome, space, rng)
-        genome = inside(space, child, src.genome, config.grow_only)
+        genome = unlike(space.decode(mutated[row]), src.genome, space, rng, config.grow_only)
         if crossed[row]:
             out[i] = Crossover(m.id, (parent.id, pool[p2[i]].id), src.id, genome)
         else:
@@ -140,11 +142,12 @@ def _spread(beta: np.ndarray, rand: np.ndarray, eta: float) -> np.ndarray:
 
 
 def _polynomial_coordinates(x: np.ndarray, space: SearchSpace, probability: float | None,
-                            rng: np.random.Generator, eta: float = 20.0) -> np.ndarray:
+                            rng: np.random.Generator, eta: float = 20.0, grow: bool = False) -> np.ndarray:
     """`mut_polynomial` on each row of `x` [k, G] (normalised coordinates): each gene with
     `probability` (default 1/G) moves polynomially; an int gene whose move rounds back to its
     value steps one grid value in the move's direction; a choice gene takes another choice
-    drawn uniformly."""
+    drawn uniformly. `grow`: architecture genes only move up (a downward move mirrored upward; a
+    choice gene takes a larger value drawn uniformly, and stays when it has none)."""
     k, n = x.shape
     indpb = 1.0 / n if probability is None else probability
     move = rng.random(x.shape) <= indpb   # DEAP: mutate when random() <= indpb
@@ -158,9 +161,16 @@ def _polynomial_coordinates(x: np.ndarray, space: SearchSpace, probability: floa
     new = np.where(move, np.clip(x + delta_q, 0.0, 1.0), x)
     for j, gene in enumerate(space.genes):
         rows = np.flatnonzero(move[:, j]).tolist()
+        up = grow and gene.is_architecture
+        if up and not isinstance(gene, ChoiceGene):
+            new[:, j] = np.where(new[:, j] < x[:, j], np.minimum(2.0 * x[:, j] - new[:, j], 1.0), new[:, j])
         if isinstance(gene, ChoiceGene):
             for i in rows:
-                if gene.size > 1:
+                if up:
+                    current = gene.decode(x[i, j])
+                    larger = [c for c in range(gene.size) if gene.value_at(c) > current]
+                    new[i, j] = gene.encode_index(larger[int(other[i, j] * len(larger))]) if larger else x[i, j]
+                elif gene.size > 1:
                     c = int(other[i, j] * (gene.size - 1))
                     current = gene.index(gene.decode(x[i, j]))
                     new[i, j] = gene.encode_index(c if c < current else c + 1)
@@ -175,17 +185,31 @@ def _polynomial_coordinates(x: np.ndarray, space: SearchSpace, probability: floa
 
 
 def unlike(child: Genome, source: Genome, space: SearchSpace, rng: np.random.Generator,
-           tries: int = 8) -> Genome:
-    """`child`, or when it equals `source` (the genome whose weights it takes: crossover of
-    two near-identical parents and a mutation that drew no gene make a clone, which spends an
-    interval training what the donor already trains) `source` with one gene, drawn uniformly,
-    mutated polynomially, up to `tries` draws until it differs."""
+           grow_only: bool = False, tries_per_gene: int = 8) -> Genome:
+    """`child` brought inside the space (`inside`; with `grow_only` no architecture gene below
+    `source`'s), or when that is `source` itself (the genome whose weights it takes: crossover of
+    two near-identical parents, a mutation that drew no gene, a shrink that `grow_only` turned back
+    or a shape the constraints refused all make a clone, which spends an interval training what
+    the donor already trains) `source` with one gene, drawn uniformly, mutated polynomially, up to
+    `tries_per_gene` draws per gene until it differs (a donor at the top of its shape has few genes
+    that can still move). With `grow_only` that gene, if it is an architecture gene, only
+    moves up (`mut_polynomial(grow=True)`), so the redraw is a growth or a change of another gene,
+    never a shrink turned back into a clone; a clone is left only when no gene can move."""
     n = len(space.genes)
-    for _ in range(tries):
-        if child.values != source.values or child != source:   # (gene values are never NaN)
-            return child
-        child = mut_polynomial(source, space, rng, only=int(rng.integers(n)))
-    return child
+    genome = inside(space, child, source, grow_only)
+    for _ in range(tries_per_gene * n):
+        if not same_point(space, genome, source):
+            return genome
+        child = mut_polynomial(source, space, rng, only=int(rng.integers(n)), grow=grow_only)
+        genome = inside(space, child, source, grow_only)
+    return genome
+
+
+def same_point(space: SearchSpace, a: Genome, b: Genome, atol: float = 1e-9) -> bool:
+    """Whether `a` and `b` are one point of the space: equal coordinates up to float round-off
+    (a float gene encoded and decoded again, as crossover and mutation do for the genes they
+    leave alone, can come back a few ulps away, which `==` on genomes tells apart)."""
+    return bool(np.allclose(space.encode(a), space.encode(b), rtol=0.0, atol=atol))
 
 
 class GA(Strategy):

@@ -76,6 +76,7 @@ def mut_polynomial(
     eta: float = 20.0,
     probability: float | None = None,
     only: int | None = None,
+    grow: bool = False,
 ) -> Genome:
     """Polynomial bounded mutation (Deb; DEAP `mutPolynomialBounded`) on the normalised
     coordinates in [0, 1], each gene with probability `probability` (default 1/n).
@@ -83,7 +84,9 @@ def mut_polynomial(
     Larger `eta` gives smaller moves. An int gene whose move rounds back to the same value
     steps one grid value in the move's direction; a choice gene (unordered) takes another
     choice drawn uniformly. `only`: mutate gene `only` (an index into `space.genes`) and no
-    other, with no per-gene draw.
+    other, with no per-gene draw. `grow`: architecture genes only move up (a downward move is
+    mirrored upward; a choice gene takes a larger value drawn uniformly, and stays when it has
+    none), as `strategy.grow_only` asks of a child.
     """
     n = len(space.genes)
     indpb = 1.0 / n if probability is None else probability
@@ -94,13 +97,21 @@ def mut_polynomial(
                 continue
         elif rng.random() > indpb:  # DEAP: mutate when random() <= indpb
             continue
+        up = grow and gene.is_architecture
         if isinstance(gene, ChoiceGene):
-            if gene.size > 1:
+            current = gene.decode(x[i])
+            if up:
+                larger = [j for j in range(gene.size) if gene.value_at(j) > current]
+                if larger:
+                    x[i] = gene.encode_index(larger[int(rng.integers(len(larger)))])
+            elif gene.size > 1:
                 j = int(rng.integers(gene.size - 1))
                 current = gene.index(gene.decode(x[i]))
                 x[i] = gene.encode_index(j if j < current else j + 1)
             continue
         new = _polynomial(x[i], eta, rng)
+        if up and new < x[i]:
+            new = min(2.0 * x[i] - new, 1.0)
         if isinstance(gene, IntGene):
             old = gene.decode(x[i])
             if gene.decode(new) == old and new != x[i]:

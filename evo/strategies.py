@@ -70,7 +70,8 @@ class StrategyConfig:
         "receiver (0: none)"))] = GRACE_DEFAULT
     grow_only: Annotated[StrictBool, Field(description=(
         "ga/nsga2: a child's architecture genes never go below those of the parent whose weights it "
-        "takes (a proposed shrink keeps that parent's shape), so every shape change is a "
+        "takes (a gene proposed below keeps that parent's value, and a child that would be the parent "
+        "again grows or changes another gene instead), so every shape change is a "
         "function-preserving growth"))] = False
     merge: Annotated[StrictBool, Field(description=(
         "ga/nsga2: a crossover whose parents and child share the architecture merges the "
@@ -175,11 +176,14 @@ def inside(space: SearchSpace, candidate: Genome, fallback: Genome, grow_only: b
 
     `space.clip` first; if a constraint still fails (e.g. heads no longer divide the width),
     the architecture genes come from `fallback` (a genome already in the space, usually the
-    donor's), and in the last resort `fallback` itself. With `grow_only`, a result with any
-    architecture gene below `fallback`'s takes `fallback`'s architecture genes instead (the
-    other genes kept): every shape change is then a growth.
+    donor's), and in the last resort `fallback` itself. With `grow_only`, an architecture gene
+    below `fallback`'s is put back at `fallback`'s value (the growth of the other genes kept);
+    if the constraints then still ask for a shrink, all the architecture genes are `fallback`'s
+    (the other genes kept): every shape change is then a growth.
     """
     genome = candidate if space.contains(candidate) else space.clip(candidate)   # clip: the identity inside
+    if grow_only and _shrinks(genome, fallback):   # each shrunk gene back at fallback's value
+        genome = space.clip(genome.replace({p: v for p, v in fallback.architecture().items() if genome[p] < v}))
     if (genome is candidate or space.contains(genome)) and not (grow_only and _shrinks(genome, fallback)):
         return genome
     genome = space.clip(candidate.replace(fallback.architecture()))

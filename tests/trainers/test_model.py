@@ -294,3 +294,16 @@ def test_the_model_file_holds_only_the_model():
                                                         "pydantic", "trainers"}
     assert {name for name in modules if name.startswith("trainers")} == {"trainers"}   # the shape rules only
     assert "autograd.Function" not in source
+
+
+def test_rms_norm_fused_formula_is_the_plain_one():
+    """On CUDA RMSNorm runs torch's fused F.rms_norm (one kernel); the formula must be InternLM2's
+    x * rsqrt(mean(x^2) + eps) * weight. Checked here on CPU tensors, where both can run."""
+    from trainers.model import RMSNorm
+    g = torch.Generator().manual_seed(0)
+    norm = RMSNorm(24, eps=1e-6)
+    with torch.no_grad():
+        norm.weight.copy_(torch.rand(24, generator=g) + 0.5)
+    x = torch.randn(3, 5, 24, generator=g) * 3
+    fused = norm.weight * torch.nn.functional.rms_norm(x, (24,), eps=1e-6)
+    torch.testing.assert_close(fused, norm(x), rtol=1e-6, atol=1e-6)
