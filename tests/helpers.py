@@ -4,6 +4,7 @@ from __future__ import annotations
 import json
 import os
 import secrets
+import shutil
 import signal
 import socket
 import subprocess
@@ -167,6 +168,7 @@ class RayHead:
                 os.killpg(self.proc.pid, signal.SIGKILL)
                 self.proc.wait()
         self.log.close()
+        shutil.rmtree(self.temp_dir, ignore_errors=True)   # the cluster's session files and sockets
 
 
 def sigterm_at_round(store, round: int, timeout: float) -> "threading.Thread":
