@@ -1,7 +1,8 @@
 """Does searching the architecture beat training fixed shapes, at the same number of optimizer steps?
 
 Three variants of `experiments/arch_search.yaml` (NSGA-II over val_bpb and parameters), per seed,
-each the real driver on real member actors in one local Ray session:
+each the real driver on real member actors in one Ray session (a local one of its own, or the
+cluster RAY_ADDRESS names):
 
 - search:  the config as shipped: depth, width with heads (fixed head_dim), kv heads and FFN
            size are genes under the parameter budget, next to train.lr;
@@ -146,7 +147,8 @@ def main() -> None:
             runs += [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
     else:
         log.write_text("")
-        os.environ["RAY_ADDRESS"] = "local"     # a private local Ray, never another session's cluster
+        # the cluster RAY_ADDRESS names, else a private local Ray (never one a `ray start` left behind)
+        os.environ["RAY_ADDRESS"] = os.environ.get("RAY_ADDRESS") or "local"
         cluster = connect(Quiet())
         try:
             with tempfile.TemporaryDirectory(prefix="evo-arch-bench-") as tmp:

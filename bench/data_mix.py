@@ -36,6 +36,10 @@ sys.path.insert(0, str(REPO))  # run from a checkout without installing
 CONFIG = REPO / "experiments" / "data_mix.yaml"
 FIXED = (0, 25, 50, 75, 100)
 SMALL = dict(seeds=1, fixed=(0, 100), total_steps=20, interval_steps=10, size=2)
+# the smoke setting's model and data: the code paths of the full one at a fraction of its compute
+SMALL_SET = ["data.seq_len=32", "data.max_bytes=100000", "data.eval_batches=2", "data.eval_batch_size=4",
+             "train.batch_size=4", "train.warmup_steps=2", "model.hidden_size=32", "model.num_hidden_layers=1",
+             "model.intermediate_size=64"]
 
 
 def arm_overrides(arm: str) -> list[str]:
@@ -52,7 +56,7 @@ def run_arm(arm: str, seed: int, storage: Path, args: argparse.Namespace) -> dic
            "--set", f"seed={seed}", "--set", f"population.total_steps={args.total_steps}",
            "--set", f"population.interval_steps={args.interval_steps}", "--set", f"population.size={args.size}",
            "--set", "logging.wandb.mode=disabled", "--set", "logging.optuna=false"]
-    for s in arm_overrides(arm):
+    for s in [*arm_overrides(arm), *args.set]:
         cmd += ["--set", s]
     t0 = time.perf_counter()
     proc = subprocess.run(cmd, capture_output=True, text=True, cwd=REPO)
@@ -131,10 +135,12 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--total-steps", type=int, default=300)
     ap.add_argument("--interval-steps", type=int, default=50)
     ap.add_argument("--size", type=int, default=4)
-    ap.add_argument("--small", action="store_true", help="smoke setting: 1 seed, evolved vs 0 %% and 100 %%, 20 steps")
+    ap.add_argument("--small", action="store_true",
+                    help="smoke setting: 1 seed, evolved vs 0 %% and 100 %%, 20 steps, a tiny model on 100 kB")
     ap.add_argument("--out", type=Path, default=REPO / "bench" / "figures")
     ap.add_argument("--storage", type=Path, default=None, help="run store root (default: a temporary folder)")
     args = ap.parse_args(argv)
+    args.set = SMALL_SET if args.small else []
     fixed = FIXED
     if args.small:
         args.seeds, args.total_steps, args.interval_steps, args.size = (
@@ -156,7 +162,7 @@ def main(argv: list[str] | None = None) -> int:
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "data_mix.json").write_text(json.dumps(
         {"arms": arms, "seeds": seeds, "total_steps": args.total_steps, "interval_steps": args.interval_steps,
-         "size": args.size, "rows": rows, "best_fixed": summary["best_fixed"], "goal_met": summary["goal_met"],
+         "size": args.size, "set": args.set, "rows": rows, "best_fixed": summary["best_fixed"], "goal_met": summary["goal_met"],
          "stats": {k: list(v) for k, v in summary["stats"].items()}}, indent=1))
     plot(rows, arms, summary["stats"], args.out / "data_mix.png")
     print(f"plot: {args.out / 'data_mix.png'}")

@@ -4,6 +4,7 @@ from __future__ import annotations
 import json
 import os
 import secrets
+import shutil
 import signal
 import socket
 import subprocess
@@ -108,7 +109,9 @@ def proc_title(pid: int) -> str:
 
 
 class RayHead:
-    """A real `ray start --head --block` on loopback with token authentication, owned by one test.
+    """A real `ray start --head --block` on loopback with token authentication, owned by one test
+    module (or package): `ray job submit` goes to ``address``; an `evo run` given ``driver_env``
+    joins it through RAY_ADDRESS, as a driver on a cluster does, and pays no Ray start of its own.
 
     The token lives in the test's own directory (RAY_AUTH_TOKEN_PATH) so ~/.ray is untouched;
     stopping it is SIGTERM to the blocking process, which takes the whole cluster down.
@@ -123,6 +126,8 @@ class RayHead:
         self.gcs_port = free_port()
         self.dashboard_port = free_port()
         self.address = f"http://127.0.0.1:{self.dashboard_port}"
+        # what a driver on the cluster is given (RAY_ADDRESS, as `ray job submit` sets it), token auth on
+        self.driver_env = dict(self.env, RAY_ADDRESS=f"127.0.0.1:{self.gcs_port}")
         temp_dir = Path(f"/tmp/evo-ray-{os.getpid()}-{secrets.token_hex(3)}")
         temp_dir.mkdir()
         self.temp_dir = temp_dir
@@ -163,6 +168,7 @@ class RayHead:
                 os.killpg(self.proc.pid, signal.SIGKILL)
                 self.proc.wait()
         self.log.close()
+        shutil.rmtree(self.temp_dir, ignore_errors=True)   # the cluster's session files and sockets
 
 
 def sigterm_at_round(store, round: int, timeout: float) -> "threading.Thread":

@@ -1,6 +1,6 @@
 """bench/arch_search.py --small: the table is complete and well formed, every variant ran the same
 optimizer steps, the JSON and the plot are written. A smoke test of the benchmark's code paths
-(real driver, real members, one local Ray); it never looks at how long anything took."""
+(real driver, real members, joined to the package's `ray start --head`); it never looks at how long anything took."""
 from __future__ import annotations
 
 import json
@@ -16,10 +16,10 @@ VARIANTS = ["search", "base", "largest"]
 
 
 @pytest.mark.slow
-def test_small_setting_prints_every_row_and_writes_the_plot(tmp_path):
+def test_small_setting_prints_every_row_and_writes_the_plot(tmp_path, ray_head):
     out = tmp_path / "out"
     proc = subprocess.run([sys.executable, str(REPO / "bench" / "arch_search.py"), "--small", "--out", str(out)],
-                          capture_output=True, text=True, timeout=600, cwd=REPO)
+                          capture_output=True, text=True, timeout=600, cwd=REPO, env=ray_head.driver_env)
     assert proc.returncode == 0, proc.stderr[-2000:]
     lines = proc.stdout.splitlines()
     assert lines[0].startswith("workload: arch_search.yaml, 3 members x 4 steps, interval 2, start ")

@@ -18,11 +18,11 @@ pytestmark = pytest.mark.slow
 ARMS = ["evolved", "0", "100"]
 
 
-def test_small_setting_prints_every_arm_and_writes_the_plot(tmp_path):
+def test_small_setting_prints_every_arm_and_writes_the_plot(tmp_path, ray_head):
     out = tmp_path / "out"
     proc = subprocess.run([sys.executable, str(REPO / "bench" / "data_mix.py"), "--small", "--out", str(out),
                            "--storage", str(tmp_path / "runs")],
-                          capture_output=True, text=True, timeout=600, cwd=REPO)
+                          capture_output=True, text=True, timeout=600, cwd=REPO, env=ray_head.driver_env)
     assert proc.returncode == 0, proc.stderr[-2000:] + proc.stdout[-2000:]
     lines = proc.stdout.splitlines()
     header = next(i for i, line in enumerate(lines) if line.startswith("arm "))

@@ -1,8 +1,8 @@
 """Every shipped config (experiments/*.yaml) loads as written and runs to the end on CPU when
 scaled down with overrides: its strategy, genes, mode and storage kind, only smaller.
 
-All searches share one Ray session (starting Ray is the slow part); each one is the real driver
-on real member actors.
+All searches share the session's one Ray (tests/conftest.py's ``ray_local``: starting Ray is the slow
+part); each one is the real driver on real member actors.
 """
 from __future__ import annotations
 
@@ -10,7 +10,6 @@ import json
 from pathlib import Path
 
 import pytest
-import ray
 import yaml
 
 from experiments.config import SEARCH_CONSTRAINTS, build_setup, config_to_dict, load_config
@@ -55,17 +54,8 @@ def test_config_loads_as_written(path: Path):
     assert len(build_setup(cfg).space) >= 1
 
 
-@pytest.fixture(scope="module")
-def ray_session():
-    if ray.is_initialized():  # another module's session-wide instance: start a fresh one of our own
-        ray.shutdown()
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, configure_logging=False)
-    yield
-    ray.shutdown()
-
-
 @pytest.mark.parametrize("path", CONFIGS, ids=lambda p: p.stem)
-def test_config_runs_scaled_down(path: Path, tmp_path_factory, ray_session):
+def test_config_runs_scaled_down(path: Path, tmp_path_factory, ray_local):
     tmp = tmp_path_factory.mktemp(path.stem)
     # the cluster config's storage is a URI: keep it one (on a temporary directory)
     storage = f"file://{tmp / 'runs'}" if "://" in load_config(path).storage else str(tmp / "runs")
@@ -108,7 +98,7 @@ def alive_state(storage: str, name: str) -> list[dict]:
     return [m for m in RunStore(storage, name).read_state()["members"] if m["alive"]]
 
 
-def test_a_failing_fitness_function_marks_the_evaluation_not_the_run(tmp_path_factory, ray_session):
+def test_a_failing_fitness_function_marks_the_evaluation_not_the_run(tmp_path_factory, ray_local):
     """A fitness.function that raises on some members: each such evaluation's score is nan with
     one line naming the function (printed, kept in the state), the run finishes, nobody died."""
     import io

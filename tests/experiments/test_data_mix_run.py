@@ -9,7 +9,6 @@ import os
 from pathlib import Path
 
 import pytest
-import ray
 import torch
 from rich.console import Console
 
@@ -65,14 +64,10 @@ def table(state: dict) -> list[tuple]:
 
 
 @pytest.fixture(scope="module")
-def reference(tmp_path_factory):
-    if ray.is_initialized():
-        ray.shutdown()
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, configure_logging=False)
+def reference(tmp_path_factory, ray_local):
+    """The uninterrupted run, on the session's Ray (tests/conftest.py)."""
     tmp = tmp_path_factory.mktemp("mix")
-    summary = run_search(setup(tmp, "ref"), console=quiet())
-    yield tmp, summary
-    ray.shutdown()
+    return tmp, run_search(setup(tmp, "ref"), console=quiet())
 
 
 def test_an_exploit_takes_the_donors_mix_and_the_checkpoint_trains_on_it(reference):

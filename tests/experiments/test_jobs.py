@@ -54,7 +54,8 @@ def test_job_runs_to_completion(head, tmp_path):
 
 def test_job_stopped_then_resubmitted_resumes(head, tmp_path):
     storage = tmp_path / "runs"
-    overrides = TINY + ["population.total_steps=600", "population.interval_steps=20"]
+    # 30 short rounds: a window of some seconds to stop the job in, then the rest after the resubmit
+    overrides = TINY + ["population.total_steps=300", "population.interval_steps=10"]
     cmd = ["--working-dir", str(REPO), "--", "evo", "run", QUICKSTART,
            "--storage", str(storage), "--name", "job2", *set_args(overrides)]
     r = head.job("submit", "--no-wait", *cmd)
@@ -88,7 +89,7 @@ def test_job_stopped_then_resubmitted_resumes(head, tmp_path):
     final = evo_status(storage, "job2", head.env)
     assert final["status"] == "finished" and final["round"] == 30
     assert sorted(m["id"] for m in final["members"]) == [0, 1]
-    assert all(m["alive"] and m["step"] == 600 for m in final["members"])
+    assert all(m["alive"] and m["step"] == 300 for m in final["members"])
     rounds = [rec["round"] for rec in read_lineage(storage / "job2") if rec["event"] != "born"]
     # Lineage continues without a gap or a repeated round across the stop.
     assert rounds == sorted(rounds)

@@ -14,7 +14,10 @@ and the files of the run store — with no hook in evo:
 
 At the moment of observation the driver is stopped (SIGSTOP), the point checked again (the round
 not committed meanwhile), and only then SIGKILLed; a missed point lets it go on (SIGCONT) to the
-next round. The uninterrupted reference run is made once for the module.
+next round. The uninterrupted reference run is made once for the module. One run is killed at all
+three points in turn, each kill in the run the same command resumed after the one before (an
+exploit first, in the fresh run: a resumed run's members load their checkpoints with the methods
+an exploit calls), and must still end equal to the reference.
 """
 from __future__ import annotations
 
@@ -71,7 +74,21 @@ def _at(point: str, titles: list[str]) -> bool:
     return any(t.split(".", 1)[-1].startswith(POINTS[point]) for t in titles)
 
 
-def _observe(point: str, store: RunStore, run_dir: Path, pids: list[int]) -> tuple[int, list[str]] | None:
+def _next_checkpoints(run_dir: Path, r: int, since: float) -> list[str]:
+    """Round ``r + 1``'s checkpoint files written since ``since`` (this driver's: not ones an
+    earlier killed driver left behind)."""
+    names = []
+    for p in run_dir.glob(f"checkpoints/m*/r{r + 1}.pt*"):
+        try:
+            if p.stat().st_mtime >= since:
+                names.append(p.name)
+        except FileNotFoundError:   # a temporary file renamed meanwhile
+            pass
+    return sorted(names)
+
+
+def _observe(point: str, store: RunStore, run_dir: Path, pids: list[int],
+             since: float) -> tuple[int, list[str]] | None:
     """(the committed round, the members' titles) if the run is at ``point`` now, else None."""
     titles = [proc_title(p) for p in pids]
     if point != "commit" and not _at(point, titles):
@@ -79,12 +96,12 @@ def _observe(point: str, store: RunStore, run_dir: Path, pids: list[int]) -> tup
     r = _committed_round(store)
     if r < 1 or r >= ROUNDS - 1:
         return None
-    if point == "commit" and not list(run_dir.glob(f"checkpoints/m*/r{r + 1}.pt*")):
+    if point == "commit" and not _next_checkpoints(run_dir, r, since):
         return None
     return r, titles
 
 
-def _kill_at(point: str, proc: subprocess.Popen, storage: Path, name: str, mark: str) -> dict:
+def _kill_at(point: str, proc: subprocess.Popen, storage: Path, name: str, mark: str, since: float) -> dict:
     """SIGKILL the driver at ``point``; returns what was seen at the kill."""
     store, run_dir = RunStore(storage, name), storage / name
     deadline = time.time() + 300
@@ -94,7 +111,7 @@ def _kill_at(point: str, proc: subprocess.Popen, storage: Path, name: str, mark:
             pids = sorted(member_processes(mark))
             time.sleep(0.01)
             continue
-        seen = _observe(point, store, run_dir, pids)
+        seen = _observe(point, store, run_dir, pids, since)
         if seen is None:
             time.sleep(0.001)
             continue
@@ -102,40 +119,47 @@ def _kill_at(point: str, proc: subprocess.Popen, storage: Path, name: str, mark:
         r, titles = seen
         if _committed_round(store) == r:
             os.kill(proc.pid, signal.SIGKILL)
-            return {"round": r, "titles": titles,
-                    "checkpoints": sorted(p.name for p in run_dir.glob(f"checkpoints/m*/r{r + 1}.pt*"))}
+            return {"round": r, "titles": titles, "checkpoints": _next_checkpoints(run_dir, r, since)}
         os.kill(proc.pid, signal.SIGCONT)
     return {}
 
 
-@pytest.mark.parametrize("point", ["training", "commit", "exploit"])
-def test_sigkill_then_same_command_equals_uninterrupted(reference, point):
-    storage, env, ref_status, ref_lineage = reference
-    name = f"killed-{point}"
-    mark = f"EVO_TEST_KILL_RESUME={name}-{os.getpid()}"
-    env = dict(env, EVO_TEST_KILL_RESUME=mark.split("=", 1)[1])
+# the order one run meets the points in: an exploit in the fresh run, then a commit and training,
+# each in the run the same command resumed after the kill before
+POINT_ORDER = ("exploit", "commit", "training")
 
-    log_path = storage.parent / f"{name}.log"
-    with open(log_path, "w") as log:
-        proc = subprocess.Popen(_run(storage, name), env=env, stdout=log, stderr=subprocess.STDOUT,
-                                start_new_session=True)
-        seen = _kill_at(point, proc, storage, name, mark)
-        if not seen and proc.poll() is None:
-            os.kill(proc.pid, signal.SIGKILL)
-        proc.wait(timeout=60)
-        # Whatever the driver had started (its local Ray) goes with it; clean up stragglers in its session.
-        try:
-            os.killpg(proc.pid, signal.SIGKILL)
-        except ProcessLookupError:
-            pass
-    assert seen, f"never observed the run at {point}:\n" + log_path.read_text()[-3000:]
-    assert proc.returncode == -signal.SIGKILL
-    if point == "commit":
-        assert seen["checkpoints"], seen
-    else:
-        assert _at(point, seen["titles"]), seen
-    mid = evo_status(storage, name, env)
-    assert mid["round"] == seen["round"] < ROUNDS and mid["status"] in ("running", "interrupted")
+
+def test_sigkill_at_each_point_then_same_command_equals_uninterrupted(reference):
+    storage, env, ref_status, ref_lineage = reference
+    name = "killed"
+    kills = []
+    for point in POINT_ORDER:
+        # this driver's members are told from the killed drivers' by a mark of their own
+        mark = f"EVO_TEST_KILL_RESUME={name}-{point}-{os.getpid()}"
+        point_env = dict(env, EVO_TEST_KILL_RESUME=mark.split("=", 1)[1])
+        log_path = storage.parent / f"{name}-{point}.log"
+        with open(log_path, "w") as log:
+            since = time.time() - 1.0   # file times may be coarser than the clock
+            proc = subprocess.Popen(_run(storage, name), env=point_env, stdout=log, stderr=subprocess.STDOUT,
+                                    start_new_session=True)
+            seen = _kill_at(point, proc, storage, name, mark, since)
+            if not seen and proc.poll() is None:
+                os.kill(proc.pid, signal.SIGKILL)
+            proc.wait(timeout=60)
+            # Whatever the driver had started (its local Ray) goes with it; clean up stragglers in its session.
+            try:
+                os.killpg(proc.pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+        assert seen, f"never observed the run at {point}:\n" + log_path.read_text()[-3000:]
+        assert proc.returncode == -signal.SIGKILL, point
+        if point == "commit":
+            assert seen["checkpoints"], seen
+        else:
+            assert _at(point, seen["titles"]), seen
+        mid = evo_status(storage, name, env)
+        assert mid["round"] == seen["round"] < ROUNDS and mid["status"] in ("running", "interrupted"), (point, mid)
+        kills.append((point, seen))
 
     again = subprocess.run(_run(storage, name), env=env, capture_output=True, text=True, timeout=600)
     assert again.returncode == 0, again.stdout[-3000:] + again.stderr[-3000:]
@@ -145,5 +169,6 @@ def test_sigkill_then_same_command_equals_uninterrupted(reference, point):
     assert resumed["round"] == ref_status["round"] == ROUNDS
     assert _fitness_table(resumed) == _fitness_table(ref_status)
     assert comparable_lineage(read_lineage(storage / name)) == comparable_lineage(ref_lineage)
-    print(f"{point}: killed at committed round {seen['round']}, titles {seen['titles']}, "
-          f"next round's checkpoints on disk {seen['checkpoints']}")
+    for point, seen in kills:
+        print(f"{point}: killed at committed round {seen['round']}, titles {seen['titles']}, "
+              f"next round's checkpoints on disk {seen['checkpoints']}")

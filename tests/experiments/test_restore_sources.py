@@ -5,6 +5,7 @@ too it is re-cloned from a donor, and the lineage says which."""
 from __future__ import annotations
 
 import os
+import shutil
 import signal
 import subprocess
 import time
@@ -54,15 +55,26 @@ def _kill_in_first_publish(cmd: list[str], env: dict, mark: str, member_dir: Pat
     return proc.returncode, out, killed is not None
 
 
-@pytest.mark.parametrize("source", ["checkpoint", "donor"])
-def test_member_killed_after_a_resume_comes_back_from_its_checkpoint_else_a_donor(tmp_path, source):
-    env = evo_env(tmp_path / "cache")
-    storage, name = tmp_path / "runs", "run"
-    first = subprocess.run([EVO, "run", QUICKSTART, "--storage", str(storage), "--name", name, *set_args(TINY)],
+@pytest.fixture(scope="module")
+def first_run(tmp_path_factory) -> tuple[Path, dict]:
+    """The finished run both cases resume (made once for the module; each case resumes a copy):
+    (its run directory, the environment with its token cache)."""
+    root = tmp_path_factory.mktemp("restore_sources")
+    env = evo_env(root / "cache")
+    storage = root / "runs"
+    first = subprocess.run([EVO, "run", QUICKSTART, "--storage", str(storage), "--name", "run", *set_args(TINY)],
                            env=env, capture_output=True, text=True, timeout=600)
     assert first.returncode == 0, first.stdout[-3000:] + first.stderr[-3000:]
+    return storage / "run", env
+
+
+@pytest.mark.parametrize("source", ["checkpoint", "donor"])
+def test_member_killed_after_a_resume_comes_back_from_its_checkpoint_else_a_donor(first_run, tmp_path, source):
+    run_dir, env = first_run
+    storage, name = tmp_path / "runs", "run"
+    shutil.copytree(run_dir, storage / name)   # the run store is a directory: a copy is the same run
     before = evo_status(storage, name, env)
-    assert before["round"] == STEPS // 10
+    assert before["status"] == "finished" and before["round"] == STEPS // 10
 
     mark = f"EVO_TEST_RESTORE={source}-{os.getpid()}"
     env = dict(env, EVO_TEST_RESTORE=mark.split("=", 1)[1])

@@ -1,11 +1,9 @@
-"""A real local Ray (2 CPUs) for the session, and tiny search setups built without experiments/."""
+"""Tiny search setups built without experiments/ (the session's real local Ray, ``ray_local``, and its
+token cache, ``cache_dir``, are tests/conftest.py's)."""
 from __future__ import annotations
 
 import dataclasses
-import os
 
-import pytest
-import ray
 import torch
 
 from evo.space import SearchSpace
@@ -46,28 +44,6 @@ def assert_same_state(a: dict, b: dict) -> None:
         assert torch.equal(ta[key], tb[key]), key
     assert a["step"] == b["step"]
     assert a["model_config"] == b["model_config"]
-
-
-@pytest.fixture(scope="session")
-def cache_dir(tmp_path_factory):
-    """A token cache of the session's own (EVO_CACHE_DIR is set before ray.init: workers inherit it)."""
-    path = str(tmp_path_factory.mktemp("token-cache"))
-    previous = os.environ.get("EVO_CACHE_DIR")
-    os.environ["EVO_CACHE_DIR"] = path
-    yield path
-    if previous is None:
-        os.environ.pop("EVO_CACHE_DIR", None)
-    else:
-        os.environ["EVO_CACHE_DIR"] = previous
-
-
-@pytest.fixture(scope="session")
-def ray_local(cache_dir):
-    if ray.is_initialized():
-        ray.shutdown()
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
-    yield
-    ray.shutdown()
 
 
 def tiny_parts(cache_dir: str) -> tuple[InternLM2Config, TrainConfig, DataConfig]:

@@ -181,15 +181,14 @@ def test_resume_with_a_larger_budget_continues_the_rounds(ray_local, cache_dir, 
     assert rounds == sorted(rounds)
 
 
-def test_conflicting_config_is_refused_and_the_run_is_untouched(ray_local, cache_dir, tmp_path):
-    run_search(make_setup(tmp_path, "fixed", cache_dir, size=2, interval=5, total=5), console=_quiet())
-    before = _files(tmp_path / "fixed")
+def test_conflicting_config_is_refused_and_the_run_is_untouched(reference, cache_dir):
+    storage, _ = reference
+    before = _files(storage / "ref")
     with pytest.raises(ConfigConflictError) as err:
-        run_search(make_setup(tmp_path, "fixed", cache_dir, size=2, interval=5, total=5, strategy="random"),
-                   console=_quiet())
-    assert str(err.value) == ("config conflicts with stored run 'fixed': "
+        run_search(_reference(storage, "ref", cache_dir, strategy="random"), console=_quiet())
+    assert str(err.value) == ("config conflicts with stored run 'ref': "
                               "strategy.name is 'random' here but 'pbt' in the run")
-    assert _files(tmp_path / "fixed") == before
+    assert _files(storage / "ref") == before
 
 
 def test_a_population_that_does_not_fit_is_refused_at_once(ray_local, cache_dir, tmp_path):

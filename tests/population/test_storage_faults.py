@@ -1,7 +1,7 @@
-"""Storage faults under a real ``evo run`` (its own local Ray, real files): a damaged checkpoint or
-state file is found by its checksum and the run resumes from the commit before it, with one
-warning line; with no intact commit, and when a write fails, the run stops with one line and the
-last commit stays as it was."""
+"""Storage faults under a real ``evo run`` (joined to a real `ray start --head`, real files): a
+damaged checkpoint or state file is found by its checksum and the run resumes from the commit
+before it, with one warning line; with no intact commit, and when a write fails, the run stops
+with one line and the last commit stays as it was."""
 from __future__ import annotations
 
 import hashlib
@@ -14,6 +14,8 @@ import uuid
 from pathlib import Path
 
 import pytest
+
+from tests.helpers import RayHead
 
 REPO = Path(__file__).resolve().parents[2]
 TINY = [
@@ -49,10 +51,14 @@ def histories(st: dict) -> dict[int, list]:
 
 @pytest.fixture(scope="module")
 def env(tmp_path_factory) -> dict[str, str]:
+    """Every run of the module joins one real `ray start --head` (loopback, token auth on) through
+    RAY_ADDRESS, as a run on a cluster does: the storage is under test here, not Ray's start."""
     e = {k: v for k, v in os.environ.items() if k not in ("RAY_ADDRESS", "EVO_DEBUG")}
     e.update(EVO_CACHE_DIR=str(tmp_path_factory.mktemp("cache")), WANDB_MODE="disabled",
              RAY_USAGE_STATS_ENABLED="0", PYTHONWARNINGS="ignore")
-    return e
+    head = RayHead(tmp_path_factory.mktemp("rayhead"), e)
+    yield head.driver_env
+    head.stop()
 
 
 @pytest.fixture(scope="module")
