@@ -146,7 +146,6 @@ def test_sigterm_stops_at_a_committed_round_and_resume_equals_uninterrupted(refe
     store = RunStore(storage, "stopped")
 
     watcher = sigterm_at_round(store, 2, timeout=120)
-    t0 = time.time()
     stopped = run_search(_reference(storage, "stopped", cache_dir), console=_quiet())
     watcher.join()
     assert stopped["status"] == "stopped", "the signal arrived after the run finished"
@@ -155,7 +154,6 @@ def test_sigterm_stops_at_a_committed_round_and_resume_equals_uninterrupted(refe
     assert len(_lineage(storage / "stopped")) >= state["lineage_count"]
     assert not (storage / "stopped" / "lock.json").exists()
     assert run_status(str(storage), "stopped")["status"] == "stopped"
-    assert time.time() - t0 < 120
 
     resumed = run_search(_reference(storage, "stopped", cache_dir), console=_quiet())
     assert resumed["status"] == "finished" and resumed["round"] == ROUNDS
@@ -192,10 +190,11 @@ def test_conflicting_config_is_refused_and_the_run_is_untouched(reference, cache
 
 
 def test_a_population_that_does_not_fit_is_refused_at_once(ray_local, cache_dir, tmp_path):
-    t0 = time.time()
+    """Refused before anything starts (no run directory, no member waiting for CPUs that never
+    come: a wait would hang until the suite's timeout), with the fix named."""
     with pytest.raises(ResourceFitError) as err:
         run_search(make_setup(tmp_path, "big", cache_dir, size=4, num_cpus=2.0), console=_quiet())
-    assert time.time() - t0 < 30
+    assert not (tmp_path / "big").exists()
     assert str(err.value) == ("population of 4 members × 2.0 CPU does not fit this cluster (2.0 CPUs): "
                               "use population.resources.num_cpus: 0.5")
     with pytest.raises(ResourceFitError, match=r"num_cpus: 0\.66 or population\.size: 2"):
