@@ -96,6 +96,11 @@ class MemberRecord:
 
 
 _FIELDS = tuple(f.name for f in dataclasses.fields(MemberRecord))
+CHAIN = 16   # commits written as deltas of the last before the whole state is written again
+# the member fields a delta compares: by value (scalars), by identity (replaced, never changed in place)
+_BY_VALUE = ("age", "alive", "checkpoint", "checkpoint_sha256", "intervals", "parent", "seed", "since_change", "step")
+_BY_IDENTITY = ("genome", "objectives", "schedule")
+_COLUMNS = (*_BY_VALUE, *_BY_IDENTITY, "id")
 _encode = json.JSONEncoder(sort_keys=True).encode   # one encoder for thousands of records a round
 _SCALARS = frozenset({str, int, float, bool, type(None)})
 _encode_str = json.encoder.encode_basestring_ascii   # what the encoder above writes for a str
@@ -310,6 +315,8 @@ def settle_heap() -> None:
 class Records:
     """Every member's record, the run's counters and timing, the lineage not yet committed."""
 
+    chain = CHAIN   # deltas committed before the whole state again
+
     def __init__(self, setup: SearchSetup, store: RunStore, strategy: Strategy, num_threads: int) -> None:
         self.setup = setup
         self.store = store
@@ -342,6 +349,16 @@ class Records:
         # copy of thousands of records per round), as a dict when loaded from the store
         self.committed_members: dict[int, str | dict] = {}
         self._encoded: dict[int, _Encoded] = {}   # each member's committed text and its parts
+        # the last commit of this session: its pointer entry (what a delta names), the deltas
+        # written since the last whole state, and the member values committed, by reference
+        self._last: dict | None = None
+        self._chain = 0
+        self._base_ids: list[int] | None = None
+        self._cols: dict[str, list] | None = None
+        self._hist: list[list] = []
+        self._hist_len: list[int] = []
+        self._pos: dict[int, int] = {}
+        self._latencies: tuple[list, int] = ([], 0)
         self._genome_texts = _GenomeTexts()
         # Genome of a genome dict, by the dict's identity (the records replace genomes, never
         # change them in place); the dict is held, so its id is not reused while cached
@@ -503,6 +520,12 @@ class Records:
 
     def set_back(self, m: int) -> MemberRecord:
         """m's record as last committed (its state is that commit's checkpoint); returns it."""
+        if self._cols is not None:   # committed in this session: the values it committed
+            i = self._pos[m]
+            d = {f: self._cols[f][i] for f in _COLUMNS}
+            d["history"] = self._hist[i][:self._hist_len[i]]
+            self.members[m] = MemberRecord.from_dict(d)
+            return self.members[m]
         committed = self.committed_members[m]
         self.members[m] = MemberRecord.from_dict(json.loads(committed) if isinstance(committed, str) else committed)
         return self.members[m]
@@ -640,12 +663,19 @@ class Records:
     # -- commit --------------------------------------------------------------------------------
 
     def commit(self, round: int, steps_done: int, events: int | None = None) -> tuple[list[dict], list[dict]]:
-        """Append the pending lineage, commit state.json atomically, prune the checkpoints no
+        """Append the pending lineage, commit the state atomically, prune the checkpoints no
         record names. Returns (the committed member dicts, the lineage records committed).
 
+        The state is committed whole (every member's record; a run's first commit in a session,
+        and every CHAIN-th after) or as a delta of the last commit (``RunStore.commit_state``'s
+        ``delta_of``): the top-level keys, and of the members only the fields that changed
+        (compared with the values last committed, kept by reference: genomes, schedules and
+        objectives are replaced, never changed in place; a history is only appended to, so its
+        new evaluations are written), so a round's commit costs what changed, not the whole
+        population's histories again. A reader gets the whole state either way.
+
         The member dicts are views of the live records (not copies: thousands of members), to be
-        read before the records change again (the monitor's sinks copy what they keep); what
-        was committed stays as each member's JSON text (``committed_members``)."""
+        read before the records change again (the monitor's sinks copy what they keep)."""
         lineage, self.pending_lineage = self.pending_lineage, []
         if lineage:
             self.lineage_count = self.store.append_lineage(lineage)
@@ -658,14 +688,9 @@ class Records:
         self.round, self.steps_done = round, steps_done
         if events is not None:
             self.events = events
-        members = [self.members[m].fields() for m in self.ids]
-        if len(self._genome_texts.texts) > 8 * len(self.ids) + 64:   # genomes no record holds any more
-            self._genome_texts = _GenomeTexts()
-        try:
-            encoded = [RawJSON(self._encode_member(self.members[m])) for m in self.ids]
-        except (TypeError, ValueError) as e:
-            raise StoreError(f"state is not JSON-serialisable: {str(e).splitlines()[0] if str(e) else e!r}") from e
-        state = {
+        recs = [self.members[m] for m in self.ids]
+        members = [r.fields() for r in recs]
+        top = {
             "version": STATE_VERSION,
             "name": self.setup.name,
             "status": "running",
@@ -679,7 +704,6 @@ class Records:
             "seed": self.setup.seed,
             "decay_steps": self.train.decay_steps,
             "num_threads": self.num_threads,
-            "members": encoded,
             "strategy": self.strategy.state_dict(),
             "lineage_count": self.lineage_count,
             "failures": self.failures,
@@ -691,14 +715,85 @@ class Records:
                        "slot_s": self.slot_s + session * self.slots, "member_cpu_s": self.cpu_s},
             "updated": time.time(),
         }
-        named = {r.checkpoint for r in self.members.values() if r.checkpoint}
-        self.store.commit_state(state, refs=named)
-        self.committed = state
-        self.committed_members = dict(zip(self.ids, encoded))
+        named = {r.checkpoint for r in recs if r.checkpoint}
+        if self._last is None or self._chain >= self.chain or self._base_ids != self.ids:
+            if len(self._genome_texts.texts) > 8 * len(self.ids) + 64:   # genomes no record holds any more
+                self._genome_texts = _GenomeTexts()
+            try:
+                encoded = [RawJSON(self._encode_member(rec)) for rec in recs]
+            except (TypeError, ValueError) as e:
+                raise StoreError(f"state is not JSON-serialisable: {str(e).splitlines()[0] if str(e) else e!r}") from e
+            state = dict(top, members=encoded)
+            self._last = self.store.commit_state(state, refs=named)
+            self._chain = 0
+        else:
+            delta = self._member_delta(recs)
+            body = dict(top)
+            lat = self.exploit_latencies
+            if lat is self._latencies[0] and len(lat) >= self._latencies[1]:
+                del body["exploit_latencies"]
+                delta["exploit_latencies_add"] = lat[self._latencies[1]:]
+            body["delta"] = delta
+            self._last = self.store.commit_state(body, refs=named, delta_of=self._last)
+            self._chain += 1
+        self.committed = top
+        self._remember(recs)
         # the store lists its checkpoints only now and then; it is told what was named since
         self.store.prune_checkpoints(named, new=self.named_checkpoints, background=True)
         self.named_checkpoints = set()
         return members, lineage
+
+    def _member_delta(self, recs: list[MemberRecord]) -> dict:
+        """What changed in the members since the last commit, as ``store.apply_delta`` reads it."""
+        n, ids, cols = len(recs), self.ids, self._cols
+        out: dict[str, Any] = {}
+        changes: dict[str, list] = {}
+
+        def spec(changed: list[int], new: list) -> list:
+            if len(changed) == n:
+                return [None, new]
+            return [[ids[i] for i in changed], [new[i] for i in changed]]
+
+        for f in _BY_VALUE:
+            new = [getattr(r, f) for r in recs]
+            changed = [i for i, a, b in zip(range(n), new, cols[f])
+                       if a is not b and (a != b or type(a) is not type(b))]
+            if changed:
+                changes[f] = spec(changed, new)
+        for f in _BY_IDENTITY:
+            new = [getattr(r, f) for r in recs]
+            changed = [i for i, a, b in zip(range(n), new, cols[f]) if a is not b]
+            if changed:
+                changes[f] = spec(changed, new)
+        added, replaced = [], []
+        for i, r, h, k in zip(range(n), recs, self._hist, self._hist_len):
+            now = r.history
+            if now is h and len(now) >= k:
+                if len(now) > k:
+                    added.append(i)
+            else:
+                replaced.append(i)
+        if changes:
+            out["members"] = changes
+        if added:
+            hl = self._hist_len
+            if len(added) == n:
+                out["history_add"] = [None, [r.history[k:] for r, k in zip(recs, hl)]]
+            else:
+                out["history_add"] = [[ids[i] for i in added], [recs[i].history[hl[i]:] for i in added]]
+        if replaced:
+            out["history"] = [[ids[i] for i in replaced], [recs[i].history for i in replaced]]
+        return out
+
+    def _remember(self, recs: list[MemberRecord]) -> None:
+        """The member values just committed, by reference (what the next delta compares with,
+        and what ``set_back`` returns to)."""
+        self._cols = {f: [getattr(r, f) for r in recs] for f in _COLUMNS}
+        self._hist = [r.history for r in recs]
+        self._hist_len = [len(h) for h in self._hist]
+        self._pos = {m: i for i, m in enumerate(self.ids)} if self._base_ids != self.ids else self._pos
+        self._base_ids = list(self.ids)
+        self._latencies = (self.exploit_latencies, len(self.exploit_latencies))
 
     def _encode_member(self, rec: MemberRecord) -> str:
         """``_encode(rec.fields())``, re-encoding only the parts that changed since the last commit."""
@@ -725,11 +820,18 @@ class Records:
             pass
 
     def mark(self, status: str) -> None:
-        """Commit the last committed state again with ``status`` (never a half round)."""
+        """Commit the last committed state again with ``status`` (never a half round): as a
+        delta of it that changes no member, once this session has committed."""
         if self.committed is None:
             return
         try:
-            self.store.commit_state(dict(self.committed, status=status, updated=time.time()))
+            if self._last is None:
+                self.store.commit_state(dict(self.committed, status=status, updated=time.time()))
+            else:
+                body = {k: v for k, v in self.committed.items() if k != "members"}
+                self._last = self.store.commit_state(dict(body, status=status, updated=time.time(), delta={}),
+                                                     delta_of=self._last)
+                self._chain += 1
             self.committed = dict(self.committed, status=status)
         except (StoreError, OSError):
             if status != "failed":

@@ -85,6 +85,7 @@ LINEAGE = "lineage.jsonl"
 CHECKPOINTS_DIR = "checkpoints"
 LOCK = "lock.json"
 
+MAX_CHAIN_READ = 1000          # deltas a reader follows back before it calls the chain broken
 KEEP_STATES = 3                # state bodies kept (and the checkpoints they name), so a reader that
                                # read state.json just before a commit still finds the body it names,
                                # and a resume can fall back to an older commit
@@ -215,18 +216,30 @@ class RunStore:
         return config
 
     # ------------------------------------------------------------------ state
-    def commit_state(self, state: dict, refs: Iterable[str] | None = None) -> None:
-        """Commit ``state`` (JSON: dict keys become strings) as the run's current state.
+    def commit_state(self, state: dict, refs: Iterable[str] | None = None,
+                     delta_of: dict | None = None) -> dict:
+        """Commit ``state`` (JSON: dict keys become strings) as the run's current state; returns
+        the pointer's entry for it ({"commit", "round", "file", "sha256", "needs"}).
 
         ``state["round"]`` must be a non-negative int. Atomic: a crash at any point leaves
         either the previous commit or this one (see the module docstring). ``refs``: every
         checkpoint path the state names, when the caller knows them (the driver: its members'
         checkpoints); else the body is searched for them.
+
+        ``delta_of``: the entry (as returned here) of the commit ``state`` is a delta of: the
+        body is then written as that delta (``state["delta"]``: what changed, see
+        ``apply_delta``), naming the body it applies to and its checksum; a reader rebuilds the
+        whole state from the last whole body and the deltas after it.
         """
         self._check_not_lost()
         rnd = state.get("round") if isinstance(state, dict) else None
         if isinstance(rnd, bool) or not isinstance(rnd, int) or rnd < 0:
             raise StoreError(f"state.round must be a non-negative int, got {rnd!r}")
+        needs: list[str] = []
+        if delta_of is not None:
+            needs = [*delta_of.get("needs", []), delta_of["file"]]
+            state = dict(state)
+            state["delta"] = dict(state.get("delta") or {}, of={k: delta_of[k] for k in ("commit", "file", "round", "sha256")})
         try:
             body = _encode_state(state)
         except (TypeError, ValueError) as e:
@@ -237,25 +250,36 @@ class RunStore:
         rel = f"{STATES_DIR}/{seq:06d}.json"
         self._write_bytes(rel, body)
         sha = hashlib.sha256(body).hexdigest()
-        self._body_refs[(rel, sha)] = frozenset(map(_clean_rel, refs)) if refs is not None else _refs_in(body)
+        if refs is not None:
+            self._body_refs[(rel, sha)] = frozenset(map(_clean_rel, refs))
+        elif delta_of is None:
+            self._body_refs[(rel, sha)] = _refs_in(body)
         pointer = {
             "commit": seq, "round": rnd, "file": rel, "bytes": len(body),
             "sha256": sha, "time": _iso(time.time()),
             "previous": [p for p in self._pointer_chain() if p["commit"] > seq - KEEP_STATES],
         }
+        if needs:
+            pointer["needs"] = needs
         self._write_bytes(STATE, json.dumps(pointer, sort_keys=True, indent=1).encode() + b"\n")
 
-        # housekeeping, safe because one driver writes: old bodies, and temporaries of
-        # commits that died (only commit_state writes these names)
+        # housekeeping, safe because one driver writes: old bodies no kept commit needs, and
+        # temporaries of commits that died (only commit_state writes these names)
+        needed = {rel, *needs}
+        for p in pointer["previous"]:
+            needed.add(p["file"])
+            needed.update(p.get("needs", []))
         for old in seqs:
-            if old <= seq - KEEP_STATES:
-                self._remove(f"{STATES_DIR}/{old:06d}.json")
+            name = f"{STATES_DIR}/{old:06d}.json"
+            if old <= seq - KEEP_STATES and name not in needed:
+                self._remove(name)
         if self._local:
             for directory, prefix in ((STATES_DIR, ""), ("", STATE + _TMP_MARK)):
                 folder = os.path.join(self._root, directory)
                 for entry in os.listdir(folder):
                     if _TMP_MARK in entry and entry.startswith(prefix):
                         self._remove(posixpath.join(directory, entry) if directory else entry)
+        return {"commit": seq, "round": rnd, "file": rel, "sha256": sha, "needs": needs, "bytes": len(body)}
 
     def read_state(self) -> dict | None:
         """The last committed state, or None when no round has been committed yet."""
@@ -264,9 +288,12 @@ class RunStore:
             if raw is None:
                 return None
             pointer = self._parse_pointer(raw)
-            if self._read_bytes(pointer["file"]) is None and self._read_bytes(STATE) != raw:
-                continue   # a commit in between pruned the body: follow the new pointer
-            return self._read_body(pointer)
+            try:
+                return self._read_body(pointer)
+            except CorruptRunError:
+                if self._read_bytes(STATE) != raw:
+                    continue   # a commit in between pruned a body it names: follow the new pointer
+                raise
         raise CorruptRunError(f"{self._uri(STATE)} kept changing while being read")
 
     def committed_states(self) -> Iterator[tuple[str, dict | CorruptRunError]]:
@@ -293,23 +320,46 @@ class RunStore:
             return []
         if pointer is None or not isinstance(pointer.get("commit"), int):
             return []
-        keys = ("commit", "file", "sha256", "round")
-        return [{k: pointer[k] for k in keys}, *pointer.get("previous", [])]
+        keys = ("commit", "file", "sha256", "round", "needs")
+        return [{k: pointer[k] for k in keys if k in pointer}, *pointer.get("previous", [])]
 
-    def _read_body(self, entry: dict) -> dict:
-        """The state body an entry of the pointer names, checked against its checksum."""
+    def _read_body(self, entry: dict, named_by: str = STATE) -> dict:
+        """The state an entry of the pointer names, checked against its checksum; a delta is
+        applied to the state it names (read and checked the same way), back to a whole body."""
+        chain: list[dict] = []
+        while True:
+            state = self._read_one(entry, named_by)
+            if not isinstance(state.get("delta"), dict):
+                break
+            chain.append(state)
+            of = state["delta"].get("of")
+            if not (isinstance(of, dict) and isinstance(of.get("file"), str) and isinstance(of.get("sha256"), str)
+                    and isinstance(of.get("round"), int)) or len(chain) > MAX_CHAIN_READ:
+                raise CorruptRunError(f"{self._uri(entry['file'])} is a delta that names no valid earlier state")
+            try:
+                of = dict(of, file=_clean_rel(of["file"]))
+            except StoreError:
+                raise CorruptRunError(f"{self._uri(entry['file'])} names {of['file']!r}, outside the run") from None
+            named_by, entry = entry["file"], of
+        for delta in reversed(chain):
+            state = apply_delta(state, delta)
+        return state
+
+    def _read_one(self, entry: dict, named_by: str) -> dict:
+        """One body file of the pointer (or of a delta), checked against its checksum."""
         where = self._uri(entry["file"])
         body = self._read_bytes(entry["file"])
         if body is None:
-            raise CorruptRunError(f"{self._uri(STATE)} names {entry['file']}, which is missing")
+            raise CorruptRunError(f"{self._uri(named_by) if named_by != STATE else self._uri(STATE)} names "
+                                  f"{entry['file']}, which is missing")
         if hashlib.sha256(body).hexdigest() != entry["sha256"]:
-            raise CorruptRunError(f"{where} does not match the checksum in {STATE} (truncated or edited)")
+            raise CorruptRunError(f"{where} does not match the checksum in {named_by} (truncated or edited)")
         try:
             state = json.loads(body)
         except ValueError as e:
             raise CorruptRunError(f"{where} is not valid JSON: {e}") from e
         if not isinstance(state, dict) or state.get("round") != entry["round"]:
-            raise CorruptRunError(f"{where} does not hold round {entry['round']} named by {STATE}")
+            raise CorruptRunError(f"{where} does not hold round {entry['round']} named by {named_by}")
         return state
 
     def _parse_pointer(self, raw: bytes) -> dict:
@@ -631,8 +681,8 @@ class RunStore:
             self._delete_error = e
 
     def _refs_of(self, entry: dict) -> frozenset[str]:
-        """The checkpoints the state body of a pointer entry names (read once per body; a body
-        that cannot be read names none)."""
+        """The checkpoints the state of a pointer entry names (read once per body; a body that
+        cannot be read names none; a delta's, from the whole state it stands for)."""
         key = (entry["file"], entry["sha256"])
         if key not in self._body_refs:
             try:
@@ -641,7 +691,14 @@ class RunStore:
                 body = None
             if body is None or hashlib.sha256(body).hexdigest() != entry["sha256"]:
                 return frozenset()   # not cached: it may still appear
-            self._body_refs[key] = _refs_in(body)
+            if _DELTA_MARK in body:
+                try:
+                    whole = self._read_body(entry)
+                except (CorruptRunError, OSError):
+                    return frozenset()
+                self._body_refs[key] = _refs_in(_ENCODE(whole).encode())
+            else:
+                self._body_refs[key] = _refs_in(body)
         return self._body_refs[key]
 
     # ------------------------------------------------------------------ lock
@@ -952,6 +1009,49 @@ def _refs_in(body: bytes) -> frozenset[str]:
 
 
 _ENCODE = json.JSONEncoder(sort_keys=True).encode
+_DELTA_MARK = b'"delta"'   # in every delta body (and, by chance, in few others: those are read whole)
+
+
+def apply_delta(state: dict, delta: dict) -> dict:
+    """The whole state a delta body stands for, given the whole ``state`` it names (its members
+    changed in place). A delta holds every top-level key but ``members`` (and
+    ``exploit_latencies``, given as what was appended: ``delta.exploit_latencies_add``), and in
+    ``delta``: ``members`` — {field: [ids, values]} of the member fields that changed (ids null:
+    every member, in order) —, ``history_add`` — [ids, lists of evaluations appended] — and
+    ``history`` — [ids, whole histories] of the members whose history was replaced."""
+    d = delta["delta"]
+    members = state.get("members") or []
+    latencies = state.get("exploit_latencies", [])
+    state = {k: v for k, v in delta.items() if k != "delta"}
+    if "exploit_latencies_add" in d:
+        state["exploit_latencies"] = [*latencies, *d["exploit_latencies_add"]]
+    state["members"] = members
+    pos = {m.get("id"): i for i, m in enumerate(members)}
+
+    def rows(spec: list) -> Iterator[tuple[dict, Any]]:
+        ids, values = spec
+        if ids is None:
+            if len(values) != len(members):
+                raise CorruptRunError(f"a delta gives {len(values)} values for {len(members)} members")
+            return zip(members, values)
+        try:
+            return zip([members[pos[i]] for i in ids], values)
+        except KeyError as e:
+            raise CorruptRunError(f"a delta names member {e.args[0]!r}, which the state does not have") from None
+
+    try:
+        for field_, spec in (d.get("members") or {}).items():
+            for m, v in rows(spec):
+                m[field_] = v
+        if "history" in d:
+            for m, v in rows(d["history"]):
+                m["history"] = v
+        if "history_add" in d:
+            for m, v in rows(d["history_add"]):
+                m["history"] = [*m.get("history", []), *v]
+    except (TypeError, ValueError, AttributeError) as e:
+        raise CorruptRunError(f"a delta cannot be applied: {e}") from None
+    return state
 
 
 def _encode_state(state: dict) -> bytes:

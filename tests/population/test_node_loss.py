@@ -214,8 +214,7 @@ def test_a_lost_node_s_member_is_restored_from_its_own_state(tmp_path):
         # alone) or its own last checkpoint, at a point of its own history; never a donor's copy
         assert r["source"] in ("object store", "checkpoint")
         m = r["member"]
-        final = json.loads((storage / name / json.loads((storage / name / "state.json").read_text())["file"])
-                           .read_text())
+        final = RunStore(storage, name).read_state()
         assert [r["step"], r["fitness"]] in final["members"][m]["history"]
         assert not [x for x in lineage if x["event"] in ("died", "restart")]
         assert final["failures"] == 0 and final["restores"] == 1 and final["member_restores"] == {str(m): 1}

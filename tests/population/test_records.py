@@ -7,6 +7,7 @@ import json
 from pathlib import Path
 
 import numpy as np
+import pytest
 
 from evo.strategies import make_strategy
 from evo.strategy import Exploit
@@ -33,18 +34,24 @@ def _write(store: RunStore, paths: dict) -> dict[int, tuple[str, str]]:
     return out
 
 
-def _body_members(store: RunStore) -> list[str]:
-    """The member lines of the committed state body, as written."""
-    body = store.read_text(json.loads(store.read_text("state.json"))["file"])
-    start = body.index('"members": [\n') + len('"members": [\n')
-    return body[start:body.index("\n]", start)].split(",\n")
+def _committed_members(store: RunStore) -> list[str]:
+    """The members of the committed state (rebuilt from the last whole body and the deltas
+    after it), each encoded as the whole record is."""
+    return [_encode(d) for d in store.read_state()["members"]]
 
 
-def test_commit_and_snapshot_equal_whole_encodings_and_views(tmp_path, cache_dir):
+def _pointer(store: RunStore) -> dict:
+    return json.loads(store.read_text("state.json"))
+
+
+@pytest.mark.parametrize("chain", [16, 3, 0])
+def test_commit_and_snapshot_equal_whole_encodings_and_views(tmp_path, cache_dir, chain):
     """Snapshots equal every record's own view(); members re-encoded only in part (history appended, genome and schedule kept, one member
-    changed in an async-like event, a record set back or restarted, non-finite and numpy values) are committed byte for byte
-    as encoding the whole record gives, and a resume reads them back equal."""
+    changed in an async-like event, a record set back or restarted, non-finite and numpy values) are committed -- whole or as
+    deltas of the commit before (``chain``: deltas between whole states; 0: every commit whole) -- so that the state read back
+    equals, byte for byte, encoding each whole record, and a resume reads them back equal."""
     records = _records(tmp_path, cache_dir, "enc")
+    records.chain = chain
     store, rng = records.store, np.random.default_rng(0)
     for r in range(1, 6):
         records.record_results({m: {"step": r * 5, "val_bpb": float(3 - 0.1 * r + rng.normal(0, 0.05)),
@@ -62,14 +69,22 @@ def test_commit_and_snapshot_equal_whole_encodings_and_views(tmp_path, cache_dir
             records.fresh(2, dict(records[2].genome), seed=11)
         records.saved(_write(store, records.set_checkpoints(records.ids, r)))
         records.commit(r, steps_done=r * 5)
-        assert _body_members(store) == [_encode(records[m].fields()) for m in records.ids]
+        assert _committed_members(store) == [_encode(records[m].fields()) for m in records.ids]
         # the snapshot reuses genomes and histories: what each record's own view() gives
         assert records.snapshot(r).members == tuple(records[m].view() for m in records.ids)
         # one member changes alone (async): only it is re-encoded, the rest reused
         records.record_results({4: {"step": r * 5 + 1, "val_bpb": 2.5, "params": 104, "tokens_per_s": 2e3}})
         records.saved(_write(store, records.set_checkpoints([4], 100 + r)))
         records.commit(r, steps_done=r * 5, events=r)
-        assert _body_members(store) == [_encode(records[m].fields()) for m in records.ids]
+        assert _committed_members(store) == [_encode(records[m].fields()) for m in records.ids]
+        body = json.loads(store.read_text(_pointer(store)["file"]))
+        if chain and ("needs" in _pointer(store)):   # a delta: member 4's changes alone
+            assert "members" not in body and body["round"] == r and body["events"] == r
+            assert {f: ids for f, (ids, _) in body["delta"]["members"].items()} == {
+                "age": [4], "checkpoint": [4], "checkpoint_sha256": [4], "intervals": [4], "objectives": [4], "step": [4]}
+            assert body["delta"]["history_add"] == [[4], [[[r * 5 + 1, 2.5]]]]
+        else:
+            assert len(body["members"]) == len(records.ids)
         assert records.snapshot(r).members == tuple(records[m].view() for m in records.ids)
     assert records[0].parent == 5 and records[0].genome["train.lr"] == 1e-3
     again = Records(records.setup, RunStore(tmp_path, "enc"), make_strategy(records.setup.strategy, records.setup.space), 1)
@@ -144,3 +159,69 @@ def test_start_base_draws_the_first_members_at_the_base_shape_with_the_fixed_sha
             "model.num_hidden_layers": 2, "model.num_key_value_heads": 2}
         assert g["train.lr"] == f["train.lr"] and set(f) == {"train.lr"}
     assert len({g["train.lr"] for g in drawn["search"]}) == 6
+
+
+def _round(records: Records, r: int, rng: np.random.Generator) -> None:
+    records.record_results({m: {"step": r * 5, "val_bpb": float(3 - 0.1 * r + rng.normal(0, 0.05)),
+                                "params": 100 + m, "tokens_per_s": 1e3} for m in records.ids})
+    records.saved(_write(records.store, records.set_checkpoints(records.ids, r)))
+    records.commit(r, steps_done=r * 5)
+
+
+def _reopen(records: Records) -> Records:
+    again = Records(records.setup, RunStore(records.store.storage, records.store.name),
+                    make_strategy(records.setup.strategy, records.setup.space), 1)
+    assert again.open() == "resumed"
+    return again
+
+
+def test_a_run_written_whole_at_every_commit_resumes_and_goes_on_in_deltas(tmp_path, cache_dir):
+    """A run directory of the format before deltas (every commit a whole body and a pointer
+    without "needs": what evo wrote up to 2026-12-04, and what ``chain = 0`` writes) resumes with
+    its records intact; the resumed run commits a whole body, then deltas of it, and a second
+    resume reads those back equal. Nothing of the old commits is rewritten."""
+    records = _records(tmp_path, cache_dir, "old")
+    records.chain = 0
+    rng = np.random.default_rng(1)
+    for r in range(1, 4):
+        _round(records, r, rng)
+    store, root = records.store, Path(records.store.uri)
+    pointer = _pointer(store)
+    assert "needs" not in pointer and all("needs" not in p for p in pointer["previous"])
+    old_bodies = {p.name: p.read_bytes() for p in (root / "states").glob("*.json")}
+    assert all(b'"delta"' not in b and b'"members": [' in b for b in old_bodies.values())
+    store.wait_pruned()
+
+    again = _reopen(records)
+    assert again.round == 3 and [again[m].to_dict() for m in again.ids] == records.member_dicts()
+    assert {p.name: p.read_bytes() for p in (root / "states").glob("*.json")} == old_bodies   # opening writes nothing
+    for r in range(4, 7):
+        _round(again, r, rng)
+    pointer = _pointer(again.store)
+    assert pointer["round"] == 6 and len(pointer["needs"]) == 2   # the whole round-4 body, the round-5 delta
+    again.store.wait_pruned()
+
+    third = _reopen(again)
+    assert third.round == 6 and [third[m].to_dict() for m in third.ids] == again.member_dicts()
+    assert [len(third[m].history) for m in third.ids] == [6] * 6
+
+
+def test_a_damaged_delta_falls_back_to_an_intact_commit(tmp_path, cache_dir):
+    """A delta body torn (its checksum no longer matches) is reported naming it, and a resume
+    uses the newest commit whose whole chain is intact; nothing is deleted."""
+    records = _records(tmp_path, cache_dir, "torn")
+    rng = np.random.default_rng(2)
+    for r in range(1, 4):
+        _round(records, r, rng)
+    store, root = records.store, Path(records.store.uri)
+    store.wait_pruned()
+    pointer = _pointer(store)
+    last = root / pointer["file"]
+    last.write_bytes(last.read_bytes()[:-20])
+    states = list(store.committed_states())
+    assert "does not match the checksum" in str(states[0][1]) and pointer["file"] in str(states[0][1])
+    files = sorted(p.name for p in root.rglob("*"))
+    again = _reopen(records)
+    assert again.round == 2 and len(again.notes) == 1 and pointer["file"] in again.notes[0]
+    assert [len(again[m].history) for m in again.ids] == [2] * 6
+    assert sorted(p.name for p in root.rglob("*")) == files

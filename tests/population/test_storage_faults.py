@@ -15,6 +15,7 @@ from pathlib import Path
 
 import pytest
 
+from population.store import RunStore
 from tests.helpers import RayHead
 
 REPO = Path(__file__).resolve().parents[2]
@@ -41,8 +42,27 @@ def lines(out: subprocess.CompletedProcess) -> list[str]:
 
 
 def state(run: Path) -> dict:
+    return RunStore(run.parent, run.name).read_state()
+
+
+def resign(run: Path, edit) -> None:
+    """``edit`` every state body in place (whole or a delta), each written again with its new
+    checksum wherever it is named: in state.json and in the delta written after it."""
     pointer = json.loads((run / "state.json").read_text())
-    return json.loads((run / pointer["file"]).read_text())
+    new_sha = {}
+    for path in sorted((run / "states").glob("*.json")):
+        rel = f"states/{path.name}"
+        body = json.loads(path.read_text())
+        edit(body)
+        of = (body.get("delta") or {}).get("of")
+        if of and of["file"] in new_sha:
+            of["sha256"] = new_sha[of["file"]]
+        data = json.dumps(body).encode()
+        path.write_bytes(data)
+        new_sha[rel] = hashlib.sha256(data).hexdigest()
+    for entry in [pointer, *pointer["previous"]]:
+        entry["sha256"] = new_sha[entry["file"]]
+    (run / "state.json").write_text(json.dumps(pointer))
 
 
 def histories(st: dict) -> dict[int, list]:
@@ -90,16 +110,21 @@ def damage(run: Path, how: str) -> str:
         shutil.copyfile(run / "checkpoints" / "m0" / "r2.pt", ckpt)
         sha = hashlib.sha256(ckpt.read_bytes()).hexdigest()
         (run / "checkpoints" / "m1" / "r2.pt.sha256").write_text(sha + "\n")
-        pointer = json.loads((run / "state.json").read_text())
-        for entry in [pointer, *pointer["previous"]]:   # every body naming it, and its checksum in state.json
-            body = json.loads((run / entry["file"]).read_text())
-            for d in body["members"]:
+
+        def edit(body: dict) -> None:   # every body naming it, whole or a delta
+            for d in body.get("members", []):
                 if d.get("checkpoint") == "checkpoints/m1/r2.pt":
                     d["checkpoint_sha256"] = sha
-            data = json.dumps(body).encode()
-            (run / entry["file"]).write_bytes(data)
-            entry["sha256"] = hashlib.sha256(data).hexdigest()
-        (run / "state.json").write_text(json.dumps(pointer))
+            changed = (body.get("delta") or {}).get("members", {})
+            if "checkpoint" in changed:
+                ids, paths = changed["checkpoint"]
+                named = [i for i, p in zip(ids if ids is not None else range(len(paths)), paths)
+                         if p == "checkpoints/m1/r2.pt"]
+                sids, shas = changed["checkpoint_sha256"]
+                for i in named:
+                    shas[sids.index(i) if sids is not None else i] = sha
+
+        resign(run, edit)
         return f"checkpoint {ckpt} does not match member 1's record (train.lr: "
     elif how == "state":     # the last state body torn (both round-2 commits)
         for name in json.loads((run / "state.json").read_text())["file"], "states/000003.json":
