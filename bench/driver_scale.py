@@ -136,6 +136,7 @@ def one_round(records: Records, strategy, monitor: Monitor, progress: Progress, 
     """One sync round as the driver does it; returns (decision ms, bookkeeping ms) in wall
     time, then the same in CPU time of the process."""
     results = stub_results(records, rng, params)
+    records.store.wait_pruned()   # the last commit's background deletion: timed on its own (prune CPU)
     t0 = clocks()
     records.record_results(results)
     t1 = clocks()

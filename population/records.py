@@ -22,6 +22,7 @@ import dataclasses
 import gc
 import json
 import math
+import operator
 import statistics
 import sys
 import time
@@ -101,6 +102,7 @@ CHAIN = 16   # commits written as deltas of the last before the whole state is w
 _BY_VALUE = ("age", "alive", "checkpoint", "checkpoint_sha256", "intervals", "parent", "seed", "since_change", "step")
 _BY_IDENTITY = ("genome", "objectives", "schedule")
 _COLUMNS = (*_BY_VALUE, *_BY_IDENTITY, "id")
+_ROW = operator.attrgetter(*_COLUMNS)
 _encode = json.JSONEncoder(sort_keys=True).encode   # one encoder for thousands of records a round
 _SCALARS = frozenset({str, int, float, bool, type(None)})
 _encode_str = json.encoder.encode_basestring_ascii   # what the encoder above writes for a str
@@ -715,7 +717,10 @@ class Records:
                        "slot_s": self.slot_s + session * self.slots, "member_cpu_s": self.cpu_s},
             "updated": time.time(),
         }
-        named = {r.checkpoint for r in recs if r.checkpoint}
+        cols = dict(zip(_COLUMNS, map(list, zip(*map(_ROW, recs))))) if recs else {f: [] for f in _COLUMNS}
+        named = set(cols["checkpoint"])
+        named.discard(None)
+        named.discard("")
         if self._last is None or self._chain >= self.chain or self._base_ids != self.ids:
             if len(self._genome_texts.texts) > 8 * len(self.ids) + 64:   # genomes no record holds any more
                 self._genome_texts = _GenomeTexts()
@@ -727,7 +732,7 @@ class Records:
             self._last = self.store.commit_state(state, refs=named)
             self._chain = 0
         else:
-            delta = self._member_delta(recs)
+            delta = self._member_delta(recs, cols)
             body = dict(top)
             lat = self.exploit_latencies
             if lat is self._latencies[0] and len(lat) >= self._latencies[1]:
@@ -737,14 +742,15 @@ class Records:
             self._last = self.store.commit_state(body, refs=named, delta_of=self._last)
             self._chain += 1
         self.committed = top
-        self._remember(recs)
+        self._remember(recs, cols)
         # the store lists its checkpoints only now and then; it is told what was named since
         self.store.prune_checkpoints(named, new=self.named_checkpoints, background=True)
         self.named_checkpoints = set()
         return members, lineage
 
-    def _member_delta(self, recs: list[MemberRecord]) -> dict:
-        """What changed in the members since the last commit, as ``store.apply_delta`` reads it."""
+    def _member_delta(self, recs: list[MemberRecord], now: dict[str, list]) -> dict:
+        """What changed in the members since the last commit, as ``store.apply_delta`` reads it
+        (``now``: each field's values, in the order of ``recs``)."""
         n, ids, cols = len(recs), self.ids, self._cols
         out: dict[str, Any] = {}
         changes: dict[str, list] = {}
@@ -755,13 +761,17 @@ class Records:
             return [[ids[i] for i in changed], [new[i] for i in changed]]
 
         for f in _BY_VALUE:
-            new = [getattr(r, f) for r in recs]
+            new = now[f]
+            if new == cols[f] and list(map(type, new)) == list(map(type, cols[f])):
+                continue   # none changed (compared in C)
             changed = [i for i, a, b in zip(range(n), new, cols[f])
                        if a is not b and (a != b or type(a) is not type(b))]
             if changed:
                 changes[f] = spec(changed, new)
         for f in _BY_IDENTITY:
-            new = [getattr(r, f) for r in recs]
+            new = now[f]
+            if all(map(operator.is_, new, cols[f])):
+                continue
             changed = [i for i, a, b in zip(range(n), new, cols[f]) if a is not b]
             if changed:
                 changes[f] = spec(changed, new)
@@ -785,10 +795,10 @@ class Records:
             out["history"] = [[ids[i] for i in replaced], [recs[i].history for i in replaced]]
         return out
 
-    def _remember(self, recs: list[MemberRecord]) -> None:
+    def _remember(self, recs: list[MemberRecord], cols: dict[str, list]) -> None:
         """The member values just committed, by reference (what the next delta compares with,
         and what ``set_back`` returns to)."""
-        self._cols = {f: [getattr(r, f) for r in recs] for f in _COLUMNS}
+        self._cols = cols
         self._hist = [r.history for r in recs]
         self._hist_len = [len(h) for h in self._hist]
         self._pos = {m: i for i, m in enumerate(self.ids)} if self._base_ids != self.ids else self._pos

@@ -169,6 +169,7 @@ class RunStore:
         self._deleter: threading.Thread | None = None
         self._deleting: frozenset[str] = frozenset()   # the .pt paths it was handed
         self._delete_error: BaseException | None = None
+        self.delete_cpu_s = 0.0   # CPU seconds the background deletions took (their thread's)
 
     def __repr__(self) -> str:
         return f"RunStore({self.uri!r})"
@@ -675,10 +676,13 @@ class RunStore:
         return deleted
 
     def _delete_quietly(self, gone: list[str]) -> None:
+        start = time.thread_time()
         try:
             self._delete(gone)
         except BaseException as e:   # handed to the driver by wait_pruned
             self._delete_error = e
+        finally:
+            self.delete_cpu_s += time.thread_time() - start
 
     def _refs_of(self, entry: dict) -> frozenset[str]:
         """The checkpoints the state of a pointer entry names (read once per body; a body that
