@@ -9,7 +9,11 @@ on the quickstart's search space, in a temporary run store:
   (``records_before`` + ``record_applied``: schedule, lineage record) + ``set_checkpoints`` +
   ``Records.commit`` (lineage append, state.json commit, checkpoint pruning) + ``Monitor.on_round``
   (no sink enabled: W&B disabled, no Optuna mirror, no Ray) + ``Progress.update`` (the printed line)
-  + ``settle_heap`` (the young garbage collected, the survivors frozen, as the driver does).
+  + ``settle_heap`` (the young garbage collected, the survivors frozen, as the driver does);
+- prune CPU = the CPU of the thread that deletes, in the background, the checkpoints and
+  checksum files no kept commit names any more (``RunStore.delete_cpu_s``; 2 files per member
+  per round): the driver's process pays it while the members train, off the round's path, so
+  it is joined before the next round is timed and shown on its own, not in the total.
 
 The members' own work is left out of the timing: between plan and commit the script writes each
 member's (tiny) checkpoint and its ``.sha256``, as a member would, so the commit reads and prunes
@@ -24,7 +28,9 @@ exponent k of ms ∝ n^k fitted (least squares on log-log) over the sizes >= 256
     .venv/bin/python bench/driver_scale.py --small              # the test suite's smoke setting
     .venv/bin/python bench/driver_scale.py --sizes 1024 4096 --strategies nsga2
 
-nsga2 runs on three objectives (val_bpb, params, tokens_per_s).
+nsga2 runs on three objectives (val_bpb, params, tokens_per_s). "commit MB" is what the last
+timed commit wrote: a delta of the commit before (the whole state is written every
+``Records.chain``-th commit and at a session's first; see population/records.py).
 """
 from __future__ import annotations
 
@@ -197,17 +203,19 @@ def measure(strategy_name: str, n: int, warmup: int, rounds: int) -> dict:
         rng = np.random.default_rng([n, 1])
         timed = []
         for r in range(1, warmup + rounds + 1):
+            before = getattr(d.store, "delete_cpu_s", 0.0)   # (an older store: not counted)
             t = one_round(d.records, d.strategy, d.monitor, d.progress, r, rng, d.params)
+            d.store.wait_pruned()
             if r > warmup:
-                timed.append(t)
+                timed.append((*t, (getattr(d.store, "delete_cpu_s", 0.0) - before) * 1e3))
         state_bytes = json.loads((Path(d.store.uri) / "state.json").read_text())["bytes"]
-    plan_ms, book_ms, plan_cpu, book_cpu = zip(*timed)
+    plan_ms, book_ms, plan_cpu, book_cpu, prune_cpu = zip(*timed)
     return {"strategy": strategy_name, "n": n, "decision_ms": statistics.median(plan_ms),
             "bookkeeping_ms": statistics.median(book_ms),
             "total_ms": statistics.median(p + b for p, b in zip(plan_ms, book_ms)),
             "decision_cpu_ms": statistics.median(plan_cpu), "bookkeeping_cpu_ms": statistics.median(book_cpu),
             "total_cpu_ms": statistics.median(p + b for p, b in zip(plan_cpu, book_cpu)),
-            "state_bytes": state_bytes}
+            "prune_cpu_ms": statistics.median(prune_cpu), "state_bytes": state_bytes}
 
 
 def measure_async(strategy_name: str, n: int, warmup: int, events: int) -> dict:
@@ -257,14 +265,15 @@ def exponent(rows: list[dict], key: str) -> float | None:
 
 
 def table(rows: list[dict], strategies: list[str]) -> str:
-    keys = ("decision_ms", "bookkeeping_ms", "total_ms", "decision_cpu_ms", "bookkeeping_cpu_ms", "total_cpu_ms")
-    widths = (13, 16, 10, 10, 10, 10)
+    keys = ("decision_ms", "bookkeeping_ms", "total_ms", "decision_cpu_ms", "bookkeeping_cpu_ms", "total_cpu_ms",
+            "prune_cpu_ms")
+    widths = (13, 16, 10, 10, 10, 10, 11)
     lines = [f"{'strategy':<9}{'n':>6}{'decision ms':>13}{'bookkeeping ms':>16}{'total ms':>10}"
-             f"{'dec CPU':>10}{'book CPU':>10}{'tot CPU':>10}{'state MB':>10}"]
+             f"{'dec CPU':>10}{'book CPU':>10}{'tot CPU':>10}{'prune CPU':>11}{'commit MB':>10}"]
     for s in strategies:
         mine = [r for r in rows if r["strategy"] == s]
         for r in mine:
-            lines.append(f"{s:<9}{r['n']:>6}" + "".join(f"{r[key]:>{w}.1f}" for key, w in zip(keys, widths))
+            lines.append(f"{s:<9}{r['n']:>6}" + "".join(f"{r.get(key, 0.0):>{w}.1f}" for key, w in zip(keys, widths))
                          + f"{r['state_bytes'] / 1e6:>10.2f}")
         k = {key: exponent(mine, key) for key in keys}
         lines.append(f"{s:<9}{'k':>6}" + "".join(f"{k[key]:>{w}.2f}" if k[key] is not None else f"{'-':>{w}}"
@@ -338,7 +347,7 @@ def main(argv: list[str] | None = None) -> int:
                 print(f"  async {s} n={n}: {async_rows[-1]['event_ms']:.2f} ms/event", file=sys.stderr, flush=True)
     (out / "driver_scale.json").write_text(json.dumps({"rows": rows, "exponents": {
         s: {k: exponent([r for r in rows if r["strategy"] == s], k)
-            for k in ("decision_ms", "bookkeeping_ms", "total_ms", "total_cpu_ms")}
+            for k in ("decision_ms", "bookkeeping_ms", "total_ms", "total_cpu_ms", "prune_cpu_ms")}
         for s in args.strategies}, "async": async_rows}, indent=1) + "\n")
     print(f"plot: {out / 'driver_scale.png'}")
     if async_rows:

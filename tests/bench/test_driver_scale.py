@@ -21,15 +21,16 @@ def test_small_setting_prints_every_row_and_writes_the_plot(tmp_path):
     lines = proc.stdout.splitlines()
     header = next(i for i, line in enumerate(lines) if line.startswith("strategy"))
     assert lines[header].split() == ["strategy", "n", "decision", "ms", "bookkeeping", "ms", "total", "ms",
-                                     "dec", "CPU", "book", "CPU", "tot", "CPU", "state", "MB"]
+                                     "dec", "CPU", "book", "CPU", "tot", "CPU", "prune", "CPU", "commit", "MB"]
     rows = [line.split() for line in lines[header + 1:] if line and not line.startswith("plot:")]
     assert len(rows) == len(STRATEGIES) * (len(SIZES) + 1)
     for s, block in zip(STRATEGIES, [rows[i:i + len(SIZES) + 1] for i in range(0, len(rows), len(SIZES) + 1)]):
         assert [r[0] for r in block] == [s] * (len(SIZES) + 1)
         assert [int(r[1]) for r in block[:-1]] == list(SIZES)
         for r in block[:-1]:
-            decision, bookkeeping, total, decision_cpu, bookkeeping_cpu, total_cpu, state_mb = map(float, r[2:])
-            assert decision >= 0 and bookkeeping > 0 and state_mb > 0 and decision_cpu >= 0 and bookkeeping_cpu >= 0
+            decision, bookkeeping, total, decision_cpu, bookkeeping_cpu, total_cpu, prune_cpu, commit_mb = map(float, r[2:])
+            assert decision >= 0 and bookkeeping > 0 and commit_mb > 0 and decision_cpu >= 0 and bookkeeping_cpu >= 0
+            assert prune_cpu >= 0
             assert math.isclose(total, decision + bookkeeping, abs_tol=0.15)
             assert math.isclose(total_cpu, decision_cpu + bookkeeping_cpu, abs_tol=0.15)
         assert block[-1][1] == "k" and all(math.isfinite(float(x)) for x in block[-1][2:5])
