@@ -13,13 +13,20 @@ Layout::
     ├── state.json                 the commit pointer, the only file a commit replaces:
     │                              {"commit": 42, "round": 12, "file": "states/000042.json",
     │                               "sha256": "…", "bytes": 5120, "time": "2026-…Z",
-    │                               "previous": [{"commit": 41, "file", "sha256", "round"}, …]}
+    │                               "needs": ["states/000040.json", "states/000041.json"],
+    │                               "previous": [{"commit": 41, "file", "sha256", "round", "needs"}, …]}
     ├── states/
-    │   ├── 000041.json            the driver's full state at commit 41 (JSON, sorted keys, one
+    │   ├── 000040.json            the driver's whole state at commit 40 (JSON, sorted keys, one
     │   │                          top-level key per line, each member's record on a line of its own)
-    │   └── 000042.json            …commit 42: written whole under a fresh name, never rewritten;
-    │                              the newest KEEP_STATES are kept, with their checksums in the
-    │                              pointer's "previous", so a resume can fall back to an older one
+    │   ├── 000041.json            …commit 41 as a delta of commit 40: the top-level keys, and in
+    │   │                          "delta" the member fields that changed, the evaluations
+    │   │                          appended, and "of": {"file", "sha256", "round", "commit"} of the
+    │   │                          state it applies to (apply_delta)
+    │   └── 000042.json            …commit 42 (whole or a delta): each written under a fresh name,
+    │                              never rewritten; the newest KEEP_STATES commits are kept, with
+    │                              their checksums in the pointer's "previous", and every body
+    │                              their deltas need ("needs": the chain back to a whole body), so
+    │                              a resume can fall back to an older one
     ├── lineage.jsonl              one JSON object per line, one per event, append-only; on resume
     │                              the lines written after the last commit are dropped
     ├── checkpoints/
@@ -37,7 +44,9 @@ Commit protocol. ``commit_state`` writes the state to ``states/<commit>.json``, 
 ``state.json`` with a small pointer holding that file's SHA-256. The commit happens when the
 pointer is replaced: a crash before that leaves the previous pointer, which names a body that is
 complete and never touched again. ``read_state`` checks the checksum, so a torn body is reported
-(``CorruptRunError``), never returned. ``committed_states`` also yields the older bodies still
+(``CorruptRunError``), never returned. A delta names the body it applies to with that body's
+checksum, so the whole chain back to a whole body is checked the same way (a chain of checksums);
+a run written before deltas (every body whole, no "needs") reads as before. ``committed_states`` also yields the older bodies still
 kept, each checked against its checksum, and ``prune_checkpoints`` keeps every checkpoint one of
 them names: a run whose last commit lost a file resumes from the commit before it. The driver
 prunes in the background (``prune_checkpoints(background=True)``): the files to delete are chosen
