@@ -109,8 +109,8 @@ def proc_title(pid: int) -> str:
 
 
 class RayHead:
-    """A real `ray start --head --block` on loopback with token authentication, owned by one test
-    module (or package): `ray job submit` goes to ``address``; an `evo run` given ``driver_env``
+    """A real `ray start --head --block` on loopback with token authentication (the session's one is
+    tests/conftest.py's ``ray_head``): `ray job submit` goes to ``address``; an `evo run` given ``driver_env``
     joins it through RAY_ADDRESS, as a driver on a cluster does, and pays no Ray start of its own.
 
     The token lives in the test's own directory (RAY_AUTH_TOKEN_PATH) so ~/.ray is untouched;

@@ -1,6 +1,6 @@
 """bench/arch_search.py --small: the table is complete and well formed, every variant ran the same
 optimizer steps, the JSON and the plot are written. A smoke test of the benchmark's code paths
-(real driver, real members, joined to the package's `ray start --head`); it never looks at how long anything took."""
+(real driver, real members, joined to the session's `ray start --head`, tests/conftest.py); it never looks at how long anything took."""
 from __future__ import annotations
 
 import json

@@ -16,7 +16,7 @@ ROOT = Path(__file__).resolve().parents[2]
 @pytest.mark.slow
 def test_peers_bench_small_writes_a_complete_table(tmp_path, ray_head):
     tune = (ROOT / "bench" / "peer_tune.py").exists()
-    # evo's arms join the package's `ray start --head` (RAY_ADDRESS); Tune's arm starts its own local Ray
+    # evo's arms join the session's `ray start --head` (RAY_ADDRESS); Tune's arm starts its own local Ray
     out = subprocess.run([sys.executable, str(ROOT / "bench" / "peers.py"), "--small", "--out", str(tmp_path)],
                          capture_output=True, text=True, timeout=600, cwd=ROOT, env=ray_head.driver_env)
     assert out.returncode == 0, (out.stdout[-2000:], out.stderr[-2000:])

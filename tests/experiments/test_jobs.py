@@ -6,17 +6,16 @@ import time
 
 import pytest
 
-from tests.helpers import QUICKSTART, REPO, TINY, RayHead, evo_env, evo_status, read_lineage, set_args
+from tests.helpers import QUICKSTART, REPO, TINY, evo_status, read_lineage, set_args
 
 pytestmark = pytest.mark.slow
 
 
-@pytest.fixture(scope="module")
-def head(tmp_path_factory):
-    root = tmp_path_factory.mktemp("rayhead")
-    cluster = RayHead(root, evo_env(root / "cache"))
-    yield cluster
-    cluster.stop()
+@pytest.fixture
+def head(ray_head):
+    """The session's `ray start --head` (tests/conftest.py), shared with the other modules whose runs
+    join a cluster."""
+    return ray_head
 
 
 def _submission_id(text: str) -> str:
@@ -36,23 +35,10 @@ def test_unauthenticated_client_is_refused(head):
     assert "token" in (r.stdout + r.stderr).lower()
 
 
-def test_job_runs_to_completion(head, tmp_path):
-    storage = tmp_path / "runs"
-    r = head.job("submit", "--working-dir", str(REPO), "--",
-                 "evo", "run", QUICKSTART, "--storage", str(storage), "--name", "job1", *set_args(TINY))
-    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
-    sid = _submission_id(r.stdout + r.stderr)
-    assert "succeeded" in head.job("status", sid).stdout.lower()
-    status = evo_status(storage, "job1", head.env)
-    assert status is not None and status["status"] == "finished"
-    assert status["round"] == 4  # 40 steps / interval 10
-    assert all(m["step"] == 40 for m in status["members"])
-    run_dir = storage / "job1"
-    assert (run_dir / "config.yaml").is_file() and (run_dir / "state.json").is_file()
-    assert any(rec["event"] == "born" for rec in read_lineage(run_dir))
-
-
-def test_job_stopped_then_resubmitted_resumes(head, tmp_path):
+def test_job_stopped_then_resubmitted_resumes_and_runs_to_completion(head, tmp_path):
+    """A job stopped mid-run, then the same job submitted again: it resumes from the committed round
+    and runs to completion as a job (the job succeeds; the run is finished with every file). One
+    run serves both: a job that only runs to completion is the resubmitted job's second half."""
     storage = tmp_path / "runs"
     # 30 short rounds: a window of some seconds to stop the job in, then the rest after the resubmit
     overrides = TINY + ["population.total_steps=300", "population.interval_steps=10"]
@@ -86,10 +72,15 @@ def test_job_stopped_then_resubmitted_resumes(head, tmp_path):
     r = head.job("submit", *cmd)
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
     assert f"resuming from round {stopped_round}" in (r.stdout + r.stderr).lower()
+    assert "succeeded" in head.job("status", _submission_id(r.stdout + r.stderr)).stdout.lower()
     final = evo_status(storage, "job2", head.env)
-    assert final["status"] == "finished" and final["round"] == 30
+    assert final["status"] == "finished" and final["round"] == 30   # 300 steps / interval 10
     assert sorted(m["id"] for m in final["members"]) == [0, 1]
     assert all(m["alive"] and m["step"] == 300 for m in final["members"])
-    rounds = [rec["round"] for rec in read_lineage(storage / "job2") if rec["event"] != "born"]
+    run_dir = storage / "job2"
+    assert (run_dir / "config.yaml").is_file() and (run_dir / "state.json").is_file()
+    lineage = read_lineage(run_dir)
+    assert any(rec["event"] == "born" for rec in lineage)
+    rounds = [rec["round"] for rec in lineage if rec["event"] != "born"]
     # Lineage continues without a gap or a repeated round across the stop.
     assert rounds == sorted(rounds)

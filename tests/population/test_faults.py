@@ -21,7 +21,9 @@ from population.driver import SearchError, run_search
 from population.store import RunStore
 from tests.population.conftest import make_setup
 
-SIZE, INTERVAL, ROUNDS, KILLS = 4, 5, 24, 10
+# ten kills, one a round from round 1 on (a kill waits for the round of the kill before to be
+# committed), before round ROUNDS - 2: 18 rounds leave five to spare
+SIZE, INTERVAL, ROUNDS, KILLS = 4, 5, 18, 10
 
 
 def _quiet() -> Console:
@@ -134,6 +136,7 @@ def test_members_killed_ten_times_come_back_from_their_own_state(ray_local, cach
         assert r["step"] == INTERVAL * r["round"]   # the start of the interval in flight: ≤ one interval lost
     assert state["failures"] == 0 and not [r for r in lineage if r["event"] == "died"]
     assert {r["member"] for r in restored} == set(range(SIZE))
+    print(f"kills (member, pid, committed round): {killer.kills}")
 
     run_search(setup("calm"), console=_quiet())
     calm = _state(tmp_path, "calm")

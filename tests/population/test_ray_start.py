@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import os
 import re
+import secrets
 import shutil
 import signal
 import socket
@@ -156,26 +157,39 @@ def test_unusable_storage_is_one_line_before_ray(tmp_path, short_tmp, kind):
 # A stale `ray start`
 
 
+def _files(*roots: Path) -> list[Path]:
+    return [p for root in roots if root.exists() for p in sorted(root.rglob("*"))
+            if p.is_file() and not p.is_symlink()]
+
+
 @pytest.mark.slow
 def test_stale_ray_start_address_file_warns_and_runs_locally(tmp_path, short_tmp):
     """A head killed without `ray stop` leaves ray_current_cluster behind; evo names the dead
-    address in one warning, runs on its own local Ray and leaves no temporary file."""
-    ray_tmp = Path(tempfile.mkdtemp(prefix="evr-", dir="/tmp"))
+    address in one warning, runs on its own local Ray and leaves no temporary file.
+
+    The same run (W&B offline, the Optuna study on, token authentication on, a HOME of its own)
+    carries a planted WANDB_API_KEY and Ray token: neither appears in anything it writes — the run
+    store, W&B's offline files, the report, Ray's session logs, HOME, stdout and stderr. (That
+    check was tests/test_secrets.py's own run; one run with its own Ray serves both.)"""
+    ray_tmp = Path(tempfile.mkdtemp(prefix="evr-", dir="/tmp"))   # Ray's socket paths must stay short
     try:
-        env = _env(tmp_path, short_tmp, RAY_TMPDIR=str(ray_tmp))
+        base = _env(tmp_path, short_tmp, RAY_TMPDIR=str(ray_tmp))
         port = free_port()
-        head_env = dict(env, RAY_AUTH_MODE="token", RAY_AUTH_TOKEN_PATH=str(tmp_path / "token"))
+        head_env = dict(base, RAY_AUTH_MODE="token", RAY_AUTH_TOKEN_PATH=str(tmp_path / "token"))
         (tmp_path / "token").write_text("0" * 64)
         head = subprocess.Popen(
             [RAY, "start", "--head", "--block", "--node-ip-address=127.0.0.1", f"--port={port}",
-             "--num-cpus=1", "--include-dashboard=false", "--disable-usage-stats"],
-            env=head_env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True,
+             "--num-cpus=1", "--include-dashboard=false", "--disable-usage-stats",
+             # not Ray's fixed 52365: another Ray on the machine holding it on loopback makes this
+             # head's raylet give up waiting for its agent, and no address file is written
+             f"--dashboard-agent-listen-port={free_port()}"],
+            env=head_env, stdout=(tmp_path / "head.log").open("w"), stderr=subprocess.STDOUT, start_new_session=True,
         )
         address_file = ray_tmp / "ray" / "ray_current_cluster"
         deadline = time.time() + 120
         while not address_file.exists() and time.time() < deadline and head.poll() is None:
             time.sleep(0.2)
-        assert address_file.exists(), "ray start wrote no address file"
+        assert address_file.exists(), "ray start wrote no address file:\n" + (tmp_path / "head.log").read_text()[-3000:]
         os.killpg(head.pid, signal.SIGKILL)   # no `ray stop`: the file stays, the GCS is gone
         head.wait()
         for _ in range(100):
@@ -186,8 +200,19 @@ def test_stale_ray_start_address_file_warns_and_runs_locally(tmp_path, short_tmp
                 break
         dead = address_file.read_text().strip()
 
-        r = subprocess.run(_evo_run(tmp_path / "runs", "stale", env), env=env,
-                           capture_output=True, text=True, timeout=600)
+        home = tmp_path / "home"          # ~/.ray/auth_token of this run lands here, not in the real home
+        home.mkdir()
+        wandb_key = secrets.token_hex(20)  # W&B keys are 40 hex characters
+        ray_token = secrets.token_hex(32)
+        env = {k: v for k, v in base.items() if not k.startswith(("RAY_", "WANDB_", "EVO_"))}
+        env.update(
+            HOME=str(home), WANDB_API_KEY=wandb_key, RAY_AUTH_TOKEN=ray_token, RAY_AUTH_MODE="token",
+            WANDB_DIR=str(tmp_path / "wandb"), RAY_TMPDIR=str(ray_tmp), EVO_CACHE_DIR=base["EVO_CACHE_DIR"],
+            RAY_USAGE_STATS_ENABLED="0", PYTHONWARNINGS="ignore",
+        )
+        r = subprocess.run(_evo_run(tmp_path / "runs", "stale", env, "model.num_hidden_layers=1",
+                                    "logging.wandb.mode=offline", "logging.optuna=true"),
+                           env=env, cwd=tmp_path, capture_output=True, text=True, timeout=600)
         assert r.returncode == 0, r.stderr[-3000:]
         warnings = [ln for ln in r.stderr.splitlines() if ln.startswith("warning:")]
         assert len(warnings) == 1, r.stderr
@@ -195,6 +220,16 @@ def test_stale_ray_start_address_file_warns_and_runs_locally(tmp_path, short_tmp
         assert "ray stop" in warnings[0]
         assert (tmp_path / "runs" / "stale" / "summary.json").is_file()
         assert os.listdir(short_tmp) == []   # no pymp-*, no Ray session, nothing
+
+        written = _files(tmp_path / "runs", tmp_path / "wandb", ray_tmp, home)
+        names = {p.name for p in written}
+        assert "report.html" in names and "state.json" in names and "optuna.db" in names
+        assert any(p.suffix == ".wandb" for p in written), "W&B wrote no offline run"
+        planted = {"WANDB_API_KEY": wandb_key.encode(), "the Ray token": ray_token.encode()}
+        hits = [f"{what} in {p}" for p in written for what, value in planted.items() if value in p.read_bytes()]
+        hits += [f"{what} in {stream}" for stream, data in (("stdout", r.stdout), ("stderr", r.stderr))
+                 for what, value in planted.items() if value.decode() in data]
+        assert hits == []
     finally:
         shutil.rmtree(ray_tmp, ignore_errors=True)
 

@@ -16,7 +16,6 @@ from pathlib import Path
 import pytest
 
 from population.store import RunStore
-from tests.helpers import RayHead
 
 REPO = Path(__file__).resolve().parents[2]
 TINY = [
@@ -70,15 +69,14 @@ def histories(st: dict) -> dict[int, list]:
 
 
 @pytest.fixture(scope="module")
-def env(tmp_path_factory) -> dict[str, str]:
-    """Every run of the module joins one real `ray start --head` (loopback, token auth on) through
-    RAY_ADDRESS, as a run on a cluster does: the storage is under test here, not Ray's start."""
-    e = {k: v for k, v in os.environ.items() if k not in ("RAY_ADDRESS", "EVO_DEBUG")}
+def env(tmp_path_factory, ray_head) -> dict[str, str]:
+    """Every run of the module joins the session's real `ray start --head` (tests/conftest.py;
+    loopback, token auth on) through RAY_ADDRESS, as a run on a cluster does: the storage is under
+    test here, not Ray's start."""
+    e = {k: v for k, v in ray_head.driver_env.items() if k != "EVO_DEBUG"}
     e.update(EVO_CACHE_DIR=str(tmp_path_factory.mktemp("cache")), WANDB_MODE="disabled",
              RAY_USAGE_STATS_ENABLED="0", PYTHONWARNINGS="ignore")
-    head = RayHead(tmp_path_factory.mktemp("rayhead"), e)
-    yield head.driver_env
-    head.stop()
+    return e
 
 
 @pytest.fixture(scope="module")
