@@ -21,6 +21,8 @@ shape's parameter count, and whether it is better than the fixed shape's best me
     .venv/bin/python bench/arch_search.py --small                   # the test suite's smoke setting
     .venv/bin/python bench/arch_search.py --seed-list 0 --variants search --set strategy.grow_only=false
                                                                     # screen a setting: one seed, one arm
+    .venv/bin/python bench/arch_search.py --seed-list 0 1 2 3 --variants search --set population.start=base_and_largest
+                                                                    # half the members start at the largest shape
 
 Writes arch_search.runs.jsonl (one line per finished search, as it ends), arch_search.json and
 arch_search.png (val_bpb against parameters) to --out. `--combine` runs nothing and makes the
