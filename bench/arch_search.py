@@ -21,6 +21,8 @@ shape's parameter count, and whether it is better than the fixed shape's best me
     .venv/bin/python bench/arch_search.py --small                   # the test suite's smoke setting
     .venv/bin/python bench/arch_search.py --seed-list 0 --variants search --set strategy.grow_only=false
                                                                     # screen a setting: one seed, one arm
+    .venv/bin/python bench/arch_search.py --seed-list 0 1 2 3 --variants search --set population.start=base_and_largest
+                                                                    # half the members start at the largest shape
 
 Writes arch_search.runs.jsonl (one line per finished search, as it ends), arch_search.json and
 arch_search.png (val_bpb against parameters) to --out. `--combine` runs nothing and makes the
@@ -30,7 +32,6 @@ two commands side by side, as in BENCHMARKS.md).
 from __future__ import annotations
 
 import argparse
-import itertools
 import json
 import os
 import statistics
@@ -63,21 +64,6 @@ class Quiet:
 
     def print(self, *_: object, **__: object) -> None:
         pass
-
-
-def largest_shape(space) -> dict:
-    """The architecture genes' values with the most parameters that the space allows."""
-    genes = [g for g in space.genes if g.path.startswith(ARCHITECTURE_PREFIX)]
-    others = {g.path: g.decode(0.0) for g in space.genes if not g.path.startswith(ARCHITECTURE_PREFIX)}
-    best, best_n = None, -1
-    for combo in itertools.product(*(range(g.size) for g in genes)):
-        values = {**others, **{g.path: g.value_at(i) for g, i in zip(genes, combo)}}
-        genome = Genome.from_dict(values)
-        if space.contains(genome):
-            n = space.count_parameters(genome)
-            if n > best_n:
-                best, best_n = {g.path: values[g.path] for g in genes}, n
-    return best
 
 
 def variant_overrides(variant: str, arch_paths: list[str], largest: dict) -> list[str]:
@@ -132,7 +118,7 @@ def main() -> None:
     seeds = len(seed_list)
     space = build_setup(load_config(CONFIG, base_overrides)).space
     arch_paths = [p for p in space.paths if p.startswith(ARCHITECTURE_PREFIX)]
-    largest = largest_shape(space)
+    largest = space.largest_shape()   # evo/space.py: the most parameters the space allows
     cfg0 = load_config(CONFIG, base_overrides)
     print(f"workload: {CONFIG.name}, {cfg0.population.size} members x {cfg0.population.total_steps} steps, "
           f"interval {cfg0.population.interval_steps}, start {cfg0.population.start}, strategy "

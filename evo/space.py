@@ -329,6 +329,7 @@ _GENE_KEYS = {"float": ("low", "high", "log"), "int": ("low", "high", "log", "st
 _REQUIRED_KEYS = {"float": ("low", "high"), "int": ("low", "high"), "choice": ("choices",)}
 _SAMPLE_TRIES = 10_000  # rejection sampling gives up after this many genomes
 _REPAIR_STEPS = 1_000   # a nearest-valid search gives up after this many candidates
+_LARGEST_COMBINATIONS = 200_000   # largest_shape enumerates at most this many model.* combinations
 
 
 def _suggest(word: str, options: Sequence[str]) -> str:
@@ -654,7 +655,45 @@ class SearchSpace:
         broken = self._violations(values)   # the constraints are on the model fields alone
         if broken:
             raise SpaceError(f"search: the base shape breaks the constraints ({broken[0]}), so members cannot start at it")
-        return Genome.from_dict({**{g.path: g.sample(rng) for g in self.genes if not g.is_architecture}, **values})
+        return self._at_shape(rng, values)
+
+    def sample_at_largest(self, rng: np.random.Generator) -> Genome:
+        """A genome at `largest_shape()`, the other genes drawn from their priors with the same
+        draws `sample_at_base` makes (so a member started at either shape gets the same train.lr
+        from the same rng state). Raises `SpaceError` as `largest_shape` does."""
+        return self._at_shape(rng, self.largest_shape())
+
+    def _at_shape(self, rng: np.random.Generator, shape: Mapping[str, Any]) -> Genome:
+        return Genome.from_dict({**{g.path: g.sample(rng) for g in self.genes if not g.is_architecture}, **shape})
+
+    def largest_shape(self) -> dict[str, Any]:
+        """The architecture genes' values with the most parameters that the constraints allow
+        (the first such in the genes' order when several tie); a float architecture gene stays
+        at its base value, and a space without architecture genes has only the base shape. Enumerates the int and choice architecture genes' domains, so it
+        refuses (`SpaceError`) more than `_LARGEST_COMBINATIONS` of them, a space without model
+        rules to count parameters by, and one where no combination meets the constraints."""
+        genes = [g for g in self.genes if g.is_architecture and not isinstance(g, FloatGene)]
+        if genes and self.architecture is None:
+            raise SpaceError("search: finding the largest shape needs the model's rules (SearchSpace(architecture=...))")
+        fixed = {g.path: self.base[g.path] for g in self.genes if g.is_architecture and isinstance(g, FloatGene)}
+        for path, v in fixed.items():
+            if not self._by_path[path].contains(v):
+                raise _err(path, f"the base value {v!r} is outside the gene, so the largest shape cannot keep it")
+        n = math.prod(g.size for g in genes)
+        if n > _LARGEST_COMBINATIONS:
+            raise SpaceError(f"search: the model.* genes have {n:,} combinations, more than the "
+                             f"{_LARGEST_COMBINATIONS:,} the largest shape is searched among; coarsen their grids")
+        best, best_n = None, -1
+        for combo in itertools.product(*(range(g.size) for g in genes)):
+            values = {**fixed, **{g.path: g.value_at(i) for g, i in zip(genes, combo)}}
+            if self._violations(values):
+                continue
+            count = self.architecture.count_parameters(self._fields(values)) if genes else 0
+            if count > best_n:
+                best, best_n = values, count
+        if best is None:
+            raise SpaceError("search: no combination of the model.* genes meets the constraints, so there is no largest shape")
+        return best
 
     def contains(self, genome: Genome) -> bool:
         """Exactly the gene paths, each value inside its gene (type included), constraints met."""

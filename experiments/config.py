@@ -299,11 +299,14 @@ def _resolve(raw: dict, overrides: list[str], strings: dict[str, str], origin: _
         space = build_space(cfg)  # validates genes, bounds and architecture constraints
     except ConfigError as e:
         raise ConfigError(f"{origin.where_message(('search',), str(e))}: {e}") from None
-    if cfg.population.start == "base":
+    if cfg.population.start in ("base", "base_and_largest"):
+        start = cfg.population.start
         try:
             space.sample_at_base(np.random.default_rng(0))   # the base shape must be inside the space
+            if start == "base_and_largest":
+                space.largest_shape()   # and some shape must meet the constraints, few enough to enumerate
         except SpaceError as e:
-            raise ConfigError(f"{origin.where(('population', 'start'))}: population.start: base: {e}") from None
+            raise ConfigError(f"{origin.where(('population', 'start'))}: population.start: {start}: {e}") from None
     cfg.search = _normalised_search(space, cfg.search)
     return cfg
 

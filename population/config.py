@@ -96,10 +96,12 @@ class PopulationConfig:
         f"members training at the same moment (at most {MAX_SIZE}); null: as many as the cluster's CPUs hold at one "
         "member's thread count (every member on GPUs)"))] = None
     trainer: TrainerConfig = dataclasses.field(default_factory=TrainerConfig)
-    start: Annotated[Literal["sample", "base"], Field(description=(
+    start: Annotated[Literal["sample", "base", "base_and_largest"], Field(description=(
         "how the first members' genomes are drawn: 'sample' draws every gene from its prior; 'base' "
         "starts every member at the base shape (the model: section) and draws only the other genes, "
-        "so the search changes the shape only by mutation"))] = "sample"
+        "so the search changes the shape only by mutation; 'base_and_largest' starts the members in "
+        "turn at the base shape and at the shape with the most parameters the search allows (the "
+        "other genes drawn as 'base' draws them)"))] = "sample"
 
     def __post_init__(self) -> None:
         if self.size < 2:

@@ -432,9 +432,11 @@ class Records:
             self.train = dataclasses.replace(self.train, decay_steps=self.pop.total_steps)
         self.store.truncate_lineage(0)
         rng = np.random.default_rng([setup.seed, 0])
-        draw = setup.space.sample_at_base if self.pop.start == "base" else setup.space.sample
-        for m in self.ids:
-            genome = plain(draw(rng).as_dict())
+        space = setup.space
+        draws = {"sample": [space.sample], "base": [space.sample_at_base],
+                 "base_and_largest": [space.sample_at_base, space.sample_at_largest]}[self.pop.start]
+        for i, m in enumerate(self.ids):   # base_and_largest: the base shape, the largest, in turn
+            genome = plain(draws[i % len(draws)](rng).as_dict())
             seed = member_seed(setup.seed, m)
             self.members[m] = MemberRecord(id=m, genome=genome, seed=seed,
                                            schedule=[{"step": 0, "genome": genome, "seed": seed}])

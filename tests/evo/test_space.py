@@ -469,6 +469,39 @@ def test_sample_at_base_refuses_a_base_shape_outside_the_space(spec, max_params,
     assert expected in str(e.value) and "\n" not in str(e.value)
 
 
+def test_largest_shape_is_the_valid_shape_with_the_most_parameters_and_keeps_the_base_s_draws():
+    space = SearchSpace.from_dict(ARCH_SPEC, BASE, max_params=200_000, architecture=RULES)
+    largest = space.largest_shape()
+    n = space.count_parameters(Genome.from_dict({**largest, "train.lr": 1e-3}))
+    assert n <= 200_000 and set(largest) == {p for p in ARCH_SPEC if p.startswith("model.")}
+    # every combination of the genes' values: none valid has more parameters
+    import itertools
+    genes = [space.gene(p) for p in largest]
+    for combo in itertools.product(*(range(g.size) for g in genes)):
+        genome = Genome.from_dict({"train.lr": 1e-3, **{g.path: g.value_at(i) for g, i in zip(genes, combo)}})
+        if space.contains(genome):
+            assert space.count_parameters(genome) <= n
+    a, b = np.random.default_rng(7), np.random.default_rng(7)
+    for _ in range(5):
+        g, h = space.sample_at_largest(a), space.sample_at_base(b)
+        assert space.contains(g) and {p: g[p] for p in largest} == largest
+        assert g["train.lr"] == h["train.lr"]       # the same draws as at the base shape
+    # without architecture genes the largest shape is the base shape: the same genomes as sample_at_base
+    lr_only = SearchSpace.from_dict({"train.lr": ARCH_SPEC["train.lr"]}, BASE, architecture=RULES)
+    assert lr_only.largest_shape() == {}
+    c, d = np.random.default_rng(5), np.random.default_rng(5)
+    assert [lr_only.sample_at_largest(c) for _ in range(3)] == [lr_only.sample_at_base(d) for _ in range(3)]
+
+
+def test_largest_shape_refuses_a_space_it_cannot_enumerate():
+    wide = {"model.hidden_size": {"type": "int", "low": 8, "high": 8_000_000, "step": 8},
+            "model.num_hidden_layers": {"type": "int", "low": 1, "high": 6}}
+    with pytest.raises(SpaceError) as e:
+        SearchSpace.from_dict(wide, BASE, architecture=RULES).largest_shape()
+    assert str(e.value) == ("search: the model.* genes have 6,000,000 combinations, more than the 200,000 the "
+                            "largest shape is searched among; coarsen their grids")
+
+
 def test_count_parameters_matches_the_internlm2_layout():
     f = {"vocab_size": 256, "hidden_size": 64, "intermediate_size": 172, "num_hidden_layers": 2,
          "num_attention_heads": 4, "num_key_value_heads": 2, "bias": False}

@@ -105,6 +105,21 @@ def test_start_base_with_a_base_shape_outside_the_search_is_refused_before_ray(c
     assert not storage.exists() and not ray.is_initialized()
 
 
+def test_an_unknown_start_and_a_largest_shape_too_many_to_enumerate_are_refused_before_ray(cwd: Path, tmp_path: Path,
+                                                                                             capsys):
+    storage = tmp_path / "store"
+    arch = str(REPO / "experiments" / "arch_search.yaml")
+    message = run_bad(capsys, "run", arch, "--storage", str(storage), "--set", "population.start=largest")
+    assert message == ("--set population.start=largest: population.start: must be one of sample, base, "
+                       "base_and_largest, got 'largest' (did you mean 'base_and_largest'?)")
+    message = run_bad(capsys, "run", arch, "--storage", str(storage), "--set", "population.start=base_and_largest",
+                      "--set", "search.model.intermediate_size={type: int, low: 52, high: 40052, step: 20}")
+    assert message == ("--set population.start=base_and_largest: population.start: base_and_largest: search: the "
+                       "model.* genes have 256,128 combinations, more than the 200,000 the largest shape is "
+                       "searched among; coarsen their grids")
+    assert not storage.exists() and not ray.is_initialized()
+
+
 def test_the_setting_that_breaks_a_shape_rule_is_blamed(tmp_path: Path):
     # the default model has 4 heads; only the --set of the kv heads makes the pair invalid
     with pytest.raises(ValueError) as info:

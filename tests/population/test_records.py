@@ -9,6 +9,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from evo.genome import Genome
 from evo.strategies import make_strategy
 from evo.strategy import Exploit
 from population.decisions import record_applied, records_before
@@ -225,3 +226,35 @@ def test_a_damaged_delta_falls_back_to_an_intact_commit(tmp_path, cache_dir):
     assert again.round == 2 and len(again.notes) == 1 and pointer["file"] in again.notes[0]
     assert [len(again[m].history) for m in again.ids] == [2] * 6
     assert sorted(p.name for p in root.rglob("*")) == files
+
+
+def test_start_base_and_largest_alternates_the_base_and_the_largest_shape_with_the_fixed_shape_search_s_lr(tmp_path):
+    """population.start: base_and_largest on experiments/arch_search.yaml: members 0, 2, 4 at the
+    base `model:` shape, members 1, 3, 5 at the largest shape under the budget (the one
+    bench/arch_search.py's largest variant trains), each with the train.lr the fixed-shape search
+    draws for that member."""
+    from experiments.config import SEARCH_CONSTRAINTS, build_setup, load_config
+    from tests.helpers import REPO
+
+    path = REPO / "experiments" / "arch_search.yaml"
+    drawn = {}
+    for variant in ("search", "fixed"):
+        over = ["population.start=base_and_largest"]
+        if variant == "fixed":
+            arch = [p for p in load_config(path).search if p.startswith("model.")]
+            over += [f"search.{p}=null" for p in [*arch, *SEARCH_CONSTRAINTS]]
+        setup = build_setup(load_config(path, over, strings={"storage": str(tmp_path)}))
+        records = Records(setup, RunStore(tmp_path, variant), make_strategy(setup.strategy, setup.space), 1)
+        assert records.open() == "new"
+        drawn[variant] = [records[m].genome for m in records.ids]
+        if variant == "search":
+            space = setup.space
+    base = {"model.hidden_size": 64, "model.intermediate_size": 172, "model.num_attention_heads": 4,
+            "model.num_hidden_layers": 2, "model.num_key_value_heads": 2}
+    largest = {"model.hidden_size": 128, "model.intermediate_size": 192, "model.num_attention_heads": 8,
+               "model.num_hidden_layers": 3, "model.num_key_value_heads": 1}
+    assert len(drawn["search"]) == 6
+    for i, (g, f) in enumerate(zip(drawn["search"], drawn["fixed"])):
+        assert {p: v for p, v in g.items() if p.startswith("model.")} == (base if i % 2 == 0 else largest)
+        assert g["train.lr"] == f["train.lr"] and set(f) == {"train.lr"}
+    assert space.count_parameters(Genome.from_dict(drawn["search"][1])) == 398_208   # at most max_params 400,000
