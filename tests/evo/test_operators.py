@@ -30,6 +30,22 @@ from evo.selection import (crowding_distances, front_ranks, pareto_front, sel_ag
 from evo.space import ChoiceGene, FloatGene, IntGene, SearchSpace
 from tests.evo.test_space import BASE, RULES, SETTINGS, bound_value, spaces
 
+
+def _lr_space(genes: dict) -> SearchSpace:
+    """train.lr (log-uniform 1e-4..1e-2) first, then ``genes``, at the test base shape."""
+    lr = {"type": "float", "low": 1e-4, "high": 1e-2, "log": True}
+    return SearchSpace.from_dict({"train.lr": lr, **genes}, BASE, architecture=RULES)
+
+
+def _grow_case() -> tuple[SearchSpace, Genome, Genome]:
+    """The grow tests' space (lr, 1-4 layers, kv heads 1/2/4), a genome in the middle of both
+    architecture genes and the same genome at their top."""
+    space = _lr_space({"model.num_hidden_layers": {"type": "int", "low": 1, "high": 4},
+                       "model.num_key_value_heads": {"type": "choice", "choices": [1, 2, 4]}})
+    g = Genome.from_dict({"train.lr": 1e-3, "model.num_hidden_layers": 2, "model.num_key_value_heads": 2})
+    return space, g, g.replace({"model.num_hidden_layers": 4, "model.num_key_value_heads": 4})
+
+
 # ----------------------------------------------------------------------------------------------
 # no operator leaves the space
 
@@ -140,15 +156,8 @@ def test_perturb_moves_a_choice_to_a_neighbour_only():
 
 
 def test_perturb_leaves_architecture_alone_when_asked():
-    space = SearchSpace.from_dict(
-        {
-            "train.lr": {"type": "float", "low": 1e-4, "high": 1e-2, "log": True},
-            "model.num_hidden_layers": {"type": "int", "low": 1, "high": 8},
-            "model.hidden_size": {"type": "choice", "choices": [32, 64, 128]},
-        },
-        BASE,
-        architecture=RULES,
-    )
+    space = _lr_space({"model.num_hidden_layers": {"type": "int", "low": 1, "high": 8},
+                       "model.hidden_size": {"type": "choice", "choices": [32, 64, 128]}})
     g = Genome.from_dict({"train.lr": 1e-3, "model.num_hidden_layers": 4, "model.hidden_size": 64})
     for seed in range(20):
         h = mut_perturb(g, space, np.random.default_rng(seed), include_architecture=False)
@@ -192,10 +201,8 @@ def test_explore_without_resampling_makes_exactly_mut_perturbs_moves(gene, value
 
 
 def test_explore_resamples_each_gene_at_its_rate_from_the_prior():
-    space = SearchSpace.from_dict({"train.lr": {"type": "float", "low": 1e-4, "high": 1e-2, "log": True},
-                                   "train.warmup_steps": {"type": "int", "low": 0, "high": 100},
-                                   "train.schedule": {"type": "choice", "choices": ["a", "b", "c"]}},
-                                  BASE, architecture=RULES)
+    space = _lr_space({"train.warmup_steps": {"type": "int", "low": 0, "high": 100},
+                       "train.schedule": {"type": "choice", "choices": ["a", "b", "c"]}})
     g = Genome.from_dict({"train.lr": 1e-3, "train.warmup_steps": 50, "train.schedule": "b"})
     out = explore([g] * 4000, space, np.random.default_rng(1), 0.25, (0.8, 1.2))
     resampled = np.mean([how == "resample" for _, how in out])
@@ -254,8 +261,7 @@ def test_sbx_on_arrays_is_the_scalar_formula():
 
 
 def test_resample_probability_zero_and_one():
-    space = SearchSpace.from_dict({"train.lr": {"type": "float", "low": 1e-4, "high": 1e-2, "log": True}}, BASE,
-                                  architecture=RULES)
+    space = _lr_space({})
     g = Genome.from_dict({"train.lr": 1e-3})
     assert mut_resample(g, space, np.random.default_rng(0), 0.0) == g
     assert len({mut_resample(g, space, np.random.default_rng(s), 1.0)["train.lr"] for s in range(10)}) == 10
@@ -278,17 +284,7 @@ def test_polynomial_changes_choices_and_small_ints():
 
 def test_polynomial_on_arrays_with_grow_moves_architecture_genes_only_up():
     """The GA's array mutation with grow_only: as mut_polynomial(grow=True), per row."""
-    space = SearchSpace.from_dict(
-        {
-            "train.lr": {"type": "float", "low": 1e-4, "high": 1e-2, "log": True},
-            "model.num_hidden_layers": {"type": "int", "low": 1, "high": 4},
-            "model.num_key_value_heads": {"type": "choice", "choices": [1, 2, 4]},
-        },
-        BASE,
-        architecture=RULES,
-    )
-    g = Genome.from_dict({"train.lr": 1e-3, "model.num_hidden_layers": 2, "model.num_key_value_heads": 2})
-    top = g.replace({"model.num_hidden_layers": 4, "model.num_key_value_heads": 4})
+    space, g, top = _grow_case()
     x = np.stack([space.encode(g)] * 200 + [space.encode(top)] * 200)
     children = [space.decode(r) for r in _polynomial_coordinates(x, space, 1.0, np.random.default_rng(4), grow=True)]
     assert 3 in {c["model.num_hidden_layers"] for c in children[:200]} <= {3, 4}
@@ -301,17 +297,7 @@ def test_polynomial_grow_moves_architecture_genes_only_up():
     """grow=True (strategy.grow_only's redraw): an architecture gene never goes down -- an int
     gene's downward move is mirrored up, a choice gene takes a larger choice, and at its top it
     stays; a gene outside the architecture still moves both ways."""
-    space = SearchSpace.from_dict(
-        {
-            "train.lr": {"type": "float", "low": 1e-4, "high": 1e-2, "log": True},
-            "model.num_hidden_layers": {"type": "int", "low": 1, "high": 4},
-            "model.num_key_value_heads": {"type": "choice", "choices": [1, 2, 4]},
-        },
-        BASE,
-        architecture=RULES,
-    )
-    g = Genome.from_dict({"train.lr": 1e-3, "model.num_hidden_layers": 2, "model.num_key_value_heads": 2})
-    top = g.replace({"model.num_hidden_layers": 4, "model.num_key_value_heads": 4})
+    space, g, top = _grow_case()
     layers, kv, lr = set(), set(), set()
     for seed in range(40):
         h = mut_polynomial(g, space, np.random.default_rng(seed), probability=1.0, grow=True)
