@@ -360,8 +360,7 @@ class RunStore:
         where = self._uri(entry["file"])
         body = self._read_bytes(entry["file"])
         if body is None:
-            raise CorruptRunError(f"{self._uri(named_by) if named_by != STATE else self._uri(STATE)} names "
-                                  f"{entry['file']}, which is missing")
+            raise CorruptRunError(f"{self._uri(named_by)} names {entry['file']}, which is missing")
         if hashlib.sha256(body).hexdigest() != entry["sha256"]:
             raise CorruptRunError(f"{where} does not match the checksum in {named_by} (truncated or edited)")
         try:
