@@ -21,9 +21,7 @@ from population.driver import SearchError, run_search
 from population.store import RunStore
 from tests.population.conftest import make_setup
 
-# ten kills, one a round from round 1 on (a kill waits for the round of the kill before to be
-# committed), before round ROUNDS - 2: 18 rounds leave five to spare
-SIZE, INTERVAL, ROUNDS, KILLS = 4, 5, 18, 10
+SIZE, INTERVAL, ROUNDS, KILLS = 4, 5, 24, 10
 
 
 def _quiet() -> Console:
