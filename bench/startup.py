@@ -16,6 +16,11 @@ pool is measured right before and right after evo, in the same run, and the rati
     .venv/bin/python bench/startup.py                     # quickstart, 4 members x 500 steps, sync
     .venv/bin/python bench/startup.py --mode async
     .venv/bin/python bench/startup.py --small             # the smoke test's setting (seconds of training)
+    .venv/bin/python bench/startup.py --modes sync,async  # pool, evo sync, pool, evo async, pool: each
+                                                          # mode's ratio uses the pools on either side
+
+Besides the whole process, the round loop is compared with the pool's own training span (its
+first member starting to its last member finishing): the issue's "round loop ÷ plain pool ≤ 1.02".
 
 The table is printed, then one JSON line with every figure.
 """
@@ -98,7 +103,8 @@ def pool_run(args: argparse.Namespace) -> dict:
     if out.returncode != 0:
         raise SystemExit(f"plain pool failed ({out.returncode}): {out.stderr.strip().splitlines()[-1:]}")
     child = json.loads(out.stdout.strip().splitlines()[-1])
-    return {"startup_s": child["first_task"] - launch, "whole_s": whole, "best_val_bpb": child["best_val_bpb"]}
+    return {"startup_s": child["first_task"] - launch, "whole_s": whole, "best_val_bpb": child["best_val_bpb"],
+            "train_s": child["last_done"] - child["first_task"]}
 
 
 # -- the plain pool (runs in its own process: ``--pool-child``) -----------------------------------
@@ -127,7 +133,7 @@ def _member_work(job: tuple) -> dict:
     while trainer.step < total:
         trainer.train(min(interval, total - trainer.step))
         history.append(trainer.evaluate()["val_bpb"])
-    return {"started": started, "history": history}
+    return {"started": started, "finished": time.time(), "history": history}
 
 
 def pool_child(params: dict) -> int:
@@ -144,7 +150,7 @@ def pool_child(params: dict) -> int:
              args.total_steps, args.interval) for m in range(args.size)]
     with multiprocessing.get_context("spawn").Pool(POOL) as pool:
         done = pool.map(_member_work, jobs, chunksize=1)
-    print(json.dumps({"first_task": min(d["started"] for d in done),
+    print(json.dumps({"first_task": min(d["started"] for d in done), "last_done": max(d["finished"] for d in done),
                       "best_val_bpb": min(d["history"][-1] for d in done)}))
     return 0
 
@@ -162,6 +168,8 @@ def main(argv: list[str] | None = None) -> int:
     workload_args(p)
     p.add_argument("--small", action="store_true", help="the smoke test: 2 members x 4 steps, a tiny model")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="any other config override")
+    p.add_argument("--modes", default=None, metavar="MODE,MODE",
+                   help="several modes in one run, e.g. sync,async: one pool run before and one after each evo run")
     args = p.parse_args(argv)
     if args.small:
         args.size, args.total_steps, args.interval = 2, 4, 2
@@ -169,13 +177,25 @@ def main(argv: list[str] | None = None) -> int:
                     "data.seq_len=32", "data.val_fraction=0.2", "data.eval_batches=1", "data.eval_batch_size=4", "train.batch_size=4",
                     "population.max_concurrent=2", *args.set]
 
+    modes = args.modes.split(",") if args.modes else [args.mode]
+    bad = [m for m in modes if m not in ("sync", "async")]
+    if bad:
+        p.error(f"--modes: {bad[0]!r} is not a mode (sync, async)")
     storage = tempfile.mkdtemp(prefix="evo-bench-startup-")
     alone = ray_alone()
-    before = pool_run(args)
-    evo = evo_run(args, storage, f"startup-{int(time.time())}")
-    after = pool_run(args)
+    pools = [pool_run(args)]
+    for mode in modes:
+        args.mode = mode
+        evo = evo_run(args, storage, f"startup-{mode}-{int(time.time())}")
+        pools.append(pool_run(args))
+        report(args, alone, pools[-2], evo, pools[-1])
     shutil.rmtree(storage, ignore_errors=True)
+    return 0
+
+
+def report(args: argparse.Namespace, alone: dict, before: dict, evo: dict, after: dict) -> None:
     pool_whole = (before["whole_s"] + after["whole_s"]) / 2
+    pool_train = (before["train_s"] + after["train_s"]) / 2
     rows = [
         ("ray.init alone: launch to ready", alone["launch_to_ready_s"]),
         ("  of which the ray.init call", alone["ray_init_s"]),
@@ -187,18 +207,20 @@ def main(argv: list[str] | None = None) -> int:
         ("plain pool before: whole process", before["whole_s"]),
         ("plain pool after: whole process", after["whole_s"]),
         ("plain pool: launch to the first task", (before["startup_s"] + after["startup_s"]) / 2),
+        ("plain pool: first task to last done", pool_train),
     ]
     print(f"workload: quickstart, {args.size} members x {args.total_steps} steps, interval {args.interval}, "
           f"{args.mode}; plain pool: {POOL} processes; {os.cpu_count()} CPUs")
     for label, seconds in rows:
         print(f"{label:<42} {seconds:8.2f} s")
     ratio = evo["whole_s"] / pool_whole
+    loop_ratio = evo["loop_s"] / pool_train
     print(f"{'whole process / plain pool (mean)':<42} {ratio:8.3f}")
+    print(f"{'round loop / pool training (mean)':<42} {loop_ratio:8.3f}")
     print(json.dumps({"workload": {"size": args.size, "total_steps": args.total_steps, "interval": args.interval,
                                    "mode": args.mode, "pool": POOL, "cpus": os.cpu_count(), "set": args.set},
                       "ray_alone": alone, "evo": evo, "pool_before": before, "pool_after": after,
-                      "whole_over_pool": ratio}))
-    return 0
+                      "whole_over_pool": ratio, "loop_over_pool_training": loop_ratio}), flush=True)
 
 
 if __name__ == "__main__":

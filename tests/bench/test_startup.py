@@ -15,7 +15,7 @@ ROWS = [
     "ray.init alone: launch to ready", "of which the ray.init call", "evo: launch to the first round",
     "over ray.init alone (launch to ready)", "evo: round loop", "evo: after the last round to exit",
     "evo: whole process", "plain pool before: whole process", "plain pool after: whole process",
-    "plain pool: launch to the first task",
+    "plain pool: launch to the first task", "plain pool: first task to last done",
 ]
 
 
@@ -31,7 +31,7 @@ def test_startup_bench_small_prints_a_complete_table():
         m = re.fullmatch(r"(.+?) +(-?\d+\.\d+)( s)?", line.strip())
         assert m, line
         table[m.group(1)] = float(m.group(2))
-    assert list(table) == ROWS + ["whole process / plain pool (mean)"]
+    assert list(table) == ROWS + ["whole process / plain pool (mean)", "round loop / pool training (mean)"]
     assert all(math.isfinite(v) for v in table.values())
     figures = json.loads(lines[-1])
     evo, before, after = figures["evo"], figures["pool_before"], figures["pool_after"]
@@ -41,5 +41,15 @@ def test_startup_bench_small_prints_a_complete_table():
     assert evo["startup_s"] + evo["loop_s"] + evo["tail_s"] == pytest.approx(evo["whole_s"])
     assert table["evo: whole process"] == pytest.approx(evo["whole_s"], abs=0.01)
     assert figures["whole_over_pool"] == pytest.approx(evo["whole_s"] / ((before["whole_s"] + after["whole_s"]) / 2))
+    assert figures["loop_over_pool_training"] == pytest.approx(evo["loop_s"] / ((before["train_s"] + after["train_s"]) / 2))
+    assert before["train_s"] < before["whole_s"] and after["train_s"] < after["whole_s"]
     # the pool trains the same members (genomes, seeds, steps, evaluations) with the same Trainer
     assert evo["best_val_bpb"] == before["best_val_bpb"] == after["best_val_bpb"]
+
+
+def test_startup_bench_refuses_an_unknown_mode_before_starting_anything():
+    out = subprocess.run([sys.executable, str(ROOT / "bench" / "startup.py"), "--modes", "sync,fast"],
+                         capture_output=True, text=True, timeout=120, cwd=ROOT)
+    assert out.returncode == 2
+    assert "--modes: 'fast' is not a mode (sync, async)" in out.stderr
+    assert out.stdout == ""
