@@ -16,8 +16,8 @@ pool is measured right before and right after evo, in the same run, and the rati
     .venv/bin/python bench/startup.py                     # quickstart, 4 members x 500 steps, sync
     .venv/bin/python bench/startup.py --mode async
     .venv/bin/python bench/startup.py --small             # the smoke test's setting (seconds of training)
-    .venv/bin/python bench/startup.py --modes sync,async  # pool, evo sync, pool, evo async, pool: each
-                                                          # mode's ratio uses the pools on either side
+    .venv/bin/python bench/startup.py --modes sync,async  # pool, evo sync, evo async, pool: both
+                                                          # modes' ratios use the pools before and after
 
 Besides the whole process, the round loop is compared with the pool's own training span (its
 first member starting to its last member finishing): the issue's "round loop ÷ plain pool ≤ 1.02".
@@ -169,7 +169,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--small", action="store_true", help="the smoke test: 2 members x 4 steps, a tiny model")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="any other config override")
     p.add_argument("--modes", default=None, metavar="MODE,MODE",
-                   help="several modes in one run, e.g. sync,async: one pool run before and one after each evo run")
+                   help="several modes in one run, e.g. sync,async: the evo runs one after another between one pool run "
+                        "before and one after")
     args = p.parse_args(argv)
     if args.small:
         args.size, args.total_steps, args.interval = 2, 4, 2
@@ -183,12 +184,15 @@ def main(argv: list[str] | None = None) -> int:
         p.error(f"--modes: {bad[0]!r} is not a mode (sync, async)")
     storage = tempfile.mkdtemp(prefix="evo-bench-startup-")
     alone = ray_alone()
-    pools = [pool_run(args)]
+    before = pool_run(args)
+    runs = {}
     for mode in modes:
         args.mode = mode
-        evo = evo_run(args, storage, f"startup-{mode}-{int(time.time())}")
-        pools.append(pool_run(args))
-        report(args, alone, pools[-2], evo, pools[-1])
+        runs[mode] = evo_run(args, storage, f"startup-{mode}-{int(time.time())}")
+    after = pool_run(args)
+    for mode, evo in runs.items():
+        args.mode = mode
+        report(args, alone, before, evo, after)
     shutil.rmtree(storage, ignore_errors=True)
     return 0
 
