@@ -377,6 +377,7 @@ class SearchSpace:
         self._base_fields = {p[n:]: v for p, v in self.base.items() if p.startswith(ARCHITECTURE_PREFIX)}
         self._constrained = self._constrained_genes()
         self._smallest = self._smallest_valid()
+        self._largest: dict[str, Any] | None = None   # largest_shape(), found on first use
 
     # -- construction helpers --------------------------------------------------------------
 
@@ -669,9 +670,16 @@ class SearchSpace:
     def largest_shape(self) -> dict[str, Any]:
         """The architecture genes' values with the most parameters that the constraints allow
         (the first such in the genes' order when several tie); a float architecture gene stays
-        at its base value, and a space without architecture genes has only the base shape. Enumerates the int and choice architecture genes' domains, so it
-        refuses (`SpaceError`) more than `_LARGEST_COMBINATIONS` of them, a space without model
-        rules to count parameters by, and one where no combination meets the constraints."""
+        at its base value, and a space without architecture genes has only the base shape.
+        Enumerates the int and choice architecture genes' domains once (later calls return a copy
+        of the first answer), so it refuses (`SpaceError`) more than `_LARGEST_COMBINATIONS` of
+        them, a space without model rules to count parameters by, and one where no combination
+        meets the constraints."""
+        if self._largest is None:
+            self._largest = self._find_largest()
+        return dict(self._largest)
+
+    def _find_largest(self) -> dict[str, Any]:
         genes = [g for g in self.genes if g.is_architecture and not isinstance(g, FloatGene)]
         if genes and self.architecture is None:
             raise SpaceError("search: finding the largest shape needs the model's rules (SearchSpace(architecture=...))")
