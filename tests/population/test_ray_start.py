@@ -6,6 +6,7 @@ Real `evo` processes, a real `ray start --head` killed with SIGKILL, real socket
 """
 from __future__ import annotations
 
+import json
 import os
 import re
 import secrets
@@ -285,6 +286,54 @@ def test_local_ray_listens_on_loopback_and_dies_with_a_killed_driver(tmp_path, s
         if run.poll() is None:
             run.kill()
             run.wait()
+
+
+def _agent_ports(tmpdir: Path) -> dict[str, int]:
+    """{port file name (it names the node): port} the dashboard agents of the local Rays under ``tmpdir`` reported (Ray
+    writes the port its agent's HTTP server bound, or -1 when it could bind none)."""
+    found = {}
+    for f in tmpdir.glob("evo-ray-*/ray/session_*/dashboard_agent_listen_port_*"):
+        try:
+            text = f.read_text().strip()
+        except OSError:
+            continue   # the run ended and its temp dir went away
+        if text.lstrip("-").isdigit():
+            found[f.name] = int(text)   # session_latest links to the session: the same file twice
+    return found
+
+
+@pytest.mark.slow
+def test_two_local_rays_at_once_take_no_fixed_port(tmp_path, short_tmp):
+    """Two `evo run`s that each start their own local Ray at the same time both finish, and each
+    Ray's dashboard agent serves HTTP on a port of its own. Ray's default, a fixed 52365 that
+    ray.init cannot change, went to whichever agent bound first; the other retried for seconds
+    and ran without HTTP (port -1), and on a loaded machine that delay let ray.init's 30 s wait
+    for the node run out ("The current node timed out during startup")."""
+    storage = tmp_path / "runs"
+    env = _env(tmp_path, short_tmp)
+    runs = {name: subprocess.Popen(_evo_run(storage, name, env, "population.total_steps=20"), env=env,
+                                   stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+            for name in ("a", "b")}
+    ports: dict[str, int] = {}
+    try:
+        deadline = time.time() + 540
+        while any(p.poll() is None for p in runs.values()) and time.time() < deadline:
+            ports.update(_agent_ports(short_tmp))   # read while the runs live: their dirs go with them
+            time.sleep(0.2)
+        outputs = {name: p.communicate(timeout=60) for name, p in runs.items()}
+    finally:
+        for p in runs.values():
+            if p.poll() is None:
+                p.kill()
+                p.wait()
+    for name, p in runs.items():
+        assert p.returncode == 0, f"run {name}: {outputs[name][1][-3000:]}"
+        assert (storage / name / "state.json").is_file()
+        assert json.loads((storage / name / "summary.json").read_text())["status"] == "finished"
+    assert len(ports) == 2, ports   # one agent per run
+    values = sorted(ports.values())
+    assert all(v > 0 and v != 52365 for v in values) and values[0] != values[1], ports
+    assert os.listdir(short_tmp) == []
 
 
 @pytest.mark.parametrize("address,loopback", [
