@@ -14,6 +14,7 @@ import shutil
 import signal
 import socket
 import subprocess
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -21,7 +22,7 @@ from pathlib import Path
 import pytest
 
 from population.store import RunStore
-from tests.helpers import EVO, QUICKSTART, RAY, TINY, evo_env, free_port, set_args
+from tests.helpers import EVO, QUICKSTART, RAY, REPO, TINY, evo_env, free_port, set_args
 
 
 @pytest.fixture
@@ -333,6 +334,70 @@ def test_two_local_rays_at_once_take_no_fixed_port(tmp_path, short_tmp):
     assert len(ports) == 2, ports   # one agent per run
     values = sorted(ports.values())
     assert all(v > 0 and v != 52365 for v in values) and values[0] != values[1], ports
+    assert os.listdir(short_tmp) == []
+
+
+# A driver whose first local Ray "times out during startup" once its processes are up (Ray's
+# Node raising the exception it raises when the raylet does not register in 30 s), then, after a
+# good start and close, one that fails twice before starting anything. Prints one JSON line.
+_RETRY_SCRIPT = r"""
+import json, os, sys
+import ray
+import ray._private.node as node_mod
+from population import cluster
+
+original = node_mod.Node.__init__
+plan = {"after_start": 1, "before_start": 0}
+first = {}
+
+def init(self, *args, **kwargs):
+    if plan["before_start"]:
+        plan["before_start"] -= 1
+        raise Exception("The current node timed out during startup. (injected before start)")
+    original(self, *args, **kwargs)
+    if plan["after_start"]:
+        plan["after_start"] -= 1
+        first["pids"] = [p.process.pid for infos in self.all_processes.values() for p in infos]
+        first["temp_dir"] = self.get_temp_dir_path()
+        raise Exception("The current node timed out during startup. (injected after start)")
+
+node_mod.Node.__init__ = init
+c = cluster._start_local()
+out = {"first": first, "second_root": c._root,
+       "second_works": ray.get(ray.remote(lambda: 41 + 1).remote()) == 42,
+       "pids_of_first_alive_during_second": [p for p in first["pids"] if os.path.exists(f"/proc/{p}")
+                                             and open(f"/proc/{p}/stat").read().rsplit(")", 1)[1].split()[0] != "Z"],
+       "first_dir_exists": os.path.exists(first["temp_dir"])}
+c.close()
+plan["before_start"] = 2
+try:
+    cluster._start_local()
+    out["error"] = None
+except cluster.ClusterError as e:
+    out["error"] = str(e)
+out["initialized_after_error"] = ray.is_initialized()
+print(json.dumps(out))
+"""
+
+
+@pytest.mark.slow
+def test_local_ray_start_timeout_is_retried_once_then_one_line(tmp_path, short_tmp):
+    """Ray's "The current node timed out during startup" (injected into Ray's Node; the Ray around
+    it is real): the first try's processes and files are gone, the second try is a working Ray;
+    two in a row are one line naming the load, and Ray is left uninitialized."""
+    env = _env(tmp_path, short_tmp)
+    r = subprocess.run([sys.executable, "-c", _RETRY_SCRIPT], env=env, cwd=REPO, capture_output=True, text=True,
+                       timeout=540)
+    assert r.returncode == 0, r.stderr[-3000:]
+    out = json.loads(r.stdout.strip().splitlines()[-1])
+    assert len(out["first"]["pids"]) >= 3, out   # GCS, raylet, dashboard... were up when it failed
+    assert out["pids_of_first_alive_during_second"] == [], out
+    assert not out["first_dir_exists"] and not out["first"]["temp_dir"].startswith(out["second_root"])
+    assert out["second_works"] is True
+    error = out["error"]
+    assert error and "\n" not in error, out
+    assert "evo's local Ray did not start, twice" in error and "load average" in error and "RAY_ADDRESS" in error
+    assert out["initialized_after_error"] is False
     assert os.listdir(short_tmp) == []
 
 
