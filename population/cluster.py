@@ -8,7 +8,7 @@ local Ray of evo's own.
   dead one (a head killed without ``ray stop``) is named in one warning line and evo starts
   its own local Ray at once. RAY_ADDRESS=local always starts evo's own.
 - evo's own local Ray listens on loopback only (every port: GCS, raylet, workers, agents,
-  dashboard, metrics), takes none of Ray's fixed default ports (see _start_local), keeps Ray's
+  dashboard, metrics), takes none of Ray's fixed default ports (see init_local_ray), keeps Ray's
   token authentication, keeps its files in a private temp dir, and is watched by
   population/reaper.py: a driver that is killed takes it along.
 
@@ -34,7 +34,7 @@ from ray._common.utils import get_ray_address_file
 from ray._private import parameter as ray_parameter
 from ray._private import ray_constants
 
-__all__ = ["Cluster", "ClusterError", "ConnectStopped", "connect"]
+__all__ = ["Cluster", "ClusterError", "ConnectStopped", "connect", "init_local_ray"]
 
 PROBE_S = 1.0           # one TCP connection attempt to a GCS
 RETRY_FOR_S = 4.0       # RAY_ADDRESS: how long a cluster that does not answer is retried
@@ -154,6 +154,43 @@ def _start_local() -> Cluster:
 
 
 def _start_local_once() -> Cluster:
+    """One try of _start_local's."""
+    root = tempfile.mkdtemp(prefix="evo-ray-")
+    saved = {k: os.environ.get(k) for k in ("TMPDIR", RAY_CLUSTERS_ENV)}
+    # Ray's own switch for a single-machine Ray (the default on macOS/Windows): the node's
+    # address is 127.0.0.1, so every server it starts binds loopback. Its processes read the
+    # variable when they start; this process read it when ray was imported, hence the constant.
+    os.environ[RAY_CLUSTERS_ENV] = "0"
+    # Temporary files of Ray's processes and of the workers (multiprocessing's pymp-* dirs,
+    # torch's) land in the private dir, which goes away with the run.
+    os.environ["TMPDIR"] = root
+    saved_flag = ray_constants.ENABLE_RAY_CLUSTER
+    ray_constants.ENABLE_RAY_CLUSTER = False
+    reaper = None
+    try:
+        # the reaper first: a ray.init that fails after starting processes leaves none behind
+        reaper = _start_reaper(root)
+        init_local_ray(_temp_dir=os.path.join(root, "ray"), log_to_driver=False, configure_logging=False)
+    except BaseException:
+        try:
+            if ray.is_initialized():
+                ray.shutdown()
+        finally:
+            _stop_reaper(reaper, root)
+        raise
+    finally:
+        ray_constants.ENABLE_RAY_CLUSTER = saved_flag
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+    return Cluster(started=True, reaper=reaper, root=root)
+
+
+def init_local_ray(**kwargs: Any) -> Any:
+    """``ray.init(address="local", **kwargs)``: a new local Ray that takes none of Ray's fixed
+    default ports, so it starts beside any other Ray on the machine."""
     # Ports: a local Ray of ray.init's takes three fixed ones (Ray's defaults for a cluster's
     # head), which any other Ray on the machine — another `evo run`, a `ray start --head`, a test
     # suite's head — may hold, and which a later `ray start --head` asks for exactly:
@@ -171,40 +208,16 @@ def _start_local_once() -> Cluster:
     #   picked here; lost in a race, that server alone is skipped, as before.
     # The agent's gRPC and metrics-export ports, the runtime-env agent's, the GCS's and the
     # raylet's are already picked by the OS.
-    root = tempfile.mkdtemp(prefix="evo-ray-")
-    saved = {k: os.environ.get(k) for k in ("TMPDIR", RAY_CLUSTERS_ENV, DASHBOARD_METRIC_PORT_ENV)}
-    # Ray's own switch for a single-machine Ray (the default on macOS/Windows): the node's
-    # address is 127.0.0.1, so every server it starts binds loopback. Its processes read the
-    # variable when they start; this process read it when ray was imported, hence the constant.
-    os.environ[RAY_CLUSTERS_ENV] = "0"
-    # Temporary files of Ray's processes and of the workers (multiprocessing's pymp-* dirs,
-    # torch's) land in the private dir, which goes away with the run.
-    os.environ["TMPDIR"] = root
-    os.environ[DASHBOARD_METRIC_PORT_ENV] = str(_free_loopback_port())
-    saved_flag = ray_constants.ENABLE_RAY_CLUSTER
-    ray_constants.ENABLE_RAY_CLUSTER = False
-    reaper = None
+    saved = os.environ.get(DASHBOARD_METRIC_PORT_ENV)
+    os.environ[DASHBOARD_METRIC_PORT_ENV] = str(_free_port())
     try:
-        # the reaper first: a ray.init that fails after starting processes leaves none behind
-        reaper = _start_reaper(root)
         with _agent_port_picked_by_os():
-            ray.init(address="local", _temp_dir=os.path.join(root, "ray"), dashboard_port=0,
-                     log_to_driver=False, configure_logging=False)
-    except BaseException:
-        try:
-            if ray.is_initialized():
-                ray.shutdown()
-        finally:
-            _stop_reaper(reaper, root)
-        raise
+            return ray.init(address="local", dashboard_port=0, **kwargs)
     finally:
-        ray_constants.ENABLE_RAY_CLUSTER = saved_flag
-        for k, v in saved.items():
-            if v is None:
-                os.environ.pop(k, None)
-            else:
-                os.environ[k] = v
-    return Cluster(started=True, reaper=reaper, root=root)
+        if saved is None:
+            os.environ.pop(DASHBOARD_METRIC_PORT_ENV, None)
+        else:
+            os.environ[DASHBOARD_METRIC_PORT_ENV] = saved
 
 
 @contextlib.contextmanager
@@ -229,9 +242,11 @@ def _agent_port_picked_by_os():
         ray_parameter.RayParams = base
 
 
-def _free_loopback_port() -> int:
+def _free_port() -> int:
+    """A TCP port free on every interface now (the dashboard's metrics server binds loopback, or
+    every interface when the node is not on loopback)."""
     with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
+        s.bind(("", 0))
         return s.getsockname()[1]
 
 
