@@ -196,9 +196,9 @@ def init_local_ray(**kwargs: Any) -> Any:
     # suite's head — may hold, and which a later `ray start --head` asks for exactly:
     # - the dashboard agent's HTTP port 52365. ray.init has no parameter for it (`ray start
     #   --dashboard-agent-listen-port` has). Held, the agent retries for about 3.5 s and then runs
-    #   without HTTP; the raylet registers with the GCS only once the agent has settled, and
-    #   ray.init waits 30 s for that: on a loaded machine the delay tips it over ("The current
-    #   node timed out during startup"). Port 0 (the OS picks, the agent reports the port it got)
+    #   without HTTP; the raylet registers with the GCS only once the agent has settled (seen:
+    #   21 ms after the agent gave up), and ray.init waits 30 s for that: on a loaded machine the
+    #   delay can tip it over ("The current node timed out during startup"). Port 0 (the OS picks, the agent reports the port it got)
     #   is what Ray's own ray.cluster_utils.Cluster gives every node on one machine.
     # - the dashboard's 8265: held, Ray's dashboard moves up to the next free one, but held by
     #   evo, a later `ray start --head` (which asks for 8265 exactly) starts without a dashboard.
