@@ -8,13 +8,16 @@ local Ray of evo's own.
   dead one (a head killed without ``ray stop``) is named in one warning line and evo starts
   its own local Ray at once. RAY_ADDRESS=local always starts evo's own.
 - evo's own local Ray listens on loopback only (every port: GCS, raylet, workers, agents,
-  dashboard, metrics), keeps Ray's token authentication, keeps its files in a private temp
-  dir, and is watched by population/reaper.py: a driver that is killed takes it along.
+  dashboard, metrics), takes none of Ray's fixed default ports (see init_local_ray), keeps Ray's
+  token authentication, keeps its files in a private temp dir, and is watched by
+  population/reaper.py: a driver that is killed takes it along.
 
 A signal while connecting stops the connection (ConnectStopped) instead of waiting it out.
 """
 from __future__ import annotations
 
+import contextlib
+import inspect
 import ipaddress
 import os
 import shutil
@@ -28,13 +31,16 @@ from typing import Any
 
 import ray
 from ray._common.utils import get_ray_address_file
+from ray._private import parameter as ray_parameter
 from ray._private import ray_constants
 
-__all__ = ["Cluster", "ClusterError", "ConnectStopped", "connect"]
+__all__ = ["Cluster", "ClusterError", "ConnectStopped", "connect", "init_local_ray"]
 
 PROBE_S = 1.0           # one TCP connection attempt to a GCS
 RETRY_FOR_S = 4.0       # RAY_ADDRESS: how long a cluster that does not answer is retried
 RAY_CLUSTERS_ENV = "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"
+DASHBOARD_METRIC_PORT_ENV = "DASHBOARD_METRIC_PORT"   # read by Ray's dashboard process (dashboard/consts.py)
+NODE_STARTUP_TIMEOUT = "timed out during startup"     # Ray's Node: the raylet did not register within 30 s
 
 
 class ClusterError(RuntimeError):
@@ -127,7 +133,28 @@ def _is_loopback(address: str) -> bool:
 
 
 def _start_local() -> Cluster:
-    """A fresh local Ray: loopback only, token auth on, files in a private temp dir, reaped."""
+    """A fresh local Ray: loopback only, no fixed ports, token auth on, files in a private temp
+    dir, reaped. A node that does not come up in Ray's 30 s is started once more, in a new dir
+    with new ports, before the run gives up with one line."""
+    try:
+        return _start_local_once()
+    except Exception as e:
+        if NODE_STARTUP_TIMEOUT not in str(e):
+            raise
+    try:
+        return _start_local_once()
+    except Exception as e:
+        if NODE_STARTUP_TIMEOUT not in str(e):
+            raise
+        raise ClusterError(
+            f"evo's local Ray did not start, twice: its node did not register within Ray's 30 s "
+            f"(load average {_load()}); run again when the machine is less busy, or start one with "
+            "`ray start --head` and set RAY_ADDRESS to it"
+        ) from e
+
+
+def _start_local_once() -> Cluster:
+    """One try of _start_local's."""
     root = tempfile.mkdtemp(prefix="evo-ray-")
     saved = {k: os.environ.get(k) for k in ("TMPDIR", RAY_CLUSTERS_ENV)}
     # Ray's own switch for a single-machine Ray (the default on macOS/Windows): the node's
@@ -141,9 +168,9 @@ def _start_local() -> Cluster:
     ray_constants.ENABLE_RAY_CLUSTER = False
     reaper = None
     try:
-        ray.init(address="local", _temp_dir=os.path.join(root, "ray"), log_to_driver=False,
-                 configure_logging=False)
+        # the reaper first: a ray.init that fails after starting processes leaves none behind
         reaper = _start_reaper(root)
+        init_local_ray(_temp_dir=os.path.join(root, "ray"), log_to_driver=False, configure_logging=False)
     except BaseException:
         try:
             if ray.is_initialized():
@@ -159,6 +186,75 @@ def _start_local() -> Cluster:
             else:
                 os.environ[k] = v
     return Cluster(started=True, reaper=reaper, root=root)
+
+
+def init_local_ray(**kwargs: Any) -> Any:
+    """``ray.init(address="local", **kwargs)``: a new local Ray that takes none of Ray's fixed
+    default ports, so it starts beside any other Ray on the machine."""
+    # Ports: a local Ray of ray.init's takes three fixed ones (Ray's defaults for a cluster's
+    # head), which any other Ray on the machine — another `evo run`, a `ray start --head`, a test
+    # suite's head — may hold, and which a later `ray start --head` asks for exactly:
+    # - the dashboard agent's HTTP port 52365. ray.init has no parameter for it (`ray start
+    #   --dashboard-agent-listen-port` has). Held, the agent retries for about 3.5 s and then runs
+    #   without HTTP; the raylet registers with the GCS only once the agent has settled (seen:
+    #   21 ms after the agent gave up), and ray.init waits 30 s for that: on a loaded machine the
+    #   delay can tip it over ("The current node timed out during startup"). Port 0 (the OS picks, the agent reports the port it got)
+    #   is what Ray's own ray.cluster_utils.Cluster gives every node on one machine.
+    # - the dashboard's 8265: held, Ray's dashboard moves up to the next free one, but held by
+    #   evo, a later `ray start --head` (which asks for 8265 exactly) starts without a dashboard.
+    #   Port 0: the dashboard binds whatever is free and records the address it got.
+    # - the dashboard's metrics server 44227 (DASHBOARD_METRIC_PORT; held, it is skipped with a
+    #   logged error, and the address Ray records names the other Ray's server): a free port,
+    #   picked here; lost in a race, that server alone is skipped, as before.
+    # The agent's gRPC and metrics-export ports, the runtime-env agent's, the GCS's and the
+    # raylet's are already picked by the OS.
+    saved = os.environ.get(DASHBOARD_METRIC_PORT_ENV)
+    os.environ[DASHBOARD_METRIC_PORT_ENV] = str(_free_port())
+    try:
+        with _agent_port_picked_by_os():
+            return ray.init(address="local", dashboard_port=0, **kwargs)
+    finally:
+        if saved is None:
+            os.environ.pop(DASHBOARD_METRIC_PORT_ENV, None)
+        else:
+            os.environ[DASHBOARD_METRIC_PORT_ENV] = saved
+
+
+@contextlib.contextmanager
+def _agent_port_picked_by_os():
+    """While ray.init builds its RayParams (it looks the class up in ray._private.parameter at
+    the call), a dashboard agent listen port it does not set is 0 instead of Ray's fixed 52365.
+    A Ray whose RayParams has no such parameter is left as it is."""
+    base = getattr(ray_parameter, "RayParams", None)
+    if base is None or "dashboard_agent_listen_port" not in inspect.signature(base.__init__).parameters:
+        yield
+        return
+
+    class RayParams(base):
+        def __init__(self, *args: Any, **kwargs: Any):
+            kwargs.setdefault("dashboard_agent_listen_port", 0)
+            super().__init__(*args, **kwargs)
+
+    ray_parameter.RayParams = RayParams
+    try:
+        yield
+    finally:
+        ray_parameter.RayParams = base
+
+
+def _free_port() -> int:
+    """A TCP port free on every interface now (the dashboard's metrics server binds loopback, or
+    every interface when the node is not on loopback)."""
+    with socket.socket() as s:
+        s.bind(("", 0))
+        return s.getsockname()[1]
+
+
+def _load() -> str:
+    try:
+        return f"{os.getloadavg()[0]:.1f}"
+    except OSError:
+        return "unknown"
 
 
 def _start_reaper(root: str) -> subprocess.Popen:

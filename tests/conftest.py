@@ -36,9 +36,13 @@ def ray_local(cache_dir):
     subprocess (`evo run`, `ray start`), never in this process."""
     import ray
 
+    from population.cluster import init_local_ray
+
     if ray.is_initialized():
         ray.shutdown()
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    # none of Ray's fixed ports: the `evo run`s and `ray start`s of the tests, and other Rays on
+    # the machine, start beside it
+    init_local_ray(num_cpus=2, include_dashboard=False, log_to_driver=False)
     yield
     ray.shutdown()
 

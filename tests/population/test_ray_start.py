@@ -6,6 +6,7 @@ Real `evo` processes, a real `ray start --head` killed with SIGKILL, real socket
 """
 from __future__ import annotations
 
+import json
 import os
 import re
 import secrets
@@ -13,6 +14,7 @@ import shutil
 import signal
 import socket
 import subprocess
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -20,7 +22,7 @@ from pathlib import Path
 import pytest
 
 from population.store import RunStore
-from tests.helpers import EVO, QUICKSTART, RAY, TINY, evo_env, free_port, set_args
+from tests.helpers import EVO, QUICKSTART, RAY, REPO, TINY, evo_env, free_port, set_args
 
 
 @pytest.fixture
@@ -285,6 +287,118 @@ def test_local_ray_listens_on_loopback_and_dies_with_a_killed_driver(tmp_path, s
         if run.poll() is None:
             run.kill()
             run.wait()
+
+
+def _agent_ports(tmpdir: Path) -> dict[str, int]:
+    """{port file name (it names the node): port} the dashboard agents of the local Rays under ``tmpdir`` reported (Ray
+    writes the port its agent's HTTP server bound, or -1 when it could bind none)."""
+    found = {}
+    for f in tmpdir.glob("evo-ray-*/ray/session_*/dashboard_agent_listen_port_*"):
+        try:
+            text = f.read_text().strip()
+        except OSError:
+            continue   # the run ended and its temp dir went away
+        if text.lstrip("-").isdigit():
+            found[f.name] = int(text)   # session_latest links to the session: the same file twice
+    return found
+
+
+@pytest.mark.slow
+def test_two_local_rays_at_once_take_no_fixed_port(tmp_path, short_tmp):
+    """Two `evo run`s that each start their own local Ray at the same time both finish, and each
+    Ray's dashboard agent serves HTTP on a port of its own. Ray's default, a fixed 52365 that
+    ray.init cannot change, went to whichever agent bound first; the other retried for seconds
+    and ran without HTTP (port -1), and on a loaded machine that delay let ray.init's 30 s wait
+    for the node run out ("The current node timed out during startup")."""
+    storage = tmp_path / "runs"
+    env = _env(tmp_path, short_tmp)
+    runs = {name: subprocess.Popen(_evo_run(storage, name, env, "population.total_steps=20"), env=env,
+                                   stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+            for name in ("a", "b")}
+    ports: dict[str, int] = {}
+    try:
+        deadline = time.time() + 540
+        while any(p.poll() is None for p in runs.values()) and time.time() < deadline:
+            ports.update(_agent_ports(short_tmp))   # read while the runs live: their dirs go with them
+            time.sleep(0.2)
+        outputs = {name: p.communicate(timeout=60) for name, p in runs.items()}
+    finally:
+        for p in runs.values():
+            if p.poll() is None:
+                p.kill()
+                p.wait()
+    for name, p in runs.items():
+        assert p.returncode == 0, f"run {name}: {outputs[name][1][-3000:]}"
+        assert (storage / name / "state.json").is_file()
+        assert json.loads((storage / name / "summary.json").read_text())["status"] == "finished"
+    # one agent per run (one more per start retried after Ray's startup timeout, on a busy machine)
+    assert len(ports) >= 2, ports
+    assert all(v > 0 and v != 52365 for v in ports.values()) and len(set(ports.values())) >= 2, ports
+    assert os.listdir(short_tmp) == []
+
+
+# A driver whose first local Ray "times out during startup" once its processes are up (Ray's
+# Node raising the exception it raises when the raylet does not register in 30 s), then, after a
+# good start and close, one that fails twice before starting anything. Prints one JSON line.
+_RETRY_SCRIPT = r"""
+import json, os, sys
+import ray
+import ray._private.node as node_mod
+from population import cluster
+
+original = node_mod.Node.__init__
+plan = {"after_start": 1, "before_start": 0}
+first = {}
+
+def init(self, *args, **kwargs):
+    if plan["before_start"]:
+        plan["before_start"] -= 1
+        raise Exception("The current node timed out during startup. (injected before start)")
+    original(self, *args, **kwargs)
+    if plan["after_start"]:
+        plan["after_start"] -= 1
+        first["pids"] = [p.process.pid for infos in self.all_processes.values() for p in infos]
+        first["temp_dir"] = self.get_temp_dir_path()
+        raise Exception("The current node timed out during startup. (injected after start)")
+
+node_mod.Node.__init__ = init
+c = cluster._start_local()
+out = {"first": first, "second_root": c._root,
+       "second_works": ray.get(ray.remote(lambda: 41 + 1).remote()) == 42,
+       "pids_of_first_alive_during_second": [p for p in first["pids"] if os.path.exists(f"/proc/{p}")
+                                             and open(f"/proc/{p}/stat").read().rsplit(")", 1)[1].split()[0] != "Z"],
+       "first_dir_exists": os.path.exists(first["temp_dir"])}
+c.close()
+plan["before_start"] = 2
+try:
+    cluster._start_local()
+    out["error"] = None
+except cluster.ClusterError as e:
+    out["error"] = str(e)
+out["initialized_after_error"] = ray.is_initialized()
+print(json.dumps(out))
+"""
+
+
+@pytest.mark.slow
+def test_local_ray_start_timeout_is_retried_once_then_one_line(tmp_path, short_tmp):
+    """Ray's "The current node timed out during startup" (injected into Ray's Node; the Ray around
+    it is real): the first try's processes and files are gone, the second try is a working Ray;
+    two in a row are one line naming the load, and Ray is left uninitialized."""
+    env = _env(tmp_path, short_tmp)
+    r = subprocess.run([sys.executable, "-c", _RETRY_SCRIPT], env=env, cwd=REPO, capture_output=True, text=True,
+                       timeout=540)
+    assert r.returncode == 0, r.stderr[-3000:]
+    out = json.loads(r.stdout.strip().splitlines()[-1])
+    assert len(out["first"]["pids"]) >= 3, out   # GCS, raylet, dashboard... were up when it failed
+    assert out["pids_of_first_alive_during_second"] == [], out
+    assert not out["first_dir_exists"] and not out["first"]["temp_dir"].startswith(out["second_root"])
+    assert out["second_works"] is True
+    error = out["error"]
+    assert error and "\n" not in error, out
+    assert "evo's local Ray did not start, twice" in error and "load average" in error and "RAY_ADDRESS" in error
+    assert out["initialized_after_error"] is False
+    assert os.listdir(short_tmp) == []
 
 
 @pytest.mark.parametrize("address,loopback", [
