@@ -54,8 +54,10 @@ class ConnectStopped(ClusterError):
 class Cluster:
     """The Ray this driver uses; ``close()`` shuts down what this driver started."""
 
-    def __init__(self, started: bool, reaper: subprocess.Popen | None = None, root: str | None = None):
+    def __init__(self, started: bool, reaper: subprocess.Popen | None = None, root: str | None = None,
+                 dashboard_url: str | None = None):
         self.started = started
+        self.dashboard_url = dashboard_url   # evo's own local Ray's dashboard (host:port), if it has one
         self._reaper = reaper
         self._root = root
 
@@ -74,7 +76,7 @@ def connect(console: Any, stopping: Callable[[], bool] = lambda: False) -> Clust
         return Cluster(started=False)
     env = (os.environ.get("RAY_ADDRESS") or "").strip()
     if env == "local":
-        return _start_local()
+        return _start_local_told(console)
     if env and env != "auto":
         reason = _unreachable(env, RETRY_FOR_S, stopping)
         if reason:
@@ -88,7 +90,7 @@ def connect(console: Any, stopping: Callable[[], bool] = lambda: False) -> Clust
         if env == "auto":
             raise ClusterError("RAY_ADDRESS=auto: no Ray cluster was started on this machine "
                                "(`ray start --head`), or unset RAY_ADDRESS")
-        return _start_local()
+        return _start_local_told(console)
     path, address = last
     reason = _unreachable(address, PROBE_S, stopping)
     if reason is None:
@@ -101,7 +103,7 @@ def connect(console: Any, stopping: Callable[[], bool] = lambda: False) -> Clust
     console.print(f"warning: {path} names a Ray cluster at {address} that does not answer ({reason}): "
                   "a `ray start` ended without `ray stop`; starting a local Ray instead "
                   "(`ray stop` removes the file)", soft_wrap=True, markup=False, highlight=False)
-    return _start_local()
+    return _start_local_told(console)
 
 
 def _join(address: str) -> Cluster:
@@ -130,6 +132,15 @@ def _is_loopback(address: str) -> bool:
         return ipaddress.ip_address(host).is_loopback
     except ValueError:
         return False
+
+
+def _start_local_told(console: Any) -> Cluster:
+    """_start_local, then one line with the dashboard's address (no fixed port: see init_local_ray)."""
+    cluster = _start_local()
+    if cluster.dashboard_url:
+        console.print(f"Ray dashboard: http://{cluster.dashboard_url}", soft_wrap=True, markup=False,
+                      highlight=False)
+    return cluster
 
 
 def _start_local() -> Cluster:
@@ -170,7 +181,8 @@ def _start_local_once() -> Cluster:
     try:
         # the reaper first: a ray.init that fails after starting processes leaves none behind
         reaper = _start_reaper(root)
-        init_local_ray(_temp_dir=os.path.join(root, "ray"), log_to_driver=False, configure_logging=False)
+        context = init_local_ray(_temp_dir=os.path.join(root, "ray"), log_to_driver=False,
+                                 configure_logging=False)
     except BaseException:
         try:
             if ray.is_initialized():
@@ -185,7 +197,8 @@ def _start_local_once() -> Cluster:
                 os.environ.pop(k, None)
             else:
                 os.environ[k] = v
-    return Cluster(started=True, reaper=reaper, root=root)
+    url = getattr(context, "dashboard_url", None) or None
+    return Cluster(started=True, reaper=reaper, root=root, dashboard_url=url)
 
 
 def init_local_ray(**kwargs: Any) -> Any:
@@ -198,8 +211,9 @@ def init_local_ray(**kwargs: Any) -> Any:
     #   --dashboard-agent-listen-port` has). Held, the agent retries for about 3.5 s and then runs
     #   without HTTP; the raylet registers with the GCS only once the agent has settled (seen:
     #   21 ms after the agent gave up), and ray.init waits 30 s for that: on a loaded machine the
-    #   delay can tip it over ("The current node timed out during startup"). Port 0 (the OS picks, the agent reports the port it got)
-    #   is what Ray's own ray.cluster_utils.Cluster gives every node on one machine.
+    #   delay can tip it over ("The current node timed out during startup"). Port 0 (the OS
+    #   picks, the agent reports the port it got) is what Ray's own ray.cluster_utils.Cluster
+    #   gives every node on one machine.
     # - the dashboard's 8265: held, Ray's dashboard moves up to the next free one, but held by
     #   evo, a later `ray start --head` (which asks for 8265 exactly) starts without a dashboard.
     #   Port 0: the dashboard binds whatever is free and records the address it got.

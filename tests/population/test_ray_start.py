@@ -293,7 +293,11 @@ def _agent_ports(tmpdir: Path) -> dict[str, int]:
     """{port file name (it names the node): port} the dashboard agents of the local Rays under ``tmpdir`` reported (Ray
     writes the port its agent's HTTP server bound, or -1 when it could bind none)."""
     found = {}
-    for f in tmpdir.glob("evo-ray-*/ray/session_*/dashboard_agent_listen_port_*"):
+    try:
+        files = list(tmpdir.glob("evo-ray-*/ray/session_*/dashboard_agent_listen_port_*"))
+    except OSError:
+        return found   # a run's temp dir went away while the glob walked it: the next poll reads the rest
+    for f in files:
         try:
             text = f.read_text().strip()
         except OSError:
@@ -331,6 +335,11 @@ def test_two_local_rays_at_once_take_no_fixed_port(tmp_path, short_tmp):
         assert p.returncode == 0, f"run {name}: {outputs[name][1][-3000:]}"
         assert (storage / name / "state.json").is_file()
         assert json.loads((storage / name / "summary.json").read_text())["status"] == "finished"
+    # each run names its own dashboard's address (no fixed port, so the user is told where)
+    dashboards = {name: re.findall(r"^Ray dashboard: http://127\.0\.0\.1:(\d+)$", err, re.M)
+                  for name, (_, err) in outputs.items()}   # the driver's lines go to stderr
+    assert all(len(v) == 1 for v in dashboards.values()), outputs
+    assert dashboards["a"] != dashboards["b"], dashboards
     # one agent per run (one more per start retried after Ray's startup timeout, on a busy machine)
     assert len(ports) >= 2, ports
     assert all(v > 0 and v != 52365 for v in ports.values()) and len(set(ports.values())) >= 2, ports
