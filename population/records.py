@@ -369,7 +369,7 @@ class Records:
         self._views: dict[int, tuple[MemberRecord, list, tuple]] = {}
         self._view_of: dict[int, tuple[MemberRecord, tuple, MemberView]] = {}   # the last view, its key
         self.pending_lineage: list[dict] = []
-        self.named_checkpoints: set[str] = set()   # named since the last commit (pruned if unused)
+        self.named_checkpoints: set[str] = set()   # other than slots, named since the last commit (pruned if unused)
         self.notes: list[str] = []    # one-line warnings of open() (a commit skipped as damaged)
 
     def __getitem__(self, m: int) -> MemberRecord:
@@ -577,17 +577,19 @@ class Records:
         self.pending_lineage.append(record)
 
     def set_checkpoints(self, ids: list[int], round: int) -> dict[int, tuple[str, int]]:
-        """Each member of ``ids`` names its checkpoint of ``round`` (committed once written);
-        returns {member: (path in the store, the step the checkpoint must hold)}."""
-        paths = {m: self.store.checkpoint_path(m, round) for m in ids}
-        self.store.wait_pruned(paths.values())   # one of them may still be being deleted (pruned)
+        """Each member of ``ids`` names its checkpoint of ``round`` (committed once written):
+        one of its slots (``RunStore.checkpoint_slots``: overwritten in turn, none a kept commit
+        names, nothing to prune); returns {member: (path in the store, the step the checkpoint
+        must hold)}."""
+        paths = self.store.checkpoint_slots(dict.fromkeys(ids, round))
+        self.store.wait_pruned(paths.values())   # (slots are never pruned; a path of another kind may be)
         out = {}
+        members = self.members
         for m in ids:
-            rec = self.members[m]
-            rec.checkpoint = paths[m]
+            rec = members[m]
+            rec.checkpoint = path = paths[m]
             rec.checkpoint_sha256 = None   # known once written (saved(), else commit reads it)
-            self.named_checkpoints.add(rec.checkpoint)
-            out[m] = (rec.checkpoint, rec.step)
+            out[m] = (path, rec.step)
         return out
 
     def saved(self, written: Mapping[int, tuple[str, str]]) -> None:
