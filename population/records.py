@@ -99,6 +99,7 @@ class MemberRecord:
 _FIELDS = tuple(f.name for f in dataclasses.fields(MemberRecord))
 CHAIN = 16   # commits written as deltas of the last before the whole state is written again
 # the member fields a delta compares: by value (scalars), by identity (replaced, never changed in place)
+_MISSING = object()
 _BY_VALUE = ("age", "alive", "checkpoint", "checkpoint_sha256", "intervals", "parent", "seed", "since_change", "step")
 _BY_IDENTITY = ("genome", "objectives", "schedule")
 _COLUMNS = (*_BY_VALUE, *_BY_IDENTITY, "id")
@@ -361,6 +362,9 @@ class Records:
         self._hist_len: list[int] = []
         self._pos: dict[int, int] = {}
         self._latencies: tuple[list, int] = ([], 0)
+        # the strategy's state_replaced_items as last committed (shallow copies: the entries are
+        # replaced, never changed in place), what the next delta compares with by identity
+        self._strategy_items: dict[str, dict] = {}
         self._genome_texts = _GenomeTexts()
         # Genome of a genome dict, by the dict's identity (the records replace genomes, never
         # change them in place); the dict is held, so its id is not reused while cached
@@ -742,11 +746,17 @@ class Records:
             if lat is self._latencies[0] and len(lat) >= self._latencies[1]:
                 del body["exploit_latencies"]
                 delta["exploit_latencies_add"] = lat[self._latencies[1]:]
+            strategy = self._strategy_delta(top["strategy"])
+            if strategy is not None:
+                del body["strategy"]
+                delta["strategy"] = strategy
             body["delta"] = delta
             self._last = self.store.commit_state(body, refs=named, delta_of=self._last)
             self._chain += 1
         self.committed = top
         self._remember(recs, cols)
+        self._strategy_items = {k: dict(v) for k in self.strategy.state_replaced_items
+                                if isinstance(v := top["strategy"].get(k), dict)}
         # the store lists its checkpoints only now and then; it is told what was named since
         self.store.prune_checkpoints(named, new=self.named_checkpoints, background=True)
         self.named_checkpoints = set()
@@ -798,6 +808,24 @@ class Records:
         if replaced:
             out["history"] = [[ids[i] for i in replaced], [recs[i].history for i in replaced]]
         return out
+
+    def _strategy_delta(self, state: dict) -> dict | None:
+        """The strategy's state as a delta of the last commit's (``store.apply_delta``):
+        ``whole`` -- every key but its ``state_replaced_items``, as it is --, and ``items`` --
+        of each of those dicts, the entries ``set`` (not the objects last committed) and the
+        keys ``del``eted. None (write it whole) for a strategy without such items, or when one
+        was not committed as a dict."""
+        items = {}
+        for key in self.strategy.state_replaced_items:
+            new, old = state.get(key), self._strategy_items.get(key)
+            if not isinstance(new, dict) or old is None:
+                return None
+            get = old.get
+            items[key] = {"set": {k: v for k, v in new.items() if get(k, _MISSING) is not v},
+                          "del": [k for k in old if k not in new]}
+        if not items:
+            return None
+        return {"whole": {k: v for k, v in state.items() if k not in items}, "items": items}
 
     def _remember(self, recs: list[MemberRecord], cols: dict[str, list]) -> None:
         """The member values just committed, by reference (what the next delta compares with,

@@ -1097,13 +1097,29 @@ def apply_delta(state: dict, delta: dict) -> dict:
     ``exploit_latencies``, given as what was appended: ``delta.exploit_latencies_add``), and in
     ``delta``: ``members`` — {field: [ids, values]} of the member fields that changed (ids null:
     every member, in order) —, ``history_add`` — [ids, lists of evaluations appended] — and
-    ``history`` — [ids, whole histories] of the members whose history was replaced."""
+    ``history`` — [ids, whole histories] of the members whose history was replaced. A delta
+    without a top-level ``strategy`` gives it in ``delta.strategy``: ``whole`` (its keys but
+    the ones below, as they are) and ``items`` ({key: {"set": entries, "del": keys}}: dicts of
+    the state before, entries set or deleted)."""
     d = delta["delta"]
     members = state.get("members") or []
     latencies = state.get("exploit_latencies", [])
+    strategy = state.get("strategy")
     state = {k: v for k, v in delta.items() if k != "delta"}
     if "exploit_latencies_add" in d:
         state["exploit_latencies"] = [*latencies, *d["exploit_latencies_add"]]
+    if "strategy" in d and "strategy" not in state:
+        try:
+            new = dict(d["strategy"].get("whole") or {})
+            for key, change in (d["strategy"].get("items") or {}).items():
+                entries = dict((strategy or {}).get(key) or {})
+                for k in change.get("del") or []:
+                    entries.pop(k, None)
+                entries.update(change.get("set") or {})
+                new[key] = entries
+        except (TypeError, ValueError, AttributeError) as e:
+            raise CorruptRunError(f"a delta cannot be applied: {e}") from None
+        state["strategy"] = new
     state["members"] = members
     pos = {m.get("id"): i for i, m in enumerate(members)}
 

@@ -301,3 +301,39 @@ def test_start_base_and_largest_alternates_the_base_and_the_largest_shape_with_t
         assert {p: v for p, v in g.items() if p.startswith("model.")} == (base if i % 2 == 0 else largest)
         assert g["train.lr"] == f["train.lr"] and set(f) == {"train.lr"}
     assert space.count_parameters(Genome.from_dict(drawn["search"][1])) == 398_208   # at most max_params 400,000
+
+
+def test_pb2_state_is_committed_as_a_delta_of_its_intervals(tmp_path, cache_dir):
+    """PB2's per-member intervals go into a delta commit as the entries that changed (sync: every
+    member evaluated; an async-like event: one), its observations whole; the state read back, and
+    the strategy a resume loads, equal the live strategy's state_dict at every commit."""
+    setup = make_setup(tmp_path, "pb2", cache_dir, size=6, interval=5, total=100, strategy="pb2")
+    strategy = make_strategy(setup.strategy, setup.space)
+    records = Records(setup, RunStore(tmp_path, "pb2"), strategy, 1)
+    assert records.open() == "new"
+    store, rng = records.store, np.random.default_rng(0)
+
+    def body() -> dict:
+        return json.loads(store.read_text(_pointer(store)["file"]))
+
+    for r in range(1, 8):
+        ready = records.ids if r < 6 else [r - 6]   # rounds 6 and 7: one member each, as in async
+        records.record_results({m: {"step": records[m].step + 5, "val_bpb": float(3 - 0.1 * r + rng.normal(0, 0.05)),
+                                    "params": 100 + m, "tokens_per_s": 1e3} for m in ready})
+        decisions = strategy.plan(records.snapshot(r), np.random.default_rng([0, r]), ready=None if r < 6 else ready)
+        for d in decisions:
+            if isinstance(d, Exploit):
+                before = records_before(records, [d])
+                record_applied(records, d, before, d.donor, r, step=before[d.donor].step, params=100, latency=0.0,
+                               received={})
+        records.commit(r, steps_done=5 * r)
+        expected = json.loads(json.dumps(strategy.state_dict()))
+        assert store.read_state()["strategy"] == expected
+        if r > 1:   # deltas from the session's second commit
+            b = body()
+            assert "strategy" not in b and set(b["delta"]["strategy"]["whole"]) == {"observations"}
+            changed = b["delta"]["strategy"]["items"]["intervals"]["set"]
+            assert set(changed) <= {str(m) for m in ready} and changed
+    again = make_strategy(setup.strategy, setup.space)
+    assert Records(setup, RunStore(tmp_path, "pb2"), again, 1).open() == "resumed"
+    assert json.loads(json.dumps(again.state_dict())) == expected
