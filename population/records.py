@@ -797,6 +797,13 @@ class Records:
                     added.append(i)
             else:
                 replaced.append(i)
+        obj = changes.get("objectives")
+        if obj is not None:   # dicts of the same keys (every member's figures): as columns, encoded far faster
+            values = obj[1]
+            keys = list(values[0]) if values and type(values[0]) is dict else []
+            if keys and all(type(v) is dict and list(v) == keys for v in values):
+                del changes["objectives"]
+                out["objectives_cols"] = [obj[0], keys, [[v[k] for v in values] for k in keys]]
         if changes:
             out["members"] = changes
         if added:

@@ -1097,7 +1097,9 @@ def apply_delta(state: dict, delta: dict) -> dict:
     ``exploit_latencies``, given as what was appended: ``delta.exploit_latencies_add``), and in
     ``delta``: ``members`` — {field: [ids, values]} of the member fields that changed (ids null:
     every member, in order) —, ``history_add`` — [ids, lists of evaluations appended] — and
-    ``history`` — [ids, whole histories] of the members whose history was replaced. A delta
+    ``history`` — [ids, whole histories] of the members whose history was replaced, and
+    ``objectives_cols`` — [ids, keys, a column of values per key] of the members whose
+    objectives (dicts of those keys) changed. A delta
     without a top-level ``strategy`` gives it in ``delta.strategy``: ``whole`` (its keys but
     the ones below, as they are) and ``items`` ({key: {"set": entries, "del": keys}}: dicts of
     the state before, entries set or deleted)."""
@@ -1138,6 +1140,10 @@ def apply_delta(state: dict, delta: dict) -> dict:
         for field_, spec in (d.get("members") or {}).items():
             for m, v in rows(spec):
                 m[field_] = v
+        if "objectives_cols" in d:   # [ids, keys, one column of values per key]
+            ids, keys, columns = d["objectives_cols"]
+            for m, v in rows([ids, [dict(zip(keys, row)) for row in zip(*columns)]]):
+                m["objectives"] = v
         if "history" in d:
             for m, v in rows(d["history"]):
                 m["history"] = v

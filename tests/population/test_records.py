@@ -82,7 +82,9 @@ def test_commit_and_snapshot_equal_whole_encodings_and_views(tmp_path, cache_dir
         if chain and ("needs" in _pointer(store)):   # a delta: member 4's changes alone
             assert "members" not in body and body["round"] == r and body["events"] == r
             assert {f: ids for f, (ids, _) in body["delta"]["members"].items()} == {
-                "age": [4], "checkpoint": [4], "checkpoint_sha256": [4], "intervals": [4], "objectives": [4], "step": [4]}
+                "age": [4], "checkpoint": [4], "checkpoint_sha256": [4], "intervals": [4], "step": [4]}
+            ids, keys, columns = body["delta"]["objectives_cols"]   # the figures as columns
+            assert ids == [4] and dict(zip(keys, (c[0] for c in columns))) == records[4].objectives
             assert body["delta"]["history_add"] == [[4], [[[r * 5 + 1, 2.5]]]]
         else:
             assert len(body["members"]) == len(records.ids)
