@@ -10,10 +10,12 @@ on the quickstart's search space, in a temporary run store:
   ``Records.commit`` (lineage append, state.json commit, checkpoint pruning) + ``Monitor.on_round``
   (no sink enabled: W&B disabled, no Optuna mirror, no Ray) + ``Progress.update`` (the printed line)
   + ``settle_heap`` (the young garbage collected, the survivors frozen, as the driver does);
-- prune CPU = the CPU of the thread that deletes, in the background, the checkpoints and
-  checksum files no kept commit names any more (``RunStore.delete_cpu_s``; 2 files per member
-  per round): the driver's process pays it while the members train, off the round's path, so
-  it is joined before the next round is timed and shown on its own, not in the total.
+- prune CPU = the CPU of the thread that deletes, in the background, the checkpoint files no
+  kept commit names any more (``RunStore.delete_cpu_s``): the driver's process pays it while
+  the members train, off the round's path, so it is joined before the next round is timed and
+  shown on its own, not in the total. Since the checkpoints go into slots overwritten in turn
+  (``RunStore.checkpoint_slots``) there is nothing to delete and it reads 0; a tree that still
+  names a new file per round (an older store) deletes 2 files per member per round here.
 
 The members' own work is left out of the timing: between plan and commit the script writes each
 member's (tiny) checkpoint and its ``.sha256``, as a member would, so the commit reads and prunes

@@ -105,7 +105,8 @@ def breed_all(
     for row, i in enumerate(chosen):
         m, parent = members[i], pool[p1[i]]
         src = pool[source[i]]
-        genome = unlike(space.decode(mutated[row]), src.genome, space, rng, config.grow_only)
+        genome = unlike(space.decode(mutated[row]), src.genome, space, rng, config.grow_only,
+                        source_coordinates=coordinates(src.genome))
         if crossed[row]:
             out[i] = Crossover(m.id, (parent.id, pool[p2[i]].id), src.id, genome)
         else:
@@ -185,7 +186,8 @@ def _polynomial_coordinates(x: np.ndarray, space: SearchSpace, probability: floa
 
 
 def unlike(child: Genome, source: Genome, space: SearchSpace, rng: np.random.Generator,
-           grow_only: bool = False, tries_per_gene: int = 8) -> Genome:
+           grow_only: bool = False, tries_per_gene: int = 8,
+           source_coordinates: np.ndarray | None = None) -> Genome:
     """`child` brought inside the space (`inside`; with `grow_only` no architecture gene below
     `source`'s), or when that is `source` itself (the genome whose weights it takes: crossover of
     two near-identical parents, a mutation that drew no gene, a shrink that `grow_only` turned back
@@ -194,11 +196,13 @@ def unlike(child: Genome, source: Genome, space: SearchSpace, rng: np.random.Gen
     `tries_per_gene` draws per gene until it differs (a donor at the top of its shape has few genes
     that can still move). With `grow_only` that gene, if it is an architecture gene, only
     moves up (`mut_polynomial(grow=True)`), so the redraw is a growth or a change of another gene,
-    never a shrink turned back into a clone; a clone is left only when no gene can move."""
+    never a shrink turned back into a clone; a clone is left only when no gene can move.
+    `source_coordinates`: `space.encode(source)`, when the caller has it."""
     n = len(space.genes)
+    xs = (space.encode(source) if source_coordinates is None else source_coordinates).tolist()
     genome = inside(space, child, source, grow_only)
     for _ in range(tries_per_gene * n):
-        if not same_point(space, genome, source):
+        if not _close(space.encode(genome).tolist(), xs, 1e-9):
             return genome
         child = mut_polynomial(source, space, rng, only=int(rng.integers(n)), grow=grow_only)
         genome = inside(space, child, source, grow_only)
@@ -209,7 +213,13 @@ def same_point(space: SearchSpace, a: Genome, b: Genome, atol: float = 1e-9) -> 
     """Whether `a` and `b` are one point of the space: equal coordinates up to float round-off
     (a float gene encoded and decoded again, as crossover and mutation do for the genes they
     leave alone, can come back a few ulps away, which `==` on genomes tells apart)."""
-    return bool(np.allclose(space.encode(a), space.encode(b), rtol=0.0, atol=atol))
+    return _close(space.encode(a).tolist(), space.encode(b).tolist(), atol)
+
+
+def _close(a: list[float], b: list[float], atol: float) -> bool:
+    """``np.allclose(a, b, rtol=0, atol=atol)`` for two equally long lists of finite numbers
+    (coordinates in [0, 1]), without numpy's per-call overhead (thousands of children a round)."""
+    return all(abs(x - y) <= atol for x, y in zip(a, b))
 
 
 class GA(Strategy):

@@ -49,6 +49,8 @@ MAX_PROPOSALS = 16
 class PB2(Strategy):
     """PBT exploit + model-based explore of the hyperparameters (Optuna TPE or GP)."""
 
+    state_replaced_items = ("intervals",)   # each member's interval is a new dict when it changes
+
     def __init__(self, space: SearchSpace, config: StrategyConfig) -> None:
         super().__init__(space, config)
         self.hparams = tuple(g.path for g in space.genes if not g.is_architecture)
@@ -144,7 +146,7 @@ class PB2(Strategy):
     def state_dict(self) -> dict:
         return {
             "observations": self.observations,
-            "intervals": {str(i): v for i, v in self.intervals.items()},
+            "intervals": {str(i): v for i, v in self.intervals.items()},   # v: replaced, never changed
         }
 
     def load_state_dict(self, state: dict) -> None:

@@ -184,6 +184,10 @@ class Strategy(ABC):
     what `state_dict` returns, and draw every random number from the `rng` given to `plan`.
     """
 
+    # keys of `state_dict()` whose value is a dict whose entries are replaced, never changed in
+    # place: a commit writes only the entries that are not the objects it wrote last time
+    state_replaced_items: tuple[str, ...] = ()
+
     def __init__(self, space: SearchSpace, config: StrategyConfig) -> None:
         self.space = space
         self.config = config

@@ -99,6 +99,7 @@ class MemberRecord:
 _FIELDS = tuple(f.name for f in dataclasses.fields(MemberRecord))
 CHAIN = 16   # commits written as deltas of the last before the whole state is written again
 # the member fields a delta compares: by value (scalars), by identity (replaced, never changed in place)
+_MISSING = object()
 _BY_VALUE = ("age", "alive", "checkpoint", "checkpoint_sha256", "intervals", "parent", "seed", "since_change", "step")
 _BY_IDENTITY = ("genome", "objectives", "schedule")
 _COLUMNS = (*_BY_VALUE, *_BY_IDENTITY, "id")
@@ -361,6 +362,9 @@ class Records:
         self._hist_len: list[int] = []
         self._pos: dict[int, int] = {}
         self._latencies: tuple[list, int] = ([], 0)
+        # the strategy's state_replaced_items as last committed (shallow copies: the entries are
+        # replaced, never changed in place), what the next delta compares with by identity
+        self._strategy_items: dict[str, dict] = {}
         self._genome_texts = _GenomeTexts()
         # Genome of a genome dict, by the dict's identity (the records replace genomes, never
         # change them in place); the dict is held, so its id is not reused while cached
@@ -369,7 +373,7 @@ class Records:
         self._views: dict[int, tuple[MemberRecord, list, tuple]] = {}
         self._view_of: dict[int, tuple[MemberRecord, tuple, MemberView]] = {}   # the last view, its key
         self.pending_lineage: list[dict] = []
-        self.named_checkpoints: set[str] = set()   # named since the last commit (pruned if unused)
+        self.named_checkpoints: set[str] = set()   # other than slots, named since the last commit (pruned if unused)
         self.notes: list[str] = []    # one-line warnings of open() (a commit skipped as damaged)
 
     def __getitem__(self, m: int) -> MemberRecord:
@@ -577,17 +581,19 @@ class Records:
         self.pending_lineage.append(record)
 
     def set_checkpoints(self, ids: list[int], round: int) -> dict[int, tuple[str, int]]:
-        """Each member of ``ids`` names its checkpoint of ``round`` (committed once written);
-        returns {member: (path in the store, the step the checkpoint must hold)}."""
-        paths = {m: self.store.checkpoint_path(m, round) for m in ids}
-        self.store.wait_pruned(paths.values())   # one of them may still be being deleted (pruned)
+        """Each member of ``ids`` names its checkpoint of ``round`` (committed once written):
+        one of its slots (``RunStore.checkpoint_slots``: overwritten in turn, none a kept commit
+        names, nothing to prune); returns {member: (path in the store, the step the checkpoint
+        must hold)}."""
+        paths = self.store.checkpoint_slots(dict.fromkeys(ids, round))
+        self.store.wait_pruned(paths.values())   # (slots are never pruned; a path of another kind may be)
         out = {}
+        members = self.members
         for m in ids:
-            rec = self.members[m]
-            rec.checkpoint = paths[m]
+            rec = members[m]
+            rec.checkpoint = path = paths[m]
             rec.checkpoint_sha256 = None   # known once written (saved(), else commit reads it)
-            self.named_checkpoints.add(rec.checkpoint)
-            out[m] = (rec.checkpoint, rec.step)
+            out[m] = (path, rec.step)
         return out
 
     def saved(self, written: Mapping[int, tuple[str, str]]) -> None:
@@ -740,11 +746,17 @@ class Records:
             if lat is self._latencies[0] and len(lat) >= self._latencies[1]:
                 del body["exploit_latencies"]
                 delta["exploit_latencies_add"] = lat[self._latencies[1]:]
+            strategy = self._strategy_delta(top["strategy"])
+            if strategy is not None:
+                del body["strategy"]
+                delta["strategy"] = strategy
             body["delta"] = delta
             self._last = self.store.commit_state(body, refs=named, delta_of=self._last)
             self._chain += 1
         self.committed = top
         self._remember(recs, cols)
+        self._strategy_items = {k: dict(v) for k in self.strategy.state_replaced_items
+                                if isinstance(v := top["strategy"].get(k), dict)}
         # the store lists its checkpoints only now and then; it is told what was named since
         self.store.prune_checkpoints(named, new=self.named_checkpoints, background=True)
         self.named_checkpoints = set()
@@ -785,6 +797,13 @@ class Records:
                     added.append(i)
             else:
                 replaced.append(i)
+        obj = changes.get("objectives")
+        if obj is not None:   # dicts of the same keys (every member's figures): as columns, encoded far faster
+            values = obj[1]
+            keys = list(values[0]) if values and type(values[0]) is dict else []
+            if keys and all(type(v) is dict and list(v) == keys for v in values):
+                del changes["objectives"]
+                out["objectives_cols"] = [obj[0], keys, [[v[k] for v in values] for k in keys]]
         if changes:
             out["members"] = changes
         if added:
@@ -796,6 +815,24 @@ class Records:
         if replaced:
             out["history"] = [[ids[i] for i in replaced], [recs[i].history for i in replaced]]
         return out
+
+    def _strategy_delta(self, state: dict) -> dict | None:
+        """The strategy's state as a delta of the last commit's (``store.apply_delta``):
+        ``whole`` -- every key but its ``state_replaced_items``, as it is --, and ``items`` --
+        of each of those dicts, the entries ``set`` (not the objects last committed) and the
+        keys ``del``eted. None (write it whole) for a strategy without such items, or when one
+        was not committed as a dict."""
+        items = {}
+        for key in self.strategy.state_replaced_items:
+            new, old = state.get(key), self._strategy_items.get(key)
+            if not isinstance(new, dict) or old is None:
+                return None
+            get = old.get
+            items[key] = {"set": {k: v for k, v in new.items() if get(k, _MISSING) is not v},
+                          "del": [k for k in old if k not in new]}
+        if not items:
+            return None
+        return {"whole": {k: v for k, v in state.items() if k not in items}, "items": items}
 
     def _remember(self, recs: list[MemberRecord], cols: dict[str, list]) -> None:
         """The member values just committed, by reference (what the next delta compares with,

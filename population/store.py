@@ -31,11 +31,16 @@ Layout::
     │                              the lines written after the last commit are dropped
     ├── checkpoints/
     │   └── m3/
-    │       ├── r12.pt             torch.save of member 3's trainer state at round 12
-    │       └── r12.pt.sha256      its SHA-256, written by the member after the file; the member
+    │       ├── s0.pt … s3.pt      torch.save of member 3's trainer state: CHECKPOINT_SLOTS slots
+    │       │                      per member, overwritten in turn (slot = round % SLOTS, async:
+    │       │                      the member's intervals; the next free one when a kept commit
+    │       │                      names that one), never deleted (checkpoint_slots)
+    │       └── s0.pt.sha256 …     its SHA-256, written by the member after the file; the member
     │                              also reports it (wait_saved), the driver commits it in the
     │                              member's record (checkpoint_sha256; read from this file only
     │                              when not reported), and a resume checks the file against it
+    │                              (a run of an older evo names r<round>.pt files instead: they
+    │                              are read as they are and deleted once no kept commit names them)
     ├── lock.json                  while a driver holds the run: {"pid", "host", "pid_start",
     │                              "started", "heartbeat" (unix s), "token"}
     └── …                          whatever else is written with write_text (reports, optuna.db …)
@@ -51,6 +56,13 @@ kept, each checked against its checksum, and ``prune_checkpoints`` keeps every c
 them names: a run whose last commit lost a file resumes from the commit before it. The driver
 prunes in the background (``prune_checkpoints(background=True)``): the files to delete are chosen
 from the kept commits before the thread starts, so a crash meanwhile only leaves files behind.
+
+Checkpoint slots. A member writes each checkpoint into one of its CHECKPOINT_SLOTS (= KEEP_STATES
++ 1) slots, replacing what was there (a temporary renamed into place), so a round creates and
+deletes no file. ``checkpoint_slots`` never hands out a slot that a kept commit (the last one
+or an older one a resume can fall back to) names: the KEEP_STATES kept commits name at most
+KEEP_STATES checkpoints of a member, so one slot is always free, and a crash while a slot is
+written leaves every checkpoint a kept commit names as it was committed.
 
 Writes. On a local disk every file is written under a temporary name beside it
 (``<name>.tmp-<hex>``), fsynced and renamed into place with ``os.replace``: a reader sees the old
@@ -98,6 +110,8 @@ MAX_CHAIN_READ = 1000          # deltas a reader follows back before it calls th
 KEEP_STATES = 3                # state bodies kept (and the checkpoints they name), so a reader that
                                # read state.json just before a commit still finds the body it names,
                                # and a resume can fall back to an older commit
+CHECKPOINT_SLOTS = KEEP_STATES + 1   # checkpoint files per member, overwritten in turn: one more
+                               # than the kept commits can name
 DEFAULT_STALE_AFTER = 300.0    # seconds without a heartbeat after which a lock is abandoned
 _TMP_MARK = ".tmp-"            # temporary files are "<final name>.tmp-<hex>"
 LIST_EVERY_S = 600.0           # prune_checkpoints(new=...) lists the checkpoints folder whole this often
@@ -105,6 +119,7 @@ _TMP_MAX_AGE = 3600.0          # prune_checkpoints deletes temporaries older tha
 _REMOTE_SETTLE = 0.2           # seconds between writing a lock on fsspec and reading it back
 
 _NAME_RE = re.compile(r"[A-Za-z0-9._-]+")
+_SLOT_RE = re.compile(r"m\d+/s(\d+)\.pt(?:\.sha256)?")   # a slot file, under checkpoints/
 _STATE_BODY_RE = re.compile(r"(\d+)\.json")
 
 
@@ -179,6 +194,8 @@ class RunStore:
         self._deleting: frozenset[str] = frozenset()   # the .pt paths it was handed
         self._delete_error: BaseException | None = None
         self.delete_cpu_s = 0.0   # CPU seconds the background deletions took (their thread's)
+        # checkpoint_slots: the pointer last read and the checkpoints its kept commits name
+        self._kept_refs: tuple[bytes | None, tuple[frozenset[str], ...]] = (None, ())
 
     def __repr__(self) -> str:
         return f"RunStore({self.uri!r})"
@@ -484,6 +501,36 @@ class RunStore:
                 raise StoreError(f"checkpoint {field} must be a non-negative int, got {value!r}")
         return f"{CHECKPOINTS_DIR}/m{member}/r{round}.pt"
 
+    def checkpoint_slots(self, keys: dict[int, int]) -> dict[int, str]:
+        """The relative path each member of ``keys`` ({member: n}, n the round, or in async
+        mode the member's intervals) writes its next checkpoint to: its slot
+        ``n % CHECKPOINT_SLOTS`` (``checkpoints/m<member>/s<slot>.pt``), or, when a kept commit
+        names that one (a member set back to an older commit, a resume that fell back), the
+        next slot none names. The slot is overwritten in place: nothing to delete afterwards."""
+        kept = self._kept_checkpoints()
+        out = {}
+        for m, n in keys.items():
+            if isinstance(m, bool) or not isinstance(m, int) or m < 0 or isinstance(n, bool) or not isinstance(n, int) or n < 0:
+                raise StoreError(f"checkpoint member and round must be non-negative ints, got {m!r}, {n!r}")
+            for i in range(CHECKPOINT_SLOTS):
+                path = f"{CHECKPOINTS_DIR}/m{m}/s{(n + i) % CHECKPOINT_SLOTS}.pt"
+                if not any(path in refs for refs in kept):
+                    break
+            else:   # cannot happen: the kept commits name at most KEEP_STATES of a member's slots
+                raise StoreError(f"every checkpoint slot of member {m} is named by a kept commit")
+            out[m] = path
+        return out
+
+    def _kept_checkpoints(self) -> tuple[frozenset[str], ...]:
+        """The checkpoints each kept commit names (read again only when the pointer changed)."""
+        raw = self._read_bytes(STATE)
+        if raw is None:
+            return ()
+        if raw != self._kept_refs[0]:
+            pointer = self._parse_pointer(raw)   # CorruptRunError for an unreadable pointer
+            self._kept_refs = (raw, tuple(self._refs_of(e) for e in [pointer, *pointer["previous"]]))
+        return self._kept_refs[1]
+
     def save_checkpoint(self, rel_path: str, state: dict) -> int:
         """torch.save ``state`` to ``rel_path`` atomically, then its SHA-256 beside it
         (``<rel_path>.sha256``); returns the bytes written. A write that fails (disk full,
@@ -609,6 +656,11 @@ class RunStore:
         LIST_EVERY_S seconds (temporaries, files of a crashed session): a round costs what it
         deletes, not the size of the store. Without ``new``, the folder is listed every time.
 
+        Slot files (``checkpoints/m<id>/s<k>.pt`` with k < CHECKPOINT_SLOTS, and their
+        checksums) are never deleted: ``checkpoint_slots`` overwrites them in turn. What goes is
+        the rest: an older evo's ``r<round>.pt`` files once no kept commit names them, files a
+        caller wrote under other names, temporaries of crashed saves.
+
         ``background`` (with ``new``, between listings): which files go is decided here, from
         the committed states, and a thread deletes them (their ``.pt`` paths are returned); the
         round goes on meanwhile. Only files no kept commit names are handed to it, so a crash
@@ -619,14 +671,19 @@ class RunStore:
         """
         self._check_not_lost()
         self.wait_pruned()
+        listing = new is None or self._present is None or time.monotonic() - self._listed_at >= LIST_EVERY_S
+        if not listing:
+            new = {k for k in map(_clean_rel, new) if not _is_slot(k)}
+            if not new and not self._present:
+                return []   # nothing but slots named since the last listing: nothing to delete
         kept = {_clean_rel(k) for k in keep}
         raw = self._read_bytes(STATE)
         if raw is not None:
             pointer = self._parse_pointer(raw)   # CorruptRunError for an unreadable pointer
             for entry in [pointer, *pointer["previous"]]:
                 kept |= self._refs_of(entry)
-        if new is not None and self._present is not None and time.monotonic() - self._listed_at < LIST_EVERY_S:
-            self._present |= {_clean_rel(k) for k in new}
+        if not listing:
+            self._present |= new
             gone = sorted(self._present - kept)
             self._present -= set(gone)
             if background and gone:
@@ -648,6 +705,8 @@ class RunStore:
             if _TMP_MARK in name:
                 if not (self._local and _older_than(path, _TMP_MAX_AGE)):
                     continue
+            elif _is_slot(rel):
+                continue   # overwritten in turn, never deleted
             elif name.endswith(".pt" + CHECKSUM_SUFFIX):
                 if rel[: -len(CHECKSUM_SUFFIX)] in kept:
                     continue
@@ -1007,6 +1066,14 @@ def _clean_rel(rel: str) -> str:
     return norm
 
 
+def _is_slot(rel: str) -> bool:
+    """Whether ``rel`` (clean) is a checkpoint slot or its checksum (``checkpoint_slots``)."""
+    if not rel.startswith(CHECKPOINTS_DIR + "/"):
+        return False
+    m = _SLOT_RE.fullmatch(rel, len(CHECKPOINTS_DIR) + 1)
+    return m is not None and int(m.group(1)) < CHECKPOINT_SLOTS
+
+
 _REF_RE = re.compile(rb'"(' + re.escape(CHECKPOINTS_DIR.encode()) + rb'/[^"\\]*)"')
 
 
@@ -1030,13 +1097,31 @@ def apply_delta(state: dict, delta: dict) -> dict:
     ``exploit_latencies``, given as what was appended: ``delta.exploit_latencies_add``), and in
     ``delta``: ``members`` — {field: [ids, values]} of the member fields that changed (ids null:
     every member, in order) —, ``history_add`` — [ids, lists of evaluations appended] — and
-    ``history`` — [ids, whole histories] of the members whose history was replaced."""
+    ``history`` — [ids, whole histories] of the members whose history was replaced, and
+    ``objectives_cols`` — [ids, keys, a column of values per key] of the members whose
+    objectives (dicts of those keys) changed. A delta
+    without a top-level ``strategy`` gives it in ``delta.strategy``: ``whole`` (its keys but
+    the ones below, as they are) and ``items`` ({key: {"set": entries, "del": keys}}: dicts of
+    the state before, entries set or deleted)."""
     d = delta["delta"]
     members = state.get("members") or []
     latencies = state.get("exploit_latencies", [])
+    strategy = state.get("strategy")
     state = {k: v for k, v in delta.items() if k != "delta"}
     if "exploit_latencies_add" in d:
         state["exploit_latencies"] = [*latencies, *d["exploit_latencies_add"]]
+    if "strategy" in d and "strategy" not in state:
+        try:
+            new = dict(d["strategy"].get("whole") or {})
+            for key, change in (d["strategy"].get("items") or {}).items():
+                entries = dict((strategy or {}).get(key) or {})
+                for k in change.get("del") or []:
+                    entries.pop(k, None)
+                entries.update(change.get("set") or {})
+                new[key] = entries
+        except (TypeError, ValueError, AttributeError) as e:
+            raise CorruptRunError(f"a delta cannot be applied: {e}") from None
+        state["strategy"] = new
     state["members"] = members
     pos = {m.get("id"): i for i, m in enumerate(members)}
 
@@ -1055,6 +1140,10 @@ def apply_delta(state: dict, delta: dict) -> dict:
         for field_, spec in (d.get("members") or {}).items():
             for m, v in rows(spec):
                 m[field_] = v
+        if "objectives_cols" in d:   # [ids, keys, one column of values per key]
+            ids, keys, columns = d["objectives_cols"]
+            for m, v in rows([ids, [dict(zip(keys, row)) for row in zip(*columns)]]):
+                m["objectives"] = v
         if "history" in d:
             for m, v in rows(d["history"]):
                 m["history"] = v

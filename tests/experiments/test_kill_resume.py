@@ -29,7 +29,7 @@ from pathlib import Path
 
 import pytest
 
-from population.store import RunStore
+from population.store import CHECKPOINT_SLOTS, RunStore
 from tests.helpers import (EVO, QUICKSTART, TINY, comparable_lineage, evo_env, evo_status, member_processes,
                            proc_title, read_lineage, set_args)
 
@@ -75,10 +75,10 @@ def _at(point: str, titles: list[str]) -> bool:
 
 
 def _next_checkpoints(run_dir: Path, r: int, since: float) -> list[str]:
-    """Round ``r + 1``'s checkpoint files written since ``since`` (this driver's: not ones an
-    earlier killed driver left behind)."""
+    """Round ``r + 1``'s checkpoint files (its slot) written since ``since`` (this driver's: not
+    ones an earlier killed driver or an earlier round left behind)."""
     names = []
-    for p in run_dir.glob(f"checkpoints/m*/r{r + 1}.pt*"):
+    for p in run_dir.glob(f"checkpoints/m*/s{(r + 1) % CHECKPOINT_SLOTS}.pt*"):
         try:
             if p.stat().st_mtime >= since:
                 names.append(p.name)

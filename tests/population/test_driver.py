@@ -17,7 +17,7 @@ from population.driver import ConfigConflictError, ResourceFitError, SearchError
 from population.inspect import export_run, run_status
 from population.replay import replay_run
 from population.slots import concurrent_slots
-from population.store import KEEP_STATES, RunStore
+from population.store import CHECKPOINT_SLOTS, KEEP_STATES, RunStore
 from tests.helpers import sigterm_at_round
 from tests.population.conftest import make_setup
 
@@ -77,12 +77,12 @@ def test_sync_search_writes_a_complete_run(reference):
     assert exploits and all(r["parents"] and r["changed"] and r["latency_s"] > 0 for r in exploits)
     assert len(state["exploit_latencies"]) == len(exploits)
 
-    # every committed checkpoint exists with the checksum its record holds; the only others left
-    # are those of the older commits kept when the last round was committed
+    # every committed checkpoint exists with the checksum its record holds; the files are each
+    # member's CHECKPOINT_SLOTS slots, written in turn (round % slots), nothing else
     referenced = {m["checkpoint"] for m in state["members"]}
     on_disk = {str(p.relative_to(run_dir)) for p in (run_dir / "checkpoints").rglob("*.pt")}
-    assert referenced == {f"checkpoints/m{i}/r{ROUNDS}.pt" for i in range(3)}
-    assert on_disk == {f"checkpoints/m{i}/r{r}.pt" for i in range(3) for r in range(ROUNDS - KEEP_STATES + 1, ROUNDS + 1)}
+    assert referenced == {f"checkpoints/m{i}/s{ROUNDS % CHECKPOINT_SLOTS}.pt" for i in range(3)}
+    assert on_disk == {f"checkpoints/m{i}/s{r % CHECKPOINT_SLOTS}.pt" for i in range(3) for r in range(1, ROUNDS + 1)}
     store = RunStore(storage, "ref")
     assert all(store.check_checkpoint(m["checkpoint"], m["checkpoint_sha256"]) is None
                and len(m["checkpoint_sha256"]) == 64 for m in state["members"])

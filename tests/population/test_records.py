@@ -14,7 +14,7 @@ from evo.strategies import make_strategy
 from evo.strategy import Exploit
 from population.decisions import record_applied, records_before
 from population.records import Records, _encode
-from population.store import KEEP_STATES, RunStore
+from population.store import CHECKPOINT_SLOTS, KEEP_STATES, RunStore
 from tests.population.conftest import make_setup
 
 
@@ -82,7 +82,9 @@ def test_commit_and_snapshot_equal_whole_encodings_and_views(tmp_path, cache_dir
         if chain and ("needs" in _pointer(store)):   # a delta: member 4's changes alone
             assert "members" not in body and body["round"] == r and body["events"] == r
             assert {f: ids for f, (ids, _) in body["delta"]["members"].items()} == {
-                "age": [4], "checkpoint": [4], "checkpoint_sha256": [4], "intervals": [4], "objectives": [4], "step": [4]}
+                "age": [4], "checkpoint": [4], "checkpoint_sha256": [4], "intervals": [4], "step": [4]}
+            ids, keys, columns = body["delta"]["objectives_cols"]   # the figures as columns
+            assert ids == [4] and dict(zip(keys, (c[0] for c in columns))) == records[4].objectives
             assert body["delta"]["history_add"] == [[4], [[[r * 5 + 1, 2.5]]]]
         else:
             assert len(body["members"]) == len(records.ids)
@@ -107,30 +109,73 @@ def test_reported_checksums_are_committed_without_reading_them_back(tmp_path, ca
     assert [m["checkpoint_sha256"] for m in state["members"]] == [written[0][1], written[1][1], written[2][1]]
 
 
-def test_old_checkpoints_are_pruned_in_the_background_never_a_committed_one(tmp_path, cache_dir):
-    """After each commit the checkpoints no kept commit names are deleted (once wait_pruned
-    returns), the ones the last KEEP_STATES commits name are all there, and a path named again
-    after it was pruned is written and committed intact."""
-    records = _records(tmp_path, cache_dir, "prune", size=3)
+def _kept_intact(store: RunStore) -> set[str]:
+    """The checkpoints the kept commits name, each asserted intact against its committed checksum."""
+    named = set()
+    for _, state in store.committed_states():
+        for d in state["members"]:
+            if d["checkpoint"]:
+                assert store.check_checkpoint(d["checkpoint"], d["checkpoint_sha256"]) is None, d["checkpoint"]
+                named.add(d["checkpoint"])
+    return named
+
+
+def test_checkpoints_rotate_through_slots_never_one_a_kept_commit_names(tmp_path, cache_dir):
+    """Each member writes its checkpoints into CHECKPOINT_SLOTS slots in turn (round % slots),
+    overwritten in place: no file is created or deleted once every slot exists, every checkpoint
+    a kept commit names stays intact, and a member set back to an older round (async) or a
+    resume that fell back gets a slot no kept commit names."""
+    records = _records(tmp_path, cache_dir, "slots", size=3)
     store, root = records.store, Path(records.store.uri)
-    for r in range(1, 7):
-        records.saved(_write(store, records.set_checkpoints(records.ids, r)))
+    for r in range(1, 9):
+        paths = records.set_checkpoints(records.ids, r)
+        assert {rel for rel, _ in paths.values()} == {f"checkpoints/m{m}/s{r % CHECKPOINT_SLOTS}.pt" for m in records.ids}
+        records.saved(_write(store, paths))
         records.commit(r, steps_done=5 * r)
         store.wait_pruned()
-        named = {d["checkpoint"] for _, state in store.committed_states() for d in state["members"] if d["checkpoint"]}
-        assert {str(p.relative_to(root)) for p in root.glob("checkpoints/*/*.pt")} == named
-        assert {str(p.relative_to(root)) for p in root.glob("checkpoints/*/*.pt.sha256")} == {n + ".sha256" for n in named}
-    assert len(named) == 3 * KEEP_STATES
-    # member 0 names new paths until no kept commit names its r6, which goes in the background;
-    # then r6 is named and written again (an async member set back names its old path again)
-    for r in range(7, 7 + KEEP_STATES):
-        records.saved(_write(store, records.set_checkpoints([0], r)))
+        named = _kept_intact(store)
+        assert len(named) == 3 * min(r, KEEP_STATES)
+        on_disk = {str(p.relative_to(root)) for p in root.glob("checkpoints/*/*")}
+        slots = {f"checkpoints/m{m}/s{k % CHECKPOINT_SLOTS}.pt{x}" for m in records.ids
+                 for k in range(1, r + 1) for x in ("", ".sha256")}
+        assert on_disk == slots and named <= on_disk
+    assert store.delete_cpu_s == 0.0   # nothing was ever deleted
+    # the kept commits (rounds 8, 7, 6) name slots 0, 3, 2: a member set back to round 7 takes slot 1
+    (rel, _), = records.set_checkpoints([0], 7).values()
+    assert rel == "checkpoints/m0/s1.pt"
+    records.saved(_write(store, {0: (rel, 40)}))
+    records.commit(9, steps_done=45)
+    assert store.read_state()["members"][0]["checkpoint"] == rel
+    _kept_intact(store)
+
+
+def test_a_run_with_round_named_checkpoints_resumes_into_slots_and_prunes_the_old_files(tmp_path, cache_dir):
+    """A run an older evo wrote (checkpoints/m<i>/r<round>.pt) resumes: the committed files are
+    kept while a kept commit names them, the new checkpoints go into slots, and the old files are
+    deleted once no kept commit names them."""
+    records = _records(tmp_path, cache_dir, "old", size=2)
+    store, root = records.store, Path(records.store.uri)
+    for r in (1, 2):   # what the older evo wrote and committed
+        for m in records.ids:
+            rel = store.checkpoint_path(m, r)
+            _, sha = store.write_checkpoint(rel, {"step": 5 * r, "member": m})
+            records[m].checkpoint, records[m].checkpoint_sha256, records[m].step = rel, sha, 5 * r
         records.commit(r, steps_done=5 * r)
-    records.saved(_write(store, records.set_checkpoints([0], 6)))   # waits for the deletion first
-    records.commit(7 + KEEP_STATES, steps_done=50)
-    store.wait_pruned()
-    assert store.read_state()["members"][0]["checkpoint"] == "checkpoints/m0/r6.pt"
-    assert store.check_checkpoint("checkpoints/m0/r6.pt", store.read_state()["members"][0]["checkpoint_sha256"]) is None
+        store.wait_pruned()
+    again = Records(records.setup, RunStore(tmp_path, "old"), make_strategy(records.setup.strategy, records.setup.space), 1)
+    assert again.open() == "resumed" and again.notes == []
+    store = again.store
+    assert {again[m].checkpoint for m in again.ids} == {"checkpoints/m0/r2.pt", "checkpoints/m1/r2.pt"}
+    for r in range(3, 3 + KEEP_STATES):
+        again.saved(_write(store, again.set_checkpoints(again.ids, r)))
+        again.commit(r, steps_done=5 * r)
+        store.wait_pruned()
+        named = _kept_intact(store)
+        old = {str(p.relative_to(root)) for p in root.glob("checkpoints/*/r*.pt")}
+        assert old == {n for n in named if "/r" in n}
+    assert not list(root.glob("checkpoints/*/r*"))   # no kept commit names them any more
+    assert {again[m].checkpoint for m in again.ids} == {f"checkpoints/m{m}/s{(2 + KEEP_STATES) % CHECKPOINT_SLOTS}.pt"
+                                                        for m in again.ids}
 
 
 def test_start_base_draws_the_first_members_at_the_base_shape_with_the_fixed_shape_search_s_other_genes(tmp_path):
@@ -258,3 +303,39 @@ def test_start_base_and_largest_alternates_the_base_and_the_largest_shape_with_t
         assert {p: v for p, v in g.items() if p.startswith("model.")} == (base if i % 2 == 0 else largest)
         assert g["train.lr"] == f["train.lr"] and set(f) == {"train.lr"}
     assert space.count_parameters(Genome.from_dict(drawn["search"][1])) == 398_208   # at most max_params 400,000
+
+
+def test_pb2_state_is_committed_as_a_delta_of_its_intervals(tmp_path, cache_dir):
+    """PB2's per-member intervals go into a delta commit as the entries that changed (sync: every
+    member evaluated; an async-like event: one), its observations whole; the state read back, and
+    the strategy a resume loads, equal the live strategy's state_dict at every commit."""
+    setup = make_setup(tmp_path, "pb2", cache_dir, size=6, interval=5, total=100, strategy="pb2")
+    strategy = make_strategy(setup.strategy, setup.space)
+    records = Records(setup, RunStore(tmp_path, "pb2"), strategy, 1)
+    assert records.open() == "new"
+    store, rng = records.store, np.random.default_rng(0)
+
+    def body() -> dict:
+        return json.loads(store.read_text(_pointer(store)["file"]))
+
+    for r in range(1, 8):
+        ready = records.ids if r < 6 else [r - 6]   # rounds 6 and 7: one member each, as in async
+        records.record_results({m: {"step": records[m].step + 5, "val_bpb": float(3 - 0.1 * r + rng.normal(0, 0.05)),
+                                    "params": 100 + m, "tokens_per_s": 1e3} for m in ready})
+        decisions = strategy.plan(records.snapshot(r), np.random.default_rng([0, r]), ready=None if r < 6 else ready)
+        for d in decisions:
+            if isinstance(d, Exploit):
+                before = records_before(records, [d])
+                record_applied(records, d, before, d.donor, r, step=before[d.donor].step, params=100, latency=0.0,
+                               received={})
+        records.commit(r, steps_done=5 * r)
+        expected = json.loads(json.dumps(strategy.state_dict()))
+        assert store.read_state()["strategy"] == expected
+        if r > 1:   # deltas from the session's second commit
+            b = body()
+            assert "strategy" not in b and set(b["delta"]["strategy"]["whole"]) == {"observations"}
+            changed = b["delta"]["strategy"]["items"]["intervals"]["set"]
+            assert set(changed) <= {str(m) for m in ready} and changed
+    again = make_strategy(setup.strategy, setup.space)
+    assert Records(setup, RunStore(tmp_path, "pb2"), again, 1).open() == "resumed"
+    assert json.loads(json.dumps(again.state_dict())) == expected

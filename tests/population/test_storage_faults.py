@@ -95,7 +95,7 @@ def copy_run(finished: Path, tmp_path: Path) -> Path:
 
 def damage(run: Path, how: str) -> str:
     """Damage the last commit's files as a crash, a bad disk or a careless copy would."""
-    ckpt = run / "checkpoints" / "m1" / "r2.pt"
+    ckpt = run / "checkpoints" / "m1" / "s2.pt"
     if how == "truncated":
         ckpt.write_bytes(ckpt.read_bytes()[:1000])
     elif how == "garbled":
@@ -103,21 +103,21 @@ def damage(run: Path, how: str) -> str:
         data[2000:2100] = os.urandom(100)
         ckpt.write_bytes(bytes(data))
     elif how == "foreign":   # a valid checkpoint of another member copied over it
-        shutil.copyfile(run / "checkpoints" / "m0" / "r2.pt", ckpt)
+        shutil.copyfile(run / "checkpoints" / "m0" / "s2.pt", ckpt)
     elif how == "resigned":  # another member's valid checkpoint, the checksums made to match it
-        shutil.copyfile(run / "checkpoints" / "m0" / "r2.pt", ckpt)
+        shutil.copyfile(run / "checkpoints" / "m0" / "s2.pt", ckpt)
         sha = hashlib.sha256(ckpt.read_bytes()).hexdigest()
-        (run / "checkpoints" / "m1" / "r2.pt.sha256").write_text(sha + "\n")
+        (run / "checkpoints" / "m1" / "s2.pt.sha256").write_text(sha + "\n")
 
         def edit(body: dict) -> None:   # every body naming it, whole or a delta
             for d in body.get("members", []):
-                if d.get("checkpoint") == "checkpoints/m1/r2.pt":
+                if d.get("checkpoint") == "checkpoints/m1/s2.pt":
                     d["checkpoint_sha256"] = sha
             changed = (body.get("delta") or {}).get("members", {})
             if "checkpoint" in changed:
                 ids, paths = changed["checkpoint"]
                 named = [i for i, p in zip(ids if ids is not None else range(len(paths)), paths)
-                         if p == "checkpoints/m1/r2.pt"]
+                         if p == "checkpoints/m1/s2.pt"]
                 sids, shas = changed["checkpoint_sha256"]
                 for i in named:
                     shas[sids.index(i) if sids is not None else i] = sha
@@ -153,12 +153,12 @@ def test_a_damaged_last_commit_resumes_from_the_one_before(finished, tmp_path, e
 @pytest.mark.slow
 def test_no_intact_commit_is_one_line_and_exit_1(finished, tmp_path, env):
     run = copy_run(finished, tmp_path)
-    for ckpt in (run / "checkpoints" / "m1").glob("r*.pt"):
+    for ckpt in (run / "checkpoints" / "m1").glob("s*.pt"):
         ckpt.write_bytes(ckpt.read_bytes()[:500])
     files = {p: p.read_bytes() for p in run.rglob("*") if p.is_file() and p.name != "lock.json"}
     out = evo_run(run.parent, 30, env)
     assert out.returncode == 1
-    assert lines(out) == [f"evo: error: run 'run' cannot be resumed: checkpoint {run}/checkpoints/m1/r2.pt "
+    assert lines(out) == [f"evo: error: run 'run' cannot be resumed: checkpoint {run}/checkpoints/m1/s2.pt "
                           "does not match its checksum in the committed state (truncated, corrupt, or "
                           "another checkpoint copied over it); none of the 3 commits kept has intact files"]
     assert {p: p.read_bytes() for p in files} == files   # nothing rewritten
@@ -179,7 +179,7 @@ def _failed_write(run: Path, env: dict[str, str]) -> None:
 @pytest.mark.slow
 def test_a_checkpoint_that_cannot_be_written_stops_with_one_line(finished, tmp_path, env):
     run = copy_run(finished, tmp_path)
-    in_the_way = run / "checkpoints" / "m1" / "r3.pt"
+    in_the_way = run / "checkpoints" / "m1" / "s3.pt"
     in_the_way.mkdir()
     assert _failed_write(run, env) == f"evo: error: cannot write checkpoint {in_the_way}: Is a directory"
     in_the_way.rmdir()

@@ -23,6 +23,7 @@ import pytest
 import torch
 
 from population.store import (
+    CHECKPOINT_SLOTS,
     KEEP_STATES,
     CorruptRunError,
     RunLockedError,
@@ -461,6 +462,26 @@ def test_prune_keeps_what_is_kept_or_committed(storage):
                     "checkpoints/m1/r2.pt.sha256", "checkpoints/notes.txt"]
     assert torch.equal(store.load_checkpoint("checkpoints/m1/r1.pt")["w"], torch.ones(2))
     assert store.prune_checkpoints(keep) == []
+
+
+def test_prune_leaves_checkpoint_slots_and_slots_avoid_what_a_kept_commit_names(storage):
+    """Slot files (s0.pt .. s{CHECKPOINT_SLOTS - 1}.pt and their checksums) are overwritten in
+    turn, never pruned, named or not; other files no kept commit names are; checkpoint_slots
+    hands out round % slots unless a kept commit names it."""
+    store = RunStore(storage, "r")
+    store.create({})
+    assert store.checkpoint_slots({0: 5, 1: 0}) == {0: f"checkpoints/m0/s{5 % CHECKPOINT_SLOTS}.pt", 1: "checkpoints/m1/s0.pt"}
+    for k in range(CHECKPOINT_SLOTS + 1):   # the last one is no slot (its index is past them)
+        store.save_checkpoint(f"checkpoints/m0/s{k}.pt", {"w": torch.full((2,), float(k))})
+    store.commit_state({"round": 1, "members": [{"id": 0, "checkpoint": "checkpoints/m0/s1.pt"}]})
+    store.commit_state({"round": 2, "members": [{"id": 0, "checkpoint": "checkpoints/m0/s2.pt"}]})
+    assert store.prune_checkpoints(set()) == [f"checkpoints/m0/s{CHECKPOINT_SLOTS}.pt",
+                                              f"checkpoints/m0/s{CHECKPOINT_SLOTS}.pt.sha256"]
+    fs, root = raw(store)
+    assert len([p for p in fs.find(f"{root}/checkpoints") if p.endswith(".pt")]) == CHECKPOINT_SLOTS
+    assert store.checkpoint_slots({0: 1, 1: 1}) == {0: "checkpoints/m0/s3.pt", 1: "checkpoints/m1/s1.pt"}
+    with pytest.raises(StoreError, match="non-negative"):
+        store.checkpoint_slots({0: -1})
 
 
 def test_prune_keeps_the_checkpoints_of_the_older_commits_kept(storage):
