@@ -22,7 +22,6 @@ import shutil
 import sysconfig
 import uuid
 from pathlib import Path
-
 from typing import TYPE_CHECKING
 
 import numpy as np
