@@ -7,9 +7,9 @@ meaning; the README's table is generated from the same schema)::
     name: quickstart          # run name (default: the file's stem); [A-Za-z0-9._-]+
     seed: 0                   # run seed: every random choice derives from it
     storage: runs             # run store root: a directory or an fsspec URI (s3://..., file://...)
-    data:       trainers.data.DataConfig
-    model:      trainers.model.InternLM2Config   (vocab_size derived from the tokenizer)
-    train:      trainers.trainer.TrainConfig     (base hyperparameters)
+    data:       trainers.config.DataConfig
+    model:      trainers.config.InternLM2Config  (vocab_size derived from the tokenizer)
+    train:      trainers.config.TrainConfig      (base hyperparameters)
     search:     {"train.lr": {type: float, low: .., high: .., log: true}, ...}  -> evo.space.SearchSpace
     strategy:   evo.strategies.StrategyConfig
     population: population.config.PopulationConfig
@@ -59,10 +59,8 @@ from evo.strategies import StrategyConfig
 from evo.strategy import SCORE
 from population.config import LoggingConfig, PopulationConfig, SearchSetup
 from trainers import architecture
-from trainers.data import DataConfig
+from trainers.config import DataConfig, InternLM2Config, TrainConfig
 from trainers.fitness import FitnessConfig, FitnessFunctionError, load_function
-from trainers.model import InternLM2Config
-from trainers.trainer import TrainConfig
 
 NAME_PATTERN = re.compile(r"[A-Za-z0-9._-]+")
 BYTES_VOCAB = 256

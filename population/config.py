@@ -16,10 +16,8 @@ from pydantic.dataclasses import dataclass
 if TYPE_CHECKING:   # annotations only: SearchSetup holds these, this module imports none of them
     from evo.space import SearchSpace
     from evo.strategies import StrategyConfig
-    from trainers.data import DataConfig
+    from trainers.config import DataConfig, InternLM2Config, TrainConfig
     from trainers.fitness import FitnessConfig
-    from trainers.model import InternLM2Config
-    from trainers.trainer import TrainConfig
 
 # Upper bounds far above any real search, so that a typo (an extra 000) is refused at once
 # instead of planning, placing or allocating for hours; each is stated in its field's description.

@@ -31,7 +31,7 @@ from evo.space import FloatGene, IntGene, SearchSpace
 from evo.strategy import Crossover, Exploit, Keep, Restart
 from population.members import SearchError, failure
 from population.records import member_seed, plain
-from trainers.transfer import unit_of
+from trainers.architecture import unit_of
 
 if TYPE_CHECKING:
     from population.driver import Search

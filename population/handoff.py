@@ -35,10 +35,14 @@ from typing import TYPE_CHECKING, Any, Iterable, Mapping
 
 import numpy as np
 import ray
-import torch
 
 if TYPE_CHECKING:
+    import torch
+
     from population.members import Members
+
+# torch is imported where a state is packed or unpacked, which only members do: the driver
+# (Handoff) moves references and never a tensor, so importing this module imports no torch.
 
 
 class WireState:
@@ -52,6 +56,8 @@ class WireState:
     ALIGN = 16   # bytes; every tensor starts aligned so its slice can be viewed as its dtype
 
     def __init__(self, state: dict) -> None:
+        import torch
+
         tensors: list[torch.Tensor] = []
         self.tree = _strip_tensors(state, tensors)
         self.meta: list[tuple] = []
@@ -149,6 +155,8 @@ def _map_leaves(obj: Any, leaf: Any) -> Any:
 
 def _strip_tensors(obj: Any, out: list[torch.Tensor]) -> Any:
     """``obj`` with each tensor moved to ``out`` and replaced by its _Slot (traversal order)."""
+    import torch
+
     def leaf(x: Any) -> Any:
         if not isinstance(x, torch.Tensor):
             return x
@@ -168,6 +176,8 @@ def _unpack_state(tree: Any, meta: list[tuple], buffer: np.ndarray) -> dict:
     views into that copy, so they never alias the store (the optimizer moments are updated in
     place). The RNG state is copied alone (torch.Generator.set_state wants its own storage at
     offset 0)."""
+    import torch
+
     own = torch.from_numpy(buffer.copy()) if buffer.size else torch.empty(0, dtype=torch.uint8)
     tensors = [own[offset:offset + n].view(getattr(torch, dtype)).reshape(shape)
                if n else torch.empty(shape, dtype=getattr(torch, dtype))

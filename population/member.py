@@ -14,6 +14,9 @@ is safe.
 
 ``build_trainer`` and ``apply_genome`` are plain functions so that a replay (population/replay.py)
 builds and steers its Trainer exactly as a member does.
+
+torch and the trainers are imported where a member first needs them (building its trainer): the
+driver imports this module for the actor class and never trains, so it imports no torch.
 """
 from __future__ import annotations
 
@@ -23,20 +26,19 @@ import math
 import os
 import threading
 import time
-from typing import Any, Mapping
+from typing import TYPE_CHECKING, Any, Mapping
 
 import ray
-import torch
 
 from evo.strategy import SCORE
 from population.config import TrainerConfig
 from population.handoff import WireState, take_state
-from trainers.data import DataConfig
+from trainers.config import HPARAMS, DataConfig, InternLM2Config, TrainConfig
 from trainers.fitness import FitnessConfig, load_function
-from trainers.model import InternLM2Config
-from trainers.stub import SleepTrainer
-from trainers.trainer import HPARAMS, NonFiniteLossError, TrainConfig, Trainer
-from trainers.transfer import preserves_function
+
+if TYPE_CHECKING:
+    from trainers.stub import SleepTrainer
+    from trainers.trainer import Trainer
 
 log = logging.getLogger(__name__)
 
@@ -93,6 +95,9 @@ def build_trainer(base_model: InternLM2Config, base_train: TrainConfig, data: Da
     """A fresh trainer for ``genome``: its genes set from step 0, ``seed`` for init and batch order.
     ``kind`` (population.trainer) picks the InternLM2 Trainer (None, the default) or the stub
     that only sleeps (trainers/stub.py)."""
+    from trainers.stub import SleepTrainer
+    from trainers.trainer import Trainer
+
     train_fields, _ = split_genome(genome)
     train = dataclasses.replace(base_train, **train_fields, seed=int(seed))
     if train.num_threads is None and num_threads is not None:
@@ -110,6 +115,8 @@ def apply_genome(trainer: Trainer | SleepTrainer, base_model: InternLM2Config, g
     """Steer a running trainer to ``genome``: train.* and data.mix.* genes in place, model.* genes
     by weight transfer. Returns the validation loss's jump at a lossy architecture change (shrinking, merging kv
     heads: trainers.transfer.preserves_function is False), measured before and after; None otherwise."""
+    from trainers.transfer import preserves_function
+
     train_fields, _ = split_genome(genome)
     unknown = sorted(set(train_fields) - set(HPARAMS))
     if unknown:
@@ -155,6 +162,8 @@ class Member:
     def __init__(self, member_id: int, base_model: InternLM2Config, base_train: TrainConfig,
                  data: DataConfig, genome: Mapping[str, Any], seed: int, num_threads: int,
                  fitness: FitnessConfig | None = None, kind: TrainerConfig | None = None) -> None:
+        import torch
+
         os.environ["EVO_NUM_THREADS"] = str(num_threads)
         torch.set_num_threads(num_threads)
         self.member_id = member_id
@@ -198,6 +207,8 @@ class Member:
         """Train ``n_steps`` of the current interval without evaluating: the driver splits an
         interval into parts when members share slots (``train_and_evaluate`` trains the last
         part). Returns {"step", "seconds"} of this part, or a failure as train_and_evaluate does."""
+        from trainers.trainer import NonFiniteLossError
+
         t0, cpu0 = time.perf_counter(), time.process_time()
         self._current()   # from here on a concurrent get_state never reads the live trainer
         acc = self._interval

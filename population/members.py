@@ -25,8 +25,8 @@ from ray.exceptions import ObjectLostError, RayActorError, RayTaskError
 from population.config import SearchSetup
 from population.member import Member
 from population.store import RunStore
+from trainers.config import TrainConfig
 from trainers.data import load_corpus, load_held_out
-from trainers.trainer import TrainConfig
 
 POLL_S = 0.1             # ray.wait timeout: how quickly a signal is noticed
 MAX_STARTS = 3           # a member that dies this often while starting is a SearchError

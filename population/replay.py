@@ -16,10 +16,8 @@ from typing import Any
 from population.config import TrainerConfig
 from population.member import apply_genome, build_trainer
 from population.store import RunStore
-from trainers.data import DataConfig
+from trainers.config import DataConfig, InternLM2Config, TrainConfig
 from trainers.fitness import FitnessConfig
-from trainers.model import InternLM2Config
-from trainers.trainer import TrainConfig
 
 
 def replay_run(storage: str, name: str, *, console: Any = None) -> dict:

@@ -1,5 +1,5 @@
 """Imports flow one way (experiments -> population -> {evo, trainers}): loading a config needs no
-ray, trainers/ needs neither ray nor evo. Each check runs in a fresh interpreter in which the
+ray (and no torch), trainers/ needs neither ray nor evo, the driver needs no torch. Each check runs in a fresh interpreter in which the
 forbidden packages cannot be imported at all (a None entry in sys.modules makes `import` fail),
 so a hidden import fails here rather than merely being noticed."""
 from __future__ import annotations
@@ -42,3 +42,24 @@ def test_every_trainers_module_imports_without_ray_or_evo():
         "print(json.dumps(names))\n",
         blocked=("ray", "evo"))
     assert {"trainers.model", "trainers.cpu_fused", "trainers.trainer", "trainers.architecture"} <= set(result)
+
+
+def test_configs_load_and_the_driver_imports_without_torch():
+    # torch is the members' (a CPU second and more to import): loading and validating a config, and
+    # importing the driver that starts Ray and the members, import none of it, so a bad config
+    # is refused and Ray starts without it. A config whose fitness.function is a user's metric is
+    # left out: checking it imports the user's module, which may import torch.
+    result = _run(
+        "import glob, json, yaml\n"
+        "from experiments.config import build_setup, load_config\n"
+        "loaded = []\n"
+        "for path in sorted(glob.glob('experiments/*.yaml')):\n"
+        "    if (yaml.safe_load(open(path)).get('fitness') or {}).get('function') is None:\n"
+        "        build_setup(load_config(path))\n"
+        "        loaded.append(path)\n"
+        "import experiments.cli, population.driver, population.replay\n"
+        "print(json.dumps({'loaded': loaded, 'driver': 'population.driver' in sys.modules,\n"
+        "                  'torch': sorted(m for m in sys.modules if m.split('.')[0] == 'torch')}))\n",
+        blocked=())
+    assert "experiments/quickstart.yaml" in result["loaded"] and len(result["loaded"]) >= 6
+    assert result["driver"] and result["torch"] == []

@@ -1,6 +1,7 @@
-"""InternLM2's shape rules and parameter count, on plain field mappings.
+"""InternLM2's shape rules and parameter count, on plain field mappings; the units its
+parameters are inherited by (`unit_of`).
 
-The model (`trainers/model.py`, `InternLM2Config`) refuses a configuration that breaks a rule;
+The model (`trainers/config.py`, `InternLM2Config`) refuses a configuration that breaks a rule;
 the search space (`evo/space.py`) never proposes one, and keeps a parameter budget. Both read the
 rules from here: the config through an import, the space through the `ArchitectureRules` that
 `experiments/config.py` builds from this module (evo does not import trainers). Pure Python, so
@@ -69,3 +70,12 @@ def count_parameters(fields: Mapping[str, Any]) -> int:
     if fields.get("bias"):
         per_layer += (heads + 2 * kv) * head_dim + hidden
     return 2 * vocab * hidden + layers * per_layer + hidden
+
+
+def unit_of(name: str) -> str:
+    """The unit of layer-wise inheritance a parameter or module belongs to: "tok_embeddings",
+    "layers.<i>", "norm" or "output" (``model.layers.3.attention.wqkv.weight`` -> "layers.3")."""
+    parts = name.split(".")
+    if parts[0] == "model" and len(parts) > 1:
+        return f"layers.{parts[2]}" if parts[1] == "layers" else parts[1]
+    return parts[0]

@@ -22,14 +22,17 @@ import shutil
 import sysconfig
 import uuid
 from pathlib import Path
-from typing import Annotated, Literal
+from typing import TYPE_CHECKING
 
 import numpy as np
-import torch
-from pydantic import ConfigDict, Field, StrictFloat, StrictInt
-from pydantic.dataclasses import dataclass
 
-from trainers.architecture import MAX_POSITIONS
+from trainers.config import DataConfig   # the data's config (torch-free), re-exported here
+
+if TYPE_CHECKING:
+    import torch
+
+# torch is imported where windows become tensors (batches, the held-out set): reading, tokenizing
+# and checking a corpus (the CLI before Ray starts, the driver's one tokenization) imports none.
 
 # Bump when the cache layout or the tokenization changes: old entries are then ignored.
 CACHE_VERSION = 1
@@ -37,72 +40,8 @@ CACHE_VERSION = 1
 SKIP_DIRS = frozenset({"test", "tests", "idle_test", "site-packages", "dist-packages", "__pycache__"})
 
 
-# A source's name: used in gene paths (data.mix.<name>) and metric names (val_bpb.<name>).
-SourceName = Annotated[str, Field(pattern=r"^[A-Za-z_][A-Za-z0-9_-]*$")]
-
-
 class DataError(ValueError):
     """The corpus cannot be used (missing path, no text, too small); one line naming it."""
-
-
-@dataclass(config=ConfigDict(extra="forbid"))
-class DataConfig:
-    """Where the text comes from, how it is tokenized and how it is split.
-
-    A pydantic dataclass: a bad value raises pydantic's ValidationError (a ValueError) that
-    locates the field; it stays a plain dataclass to `dataclasses.replace` / `asdict` / pickle."""
-
-    corpus: Annotated[str, Field(min_length=1, description=(
-        "'stdlib' (the Python standard library's source), 'stdlib-docs' (the English prose of the "
-        "Python documentation, pydoc_data), a text file, a directory or a glob"))] = "stdlib"
-    sources: Annotated[dict[SourceName, Annotated[str, Field(min_length=1)]] | None, Field(description=(
-        "several named corpora {name: any data.corpus form}, one tokenizer over their union; "
-        "replaces data.corpus when given"))] = None
-    mix: Annotated[dict[SourceName, Annotated[StrictFloat | StrictInt, Field(ge=0)]] | None, Field(description=(
-        "training weight of each source (a sequence's source is drawn by these weights; "
-        "data.mix.<source> can be a gene); null: equal weights"))] = None
-    tokenizer: Annotated[Literal["bytes", "bpe"], Field(description=(
-        "'bytes' (256 symbols) or 'bpe' (trained on the corpus, vocab_size symbols)"))] = "bytes"
-    vocab_size: Annotated[StrictInt, Field(gt=0, description="bpe vocabulary size (bytes is always 256)")] = 1024
-    seq_len: Annotated[StrictInt, Field(gt=0, le=MAX_POSITIONS, description=(
-        f"tokens per training window (at most model.max_position_embeddings, and {MAX_POSITIONS})"))] = 128
-    val_fraction: Annotated[StrictFloat, Field(gt=0, lt=1, description=(
-        "share of the documents held out for validation (split by a hash of the path)"))] = 0.05
-    eval_batches: Annotated[StrictInt, Field(gt=0, le=100_000, description=(
-        "batches in the fixed held-out set that fitness is measured on (at most 100000)"))] = 8
-    eval_batch_size: Annotated[StrictInt, Field(gt=0, le=65_536, description=(
-        "windows per held-out batch (at most 65536)"))] = 16
-    max_bytes: Annotated[StrictInt | None, Field(gt=0, description=(
-        "cap on the corpus bytes read (keeps the default fast); null reads everything"))] = 8_000_000
-    cache_dir: Annotated[str | None, Field(description=(
-        "token cache directory; null: $EVO_CACHE_DIR, else ~/.cache/evo/tokens"))] = None
-
-    def __post_init__(self) -> None:
-        if self.tokenizer == "bpe" and not 256 < self.vocab_size <= 2**32:
-            raise ValueError(f"data.vocab_size: bpe needs 256 < vocab_size <= 2**32 (256 byte symbols + merges), "
-                             f"got {self.vocab_size}")
-        if self.sources is not None and not self.sources:
-            raise ValueError("data.sources: names no source (leave it out to train on data.corpus)")
-        if self.mix is not None:
-            if self.sources is None:
-                raise ValueError("data.mix: needs data.sources (a single data.corpus has nothing to mix)")
-            unknown = sorted(set(self.mix) - set(self.sources))
-            if unknown:
-                raise ValueError(f"data.mix.{unknown[0]}: no such source (data.sources names "
-                                 f"{', '.join(sorted(self.sources))})")
-            if not any(float(self.mix.get(n, 0.0)) > 0 for n in self.sources):
-                raise ValueError("data.mix: all weights are zero")
-
-    def source_names(self) -> list[str]:
-        """The sources, sorted by name (a single data.corpus has none)."""
-        return sorted(self.sources) if self.sources else []
-
-    def mix_weights(self, mix: dict | None = None) -> dict[str, float]:
-        """Every source's weight: ``mix`` (e.g. live genes) over data.mix over 1.0."""
-        out = {n: 1.0 for n in self.source_names()}
-        out.update({n: float(w) for n, w in (self.mix or {}).items()})
-        out.update({n: float(w) for n, w in (mix or {}).items()})
-        return out
 
 
 class _CacheEntry:
@@ -180,6 +119,8 @@ def _eval_windows(tokens: np.ndarray, c: DataConfig) -> list[tuple[torch.Tensor,
 
 
 def _windows(tokens: np.ndarray, starts: np.ndarray, T: int) -> tuple[torch.Tensor, torch.Tensor]:
+    import torch
+
     idx = starts[:, None] + np.arange(T + 1)                 # (B, T+1)
     w = torch.from_numpy(np.asarray(tokens[idx], dtype=np.int64))
     return w[:, :-1], w[:, 1:]                               # x, y: (B, T), y shifted by one
@@ -296,6 +237,8 @@ class SourcesCorpus(_CacheEntry):
         """Training batch for step ``step``: each sequence's source is drawn by the mix weights
         (``mix`` over data.mix over equal), then its window uniformly in that source; a pure
         function of (seed, step, batch_size, weights)."""
+        import torch
+
         T = self.config.seq_len
         src, u = self._draw(seed, step, batch_size, mix)
         w = np.empty((batch_size, T + 1), dtype=np.int64)

@@ -39,80 +39,13 @@ these modules' parameters, tested equal to them.
 
 from __future__ import annotations
 
-import dataclasses
 import math
-from typing import Annotated, Any
 
 import torch
 import torch.nn.functional as F
-from pydantic import ConfigDict, Field, StrictBool, StrictFloat, StrictInt
-from pydantic.dataclasses import dataclass
 from torch import nn
 
-from trainers import architecture
-
-
-Count = Annotated[StrictInt, Field(gt=0)]
-
-
-@dataclass(config=ConfigDict(extra="forbid"))
-class InternLM2Config:
-    """InternLM2 architecture; field names (and their meaning) as in HF `InternLM2Config`.
-
-    A pydantic dataclass: a bad value raises pydantic's ValidationError (a ValueError) that
-    locates the field; the shape rules (trainers/architecture.py) raise a ValueError naming the
-    fields. It stays a plain dataclass to `dataclasses.replace` / `asdict` / pickle."""
-
-    vocab_size: Annotated[Count, Field(description="vocabulary size")] = 256
-    hidden_size: Annotated[Count, Field(le=architecture.MAX_WIDTH, description=(
-        f"width of the residual stream (at most {architecture.MAX_WIDTH})"))] = 64
-    intermediate_size: Annotated[Count, Field(le=architecture.MAX_FFN, description=(
-        f"SwiGLU feed-forward width (at most {architecture.MAX_FFN})"))] = 172
-    num_hidden_layers: Annotated[Count, Field(le=architecture.MAX_LAYERS, description=(
-        f"decoder layers (at most {architecture.MAX_LAYERS})"))] = 2
-    num_attention_heads: Annotated[Count, Field(le=architecture.MAX_HEADS, description=(
-        f"query heads (hidden_size / heads is head_dim, even; at most {architecture.MAX_HEADS})"))] = 4
-    num_key_value_heads: Annotated[Count, Field(le=architecture.MAX_HEADS, description=(
-        "key/value heads (grouped-query attention; divides num_attention_heads; "
-        f"at most {architecture.MAX_HEADS})"))] = 2
-    rms_norm_eps: Annotated[StrictFloat, Field(gt=0, allow_inf_nan=False, description="RMSNorm epsilon")] = 1e-5
-    rope_theta: Annotated[StrictFloat, Field(gt=1, allow_inf_nan=False, description="RoPE base")] = 10000.0
-    rope_scaling: Annotated[dict | None, Field(description=(
-        "null, or {type: linear or dynamic, factor: >= 1} (HF InternLM2's rope_scaling)"))] = None
-    bias: Annotated[StrictBool, Field(description="biases on wqkv and wo (HF InternLM2's bias)")] = False
-    max_position_embeddings: Annotated[Count, Field(le=architecture.MAX_POSITIONS, description=(
-        f"longest sequence the model is built for (at most {architecture.MAX_POSITIONS})"))] = 2048
-    initializer_range: Annotated[StrictFloat, Field(ge=0, allow_inf_nan=False, description=(
-        "std of the normal initialisation"))] = 0.02
-
-    def __post_init__(self) -> None:
-        broken = architecture.shape_violations({f: getattr(self, f) for f in architecture.SHAPE_FIELDS})
-        if broken:
-            raise ValueError(f"model: {broken[0]}")
-        self.rope_scaling = _check_rope_scaling(self.rope_scaling)
-
-    @property
-    def head_dim(self) -> int:
-        return self.hidden_size // self.num_attention_heads
-
-    def to_dict(self) -> dict[str, Any]:
-        """Plain JSON/YAML-friendly values; `InternLM2Config(**to_dict())` gives an equal config."""
-        return dataclasses.asdict(self)
-
-
-def _check_rope_scaling(rope_scaling: Any) -> dict | None:
-    """Validate HF InternLM2's `rope_scaling` ({"type", "factor"}); returns a fresh dict."""
-    if rope_scaling is None:
-        return None
-    extra = sorted(set(rope_scaling) - {"type", "factor"})
-    if extra:
-        raise ValueError(f"model: rope_scaling has unknown key {extra[0]!r} (expected type and factor)")
-    kind, factor = rope_scaling.get("type"), rope_scaling.get("factor")
-    if kind not in ("linear", "dynamic"):
-        raise ValueError(f"model: rope_scaling.type ({kind!r}) must be 'linear' or 'dynamic'")
-    if isinstance(factor, bool) or not isinstance(factor, (int, float)) or not factor >= 1.0 or math.isinf(factor):
-        raise ValueError(f"model: rope_scaling.factor ({factor!r}) must be a finite number >= 1")
-    return {"type": kind, "factor": float(factor)}
+from trainers.config import InternLM2Config   # the architecture's config (torch-free), re-exported here
 
 
 # ------------------------------------------------------------------------------------------------

@@ -14,67 +14,25 @@ import math
 import os
 import time
 from dataclasses import asdict, replace
-from typing import Annotated, Any, Literal
+from typing import Any
 
 import torch
 import torch.nn.functional as F
-from pydantic import ConfigDict, Field, StrictBool, StrictFloat, StrictInt
-from pydantic.dataclasses import dataclass
 
 from trainers import cpu_fused
+from trainers.config import HPARAMS, TrainConfig   # the run's config (torch-free), re-exported here
 from trainers.data import DataConfig, SourcesCorpus, load_corpus, load_held_out
 from trainers.fitness import FitnessConfig, call_function
 from trainers.model import InternLM2Config, InternLM2ForCausalLM
 from trainers.transfer import (inherit_norm_eps, inherit_weights, preserves_function, transfer_moments,
                                transfer_norm_eps, transfer_weights, unit_of)
 
-# Fields of TrainConfig that may change during training (set_hparams); the others
-# (compile, device, num_threads, seed, distill_*) belong to the member, not to the search.
-HPARAMS = ("batch_size", "lr", "weight_decay", "beta1", "beta2", "eps", "grad_clip",
-           "warmup_steps", "schedule", "decay_steps", "min_lr_ratio")
 STATE_FORMAT = 1
 # An exploit that changes the architecture would build a model and optimizer (milliseconds of
 # Python, a large part of an exploit: BENCHMARKS.md): a CPU trainer keeps the last few it left,
 # each at most SPARE_BYTES of weights + Adam moments, and copies the next state of that shape into one.
 SPARE_MODELS = 2
 SPARE_BYTES = 64 * 2**20
-
-
-@dataclass(config=ConfigDict(extra="forbid"))
-class TrainConfig:
-    """Optimizer, schedule and run settings of one trainer.
-
-    A pydantic dataclass: a bad value raises pydantic's ValidationError (a ValueError) that
-    locates the field; it stays a plain dataclass to `dataclasses.replace` / `asdict` / pickle."""
-
-    batch_size: Annotated[StrictInt, Field(ge=1, le=65_536, description=(
-        "sequences per optimizer step (at most 65536)"))] = 16
-    lr: Annotated[StrictFloat, Field(gt=0, allow_inf_nan=False, description="peak learning rate (AdamW)")] = 1e-3
-    weight_decay: Annotated[StrictFloat, Field(ge=0, allow_inf_nan=False, description="AdamW weight decay")] = 0.1
-    beta1: Annotated[StrictFloat, Field(ge=0, lt=1, description="AdamW beta1")] = 0.9
-    beta2: Annotated[StrictFloat, Field(ge=0, lt=1, description="AdamW beta2")] = 0.95
-    eps: Annotated[StrictFloat, Field(gt=0, allow_inf_nan=False, description="AdamW epsilon")] = 1e-8
-    grad_clip: Annotated[StrictFloat, Field(ge=0, allow_inf_nan=False, description=(
-        "max global gradient norm; 0 turns clipping off"))] = 1.0
-    warmup_steps: Annotated[StrictInt, Field(ge=0, le=1_000_000_000, description=(
-        "steps of linear warmup from lr / warmup_steps to lr (at most 1000000000)"))] = 20
-    schedule: Annotated[Literal["cosine", "constant"], Field(description=(
-        "after warmup: 'cosine' down to min_lr_ratio * lr at decay_steps, or 'constant'"))] = "cosine"
-    decay_steps: Annotated[StrictInt | None, Field(ge=1, le=1_000_000_000, description=(
-        "step where the cosine reaches min_lr_ratio * lr (at most 1000000000); null: constant after warmup"))] = None
-    min_lr_ratio: Annotated[StrictFloat, Field(ge=0, le=1, description="the cosine's floor, as a share of lr")] = 0.1
-    compile: Annotated[StrictBool, Field(description="torch.compile the model")] = False
-    device: Annotated[Literal["auto", "cpu", "cuda"], Field(description=(
-        "'auto' takes a GPU when the member has one, else the CPU"))] = "auto"
-    num_threads: Annotated[StrictInt | None, Field(ge=1, le=1024, description=(
-        "torch threads per member (at most 1024); null: $EVO_NUM_THREADS, else the member's CPU "
-        "affinity count"))] = None
-    seed: Annotated[StrictInt, Field(ge=0, description="model init and batch order (set per member by the driver)")] = 0
-    distill_steps: Annotated[StrictInt, Field(ge=0, le=1_000_000_000, description=(
-        "after a lossy architecture change, the first distill_steps steps add distill_weight x "
-        "KL(pre-change model's next-token distribution || the new model's) to the loss (0: off)"))] = 0
-    distill_weight: Annotated[StrictFloat, Field(ge=0, allow_inf_nan=False, description=(
-        "weight of the distillation KL term (see distill_steps)"))] = 1.0
 
 
 def lr_at(cfg: TrainConfig, step: int) -> float:

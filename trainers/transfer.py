@@ -38,6 +38,7 @@ import math
 
 import torch
 
+from trainers.architecture import unit_of   # parameter names -> units (torch-free), re-exported here
 from trainers.model import InternLM2Config, InternLM2ForCausalLM
 
 Tensor = torch.Tensor
@@ -76,15 +77,6 @@ def transfer_moments(moments: dict[str, Tensor], old: InternLM2Config, new: Inte
             dst.mul_(_norm_scale(old, new) ** -power)
         out[name] = dst
     return out
-
-
-def unit_of(name: str) -> str:
-    """The unit of layer-wise inheritance a parameter or module belongs to: "tok_embeddings",
-    "layers.<i>", "norm" or "output" (``model.layers.3.attention.wqkv.weight`` -> "layers.3")."""
-    parts = name.split(".")
-    if parts[0] == "model" and len(parts) > 1:
-        return f"layers.{parts[2]}" if parts[1] == "layers" else parts[1]
-    return parts[0]
 
 
 def units(config: InternLM2Config) -> list[str]:

@@ -8,7 +8,10 @@ started (starting it is the expensive part, and bad input must not pay for it).
 """
 from __future__ import annotations
 
+import json
 import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -69,6 +72,40 @@ def test_bad_config_gives_one_line_exit_2_and_writes_nothing(name: str, cwd: Pat
     assert not storage.exists()
     assert list(cwd.iterdir()) == []          # no cache, no wandb directory, nothing
     assert not ray.is_initialized()
+
+
+REFUSE_ALL = """
+import contextlib, io, json, sys
+from experiments.cli import main
+runs = {}
+for name, path in json.loads(sys.argv[1]).items():
+    err = io.StringIO()
+    with contextlib.redirect_stderr(err), contextlib.redirect_stdout(io.StringIO()):
+        code = main(["run", path, "--storage", sys.argv[2]])
+    runs[name] = [code, err.getvalue()]
+print(json.dumps({"runs": runs, "torch": sorted(m for m in sys.modules if m.split(".")[0] == "torch")}))
+"""
+
+
+def test_every_bad_config_is_refused_without_importing_torch(cwd: Path, tmp_path: Path):
+    # A fresh interpreter (this one has torch) refuses every bad config as above and says which
+    # modules it imported: the schema (trainers/config.py), the corpus and the fit checks need no
+    # torch, so a refusal costs no torch import. Left out: the one whose fitness.function names a
+    # module that exists (experiments/examples/exact_match.py): checking it imports that module,
+    # which imports torch itself.
+    storage = tmp_path / "store"
+    user_module = "fitness_function_missing_name.yaml"
+    configs = {name: str(BAD_CONFIGS / name) for name in sorted(EXPECTED) if name != user_module}
+    out = subprocess.run([sys.executable, "-c", REFUSE_ALL, json.dumps(configs), str(storage)],
+                         env=dict(os.environ, PYTHONPATH=str(REPO)), cwd=cwd, capture_output=True, text=True,
+                         timeout=300)
+    assert out.returncode == 0, out.stderr[-2000:]
+    result = json.loads(out.stdout.strip().splitlines()[-1])
+    for name, (code, err) in result["runs"].items():
+        assert code == 2 and err.count("\n") == 1 and EXPECTED[name] in err, (name, err)
+    assert sorted(result["runs"]) == sorted(set(EXPECTED) - {user_module})
+    assert result["torch"] == []
+    assert not storage.exists() and list(cwd.iterdir()) == []
 
 
 def test_name_is_taken_as_a_string_not_yaml(cwd: Path, tmp_path: Path, capsys):
