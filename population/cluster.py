@@ -135,9 +135,10 @@ def _is_loopback(address: str) -> bool:
 
 
 def _start_local_told(console: Any) -> Cluster:
-    """_start_local, then one line with the dashboard's address (no fixed port: see init_local_ray)."""
+    """_start_local, then one line with the dashboard's address (no fixed port: see init_local_ray)
+    on ``console`` when there is one."""
     cluster = _start_local()
-    if cluster.dashboard_url:
+    if cluster.dashboard_url and console is not None:   # benches connect with no console
         console.print(f"Ray dashboard: http://{cluster.dashboard_url}", soft_wrap=True, markup=False,
                       highlight=False)
     return cluster
