@@ -209,16 +209,11 @@ def unlike(child: Genome, source: Genome, space: SearchSpace, rng: np.random.Gen
     return genome
 
 
-def same_point(space: SearchSpace, a: Genome, b: Genome, atol: float = 1e-9) -> bool:
-    """Whether `a` and `b` are one point of the space: equal coordinates up to float round-off
-    (a float gene encoded and decoded again, as crossover and mutation do for the genes they
-    leave alone, can come back a few ulps away, which `==` on genomes tells apart)."""
-    return _close(space.encode(a).tolist(), space.encode(b).tolist(), atol)
-
-
 def _close(a: list[float], b: list[float], atol: float) -> bool:
     """``np.allclose(a, b, rtol=0, atol=atol)`` for two equally long lists of finite numbers
-    (coordinates in [0, 1]), without numpy's per-call overhead (thousands of children a round)."""
+    (coordinates in [0, 1]), without numpy's per-call overhead (thousands of children a round):
+    whether two genomes' encodings are one point of the space up to float round-off (a float
+    gene encoded and decoded again can come back a few ulps away, which `==` tells apart)."""
     return all(abs(x - y) <= atol for x, y in zip(a, b))
 
 

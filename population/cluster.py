@@ -148,21 +148,18 @@ def _start_local() -> Cluster:
     """A fresh local Ray: loopback only, no fixed ports, token auth on, files in a private temp
     dir, reaped. A node that does not come up in Ray's 30 s is started once more, in a new dir
     with new ports, before the run gives up with one line."""
-    try:
-        return _start_local_once()
-    except Exception as e:
-        if NODE_STARTUP_TIMEOUT not in str(e):
-            raise
-    try:
-        return _start_local_once()
-    except Exception as e:
-        if NODE_STARTUP_TIMEOUT not in str(e):
-            raise
-        raise ClusterError(
-            f"evo's local Ray did not start, twice: its node did not register within Ray's 30 s "
-            f"(load average {_load()}); run again when the machine is less busy, or start one with "
-            "`ray start --head` and set RAY_ADDRESS to it"
-        ) from e
+    for _ in range(2):
+        try:
+            return _start_local_once()
+        except Exception as e:
+            if NODE_STARTUP_TIMEOUT not in str(e):
+                raise
+            timed_out = e
+    raise ClusterError(
+        f"evo's local Ray did not start, twice: its node did not register within Ray's 30 s "
+        f"(load average {_load()}); run again when the machine is less busy, or start one with "
+        "`ray start --head` and set RAY_ADDRESS to it"
+    ) from timed_out
 
 
 def _start_local_once() -> Cluster:

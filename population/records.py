@@ -98,8 +98,8 @@ class MemberRecord:
 
 _FIELDS = tuple(f.name for f in dataclasses.fields(MemberRecord))
 CHAIN = 16   # commits written as deltas of the last before the whole state is written again
-# the member fields a delta compares: by value (scalars), by identity (replaced, never changed in place)
 _MISSING = object()
+# the member fields a delta compares: by value (scalars), by identity (replaced, never changed in place)
 _BY_VALUE = ("age", "alive", "checkpoint", "checkpoint_sha256", "intervals", "parent", "seed", "since_change", "step")
 _BY_IDENTITY = ("genome", "objectives", "schedule")
 _COLUMNS = (*_BY_VALUE, *_BY_IDENTITY, "id")
@@ -373,7 +373,6 @@ class Records:
         self._views: dict[int, tuple[MemberRecord, list, tuple]] = {}
         self._view_of: dict[int, tuple[MemberRecord, tuple, MemberView]] = {}   # the last view, its key
         self.pending_lineage: list[dict] = []
-        self.named_checkpoints: set[str] = set()   # other than slots, named since the last commit (pruned if unused)
         self.notes: list[str] = []    # one-line warnings of open() (a commit skipped as damaged)
 
     def __getitem__(self, m: int) -> MemberRecord:
@@ -757,9 +756,9 @@ class Records:
         self._remember(recs, cols)
         self._strategy_items = {k: dict(v) for k in self.strategy.state_replaced_items
                                 if isinstance(v := top["strategy"].get(k), dict)}
-        # the store lists its checkpoints only now and then; it is told what was named since
-        self.store.prune_checkpoints(named, new=self.named_checkpoints, background=True)
-        self.named_checkpoints = set()
+        # the records name only slots, which the store never deletes: nothing new to tell it; it
+        # lists the folder now and then for what else is there (an older run's r<round>.pt files)
+        self.store.prune_checkpoints(named, new=(), background=True)
         return members, lineage
 
     def _member_delta(self, recs: list[MemberRecord], now: dict[str, list]) -> dict:

@@ -676,12 +676,7 @@ class RunStore:
             new = {k for k in map(_clean_rel, new) if not _is_slot(k)}
             if not new and not self._present:
                 return []   # nothing but slots named since the last listing: nothing to delete
-        kept = {_clean_rel(k) for k in keep}
-        raw = self._read_bytes(STATE)
-        if raw is not None:
-            pointer = self._parse_pointer(raw)   # CorruptRunError for an unreadable pointer
-            for entry in [pointer, *pointer["previous"]]:
-                kept |= self._refs_of(entry)
+        kept = {_clean_rel(k) for k in keep}.union(*self._kept_checkpoints())
         if not listing:
             self._present |= new
             gone = sorted(self._present - kept)
