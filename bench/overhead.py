@@ -38,6 +38,7 @@ import ray  # noqa: E402
 import torch  # noqa: E402
 
 from experiments.config import build_setup, load_config  # noqa: E402
+from population.cluster import init_local_ray  # noqa: E402
 from population.driver import run_search  # noqa: E402
 from population.store import RunStore  # noqa: E402
 
@@ -93,7 +94,7 @@ def main(argv: list[str] | None = None) -> int:
         "logging.wandb.mode=disabled", "logging.optuna=false", *args.set,
     ]
     setup = build_setup(load_config(QUICKSTART, overrides))
-    ray.init(num_cpus=args.num_cpus, include_dashboard=False, log_to_driver=False)
+    init_local_ray(num_cpus=args.num_cpus, include_dashboard=False, log_to_driver=False)  # no fixed ports
     cpus = ray.cluster_resources().get("CPU", 0.0)
     summary = run_search(setup)
 

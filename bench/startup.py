@@ -49,11 +49,12 @@ import os, sys, tempfile, time
 launch = float(sys.argv[1])
 import ray
 from ray._private import ray_constants
+from population.cluster import init_local_ray   # evo's ray.init: none of Ray's fixed ports
 root = tempfile.mkdtemp(prefix="evo-bench-ray-")
 os.environ["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] = "0"
 ray_constants.ENABLE_RAY_CLUSTER = False
 t0 = time.time()
-ray.init(address="local", _temp_dir=os.path.join(root, "ray"), log_to_driver=False, configure_logging=False)
+init_local_ray(_temp_dir=os.path.join(root, "ray"), log_to_driver=False, configure_logging=False)
 t1 = time.time()
 ray.shutdown()
 import shutil; shutil.rmtree(root, ignore_errors=True)

@@ -486,9 +486,10 @@ def test_a_failing_sink_is_switched_off_with_one_warning(tmp_path, caplog):
 
 
 RAY_SCRIPT = """
-import sys, ray
-ray.init(num_cpus=1, include_dashboard=False, _metrics_export_port=int(sys.argv[1]),
-         log_to_driver=False, configure_logging=False)
+import sys
+from population.cluster import init_local_ray
+init_local_ray(num_cpus=1, include_dashboard=False, _metrics_export_port=int(sys.argv[1]),
+               log_to_driver=False, configure_logging=False)
 from population.monitor import Monitor
 from population.store import RunStore
 from tests.population.test_monitor import Population, make_setup, play
