@@ -33,6 +33,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import statistics
 import sys
@@ -168,7 +169,13 @@ def main() -> None:
             print(f"{v:8s} {seed_list[seed]:4d} {r['best_val_bpb']:12.4f} {best['params']:11d} {r['steps']:6d} "
                   f"{r['best_val_bpb'] / fixed_best:13.4f}")
     means = {v: statistics.mean(r["best_val_bpb"] for r in results[v]) for v in VARIANTS}
-    print("mean best val_bpb: " + ", ".join(f"{v} {means[v]:.4f}" for v in VARIANTS))
+    spread = {v: statistics.stdev(r["best_val_bpb"] for r in results[v]) if seeds > 1 else 0.0 for v in VARIANTS}
+    print("mean ± std best val_bpb: " + ", ".join(f"{v} {means[v]:.4f} ± {spread[v]:.4f}" for v in VARIANTS))
+    for v in ("base", "largest"):   # paired by seed: the same first lr draws on both sides
+        diff = [results["search"][s]["best_val_bpb"] - results[v][s]["best_val_bpb"] for s in range(seeds)]
+        se = statistics.stdev(diff) / math.sqrt(seeds) if seeds > 1 else float("nan")
+        print(f"search - {v}, paired by seed: mean {statistics.mean(diff):+.4f} ± {se:.4f} (standard error), "
+              f"search lower in {sum(d < 0 for d in diff)} of {seeds} seeds")
     wins = sum(results["search"][s]["best_val_bpb"] < min(results[v][s]["best_val_bpb"] for v in ("base", "largest"))
                for s in range(seeds))
     print(f"search beats every fixed shape (best val_bpb, same seed): {wins} of {seeds} seeds")
