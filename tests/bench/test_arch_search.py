@@ -58,3 +58,22 @@ def test_small_setting_prints_every_row_and_writes_the_plot(tmp_path, ray_head):
     assert again.returncode == 0, again.stderr[-2000:]
     assert again.stdout.splitlines()[:-1] == lines[:-1]      # all but the plot's path
     assert json.loads((tmp_path / "again" / "arch_search.json").read_text()) == data
+    # two seeds (the second one this run's searches with other best figures): the means and
+    # the search's paired differences by seed
+    best = {("search", 1): 2.0, ("base", 1): 2.3, ("largest", 1): 1.9}
+    two = runs + [{**r, "seed": 1, "best_val_bpb": best[r["variant"], 1]} for r in runs]
+    (tmp_path / "two.jsonl").write_text("".join(json.dumps(r) + "\n" for r in two))
+    paired = subprocess.run([sys.executable, str(REPO / "bench" / "arch_search.py"), "--small", "--out",
+                             str(tmp_path / "two"), "--combine", str(tmp_path / "two.jsonl")],
+                            capture_output=True, text=True, timeout=600, cwd=REPO)
+    assert paired.returncode == 0, paired.stderr[-2000:]
+    out_lines = paired.stdout.splitlines()
+    bpb = {r["variant"]: r["best_val_bpb"] for r in runs}    # unrounded, as the script has them
+    mean = {v: (bpb[v] + best[v, 1]) / 2 for v in VARIANTS}
+    std = {v: abs(bpb[v] - best[v, 1]) / math.sqrt(2) for v in VARIANTS}
+    assert ("mean ± std best val_bpb: " + ", ".join(f"{v} {mean[v]:.4f} ± {std[v]:.4f}" for v in VARIANTS)) in out_lines
+    for v in ("base", "largest"):
+        d = [bpb["search"] - bpb[v], best["search", 1] - best[v, 1]]
+        line = next(x for x in out_lines if x.startswith(f"search - {v}, paired by seed: "))
+        assert f"mean {(d[0] + d[1]) / 2:+.4f} ± {abs(d[0] - d[1]) / 2:.4f} (standard error)" in line
+        assert line.endswith(f"search lower in {sum(x < 0 for x in d)} of 2 seeds")
