@@ -196,17 +196,17 @@ def main() -> None:
 
     (args.out / "arch_search.json").write_text(json.dumps(
         {"largest": largest, "budget": space.max_params, "seeds": seed_list, "results": results}, indent=1))
-    plot(results, args.out / "arch_search.png")
+    plot(results, args.out / "arch_search.png", seed_list)
     print(f"plot: {args.out / 'arch_search.png'}")
 
 
-def plot(results: dict[str, list[dict]], path: Path) -> None:
+def plot(results: dict[str, list[dict]], path: Path, seed_list: list[int]) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(7, 4.5))
+    fig, (ax, by_seed) = plt.subplots(1, 2, figsize=(12, 4.5), gridspec_kw={"width_ratios": [3, 2]})
     colours = {"search": "tab:blue", "base": "tab:orange", "largest": "tab:green"}
     for v, runs in results.items():
         for seed, r in enumerate(runs):
@@ -216,10 +216,19 @@ def plot(results: dict[str, list[dict]], path: Path) -> None:
                 front = pareto(pts)
                 ax.step(*zip(*front), where="post", color=colours[v], alpha=0.6, lw=1,
                         label="search Pareto front (per seed)" if seed == 0 else None)
+        best = [r["best_val_bpb"] for r in runs]
+        by_seed.plot(range(len(runs)), best, marker="o", color=colours[v], lw=1, alpha=0.8,
+                     label=f"{v}: mean {sum(best) / len(best):.4f}")
     ax.set_xlabel("parameters")
     ax.set_ylabel("val bits/byte")
-    ax.set_title("arch_search.yaml: searched shapes vs fixed shapes (same optimizer steps)")
+    ax.set_title("final members: searched shapes vs fixed shapes")
     ax.legend(fontsize=8)
+    by_seed.set_xticks(range(len(seed_list)), [str(s) for s in seed_list])
+    by_seed.set_xlabel("seed")
+    by_seed.set_ylabel("best val bits/byte")
+    by_seed.set_title("best member per seed (same optimizer steps)")
+    by_seed.legend(fontsize=8)
+    fig.suptitle("arch_search.yaml: the search against fixed shapes at equal optimizer steps", fontsize=11)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
 
