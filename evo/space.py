@@ -95,7 +95,8 @@ class FloatGene:
         return min(max(float(v), self.low), self.high)
 
     def encode(self, v: Any) -> float:
-        v = self.clip(v)
+        if type(v) is not float or not self.low <= v <= self.high:   # (inside: clip is the identity)
+            v = self.clip(v)
         if self.log:
             return (math.log(v) - math.log(self.low)) / (math.log(self.high) - math.log(self.low))
         return (v - self.low) / (self.high - self.low)
@@ -192,7 +193,8 @@ class IntGene:
         return self.value_at(min(max(i, 0), self.size - 1))
 
     def encode(self, v: Any) -> float:
-        v = self.clip(v)
+        if type(v) is not int or not self.low <= v <= self.high or (v - self.low) % self.step:   # (on the grid: clip is the identity)
+            v = self.clip(v)
         if self.log:
             return (math.log(v) - math.log(self.low)) / (math.log(self.high) - math.log(self.low))
         return (v - self.low) / (self.high - self.low)

@@ -97,6 +97,10 @@ class MemberRecord:
 
 
 _FIELDS = tuple(f.name for f in dataclasses.fields(MemberRecord))
+# a member's result keys that add nothing to its objectives beyond val_bpb, params, tokens_per_s
+# (record_results copies the others named val_bpb.<name> or SCORE)
+_PLAIN_RESULT = frozenset({"step", "val_bpb", "params", "tokens_per_s", "seconds", "cpu_seconds", "train_loss",
+                           "val_loss", "failed", "score_error"})
 CHAIN = 16   # commits written as deltas of the last before the whole state is written again
 _MISSING = object()
 # the member fields a delta compares: by value (scalars), by identity (replaced, never changed in place)
@@ -501,8 +505,9 @@ class Records:
             rec.step = int(res["step"])
             rec.history.append([rec.step, res["val_bpb"]])
             rec.objectives = {"val_bpb": res["val_bpb"], "params": res["params"],
-                              "tokens_per_s": res["tokens_per_s"],
-                              **{k: v for k, v in res.items() if k.startswith("val_bpb.") or k == SCORE}}
+                              "tokens_per_s": res["tokens_per_s"]}
+            if not res.keys() <= _PLAIN_RESULT:   # (one set comparison in C for the usual result)
+                rec.objectives.update({k: v for k, v in res.items() if k.startswith("val_bpb.") or k == SCORE})
             if res.get("score_error"):
                 self.eval_failures = [*self.eval_failures[-999:],
                                       {"member": m, "step": rec.step, "error": res["score_error"]}]

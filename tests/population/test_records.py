@@ -339,3 +339,20 @@ def test_pb2_state_is_committed_as_a_delta_of_its_intervals(tmp_path, cache_dir)
     again = make_strategy(setup.strategy, setup.space)
     assert Records(setup, RunStore(tmp_path, "pb2"), again, 1).open() == "resumed"
     assert json.loads(json.dumps(again.state_dict())) == expected
+
+
+def test_results_give_objectives_with_named_and_scored_figures_only(tmp_path, cache_dir):
+    """A member's objectives are val_bpb, params and tokens_per_s, then any val_bpb.<name> and the
+    fitness function's score of its result in their order; the result's other keys are not
+    objectives; a result without such keys gives the three alone, and a failed one changes none."""
+    records = _records(tmp_path, cache_dir, "obj", size=3)
+    base = {"step": 5, "val_bpb": 2.5, "params": 100, "tokens_per_s": 1e3, "seconds": 1.0, "cpu_seconds": 0.5,
+            "train_loss": 2.0, "val_loss": 1.7}
+    records.record_results({0: dict(base), 1: {**base, "val_bpb.docs": 2.75, "losses": [1.0], "score": 0.5,
+                                               "score_error": "x"},
+                            2: {**base, "failed": True}})
+    assert records[0].objectives == {"val_bpb": 2.5, "params": 100, "tokens_per_s": 1e3}
+    assert list(records[1].objectives.items()) == [("val_bpb", 2.5), ("params", 100), ("tokens_per_s", 1e3),
+                                                   ("val_bpb.docs", 2.75), ("score", 0.5)]
+    assert records[2].objectives == {} and records[2].history == []
+    assert records.eval_failures == [{"member": 1, "step": 5, "error": "x"}]

@@ -29,6 +29,7 @@ from population.store import (
     RunLockedError,
     RunStore,
     StoreError,
+    dumps,
     list_runs,
 )
 
@@ -228,6 +229,61 @@ def test_commit_and_read_state(storage):
     assert pointer["round"] == 6 and pointer["file"] == "states/000007.json"
     bodies = sorted(p.rsplit("/", 1)[1] for p in fs.ls(f"{root}/states", detail=False))
     assert bodies == [f"{seq:06d}.json" for seq in range(8 - KEEP_STATES, 8)]
+
+
+def _as_json_reads(value):
+    """json's text of what json.loads gives back (NaN and ±Infinity as json writes them)."""
+    return json.dumps(value, sort_keys=True)
+
+
+@pytest.mark.parametrize("value", [
+    {"a": [None, [1, 2.5, None]], "b": None},           # a delta's "every member" marker, a column with None
+    [None, [float("nan"), float("inf"), -float("inf"), 1.0]],   # non-finite floats beside a None
+    {"x": {"y": [1e-05, 0.1, -0.0, 1e300, 123456789.125]}},     # floats orjson writes differently
+    {"changed": "train.lr 9.42e-04→1.13e-03", "é": "ü"},   # non-ASCII: UTF-8 in place of \\u escapes
+    {1: "int key", 2: 3},                                # non-str keys: json's key conversion
+    {"big": 2 ** 70, "np": np.float64(2.5), "t": (1, 2)},
+    [], {}, "null", None, float("nan"), True,
+])
+def test_dumps_reads_back_as_json_writes_it(value):
+    """What the store writes (orjson where it can) reads back with json.loads as json's own
+    text of the value does: a NaN stays NaN and a None stays null, side by side."""
+    assert _as_json_reads(json.loads(dumps(value))) == _as_json_reads(json.loads(json.dumps(value, sort_keys=True)))
+
+
+def test_dumps_keeps_nan_and_none_apart():
+    got = json.loads(dumps({"cols": [None, [None, float("nan"), float("inf"), 2.0]]}))
+    assert got["cols"][0] is None and got["cols"][1][0] is None
+    assert np.isnan(got["cols"][1][1]) and got["cols"][1][2] == float("inf") and got["cols"][1][3] == 2.0
+
+
+def test_a_run_written_by_json_alone_reads_and_goes_on(storage, monkeypatch):
+    """Bodies and lineage lines written by json's encoder alone (an evo before orjson, or an
+    install without it: spaces after separators, \\u escapes) read back as before, and the run
+    goes on with orjson's texts: a delta applied on a json-written whole body, lines of both
+    kinds in one lineage file."""
+    import population.store as store_module
+
+    store = RunStore(storage, "r")
+    store.create({})
+    first = {"round": 1, "members": [{"id": 0, "val_bpb": float("inf"), "note": "é"}, {"id": 1, "val_bpb": None}],
+             "strategy": {"seed": 0}}
+    with monkeypatch.context() as m:
+        m.setattr(store_module, "orjson", None)
+        entry = store.commit_state(first)
+        store.append_lineage([{"event": "born", "member": 0, "changed": "a→b", "fitness": None}])
+    fs, root = raw(store)
+    assert b'"val_bpb": Infinity' in fs.cat_file(f"{root}/{entry['file']}")   # json's own text
+    assert store.read_state() == first
+    second = {"round": 2, "strategy": {"seed": 0}, "delta": {"members": {"val_bpb": [None, [2.5, float("nan")]]}}}
+    store.commit_state(second, delta_of=entry)
+    store.append_lineage([{"event": "exploit", "member": 1, "changed": "c→d", "fitness": 2.5}])
+    state = RunStore(storage, "r").read_state()
+    assert state["round"] == 2 and state["members"][0]["val_bpb"] == 2.5 and np.isnan(state["members"][1]["val_bpb"])
+    assert [m["note"] for m in state["members"] if "note" in m] == ["é"]
+    assert RunStore(storage, "r").read_lineage() == [
+        {"event": "born", "member": 0, "changed": "a→b", "fitness": None},
+        {"event": "exploit", "member": 1, "changed": "c→d", "fitness": 2.5}]
 
 
 @pytest.mark.parametrize("bad", [{"epoch": 1}, {"round": -1}, {"round": True}, {"round": "3"}])
