@@ -1,14 +1,16 @@
 """Where the CPU of one ``evo run`` goes: CPU seconds per process kind, and inside the members'
-processes their training threads against the rest, against a plain pool's CPU for the same steps.
+processes their training calls against the rest, against a plain pool's CPU for the same steps.
 
 The run's process tree (the driver, Ray's processes, the members, W&B's service, evo's reaper) is
 sampled from /proc every ``--period`` seconds until the driver exits: each process's CPU
 (utime + stime of /proc/<pid>/stat, its last sample) and, in the driver's and the members'
-processes, each thread's (/proc/<pid>/task/<tid>/stat, named by its comm). A member's training
-thread is the thread that ran its ``train_and_evaluate`` calls: the thread of the member's
-process with the most CPU (Ray runs an actor's calls on its own threads; the member's torch
-runs one intra-op thread, so the training is that thread's). What a process spent after its last
-sample (at most one period) is not counted.
+processes, each thread's (/proc/<pid>/task/<tid>/stat). A thread's CPU since the last sample goes
+to the group of the name it carries: Ray titles the thread that runs an actor's call by the call
+(``ray::Member.train_part``; the member's torch runs one intra-op thread, so training is that
+thread's) and names its own threads (core worker, gRPC); population/member.py names a checkpoint
+write's thread ``evo-save``. The members' own count of the CPU in their training calls
+(``timing.member_cpu_s`` of state.json) is printed beside it. What a process spent after its
+last sample (at most one period) is not counted.
 
 The plain pool is bench/startup.py's (``multiprocessing``, 2 processes, the same trainers,
 genomes, seeds, steps and evaluations; no Ray): its CPU is the pool process's and its workers'
