@@ -10,7 +10,9 @@ local Ray of evo's own.
 - evo's own local Ray listens on loopback only (every port: GCS, raylet, workers, agents,
   dashboard, metrics), takes none of Ray's fixed default ports (see init_local_ray), keeps Ray's
   token authentication, keeps its files in a private temp dir, and is watched by
-  population/reaper.py: a driver that is killed takes it along.
+  population/reaper.py: a driver that is killed takes it along. It runs no log monitor (the
+  driver prints no worker logs), and runs Ray's dashboard unless ``logging.ray_dashboard`` is
+  false (``connect(dashboard=False)``: no web server, no module processes, less CPU).
 
 A signal while connecting stops the connection (ConnectStopped) instead of waiting it out.
 """
@@ -70,13 +72,14 @@ class Cluster:
             _stop_reaper(self._reaper, self._root)
 
 
-def connect(console: Any, stopping: Callable[[], bool] = lambda: False) -> Cluster:
-    """Connect this driver to Ray (see the module docstring); ``stopping()`` true aborts."""
+def connect(console: Any, stopping: Callable[[], bool] = lambda: False, dashboard: bool = True) -> Cluster:
+    """Connect this driver to Ray (see the module docstring); ``stopping()`` true aborts.
+    ``dashboard`` false starts a local Ray without Ray's dashboard (a cluster joined keeps its own)."""
     if ray.is_initialized():
         return Cluster(started=False)
     env = (os.environ.get("RAY_ADDRESS") or "").strip()
     if env == "local":
-        return _start_local_told(console)
+        return _start_local_told(console, dashboard)
     if env and env != "auto":
         reason = _unreachable(env, RETRY_FOR_S, stopping)
         if reason:
@@ -90,7 +93,7 @@ def connect(console: Any, stopping: Callable[[], bool] = lambda: False) -> Clust
         if env == "auto":
             raise ClusterError("RAY_ADDRESS=auto: no Ray cluster was started on this machine "
                                "(`ray start --head`), or unset RAY_ADDRESS")
-        return _start_local_told(console)
+        return _start_local_told(console, dashboard)
     path, address = last
     reason = _unreachable(address, PROBE_S, stopping)
     if reason is None:
@@ -134,23 +137,23 @@ def _is_loopback(address: str) -> bool:
         return False
 
 
-def _start_local_told(console: Any) -> Cluster:
+def _start_local_told(console: Any, dashboard: bool = True) -> Cluster:
     """_start_local, then one line with the dashboard's address (no fixed port: see init_local_ray)
     on ``console`` when there is one."""
-    cluster = _start_local()
+    cluster = _start_local(dashboard)
     if cluster.dashboard_url and console is not None:   # benches connect with no console
         console.print(f"Ray dashboard: http://{cluster.dashboard_url}", soft_wrap=True, markup=False,
                       highlight=False)
     return cluster
 
 
-def _start_local() -> Cluster:
+def _start_local(dashboard: bool = True) -> Cluster:
     """A fresh local Ray: loopback only, no fixed ports, token auth on, files in a private temp
     dir, reaped. A node that does not come up in Ray's 30 s is started once more, in a new dir
     with new ports, before the run gives up with one line."""
     for _ in range(2):
         try:
-            return _start_local_once()
+            return _start_local_once(dashboard)
         except Exception as e:
             if NODE_STARTUP_TIMEOUT not in str(e):
                 raise
@@ -162,8 +165,9 @@ def _start_local() -> Cluster:
     ) from timed_out
 
 
-def _start_local_once() -> Cluster:
-    """One try of _start_local's."""
+def _start_local_once(dashboard: bool) -> Cluster:
+    """One try of _start_local's. Without the ``dashboard``, Ray's dashboard process runs only its
+    usage-stats module: no web server, no module processes (ray.init's include_dashboard=False)."""
     root = tempfile.mkdtemp(prefix="evo-ray-")
     saved = {k: os.environ.get(k) for k in ("TMPDIR", RAY_CLUSTERS_ENV)}
     # Ray's own switch for a single-machine Ray (the default on macOS/Windows): the node's
@@ -180,7 +184,7 @@ def _start_local_once() -> Cluster:
         # the reaper first: a ray.init that fails after starting processes leaves none behind
         reaper = _start_reaper(root)
         context = init_local_ray(_temp_dir=os.path.join(root, "ray"), log_to_driver=False,
-                                 configure_logging=False)
+                                 configure_logging=False, **({} if dashboard else {"include_dashboard": False}))
     except BaseException:
         try:
             if ray.is_initialized():
@@ -195,7 +199,7 @@ def _start_local_once() -> Cluster:
                 os.environ.pop(k, None)
             else:
                 os.environ[k] = v
-    url = getattr(context, "dashboard_url", None) or None
+    url = (getattr(context, "dashboard_url", None) or None) if dashboard else None
     return Cluster(started=True, reaper=reaper, root=root, dashboard_url=url)
 
 
@@ -220,10 +224,15 @@ def init_local_ray(**kwargs: Any) -> Any:
     #   picked here; lost in a race, that server alone is skipped, as before.
     # The agent's gRPC and metrics-export ports, the runtime-env agent's, the GCS's and the
     # raylet's are already picked by the OS.
+    # The log monitor: a process that tails every worker's log file and publishes the lines for
+    # drivers to print (log_to_driver). evo's driver prints none (log_to_driver=False), and the
+    # dashboard and `ray logs` read the files themselves, so a Ray started that way runs without
+    # it (≈ 0.6 CPU s a minute, bench/cpu_census.py).
+    log_monitor = bool(kwargs.get("log_to_driver", True))
     saved = os.environ.get(DASHBOARD_METRIC_PORT_ENV)
     os.environ[DASHBOARD_METRIC_PORT_ENV] = str(_free_port())
     try:
-        with _agent_port_picked_by_os():
+        with _local_params(log_monitor):
             return ray.init(address="local", dashboard_port=0, **kwargs)
     finally:
         if saved is None:
@@ -233,18 +242,23 @@ def init_local_ray(**kwargs: Any) -> Any:
 
 
 @contextlib.contextmanager
-def _agent_port_picked_by_os():
+def _local_params(log_monitor: bool):
     """While ray.init builds its RayParams (it looks the class up in ray._private.parameter at
-    the call), a dashboard agent listen port it does not set is 0 instead of Ray's fixed 52365.
-    A Ray whose RayParams has no such parameter is left as it is."""
+    the call): a dashboard agent listen port it does not set is 0 instead of Ray's fixed 52365,
+    and without ``log_monitor`` the node starts no log monitor. A Ray whose RayParams lacks
+    such a parameter is left as it is there."""
     base = getattr(ray_parameter, "RayParams", None)
-    if base is None or "dashboard_agent_listen_port" not in inspect.signature(base.__init__).parameters:
+    params = inspect.signature(base.__init__).parameters if base is not None else {}
+    defaults = {k: v for k, v in (("dashboard_agent_listen_port", 0), ("include_log_monitor", log_monitor))
+                if k in params}
+    if not defaults:
         yield
         return
 
     class RayParams(base):
         def __init__(self, *args: Any, **kwargs: Any):
-            kwargs.setdefault("dashboard_agent_listen_port", 0)
+            for k, v in defaults.items():
+                kwargs.setdefault(k, v)
             super().__init__(*args, **kwargs)
 
     ray_parameter.RayParams = RayParams

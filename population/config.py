@@ -132,11 +132,16 @@ class WandbConfig:
 
 @dataclass(config=ConfigDict(extra="forbid"))
 class LoggingConfig:
-    """Monitoring sinks: W&B and an Optuna study that mirrors every evaluated segment."""
+    """Monitoring sinks: W&B and an Optuna study that mirrors every evaluated segment; whether
+    evo's own local Ray runs its dashboard."""
 
     wandb: WandbConfig = dataclasses.field(default_factory=WandbConfig)
     optuna: Annotated[StrictBool, Field(description=(
         "mirror every evaluated segment into an Optuna study (optuna.db) for optuna-dashboard; false turns it off"))
+    ] = True
+    ray_dashboard: Annotated[StrictBool, Field(description=(
+        "the local Ray that evo starts runs Ray's dashboard (its web UI, where runs are watched); false starts "
+        "it without the dashboard's web server and module processes, for less CPU; a cluster evo joins keeps its own"))
     ] = True
 
 

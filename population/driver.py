@@ -134,7 +134,8 @@ def run_search(setup: SearchSetup, *, console: Any = None) -> dict:
         # The lock (and with it the storage) before Ray: a second driver on a live run, or a
         # storage that cannot be written, is refused before any Ray process starts.
         with store.lock():
-            cluster = connect(console, stopping=lambda: stop.signum is not None)
+            cluster = connect(console, stopping=lambda: stop.signum is not None,
+                              dashboard=setup.logging.ray_dashboard)
             stop.install()   # again: ray.init replaced the SIGTERM handler with its own
             check_fit(setup.population, ray.nodes())
             if store.exists():

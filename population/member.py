@@ -42,6 +42,8 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
+SAVE_THREAD = "evo-save"   # the OS name of a checkpoint write's thread (name_thread)
+
 
 def split_genome(genome: Mapping[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:
     """``{"train.lr": .., "model.num_hidden_layers": ..}`` -> (train fields, model fields), no prefixes."""
@@ -138,6 +140,18 @@ def apply_genome(trainer: Trainer | SleepTrainer, base_model: InternLM2Config, g
 
 def _interval_totals() -> dict:
     return {"losses": [], "tokens": 0, "train_s": 0.0, "seconds": 0.0, "cpu_seconds": 0.0}
+
+
+def name_thread(name: str) -> None:
+    """Give the calling thread an OS-level name (at most 15 bytes): ``top -H``, ``py-spy dump``
+    and /proc/<pid>/task/<tid>/comm show it (bench/cpu_census.py counts the checkpoint writes'
+    CPU by it; Ray names the threads that run an actor's calls itself, by the call). Where the
+    OS has no such name (not Linux), nothing happens."""
+    try:
+        with open(f"/proc/self/task/{threading.get_native_id()}/comm", "w") as f:
+            f.write(name[:15])
+    except OSError:
+        pass
 
 
 def threads_for(num_cpus: float) -> int:
@@ -354,6 +368,7 @@ class Member:
         state = self._current()  # immutable: training replaces it, never mutates it
 
         def write() -> None:
+            name_thread(SAVE_THREAD)
             try:
                 size, sha = RunStore(storage, name).write_checkpoint(rel_path, state)
                 self._saved = {"path": rel_path, "bytes": int(size or 0), "sha256": sha}

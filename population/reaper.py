@@ -21,7 +21,9 @@ import signal
 import sys
 import time
 
-SCAN_S = 1.0        # how often the list of processes is refreshed while the driver lives
+SCAN_S = 1.0        # how often the list of processes is refreshed while Ray starts ...
+SETTLED_SCAN_S = 10.0   # ... and once no new process was found for SETTLE_S (each scan reads
+SETTLE_S = 30.0         # every process's /proc stat: ≈ 0.25 CPU s a minute at 1 s on a busy host)
 
 
 def _procs() -> dict[int, tuple[int, int, str]]:
@@ -93,10 +95,18 @@ def main(argv: list[str]) -> int:
         signal.signal(sig, signal.SIG_IGN)   # a Ctrl-C meant for the driver must not stop the cleanup
     known: dict[int, int] = {}
     linux = os.path.isdir("/proc/self")
+    last_new = time.monotonic()
     while True:
         if linux:
+            before = len(known)
             _scan(driver, root, known)
-        ready, _, _ = select.select([sys.stdin], [], [], SCAN_S)
+            if len(known) > before:
+                last_new = time.monotonic()
+        # Ray's own processes (the driver's children) start with ray.init, so the scans can slow
+        # down once none has appeared for a while; workers started later descend from the
+        # raylet, and the last scan below (the raylet still alive) finds them.
+        settled = time.monotonic() - last_new > SETTLE_S
+        ready, _, _ = select.select([sys.stdin], [], [], SETTLED_SCAN_S if settled else SCAN_S)
         if ready and not os.read(sys.stdin.fileno(), 4096):
             break   # EOF: the driver is gone (or closed the pipe after ray.shutdown)
     if linux:

@@ -346,6 +346,46 @@ def test_two_local_rays_at_once_take_no_fixed_port(tmp_path, short_tmp):
     assert os.listdir(short_tmp) == []
 
 
+def _cmdlines(pids: set[int]) -> set[str]:
+    out = set()
+    for pid in pids:
+        try:
+            out.add(Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace"))
+        except OSError:
+            pass
+    return out
+
+
+@pytest.mark.slow
+def test_ray_dashboard_off_runs_no_dashboard_and_no_log_monitor(tmp_path, short_tmp):
+    """`logging.ray_dashboard: false`: evo's local Ray runs without the dashboard's web server and
+    module processes (its dashboard process loads only Ray's usage-stats module), and no line
+    names a dashboard. evo's local Ray never runs a log monitor (nothing reads it: the driver
+    prints no worker logs)."""
+    storage = tmp_path / "runs"
+    env = _env(tmp_path, short_tmp)
+    run = subprocess.Popen(_evo_run(storage, "nodash", env, "logging.ray_dashboard=false"), env=env,
+                           stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    seen: set[str] = set()
+    try:
+        deadline = time.time() + 540
+        while run.poll() is None and time.time() < deadline:
+            seen |= _cmdlines(_descendants(run.pid))
+            time.sleep(0.2)
+        out, err = run.communicate(timeout=60)
+    finally:
+        if run.poll() is None:
+            run.kill()
+            run.wait()
+    assert run.returncode == 0, err[-3000:]
+    assert json.loads((storage / "nodash" / "summary.json").read_text())["status"] == "finished"
+    assert any("gcs_server" in c for c in seen) and any(":Member." in c for c in seen), seen   # Ray was seen
+    assert not [c for c in seen if "ray-dashboard-" in c or "ray.dashboard.subprocesses" in c]
+    assert all("--disable-frontend" in c for c in seen if "dashboard/dashboard.py" in c), seen
+    assert not [c for c in seen if "log_monitor.py" in c]
+    assert "Ray dashboard" not in out + err
+
+
 # A driver whose first local Ray "times out during startup" once its processes are up (Ray's
 # Node raising the exception it raises when the raylet does not register in 30 s), then, after a
 # good start and close, one that fails twice before starting anything. Prints one JSON line.
