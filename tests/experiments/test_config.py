@@ -103,7 +103,8 @@ def test_config_to_dict_fills_every_default(tmp_path: Path):
     assert d["train"]["beta2"] == TrainConfig().beta2
     assert d["population"]["resources"] == {"num_cpus": 0.5, "num_gpus": 0.0}
     assert d["strategy"]["perturb_factors"] == [0.8, 1.2]
-    assert d["logging"] == {"wandb": {"mode": "offline", "project": "evo", "entity": None}, "optuna": True}
+    assert d["logging"] == {"wandb": {"mode": "offline", "project": "evo", "entity": None}, "optuna": True,
+                            "ray_dashboard": True}
     assert d["search"] == {"train.lr": {"type": "float", "low": 1e-4, "high": 1e-2, "log": True}}
     assert d["model"]["vocab_size"] == 256 and d["storage"] == "runs" and d["seed"] == 0
 
