@@ -1,0 +1,86 @@
+"""k proposals of Optuna's multivariate TPE sampler on arrays: the fast path of PB2's explore.
+
+PB2 asks a TPESampler for k hyperparameter proposals, the recent observations added as complete
+trials of an in-memory study and each asked trial left running, so that TPE's constant liar
+counts the proposals already made among the bad ones and spreads the next one away from them
+(evo/pb2.py `_study_proposals`, the plain path). Through a study each ask builds a trial in
+the storage, re-reads every trial, looks up each one's parameters and splits them again, a few
+milliseconds an ask in Python. Here the same steps run once on arrays:
+
+    below, above = the observations split at TPE's gamma(n) best values (each kept in order)
+    l = Parzen estimator of below                     (the same for every ask: no ask is complete)
+    for each of the k asks:
+        g = Parzen estimator of above                 (+ the proposals so far, with constant liar)
+        candidates = n_ei_candidates draws of l       (the sampler's own RandomState)
+        proposal = the candidate maximising log l - log g
+
+with the sampler's own estimator class, parameters, gamma, random state and acquisition, so the
+k proposals are the plain path's, number for number (tests/evo/test_tpe_batch.py checks it on
+float, log, stepped and categorical genes). This reaches into TPESampler's private members;
+`usable` says whether this sampler has them and is configured as PB2 builds it, and PB2 takes
+the plain path otherwise.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Sequence
+
+import numpy as np
+
+_MEMBERS = ("_parzen_estimator_cls", "_parzen_estimator_parameters", "_rng", "_n_ei_candidates",
+            "_constant_liar", "_compute_acquisition_func", "_compare", "_gamma", "_multivariate",
+            "_group", "_n_startup_trials")
+
+
+def usable(sampler: Any, distributions: dict[str, Any], n: int) -> bool:
+    """Whether `proposals` asks this sampler as a study would: a multivariate, ungrouped,
+    unconstrained TPESampler past its start-up trials (n observations), whose private members
+    are those this module calls, over distributions of more than one value each."""
+    import optuna
+
+    return (
+        isinstance(sampler, optuna.samplers.TPESampler)
+        and all(hasattr(sampler, a) for a in _MEMBERS)
+        and sampler._multivariate is True
+        and not sampler._group
+        and getattr(sampler, "_constraints_func", None) is None
+        and n >= sampler._n_startup_trials
+        and n > 0
+        and not any(d.single() for d in distributions.values())
+    )
+
+
+def proposals(
+    sampler: Any, distributions: dict[str, Any], params: Sequence[dict[str, Any]],
+    values: Sequence[float], k: int,
+) -> list[dict[str, Any]]:
+    """What k `study.ask(distributions)` return (their `.params`) on a maximising study holding
+    one complete trial per (params, value), in order, with each asked trial left running."""
+    from optuna.samplers._tpe.sampler import default_gamma
+
+    space = dict(sorted(distributions.items(), key=lambda item: item[0]))   # TPE's relative search space: sorted by name
+    internal = {p: [d.to_internal_repr(x[p]) for x in params] for p, d in space.items()}
+    n = len(values)
+    gamma = sampler._gamma if sampler._gamma is not None else default_gamma
+    n_below = min(gamma(n), n)
+    best_first = sorted(range(n), key=lambda i: values[i], reverse=True)   # stable, as TPE's split
+    below = sorted(best_first[:n_below])
+    above = sorted(best_first[n_below:])
+
+    def estimator(rows: dict[str, list]) -> Any:
+        observations = {p: np.asarray(v) for p, v in rows.items()}
+        return sampler._parzen_estimator_cls(observations, space, sampler._parzen_estimator_parameters)
+
+    good = estimator({p: [v[i] for i in below] for p, v in internal.items()})
+    bad_rows = {p: [v[i] for i in above] for p, v in internal.items()}
+    out = []
+    for _ in range(k):
+        bad = estimator(bad_rows)
+        candidates = good.sample(sampler._rng.rng, sampler._n_ei_candidates)
+        best = sampler._compare(candidates, sampler._compute_acquisition_func(candidates, good, bad))
+        proposal = {p: d.to_external_repr(best[p]) for p, d in space.items()}
+        out.append({p: proposal[p] for p in distributions})
+        if sampler._constant_liar:   # the running trial counts among the bad ones
+            for p, d in space.items():
+                bad_rows[p].append(d.to_internal_repr(proposal[p]))
+    return out
