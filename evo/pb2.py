@@ -91,31 +91,31 @@ class PB2(Strategy):
             self.intervals[m.id] = {
                 "seen": [_end(m), _end(donor)],
                 "start": float(donor.fitness),
-                "params": _hyperparameters(genome, self.hparams),
+                "params": genome.hyperparameters(),
             }
         return decisions
 
     def _observe(self, snapshot: Snapshot) -> None:
         """Record the intervals that ended since the last plan; start the next ones."""
+        intervals = self.intervals
         alive = {m.id for m in snapshot.members}
-        for i in [i for i in self.intervals if i not in alive]:
-            del self.intervals[i]  # gone from the population
+        for i in [i for i in intervals if i not in alive]:
+            del intervals[i]  # gone from the population
+        ended = []  # (interval, end step, fitness now) of each interval that ended, in member order
         for m in snapshot.members:
-            if not m.history or not math.isfinite(m.fitness):
-                self.intervals.pop(m.id, None)  # no fitness (yet, or after a restart) or diverged
+            if not m.history or not math.isfinite(m.history[-1][1]):
+                intervals.pop(m.id, None)  # no fitness (yet, or after a restart) or diverged
                 continue
-            interval = self.intervals.get(m.id)
-            if interval is not None and _end(m) in interval["seen"]:
+            end = _end(m)
+            interval = intervals.get(m.id)
+            if interval is not None and end in interval["seen"]:
                 continue  # not evaluated since the interval started
             if interval is not None:
-                self.observations.append(
-                    {"params": interval["params"], "step": _end(m)[0], "improvement": interval["start"] - m.fitness}
-                )
-            self.intervals[m.id] = {
-                "seen": [_end(m)],
-                "start": float(m.fitness),
-                "params": _hyperparameters(m.genome, self.hparams),
-            }
+                ended.append((interval, end[0], m.history[-1][1]))
+            intervals[m.id] = {"seen": [end], "start": end[1], "params": m.genome.hyperparameters()}
+        # only the last MAX_OBSERVATIONS are kept: build no more than those
+        self.observations.extend({"params": interval["params"], "step": step, "improvement": interval["start"] - f}
+                                 for interval, step, f in ended[-MAX_OBSERVATIONS:])
         del self.observations[:-MAX_OBSERVATIONS]
 
     def _propose(self, k: int, rng: np.random.Generator) -> list[dict[str, Any]]:
@@ -172,10 +172,6 @@ def _study_proposals(
     for p, value in zip(params, values):
         study.add_trial(optuna.trial.create_trial(params=p, distributions=distributions, value=value))
     return [study.ask(distributions).params for _ in range(k)]
-
-
-def _hyperparameters(genome: Genome, paths: Sequence[str]) -> dict[str, Any]:
-    return {p: genome[p] for p in paths}
 
 
 def _zscores(observations: list[dict[str, Any]]) -> list[float]:

@@ -4,17 +4,18 @@ PB2 asks a TPESampler for k hyperparameter proposals, the recent observations ad
 trials of an in-memory study and each asked trial left running, so that TPE's constant liar
 counts the proposals already made among the bad ones and spreads the next one away from them
 (evo/pb2.py `_study_proposals`, the plain path). Through a study each ask builds a trial in
-the storage, re-reads every trial, looks up each one's parameters and splits them again, a few
-milliseconds an ask in Python. Here the same steps run once on arrays:
+the storage, re-reads every trial, looks up each one's parameters and splits them again, in
+Python. Here the same steps run on arrays, each done once where the asks share it:
 
     below, above = the observations split at TPE's gamma(n) best values (each kept in order)
     l = Parzen estimator of below                     (the same for every ask: no ask is complete)
+    candidates of each ask = n_ei_candidates draws of l, k times in turn (the sampler's RandomState)
+    log l of all the candidates at once
     for each of the k asks:
         g = Parzen estimator of above                 (+ the proposals so far, with constant liar)
-        candidates = n_ei_candidates draws of l       (the sampler's own RandomState)
-        proposal = the candidate maximising log l - log g
+        proposal = the ask's candidate maximising log l - log g
 
-with the sampler's own estimator class, parameters, gamma, random state and acquisition, so the
+with the sampler's own estimator class, parameters, gamma, random state and comparison, so the
 k proposals are the plain path's, number for number (tests/evo/test_tpe_batch.py checks it on
 float, log, stepped and categorical genes). This reaches into TPESampler's private members;
 `usable` says whether this sampler has them and is configured as PB2 builds it, and PB2 takes
@@ -28,7 +29,7 @@ from typing import Any, Sequence
 import numpy as np
 
 _MEMBERS = ("_parzen_estimator_cls", "_parzen_estimator_parameters", "_rng", "_n_ei_candidates",
-            "_constant_liar", "_compute_acquisition_func", "_compare", "_gamma", "_multivariate",
+            "_constant_liar", "_compare", "_gamma", "_multivariate",
             "_group", "_n_startup_trials")
 
 
@@ -39,7 +40,7 @@ def usable(sampler: Any, distributions: dict[str, Any], n: int) -> bool:
     import optuna
 
     return (
-        isinstance(sampler, optuna.samplers.TPESampler)
+        type(sampler) is optuna.samplers.TPESampler   # a subclass may sample otherwise
         and all(hasattr(sampler, a) for a in _MEMBERS)
         and sampler._multivariate is True
         and not sampler._group
@@ -72,12 +73,15 @@ def proposals(
         return sampler._parzen_estimator_cls(observations, space, sampler._parzen_estimator_parameters)
 
     good = estimator({p: [v[i] for i in below] for p, v in internal.items()})
+    # l and the random state do not change between asks: draw every ask's candidates in turn
+    # (the same draws, in the same order) and weigh them under l at once
+    draws = [good.sample(sampler._rng.rng, sampler._n_ei_candidates) for _ in range(k)]
+    log_good = good.log_pdf({p: np.concatenate([c[p] for c in draws]) for p in space}).reshape(k, -1)
     bad_rows = {p: [v[i] for i in above] for p, v in internal.items()}
     out = []
-    for _ in range(k):
+    for candidates, log_l in zip(draws, log_good):
         bad = estimator(bad_rows)
-        candidates = good.sample(sampler._rng.rng, sampler._n_ei_candidates)
-        best = sampler._compare(candidates, sampler._compute_acquisition_func(candidates, good, bad))
+        best = sampler._compare(candidates, log_l - bad.log_pdf(candidates))   # TPE's acquisition
         proposal = {p: d.to_external_repr(best[p]) for p, d in space.items()}
         out.append({p: proposal[p] for p in distributions})
         if sampler._constant_liar:   # the running trial counts among the bad ones
