@@ -35,7 +35,6 @@ from typing import Any, Sequence
 import numpy as np
 
 from evo import tpe_batch
-from evo.genome import Genome
 from evo.pbt import explore, truncation_donors
 from evo.space import SearchSpace
 from evo.strategy import Decision, Exploit, Keep, MemberView, Snapshot, Strategy
