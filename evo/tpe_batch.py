@@ -59,6 +59,9 @@ def proposals(
     one complete trial per (params, value), in order, with each asked trial left running."""
     from optuna.samplers._tpe.sampler import default_gamma
 
+    if k == 0:
+        return []
+
     space = dict(sorted(distributions.items(), key=lambda item: item[0]))   # TPE's relative search space: sorted by name
     internal = {p: [d.to_internal_repr(x[p]) for x in params] for p, d in space.items()}
     n = len(values)

@@ -44,7 +44,7 @@ def tpe(seed: int, **kwargs) -> optuna.samplers.TPESampler:
 
 
 @pytest.mark.parametrize("space_name", SPACES)
-@pytest.mark.parametrize("n, k", [(MIN_OBSERVATIONS, 1), (MIN_OBSERVATIONS, 16), (40, 16), (200, 16), (200, 3)])
+@pytest.mark.parametrize("n, k", [(MIN_OBSERVATIONS, 0), (MIN_OBSERVATIONS, 1), (MIN_OBSERVATIONS, 16), (40, 16), (200, 16), (200, 3)])
 @pytest.mark.parametrize("constant_liar", [True, False])
 def test_array_proposals_equal_the_studys(space_name: str, n: int, k: int, constant_liar: bool) -> None:
     optuna.logging.set_verbosity(optuna.logging.WARNING)
