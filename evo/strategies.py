@@ -49,6 +49,9 @@ class StrategyConfig:
         "pbt/pb2: per gene, the chance to resample from the prior instead of perturbing"))] = 0.25
     perturb_factors: Annotated[tuple[Factor, Factor], Field(description=(
         "pbt/pb2: the two multiplicative perturbations of a float gene"))] = (0.8, 1.2)
+    exploit_margin: Annotated[StrictFloat, Field(ge=0, lt=1, description=(
+        "pbt: a receiver copies a donor only when the donor's fitness is better than its own by "
+        "more than this fraction of it (0: any fitter donor)"))] = 0.0
     selection: Annotated[Literal["truncation", "tournament"], Field(description=(
         "pbt: how a member finds its donor"))] = "truncation"
     tournament_size: Annotated[StrictInt, Field(ge=2, description=(
