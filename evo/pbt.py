@@ -22,7 +22,6 @@ member of a population of two or more, and the two quantiles never overlap. In a
 from __future__ import annotations
 
 import bisect
-import math
 from collections.abc import Sequence
 
 import numpy as np
@@ -74,9 +73,8 @@ def explore(
     return out
 
 
-def truncation_donors(snapshot: Snapshot, quantile: float, margin: float = 0.0) -> dict[int, Sequence[MemberView]]:
-    """{bottom-quantile member id: the top-quantile members strictly fitter than it, best first};
-    with `margin` > 0, fitter by more than `margin` times the receiver's |fitness|.
+def truncation_donors(snapshot: Snapshot, quantile: float) -> dict[int, Sequence[MemberView]]:
+    """{bottom-quantile member id: the top-quantile members strictly fitter than it, best first}.
 
     The top quantile is sorted by fitness, so the members fitter than a receiver are a prefix of
     it: each receiver gets a view of that prefix (found by bisection), not a copy -- O(n log n)
@@ -87,12 +85,7 @@ def truncation_donors(snapshot: Snapshot, quantile: float, margin: float = 0.0) 
     bottom, top = sel_truncation(np.array(keys), quantile)
     top_members = [members[i] for i in top]
     top_keys = [keys[i] for i in top]   # ascending
-    return {members[i].id: Prefix(top_members, bisect.bisect_left(top_keys, below(keys[i], margin))) for i in bottom}
-
-
-def below(key: float, margin: float) -> float:
-    """The fitness key a donor must be under to be `margin` better than `key` (lower is better)."""
-    return key - margin * abs(key) if margin and math.isfinite(key) else key
+    return {members[i].id: Prefix(top_members, bisect.bisect_left(top_keys, keys[i])) for i in bottom}
 
 
 class Prefix(Sequence):
@@ -120,7 +113,7 @@ class PBT(Strategy):
     ) -> list[Decision]:
         members = ready_members(snapshot, ready)
         if self.config.selection == "truncation":
-            donors_of = truncation_donors(snapshot, self.config.quantile, self.config.exploit_margin)
+            donors_of = truncation_donors(snapshot, self.config.quantile)
             candidates = [donors_of.get(m.id, ()) for m in members]
             sizes = np.array([len(c) for c in candidates], dtype=np.int64)
             # one draw per receiver, uniform over its candidates (a member without any draws nothing)
@@ -129,8 +122,7 @@ class PBT(Strategy):
         else:
             contestants = ranked(snapshot)
             position = {c.id: i for i, c in enumerate(contestants)}
-            donors = [tournament_donor(m, contestants, self.config.tournament_size, rng, position,
-                                       self.config.exploit_margin) for m in members]
+            donors = [tournament_donor(m, contestants, self.config.tournament_size, rng, position) for m in members]
         # every receiver's genome explored at once, once the donors are drawn
         explored = iter(explore([d.genome for d in donors if d is not None], self.space, rng,
                                 self.config.resample_probability, self.config.perturb_factors))
@@ -146,10 +138,9 @@ class PBT(Strategy):
 
 def tournament_donor(
     member: MemberView, contestants: list[MemberView], size: int, rng: np.random.Generator,
-    position: dict[int, int] | None = None, margin: float = 0.0,
+    position: dict[int, int] | None = None,
 ) -> MemberView | None:
-    """The best of `size - 1` other members drawn at random, if strictly fitter than `member` (by
-    more than `margin` times its |fitness| when `margin` > 0)
+    """The best of `size - 1` other members drawn at random, if strictly fitter than `member`
     (binary tournament when size = 2); None for a member without fitness.
 
     The others are `contestants` without `member`, indexed without building that list
@@ -165,4 +156,4 @@ def tournament_donor(
     drawn = rng.choice(n_others, size=min(size - 1, n_others), replace=False)
     others = (contestants[i + (skip is not None and i >= skip)] for i in drawn)
     best = min(others, key=lambda c: (fitness_key(c), c.id))
-    return best if fitness_key(best) < below(fitness_key(member), margin) else None
+    return best if is_fitter(best, member) else None
