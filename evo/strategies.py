@@ -29,6 +29,11 @@ STRATEGIES = ("pbt", "ga", "nsga2", "pb2", "random")
 # its validation-loss jump on the quickstart-size model (bench/grace_recovery.py, BENCHMARKS.md)
 GRACE_DEFAULT = 1
 
+# strategy.ready_intervals 'auto': judgements of each member per run (bench/peers.py's table A judges
+# 8 times, 4 x 400 steps every 50; longer runs judged every interval ended worse than no search:
+# BENCHMARKS.md, "PBT's short-horizon bias")
+JUDGEMENTS = 8
+
 Probability = Annotated[StrictFloat, Field(ge=0, le=1)]
 Factor = Annotated[StrictFloat, Field(gt=0, allow_inf_nan=False)]
 Objective = Annotated[str, Field(min_length=1)]   # OBJECTIVE_SENSE's, or val_bpb.<held-out set>
@@ -49,6 +54,12 @@ class StrategyConfig:
         "pbt/pb2: per gene, the chance to resample from the prior instead of perturbing"))] = 0.25
     perturb_factors: Annotated[tuple[Factor, Factor], Field(description=(
         "pbt/pb2: the two multiplicative perturbations of a float gene"))] = (0.8, 1.2)
+    ready_intervals: Annotated[StrictInt | str, Field(description=(
+        "intervals a member trains between two judgements of it (only a judgement replaces it): 1 judges "
+        "it after every interval; 'auto' spaces them so that a run judges each member about "
+        f"{JUDGEMENTS} times (the run's intervals // {JUDGEMENTS}, at least 1), since judging a long run "
+        "every interval keeps whatever gains most in one interval (a lower learning rate) over what "
+        "ends best"))] = "auto"
     selection: Annotated[Literal["truncation", "tournament"], Field(description=(
         "pbt: how a member finds its donor"))] = "truncation"
     tournament_size: Annotated[StrictInt, Field(ge=2, description=(
@@ -88,6 +99,9 @@ class StrategyConfig:
         "for the caller that derives the rng passed to plan(); strategies never seed themselves"))] = 0
 
     def __post_init__(self) -> None:
+        if self.ready_intervals != "auto" and (not isinstance(self.ready_intervals, int) or self.ready_intervals < 1):
+            raise ValueError(f"strategy.ready_intervals: must be a whole number of intervals >= 1 or 'auto', "
+                             f"got {self.ready_intervals!r}")
         if self.name not in STRATEGIES:
             close = difflib.get_close_matches(self.name, STRATEGIES, n=1)
             hint = f"; did you mean {close[0]!r}?" if close else ""
@@ -103,6 +117,14 @@ class StrategyConfig:
             if missing:
                 raise ValueError(f"strategy.sampler: 'gp' needs {' and '.join(missing)} installed "
                                  f"(pip install {' '.join(missing)}), or use 'tpe'")
+
+
+def ready_every(config: StrategyConfig, intervals: int | None) -> int:
+    """`config.ready_intervals` as a number, for a run of `intervals` intervals per member
+    ('auto': intervals // JUDGEMENTS, at least 1; 1 when the run's length is unknown)."""
+    if config.ready_intervals != "auto":
+        return config.ready_intervals
+    return max(1, (intervals or 0) // JUDGEMENTS)
 
 
 def make_strategy(config: StrategyConfig, space: SearchSpace) -> Strategy:

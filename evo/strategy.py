@@ -17,6 +17,10 @@ Conventions every strategy follows (checked by tests/evo/test_strategies.py):
   `strategy.grace_intervals` intervals ago: `in_grace`) is never a receiver:
   its decision is `Keep`, so a lossy change is not judged before it had time to recover. The
   base class enforces it on every implementation's `plan` (`_with_grace`);
+- a member is judged only once every `strategy.ready_intervals` intervals (when its `age` is a
+  multiple of it; the driver resolves 'auto' from the run's length): in between its decision is
+  `Keep`, also enforced by `_with_grace`. Judging a long run after every interval keeps whatever
+  gains most within one interval (a lower learning rate) over what ends best;
 - every random choice comes from the `rng` passed to `plan`, and a strategy's own state
   (`state_dict`) is JSON-serialisable, so a restored strategy decides exactly as one that never
   stopped.
@@ -222,7 +226,8 @@ def in_grace(member: MemberView, grace_intervals: int) -> bool:
 
 
 def _with_grace(plan):
-    """``plan`` with every decision for a member in its grace period turned into `Keep`, and,
+    """``plan`` with every decision for a member in its grace period, or between two of its
+    judgements (its age not a multiple of `strategy.ready_intervals`), turned into `Keep`, and,
     with `strategy.merge`, each crossover made a merge (`_merged`)."""
 
     @functools.wraps(plan)
@@ -230,7 +235,9 @@ def _with_grace(plan):
                 ready: Sequence[int] | None = None) -> list[Decision]:
         decisions = plan(self, snapshot, rng, ready)
         grace = getattr(self.config, "grace_intervals", 0)
-        graced = {m.id for m in snapshot.members if in_grace(m, grace)}
+        every = getattr(self.config, "ready_intervals", 1)
+        every = every if isinstance(every, int) else 1   # 'auto' unresolved: the run's length is unknown
+        graced = {m.id for m in snapshot.members if in_grace(m, grace) or m.age % every}
         decisions = [Keep(d.member) if d.member in graced and not isinstance(d, Keep) else d for d in decisions]
         if getattr(self.config, "merge", False):
             by = getattr(self.config, "merge_alpha", "uniform")

@@ -28,13 +28,14 @@ from __future__ import annotations
 import json
 import signal
 import threading
+import dataclasses
 from dataclasses import dataclass
 from typing import Any, Mapping
 
 import numpy as np
 import ray
 
-from evo.strategies import make_strategy
+from evo.strategies import make_strategy, ready_every
 from evo.strategy import Strategy
 from population.cluster import Cluster, ClusterError, connect
 from population.config import SearchSetup
@@ -83,7 +84,7 @@ class Search:
 
     @classmethod
     def build(cls, setup: SearchSetup, store: RunStore, console: Any, stop: _StopFlag) -> Search:
-        strategy = make_strategy(setup.strategy, setup.space)
+        strategy = make_strategy(dataclasses.replace(setup.strategy, ready_intervals=judged_every(setup)), setup.space)
         num_threads = threads_for(setup.population.resources.num_cpus)
         records = Records(setup, store, strategy, num_threads)
         members = Members(setup, store, num_threads, stop)
@@ -107,6 +108,12 @@ class Search:
 def resume_setup(storage: str, name: str) -> dict:
     """The stored resolved config of a run (the CLI rebuilds a SearchSetup from it)."""
     return RunStore(storage, name).read_config()
+
+
+def judged_every(setup: SearchSetup) -> int:
+    """Intervals between two judgements of a member (`strategy.ready_intervals`, 'auto' resolved
+    from the run's intervals per member)."""
+    return ready_every(setup.strategy, setup.population.total_steps // setup.population.interval_steps)
 
 
 def run_search(setup: SearchSetup, *, console: Any = None) -> dict:
@@ -153,6 +160,10 @@ def run_search(setup: SearchSetup, *, console: Any = None) -> dict:
             if opened == "resumed":
                 console.print(f"resuming from round {records.round} ({setup.name}, "
                               f"{records.committed.get('status')})")
+            every = search.strategy.config.ready_intervals
+            if every > 1 and setup.strategy.ready_intervals == "auto":
+                console.print(f"{setup.name}: each member is judged every {every} intervals "
+                              f"({every * setup.population.interval_steps} steps; strategy.ready_intervals: auto)")
             search.monitor = Monitor(setup, store, resumed=opened == "resumed")
             try:
                 slots = search.slots.start(ray.cluster_resources())

@@ -22,7 +22,7 @@ from evo.nsga2 import NSGA2
 from evo.pb2 import MIN_OBSERVATIONS
 from evo.space import ChoiceGene, FloatGene, IntGene, SearchSpace
 from evo.strategy import OBJECTIVE_SENSE, Crossover, Exploit, Keep, MemberView, Restart, Snapshot, in_grace, layer_sources
-from evo.strategies import StrategyConfig, inside, make_strategy
+from evo.strategies import JUDGEMENTS, StrategyConfig, inside, make_strategy, ready_every
 from evo.toy import toy_space
 from tests.evo.test_space import RULES
 
@@ -532,6 +532,35 @@ def test_pbt_tournament_exploits_only_fitter_opponents() -> None:
         assert isinstance(decisions[0], Keep)  # the best member has no fitter opponent
         exploited |= {d.member for d in decisions if isinstance(d, Exploit)}
     assert exploited == {11, 12, 13}
+
+
+@pytest.mark.parametrize("kind", sorted(STRATEGIES))
+def test_members_are_judged_only_every_ready_intervals(kind: str) -> None:
+    """strategy.ready_intervals = 3: a member whose age is not a multiple of 3 keeps; each other
+    member gets the decision the same plan gives it when every member is judged."""
+    space = arch_space()
+    rng = np.random.default_rng(0)
+    fits = [1.0, 1.1, 1.2, 1.3, 1.4, 1.5, 1.6, 1.7]
+    ages = [3, 1, 6, 2, 3, 4, 9, 5]   # judged: ids 10, 12, 14, 16
+    snapshot = Snapshot(1, tuple(MemberView(10 + i, space.sample(rng), ((100, f),), age, 100, {"val_bpb": f})
+                                 for i, (f, age) in enumerate(zip(fits, ages))))
+    spaced = make_strategy(StrategyConfig(**STRATEGIES[kind], ready_intervals=3), space).plan(snapshot, np.random.default_rng(1))
+    every = make_strategy(StrategyConfig(**STRATEGIES[kind], ready_intervals=1), space).plan(snapshot, np.random.default_rng(1))
+    for m, d, e in zip(snapshot.members, spaced, every):
+        assert d == (Keep(m.id) if m.age % 3 else e), (kind, m.id)
+    if kind.startswith(("pbt", "pb2", "ga")):   # the worst judged member (16, fitness 1.6) is replaced; 17 (age 5) is not
+        assert not isinstance(spaced[6], Keep) and not isinstance(every[7], Keep) and isinstance(spaced[7], Keep)
+
+
+def test_ready_intervals_auto_judges_each_member_about_judgements_times() -> None:
+    auto = StrategyConfig()
+    assert auto.ready_intervals == "auto" and JUDGEMENTS == 8
+    assert [ready_every(auto, n) for n in (None, 1, 8, 10, 15, 16, 32, 120)] == [1, 1, 1, 1, 1, 2, 4, 15]
+    assert ready_every(StrategyConfig(ready_intervals=3), 120) == 3
+    assert make_strategy(auto, toy_space()).plan(ranked_snapshot(toy_space(), [1.0, 2.0]), np.random.default_rng(0))[1] != Keep(11)
+    for bad in (0, -2, "often"):
+        with pytest.raises(ValueError, match="strategy.ready_intervals: must be a whole number"):
+            StrategyConfig(ready_intervals=bad)
 
 
 def test_ga_keeps_the_elite_and_breeds_from_fitter_parents() -> None:

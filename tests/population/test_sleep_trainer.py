@@ -3,6 +3,7 @@ the driver, the actors, the exploits through the object store, the checkpoints a
 are evo's own; only the training is a sleep, so what moved can be checked exactly."""
 from __future__ import annotations
 
+import io
 import json
 import math
 import os
@@ -57,3 +58,18 @@ def test_sleep_members_exploit_through_the_object_store_and_resume(ray_local, ca
     # the best member's schedule, replayed by one fresh sleep trainer, gives its val_bpb
     replay = replay_run(str(tmp_path), "sleepy")
     assert replay["val_bpb"] == pytest.approx(replay["best_val_bpb"], rel=1e-12)
+
+
+@pytest.mark.slow
+def test_auto_ready_intervals_judges_a_long_run_every_few_intervals(ray_local, cache_dir, tmp_path):
+    """16 intervals per member: strategy.ready_intervals 'auto' judges each member every 2
+    (16 // evo.strategies.JUDGEMENTS), so every exploit follows an even round; the driver says so."""
+    out = io.StringIO()
+    setup = make_setup(tmp_path, "spaced", cache_dir, size=4, interval=2, total=32, trainer=SLEEP)
+    assert setup.strategy.ready_intervals == "auto"
+    summary = run_search(setup, console=Console(file=out, width=200))
+    assert summary["status"] == "finished" and summary["round"] == 16
+    lineage = [json.loads(x) for x in (tmp_path / "spaced" / "lineage.jsonl").read_text().splitlines()]
+    rounds = [r["round"] for r in lineage if r["event"] == "exploit"]
+    assert rounds and all(r % 2 == 0 for r in rounds) and len(set(rounds)) >= 2
+    assert "spaced: each member is judged every 2 intervals (4 steps; strategy.ready_intervals: auto)" in out.getvalue()
