@@ -102,10 +102,11 @@ def breed_all(
         xa = np.where(crossed[:, None], _crossover_coordinates(xa, xb, space, config.crossover, rng), xa)
     mutated = _polynomial_coordinates(xa, space, config.mutation_probability, rng, grow=config.grow_only)
     out: list[Decision] = [Keep(m.id) for m in members]
+    children = space.decode_rows(mutated)   # the decodes draw nothing: the same rng order as one at a time
     for row, i in enumerate(chosen):
         m, parent = members[i], pool[p1[i]]
         src = pool[source[i]]
-        genome = unlike(space.decode(mutated[row]), src.genome, space, rng, config.grow_only,
+        genome = unlike(children[row], src.genome, space, rng, config.grow_only,
                         source_coordinates=coordinates(src.genome))
         if crossed[row]:
             out[i] = Crossover(m.id, (parent.id, pool[p2[i]].id), src.id, genome)

@@ -618,3 +618,19 @@ def test_without_the_model_rules_model_genes_are_only_bounded():
         SearchSpace.from_dict(spec, BASE, max_params=10**6)
     with pytest.raises(SpaceError, match="counting parameters needs the model's rules"):
         space.count_parameters(Genome.from_dict({"model.hidden_size": 36}))
+
+
+def test_decode_rows_equals_decode_row_by_row():
+    spec = {**GOOD_SPEC, "train.weight_decay": {"type": "float", "low": 0.0, "high": 0.3}}
+    space = SearchSpace.from_dict(spec, BASE, architecture=RULES)
+    g = len(space.paths)
+    rng = np.random.default_rng(0)
+    x = np.concatenate([rng.random((200, g)), rng.uniform(-0.5, 1.5, (50, g)), np.zeros((1, g)), np.ones((1, g))])
+    rows = space.decode_rows(x)
+    one_by_one = [space.decode(r) for r in x]
+    assert [c.values for c in rows] == [c.values for c in one_by_one]
+    assert all(type(a) is type(b) for c, d in zip(rows, one_by_one) for (_, a), (_, b) in zip(c.values, d.values))
+    bad = np.full((1, g), 0.5)
+    bad[0, space.paths.index("train.weight_decay")] = np.nan
+    with pytest.raises(ValueError, match="train.weight_decay"):
+        space.decode_rows(bad)
