@@ -4,7 +4,8 @@ processes their training calls against the rest, against a plain pool's CPU for 
 The run's process tree (the driver, Ray's processes, the members, W&B's service, evo's reaper) is
 sampled from /proc every ``--period`` seconds until the driver exits: each process's CPU
 (utime + stime of /proc/<pid>/stat, its last sample) and, in the driver's and the members'
-processes, each thread's (/proc/<pid>/task/<tid>/stat). A thread's CPU since the last sample goes
+processes, each thread's (/proc/<pid>/task/<tid>/stat), read more often, every
+``--thread-period`` seconds, so that a short call's title is seen. A thread's CPU since the last sample goes
 to the group of the name it carries: Ray titles the thread that runs an actor's call by the call
 (``ray::Member.train_part``; the member's torch runs one intra-op thread, so training is that
 thread's) and names its own threads (core worker, gRPC); population/member.py names a checkpoint
@@ -137,6 +138,18 @@ class Census:
             if proc["kind"] in ("driver", "member"):
                 self._threads(pid, proc["threads"])
 
+    def sample_threads(self) -> None:
+        """The driver's and the members' threads only (cheap: a few dozen files), between two
+        whole samples, so that the title of a call shorter than ``--period`` is seen."""
+        for (pid, start), proc in self.procs.items():
+            if proc["kind"] not in ("driver", "member"):
+                continue
+            st = _stat(f"/proc/{pid}")
+            if st is None or st[2] != start:
+                continue
+            proc["cpu"] = st[1]
+            self._threads(pid, proc["threads"])
+
     @staticmethod
     def _threads(pid: int, threads: dict) -> None:
         """Each thread's CPU since the last sample, added to the group of the thread's name.
@@ -220,7 +233,10 @@ def evo_census(args: argparse.Namespace, storage: str) -> dict:
     census = Census(proc.pid)
     while proc.poll() is None:
         census.sample()
-        time.sleep(args.period)
+        deadline = time.monotonic() + args.period
+        while (left := deadline - time.monotonic()) > 0 and proc.poll() is None:
+            time.sleep(min(args.thread_period, left))
+            census.sample_threads()
     wall = time.time() - launch
     if proc.returncode != 0:
         tail = log.read_text().strip().splitlines()[-1:]
@@ -256,9 +272,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--small", action="store_true", help="the smoke test: 2 members x 4 steps, a tiny model")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="any other config override")
     p.add_argument("--period", type=float, default=0.5, help="seconds between two samples of /proc")
+    p.add_argument("--thread-period", type=float, default=0.05,
+                   help="seconds between two samples of the driver's and the members' threads")
     args = p.parse_args(argv)
-    if not args.period > 0:
-        p.error(f"--period: must be > 0, got {args.period}")
+    for flag, value in (("--period", args.period), ("--thread-period", args.thread_period)):
+        if not value > 0:
+            p.error(f"{flag}: must be > 0, got {value}")
     if not Path("/proc/self/stat").exists():
         p.error("needs Linux's /proc")
     if args.small:

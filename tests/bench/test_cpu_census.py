@@ -72,9 +72,10 @@ def test_cpu_census_small_prints_a_complete_table():
     assert evo["best_val_bpb"] == figures["pool"]["best_val_bpb"]
 
 
-def test_cpu_census_refuses_a_bad_period_before_starting_anything():
-    out = subprocess.run([sys.executable, str(ROOT / "bench" / "cpu_census.py"), "--period", "0"],
+@pytest.mark.parametrize("flag", ["--period", "--thread-period"])
+def test_cpu_census_refuses_a_bad_period_before_starting_anything(flag):
+    out = subprocess.run([sys.executable, str(ROOT / "bench" / "cpu_census.py"), flag, "0"],
                          capture_output=True, text=True, timeout=120, cwd=ROOT)
     assert out.returncode == 2
-    assert "--period: must be > 0, got 0.0" in out.stderr
+    assert f"{flag}: must be > 0, got 0.0" in out.stderr
     assert out.stdout == ""
