@@ -26,6 +26,7 @@ import operator
 import statistics
 import sys
 import time
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Mapping
 
@@ -253,6 +254,38 @@ class _Encoded:
                          f'"schedule": {self.schedule_text}, "seed": {seed}, "since_change": {since}, '
                          f'"step": {step}}}')
         return self.text
+
+
+class MemberDicts(Sequence):
+    """A commit's member dicts (``MemberRecord.fields()`` of each record, in order), built when
+    first read, then kept: a run without W&B and Optuna reads none of them (thousands of dicts a
+    round), a sink reads them right after the commit, before the records change again."""
+
+    __slots__ = ("_recs", "_dicts")
+
+    def __init__(self, recs: list[MemberRecord]) -> None:
+        self._recs: list[MemberRecord] | None = recs
+        self._dicts: list[dict] | None = None
+
+    def _built(self) -> list[dict]:
+        if self._dicts is None:
+            self._dicts, self._recs = [r.fields() for r in self._recs], None
+        return self._dicts
+
+    def __len__(self) -> int:
+        return len(self._dicts if self._dicts is not None else self._recs)
+
+    def __getitem__(self, i):   # type: ignore[override]
+        return self._built()[i]
+
+    def __iter__(self) -> Iterator[dict]:
+        return iter(self._built())
+
+    def __eq__(self, other: object) -> bool:
+        return self._built() == (list(other) if isinstance(other, MemberDicts) else other)
+
+    def __repr__(self) -> str:
+        return f"MemberDicts({self._built()!r})"
 
 
 def _copy(x: Any) -> Any:
@@ -703,7 +736,7 @@ class Records:
         if events is not None:
             self.events = events
         recs = [self.members[m] for m in self.ids]
-        members = [r.fields() for r in recs]
+        members = MemberDicts(recs)
         top = {
             "version": STATE_VERSION,
             "name": self.setup.name,
@@ -782,6 +815,9 @@ class Records:
             new = now[f]
             if new == cols[f] and list(map(type, new)) == list(map(type, cols[f])):
                 continue   # none changed (compared in C)
+            if all(map(operator.ne, new, cols[f])):   # every member's (step, age, a round's checkpoints): in C
+                changes[f] = [None, new]
+                continue
             changed = [i for i, a, b in zip(range(n), new, cols[f])
                        if a is not b and (a != b or type(a) is not type(b))]
             if changed:
