@@ -650,22 +650,32 @@ class Records:
         senses = {SCORE: fitness.sense} if fitness is not None and fitness.function else {}
         views = []
         view_of, members, new_view = self._view_of, self.members, object.__new__
+        genomes, seen_of, genome = self._genomes, self._views, self.genome
         for m in self.ids:
             rec = members[m]
-            key = (rec.genome, rec.history, len(rec.history), rec.age, rec.step, rec.objectives, rec.since_change)
+            h = rec.history
+            key = (rec.genome, h, len(h), rec.age, rec.step, rec.objectives, rec.since_change)
             hit = view_of.get(m)
             if hit is not None and hit[0] is rec:
                 k = hit[1]
-                if (k[0] is key[0] and k[1] is key[1] and k[5] is key[5] and k[2] == key[2] and k[3] == key[3]
+                if (k[0] is key[0] and k[1] is h and k[5] is key[5] and k[2] == key[2] and k[3] == key[3]
                         and k[4] == key[4] and k[6] == key[6]):
                     views.append(hit[2])   # unchanged since the last snapshot (async: all but a few)
                     continue
+            g = genomes.get(id(key[0]))
+            g = g[1] if g is not None and g[0] is key[0] else genome(key[0])
+            seen = seen_of.get(m)
+            if seen is not None and seen[0] is rec and seen[1] is h and len(seen[2]) + 1 == key[2]:
+                last = h[-1]   # one evaluation since the last snapshot (every round's case)
+                history = seen[2] + ((int(last[0]), float(last[1])),)
+                seen_of[m] = (rec, h, history)
+            else:
+                history = self._history(rec)
             # MemberView(...) without the frozen dataclass's __init__ (one setattr per field):
             # the same fields, thousands of views a round
             view = new_view(MemberView)
-            view.__dict__.update(id=rec.id, genome=self.genome(rec.genome), history=self._history(rec),
-                                 age=rec.age, step=rec.step, objectives=dict(rec.objectives),
-                                 since_change=rec.since_change)
+            view.__dict__.update(id=rec.id, genome=g, history=history, age=key[3], step=key[4],
+                                 objectives=dict(key[5]), since_change=key[6])
             view_of[m] = (rec, key, view)
             views.append(view)
         if len(self._genomes) > 4 * len(self.ids) + 64:   # genomes no record holds any more
