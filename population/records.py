@@ -26,6 +26,7 @@ import operator
 import statistics
 import sys
 import time
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Mapping
 
@@ -253,6 +254,38 @@ class _Encoded:
                          f'"schedule": {self.schedule_text}, "seed": {seed}, "since_change": {since}, '
                          f'"step": {step}}}')
         return self.text
+
+
+class MemberDicts(Sequence):
+    """A commit's member dicts (``MemberRecord.fields()`` of each record, in order), built when
+    first read, then kept: a run without W&B and Optuna reads none of them (thousands of dicts a
+    round), a sink reads them right after the commit, before the records change again."""
+
+    __slots__ = ("_recs", "_dicts")
+
+    def __init__(self, recs: list[MemberRecord]) -> None:
+        self._recs: list[MemberRecord] | None = recs
+        self._dicts: list[dict] | None = None
+
+    def _built(self) -> list[dict]:
+        if self._dicts is None:
+            self._dicts, self._recs = [r.fields() for r in self._recs], None
+        return self._dicts
+
+    def __len__(self) -> int:
+        return len(self._dicts if self._dicts is not None else self._recs)
+
+    def __getitem__(self, i):   # type: ignore[override]
+        return self._built()[i]
+
+    def __iter__(self) -> Iterator[dict]:
+        return iter(self._built())
+
+    def __eq__(self, other: object) -> bool:
+        return self._built() == (list(other) if isinstance(other, MemberDicts) else other)
+
+    def __repr__(self) -> str:
+        return f"MemberDicts({self._built()!r})"
 
 
 def _copy(x: Any) -> Any:
@@ -617,22 +650,32 @@ class Records:
         senses = {SCORE: fitness.sense} if fitness is not None and fitness.function else {}
         views = []
         view_of, members, new_view = self._view_of, self.members, object.__new__
+        genomes, seen_of, genome = self._genomes, self._views, self.genome
         for m in self.ids:
             rec = members[m]
-            key = (rec.genome, rec.history, len(rec.history), rec.age, rec.step, rec.objectives, rec.since_change)
+            h = rec.history
+            key = (rec.genome, h, len(h), rec.age, rec.step, rec.objectives, rec.since_change)
             hit = view_of.get(m)
             if hit is not None and hit[0] is rec:
                 k = hit[1]
-                if (k[0] is key[0] and k[1] is key[1] and k[5] is key[5] and k[2] == key[2] and k[3] == key[3]
+                if (k[0] is key[0] and k[1] is h and k[5] is key[5] and k[2] == key[2] and k[3] == key[3]
                         and k[4] == key[4] and k[6] == key[6]):
                     views.append(hit[2])   # unchanged since the last snapshot (async: all but a few)
                     continue
+            g = genomes.get(id(key[0]))
+            g = g[1] if g is not None and g[0] is key[0] else genome(key[0])
+            seen = seen_of.get(m)
+            if seen is not None and seen[0] is rec and seen[1] is h and len(seen[2]) + 1 == key[2]:
+                last = h[-1]   # one evaluation since the last snapshot (every round's case)
+                history = seen[2] + ((int(last[0]), float(last[1])),)
+                seen_of[m] = (rec, h, history)
+            else:
+                history = self._history(rec)
             # MemberView(...) without the frozen dataclass's __init__ (one setattr per field):
             # the same fields, thousands of views a round
             view = new_view(MemberView)
-            view.__dict__.update(id=rec.id, genome=self.genome(rec.genome), history=self._history(rec),
-                                 age=rec.age, step=rec.step, objectives=dict(rec.objectives),
-                                 since_change=rec.since_change)
+            view.__dict__.update(id=rec.id, genome=g, history=history, age=key[3], step=key[4],
+                                 objectives=dict(key[5]), since_change=key[6])
             view_of[m] = (rec, key, view)
             views.append(view)
         if len(self._genomes) > 4 * len(self.ids) + 64:   # genomes no record holds any more
@@ -703,7 +746,7 @@ class Records:
         if events is not None:
             self.events = events
         recs = [self.members[m] for m in self.ids]
-        members = [r.fields() for r in recs]
+        members = MemberDicts(recs)
         top = {
             "version": STATE_VERSION,
             "name": self.setup.name,
@@ -782,6 +825,9 @@ class Records:
             new = now[f]
             if new == cols[f] and list(map(type, new)) == list(map(type, cols[f])):
                 continue   # none changed (compared in C)
+            if all(map(operator.ne, new, cols[f])):   # every member's (step, age, a round's checkpoints): in C
+                changes[f] = [None, new]
+                continue
             changed = [i for i, a, b in zip(range(n), new, cols[f])
                        if a is not b and (a != b or type(a) is not type(b))]
             if changed:

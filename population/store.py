@@ -92,6 +92,7 @@ import time
 import uuid
 import warnings
 from collections.abc import Callable, Iterable, Iterator
+from itertools import chain
 from typing import IO, Any
 
 import fsspec
@@ -1174,8 +1175,52 @@ def dumps(value: Any) -> bytes:
             out = orjson.dumps(value, option=_ORJSON_OPTIONS)
         except TypeError:   # orjson.JSONEncodeError is one
             return _ENCODE(value).encode()
-        return out if b"null" not in out else _with_nulls(value)
+        # a null of orjson's is a None, unless the value holds a NaN or ±Infinity somewhere
+        return out if b"null" not in out or _finite_free(value) else _with_nulls(value)
     return _ENCODE(value).encode()
+
+
+def _finite_free(value: Any) -> bool:
+    """True when ``value`` holds no NaN and no ±Infinity anywhere (so orjson's text of it is
+    json's, compacted); False when it may. One walk, columns summed in C: a round's delta
+    (columns of 4,096 values) costs a few sums, not its encoding again at every level of
+    ``_with_nulls``."""
+    t = type(value)
+    if t is float:
+        return _FINITE_MIN <= value <= _FINITE_MAX
+    if value is None or t is int or t is str or t is bool:
+        return True
+    if t is dict or t is list or t is tuple:
+        flat = [value]
+        for _ in range(8):   # lists of lists (histories: [[step, bpb], ...]) and of dicts flattened in C
+            if not flat:
+                return True
+            kinds = set(map(type, flat))
+            if kinds <= _SEQUENCES:
+                flat = list(chain.from_iterable(flat))
+            elif kinds == _DICT:
+                flat = list(chain.from_iterable(map(dict.values, flat)))
+            elif kinds <= _NUMBERS:   # their sum is NaN or infinite if one of them is (or it overflowed: "may")
+                return math.isfinite(sum(flat))
+            elif kinds <= _SCALARS:
+                return float not in kinds or all(map(_finite_or_none, flat))
+            elif kinds <= _KNOWN and len(flat) > 64:   # many: scalars checked here, the containers' items next
+                if float in kinds and not math.isfinite(sum([x for x in flat if type(x) is float])):
+                    return False
+                seqs = [x for x in flat if type(x) is list or type(x) is tuple]
+                dicts = [x for x in flat if type(x) is dict]
+                flat = [*chain.from_iterable(seqs), *chain.from_iterable(map(dict.values, dicts))]
+            else:   # a few of different kinds (a delta's parts), or a type of another kind: one by one
+                break
+        return all(map(_finite_free, flat))
+    return False   # anything else: the part-by-part path decides
+
+
+_SEQUENCES = frozenset({list, tuple})
+_DICT = {dict}
+_NUMBERS = frozenset({int, float, bool})
+_SCALARS = frozenset({int, float, bool, str, type(None)})
+_KNOWN = _SCALARS | _SEQUENCES | _DICT
 
 
 def _with_nulls(value: Any) -> bytes:

@@ -251,6 +251,34 @@ def test_dumps_reads_back_as_json_writes_it(value):
     assert _as_json_reads(json.loads(dumps(value))) == _as_json_reads(json.loads(json.dumps(value, sort_keys=True)))
 
 
+def _columns(bad):
+    """A round's delta at 100 members, None among its values, ``bad`` (a float) hidden in one place."""
+    schedules = [[{"step": 0, "genome": {"lr": 1e-3, "wd": 0.1}, "seed": i}] for i in range(100)]
+    histories = [[[10, 2.5], [20, 2.25]] for _ in range(100)]
+    mixed = [*range(60), None, "a", 1.5, [1.0, 2.0], {"x": 1.0}, *[[i] for i in range(10)]]
+    where = {"schedule": lambda: schedules[57][0]["genome"].__setitem__("lr", bad),
+             "history": lambda: histories[99][1].__setitem__(1, bad),
+             "mixed scalar": lambda: mixed.__setitem__(62, bad),
+             "mixed dict": lambda: mixed[64].__setitem__("x", bad),
+             "none": lambda: None}
+    return schedules, histories, mixed, where
+
+
+@pytest.mark.parametrize("place", ["schedule", "history", "mixed scalar", "mixed dict", "none"])
+@pytest.mark.parametrize("bad", [float("nan"), float("inf"), -float("inf")])
+def test_dumps_finds_a_non_finite_float_anywhere_in_a_large_delta(place, bad):
+    """orjson writes NaN and ±Infinity as null; the store's check that a text's nulls are all
+    None walks columns of many values in C: a NaN or Infinity anywhere in them, in a list of
+    lists, a list of dicts or a mix, is still found and written as json writes it."""
+    schedules, histories, mixed, where = _columns(bad)
+    where[place]()
+    value = {"delta": {"members": {"schedule": [None, schedules], "parent": [None, [None] * 100]},
+                       "history_add": [None, histories], "mixed": mixed}}
+    text = dumps(value)
+    assert _as_json_reads(json.loads(text)) == _as_json_reads(value)
+    assert (b"NaN" in text or b"Infinity" in text) == (place != "none")
+
+
 def test_dumps_keeps_nan_and_none_apart():
     got = json.loads(dumps({"cols": [None, [None, float("nan"), float("inf"), 2.0]]}))
     assert got["cols"][0] is None and got["cols"][1][0] is None
