@@ -167,10 +167,11 @@ def run_search(setup: SearchSetup, *, console: Any = None) -> dict:
             try:
                 slots = search.slots.start(ray.cluster_resources())
                 # the members' processes start (worker, torch, trainer) while the sinks are built
+                # and opened (W&B's runs, the Optuna study): about 2 s of the driver's own work
                 search.members.launch(records.members, records.train)
                 search.monitor = Monitor(setup, store, resumed=opened == "resumed")
-                search.members.wait_started()
                 search.monitor.start(records.member_dicts(), records.round)
+                search.members.wait_started()
                 records.start_clock(slots)   # the loop's wall time starts once members are up
                 search.progress.start()
                 if setup.population.mode == "sync":
