@@ -80,7 +80,7 @@ class Search:
     slots: Slots                # who trains when
     handoff: Handoff            # exploits through the object store
     progress: Progress          # the progress line
-    monitor: Monitor | None = None   # W&B, Optuna, Ray metrics (made once the run is open)
+    monitor: Monitor | None = None   # W&B, Optuna, Ray metrics (made once the members are launched)
 
     @classmethod
     def build(cls, setup: SearchSetup, store: RunStore, console: Any, stop: _StopFlag) -> Search:
@@ -164,11 +164,14 @@ def run_search(setup: SearchSetup, *, console: Any = None) -> dict:
             if every > 1 and setup.strategy.ready_intervals == "auto":
                 console.print(f"{setup.name}: each member is judged every {every} intervals "
                               f"({every * setup.population.interval_steps} steps; strategy.ready_intervals: auto)")
-            search.monitor = Monitor(setup, store, resumed=opened == "resumed")
             try:
                 slots = search.slots.start(ray.cluster_resources())
-                search.members.start(records.members, records.train)
+                # the members' processes start (worker, torch, trainer) while the sinks are built
+                # and opened (W&B's runs, the Optuna study): about 2 s of the driver's own work
+                search.members.launch(records.members, records.train)
+                search.monitor = Monitor(setup, store, resumed=opened == "resumed")
                 search.monitor.start(records.member_dicts(), records.round)
+                search.members.wait_started()
                 records.start_clock(slots)   # the loop's wall time starts once members are up
                 search.progress.start()
                 if setup.population.mode == "sync":
@@ -177,7 +180,8 @@ def run_search(setup: SearchSetup, *, console: Any = None) -> dict:
                     async_events(search)
             except (_Stopped, KeyboardInterrupt):
                 records.mark("stopped")
-                search.monitor.close("stopped")
+                if search.monitor is not None:   # None: stopped while the members were being created
+                    search.monitor.close("stopped")
                 console.print(f"{setup.name}: stopped by a signal; round {records.round} is the last committed")
                 closing = _close_while(search, cluster)
                 _write_report(store, console)
@@ -185,7 +189,8 @@ def run_search(setup: SearchSetup, *, console: Any = None) -> dict:
             except BaseException:
                 records.flush_lineage()   # what led to the failure, for the post-mortem
                 records.mark("failed")
-                search.monitor.close("failed")
+                if search.monitor is not None:
+                    search.monitor.close("failed")
                 raise
             records.mark("finished")
             search.monitor.close("finished")

@@ -1,9 +1,10 @@
 """The member actors of one driver session: starting them, calling them, waiting for them.
 
 ``Members`` owns the Ray actors (population/member.py's ``Member``, one per member, named
-``<run>/m<id>`` for the dashboard): it starts them (continuing from their committed checkpoints
-on resume), gives a member whose process died a new one (``revive``), starts and joins their
-checkpoint writes, and kills them when the session ends. Every wait polls, so a SIGTERM/SIGINT
+``<run>/m<id>`` for the dashboard): it starts them (``launch`` creates them and sends their first
+calls, ``wait_started`` waits for them; on resume they continue from their committed checkpoints),
+gives a member whose process died a new one (``revive``), starts and joins their checkpoint
+writes, and kills them when the session ends. Every wait polls, so a SIGTERM/SIGINT
 is noticed within POLL_S (``stop.check()`` raises inside the wait).
 
 A member's process may die under any call (SIGKILL, OOM kill, a lost node): ``call`` and the
@@ -57,36 +58,56 @@ class Members:
         self.nodes: dict[int, str] = {}         # member -> Ray node id of its current process
         self.died_on: dict[int, str] = {}       # member -> node id of its last process that died
         self.published: dict[int, Any] = {}     # member -> state ref of its train_and_evaluate in flight
+        self._starting: dict[int, tuple] = {}   # launched, not yet waited for: (record, node ref, load ref)
+        self._starts = 0                        # launches of the members now starting
 
     def __getitem__(self, m: int) -> Any:
         return self.actors[m]
 
     # -- lifecycle -------------------------------------------------------------------------------
 
-    def start(self, records: Mapping[int, Any], train: TrainConfig) -> None:
-        """One actor per record (its genome and seed); members with a committed checkpoint
-        continue from it. ``train`` is the run's base TrainConfig (its cosine horizon set).
-        A member whose process dies meanwhile is started again (at most MAX_STARTS times)."""
+    def launch(self, records: Mapping[int, Any], train: TrainConfig) -> None:
+        """Create one actor per record (its genome and seed) and send its first calls, without
+        waiting: where its process runs, and for a member with a committed checkpoint the
+        checkpoint's load, queued right behind the actor's creation. ``train`` is the run's base
+        TrainConfig (its cosine horizon set). The actors' processes start, import torch and
+        build their trainers while the driver goes on (the monitor's sinks are built meanwhile);
+        ``wait_started`` waits for them."""
         if self.setup.population.trainer.kind == "internlm2":   # the sleep trainer reads no text
             corpus = load_corpus(self.setup.data)   # tokenize once here, not in every member at once
             for n, form in (self.setup.fitness.held_out_corpora() if self.setup.fitness else {}).items():
                 load_held_out(self.setup.data, form, corpus.tokenizer_path, f"fitness.eval.{n}.corpus")
         self.train = train
-        todo = dict(records)
-        for _ in range(MAX_STARTS):
-            for m, rec in todo.items():
-                self.dead.pop(m, None)
-                self.actors[m] = self._new_actor(m, rec.genome, rec.seed)
-            self.nodes.update(self.call({m: self.actors[m].node_id.remote() for m in todo},
+        self._starts = 0
+        self._launch(dict(records))
+
+    def _launch(self, records: Mapping[int, Any]) -> None:
+        self._starts += 1
+        self._starting = {}
+        for m, rec in records.items():
+            self.dead.pop(m, None)
+            actor = self._new_actor(m, rec.genome, rec.seed)
+            self.actors[m] = actor
+            load = (actor.load_checkpoint.remote(self.store.storage, self.store.name, rec.checkpoint)
+                    if rec.checkpoint else None)
+            self._starting[m] = (rec, actor.node_id.remote(), load)
+
+    def wait_started(self) -> None:
+        """Wait until every launched member is up (and has loaded its checkpoint). A member
+        whose process dies meanwhile is started again (at most MAX_STARTS starts in all)."""
+        while True:
+            starting = self._starting
+            self.nodes.update(self.call({m: node for m, (_, node, _) in starting.items()},
                                         timeout=START_TIMEOUT_S))
-            self.call({m: self.actors[m].load_checkpoint.remote(self.store.storage, self.store.name,
-                                                                rec.checkpoint)
-                       for m, rec in todo.items() if rec.checkpoint and m not in self.dead})
-            todo = {m: todo[m] for m in self.dead}
+            self.call({m: load for m, (_, _, load) in starting.items() if load is not None and m not in self.dead})
+            todo = {m: starting[m][0] for m in starting if m in self.dead}
             if not todo:
+                self._starting = {}
                 return
-        raise SearchError(f"members {sorted(todo)} died {MAX_STARTS} times while starting "
-                          f"({next(iter(self.dead.values()))})")
+            if self._starts >= MAX_STARTS:
+                raise SearchError(f"members {sorted(todo)} died {MAX_STARTS} times while starting "
+                                  f"({next(iter(self.dead.values()))})")
+            self._launch(todo)
 
     def revive(self, m: int, genome: dict, seed: int) -> None:
         """A new process for member m if its process died (a fresh trainer of ``genome`` and

@@ -156,6 +156,41 @@ def test_unusable_storage_is_one_line_before_ray(tmp_path, short_tmp, kind):
 
 
 # ---------------------------------------------------------------------------------------------
+# A failure while the members are being created
+
+
+@pytest.mark.slow
+def test_a_failure_while_the_members_are_created_is_one_line_and_the_run_resumes(tmp_path, short_tmp):
+    """The members' actors are created before the monitor's sinks are built, so a failure there
+    finds no monitor to close: a corpus too short for one window (read by the driver as the
+    members are created) is one line and exit 1, round 0 stays committed (marked failed), and
+    once the corpus holds enough text the same command resumes from round 0 and finishes."""
+    corpus = tmp_path / "corpus.txt"
+    corpus.write_text("x = 1\n")
+    env = _env(tmp_path, short_tmp)
+    storage = tmp_path / "runs"
+    cmd = _evo_run(storage, "r", env, f"data.corpus={corpus}", "logging.optuna=true")
+    r = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 1, r.stderr
+    lines = [ln for ln in _lines(r.stderr) if not ln.startswith("Ray dashboard:")]
+    assert len(lines) == 1 and "Traceback" not in r.stderr, r.stderr
+    assert lines[0].startswith("evo: error: DataError: data.seq_len:") and "too small" in lines[0], lines[0]
+    state = RunStore(str(storage), "r").read_state()
+    assert state["round"] == 0 and state["status"] == "failed"
+    assert not (storage / "r" / "optuna.db").exists()   # no sink was built
+    assert not (storage / "r" / "lock.json").exists()
+
+    source = Path(json.__file__).parent   # the stdlib's json package: enough text for every split
+    corpus.write_text("".join(p.read_text() for p in sorted(source.glob("*.py"))))
+    again = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+    assert again.returncode == 0, again.stderr
+    assert "resuming from round 0" in again.stderr
+    state = RunStore(str(storage), "r").read_state()
+    assert state["status"] == "finished" and state["round"] == 4
+    assert (storage / "r" / "summary.json").exists()
+
+
+# ---------------------------------------------------------------------------------------------
 # A stale `ray start`
 
 
