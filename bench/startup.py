@@ -4,7 +4,8 @@ Four figures, each a fresh process timed from launch to exit (this machine's spe
 pool is measured right before and right after evo, in the same run, and the ratio uses their mean):
 
 - ray.init alone: a bare script that imports ray and calls ``ray.init`` with evo's options (a
-  local Ray, loopback only, a private temp dir), then shuts it down; launch to ``ray.init``
+  local Ray, loopback only, a private temp dir; Ray's dashboard as ``logging.ray_dashboard`` in
+  the ``--set`` overrides leaves it, on by default), then shuts it down; launch to ``ray.init``
   returning, and the ``ray.init`` call by itself.
 - evo: ``python -m experiments run`` of the quickstart (any ``--set`` on top). Its start-up is
   launch to the first round starting (the loop's clock: ``state.json``'s last ``updated`` minus
@@ -38,6 +39,8 @@ import tempfile
 import time
 from pathlib import Path
 
+import yaml
+
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))  # run from a checkout without installing
 
@@ -46,7 +49,7 @@ POOL = 2
 
 RAY_ALONE = r"""
 import os, sys, tempfile, time
-launch = float(sys.argv[1])
+launch, dashboard = float(sys.argv[1]), sys.argv[2] == "1"
 import ray
 from ray._private import ray_constants
 from population.cluster import init_local_ray   # evo's ray.init: none of Ray's fixed ports
@@ -54,7 +57,8 @@ root = tempfile.mkdtemp(prefix="evo-bench-ray-")
 os.environ["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] = "0"
 ray_constants.ENABLE_RAY_CLUSTER = False
 t0 = time.time()
-init_local_ray(_temp_dir=os.path.join(root, "ray"), log_to_driver=False, configure_logging=False)
+init_local_ray(_temp_dir=os.path.join(root, "ray"), log_to_driver=False, configure_logging=False,
+               **({} if dashboard else {"include_dashboard": False}))   # as evo's, logging.ray_dashboard
 t1 = time.time()
 ray.shutdown()
 import shutil; shutil.rmtree(root, ignore_errors=True)
@@ -68,13 +72,26 @@ def overrides(args: argparse.Namespace, name: str, storage: str) -> list[str]:
             f"population.mode={args.mode}", "logging.optuna=false", "logging.wandb.mode=disabled", *args.set]
 
 
-def ray_alone() -> dict:
+def ray_alone(dashboard: bool = True) -> dict:
+    """``ray.init`` alone, as evo's local Ray starts it, with Ray's dashboard or without (evo's
+    ``logging.ray_dashboard``), so that evo's start-up is compared with the same Ray."""
     launch = time.time()
-    out = subprocess.run([sys.executable, "-c", RAY_ALONE, repr(launch)], capture_output=True, text=True,
-                         check=True, cwd=ROOT)
+    out = subprocess.run([sys.executable, "-c", RAY_ALONE, repr(launch), "1" if dashboard else "0"],
+                         capture_output=True, text=True, check=True, cwd=ROOT)
     exit_s = time.time() - launch
     before, init, ready = (float(x) for x in out.stdout.split()[-3:])
-    return {"import_s": before, "ray_init_s": init, "launch_to_ready_s": ready, "process_s": exit_s}
+    return {"import_s": before, "ray_init_s": init, "launch_to_ready_s": ready, "process_s": exit_s,
+            "dashboard": dashboard}
+
+
+def dashboard_of(settings: list[str]) -> bool:
+    """``logging.ray_dashboard`` as the ``--set`` overrides leave it (the last one wins; default on)."""
+    value = True
+    for item in settings:
+        key, _, text = item.partition("=")
+        if key.strip() == "logging.ray_dashboard":
+            value = yaml.safe_load(text) is not False
+    return value
 
 
 def evo_run(args: argparse.Namespace, storage: str, name: str) -> dict:
@@ -184,7 +201,7 @@ def main(argv: list[str] | None = None) -> int:
     if bad:
         p.error(f"--modes: {bad[0]!r} is not a mode (sync, async)")
     storage = tempfile.mkdtemp(prefix="evo-bench-startup-")
-    alone = ray_alone()
+    alone = ray_alone(dashboard_of(args.set))
     before = pool_run(args)
     runs = {}
     for mode in modes:

@@ -36,7 +36,8 @@ def test_startup_bench_small_prints_a_complete_table():
     figures = json.loads(lines[-1])
     evo, before, after = figures["evo"], figures["pool_before"], figures["pool_after"]
     for part in (evo, before, after, figures["ray_alone"]):
-        assert all(v > 0 for k, v in part.items() if k != "best_val_bpb")
+        assert all(v > 0 for k, v in part.items() if k not in ("best_val_bpb", "dashboard"))
+    assert figures["ray_alone"]["dashboard"] is True   # the bare ray.init starts Ray as evo's did: with it
     # the parts of evo's wall add up to it, and the table shows the JSON's figures
     assert evo["startup_s"] + evo["loop_s"] + evo["tail_s"] == pytest.approx(evo["whole_s"])
     assert table["evo: whole process"] == pytest.approx(evo["whole_s"], abs=0.01)
@@ -53,3 +54,17 @@ def test_startup_bench_refuses_an_unknown_mode_before_starting_anything():
     assert out.returncode == 2
     assert "--modes: 'fast' is not a mode (sync, async)" in out.stderr
     assert out.stdout == ""
+
+
+def test_the_bare_ray_init_takes_the_dashboard_setting_of_the_evo_run():
+    """bench/startup.py compares evo's start-up with a bare ray.init of the same Ray: with Ray's
+    dashboard unless the --set overrides turn logging.ray_dashboard off (the last one wins)."""
+    sys.path.insert(0, str(ROOT / "bench"))
+    try:
+        from startup import dashboard_of
+    finally:
+        sys.path.remove(str(ROOT / "bench"))
+    assert dashboard_of([]) is True
+    assert dashboard_of(["population.size=4", "logging.ray_dashboard=false"]) is False
+    assert dashboard_of(["logging.ray_dashboard=false", "logging.ray_dashboard=true"]) is True
+    assert dashboard_of(["logging.ray_dashboard = no"]) is False
