@@ -650,7 +650,7 @@ class Records:
         senses = {SCORE: fitness.sense} if fitness is not None and fitness.function else {}
         views = []
         view_of, members, new_view = self._view_of, self.members, object.__new__
-        genomes, seen_of, genome = self._genomes, self._views, self.genome
+        genome = self.genome
         for m in self.ids:
             rec = members[m]
             h = rec.history
@@ -662,15 +662,8 @@ class Records:
                         and k[4] == key[4] and k[6] == key[6]):
                     views.append(hit[2])   # unchanged since the last snapshot (async: all but a few)
                     continue
-            g = genomes.get(id(key[0]))
-            g = g[1] if g is not None and g[0] is key[0] else genome(key[0])
-            seen = seen_of.get(m)
-            if seen is not None and seen[0] is rec and seen[1] is h and len(seen[2]) + 1 == key[2]:
-                last = h[-1]   # one evaluation since the last snapshot (every round's case)
-                history = seen[2] + ((int(last[0]), float(last[1])),)
-                seen_of[m] = (rec, h, history)
-            else:
-                history = self._history(rec)
+            g = genome(key[0])
+            history = self._history(rec)
             # MemberView(...) without the frozen dataclass's __init__ (one setattr per field):
             # the same fields, thousands of views a round
             view = new_view(MemberView)
@@ -705,9 +698,14 @@ class Records:
         hit = self._views.get(rec.id)
         if hit is not None and hit[0] is rec and hit[1] is h and len(hit[2]) <= len(h):
             seen = hit[2]
-            if len(seen) == len(h):
+            n = len(seen)
+            if n == len(h):
                 return seen
-            out = seen + tuple((int(s), float(f)) for s, f in h[len(seen):])
+            if n + 1 == len(h):   # one evaluation since the last snapshot (every round's case)
+                last = h[-1]
+                out = seen + ((int(last[0]), float(last[1])),)
+            else:
+                out = seen + tuple((int(s), float(f)) for s, f in h[n:])
         else:
             out = tuple((int(s), float(f)) for s, f in h)
         self._views[rec.id] = (rec, h, out)
