@@ -203,6 +203,8 @@ class RunStore:
         self.delete_cpu_s = 0.0   # CPU seconds the background deletions took (their thread's)
         # checkpoint_slots: the pointer last read and the checkpoints its kept commits name
         self._kept_refs: tuple[bytes | None, tuple[frozenset[str], ...]] = (None, ())
+        self._kept_union: frozenset[str] = frozenset()   # the union of _kept_refs' sets
+        self._slot_names: dict[int, tuple[str, ...]] = {}   # member -> its slots' paths
 
     def __repr__(self) -> str:
         return f"RunStore({self.uri!r})"
@@ -514,14 +516,19 @@ class RunStore:
         ``n % CHECKPOINT_SLOTS`` (``checkpoints/m<member>/s<slot>.pt``), or, when a kept commit
         names that one (a member set back to an older commit, a resume that fell back), the
         next slot none names. The slot is overwritten in place: nothing to delete afterwards."""
-        kept = self._kept_checkpoints()
+        kept = self._kept_union if self._kept_checkpoints() else frozenset()   # what any kept commit names
+        slots, names = CHECKPOINT_SLOTS, self._slot_names
         out = {}
         for m, n in keys.items():
-            if isinstance(m, bool) or not isinstance(m, int) or m < 0 or isinstance(n, bool) or not isinstance(n, int) or n < 0:
-                raise StoreError(f"checkpoint member and round must be non-negative ints, got {m!r}, {n!r}")
-            for i in range(CHECKPOINT_SLOTS):
-                path = f"{CHECKPOINTS_DIR}/m{m}/s{(n + i) % CHECKPOINT_SLOTS}.pt"
-                if not any(path in refs for refs in kept):
+            if type(m) is not int or type(n) is not int or m < 0 or n < 0:   # (exact ints: the usual case)
+                if isinstance(m, bool) or not isinstance(m, int) or m < 0 or isinstance(n, bool) or not isinstance(n, int) or n < 0:
+                    raise StoreError(f"checkpoint member and round must be non-negative ints, got {m!r}, {n!r}")
+            paths = names.get(m)
+            if paths is None:   # the member's slot paths, made once (thousands of members a round)
+                paths = names[m] = tuple(f"{CHECKPOINTS_DIR}/m{m}/s{i}.pt" for i in range(slots))
+            for i in range(slots):
+                path = paths[(n + i) % slots]
+                if path not in kept:
                     break
             else:   # cannot happen: the kept commits name at most KEEP_STATES of a member's slots
                 raise StoreError(f"every checkpoint slot of member {m} is named by a kept commit")
@@ -536,6 +543,7 @@ class RunStore:
         if raw != self._kept_refs[0]:
             pointer = self._parse_pointer(raw)   # CorruptRunError for an unreadable pointer
             self._kept_refs = (raw, tuple(self._refs_of(e) for e in [pointer, *pointer["previous"]]))
+            self._kept_union = frozenset().union(*self._kept_refs[1])
         return self._kept_refs[1]
 
     def save_checkpoint(self, rel_path: str, state: dict) -> int:
