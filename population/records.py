@@ -27,6 +27,7 @@ import statistics
 import sys
 import time
 from collections.abc import Callable, Iterator, Sequence
+from itertools import compress
 from dataclasses import dataclass, field
 from typing import Any, Mapping
 
@@ -111,6 +112,7 @@ _COLUMNS = (*_BY_VALUE, *_BY_IDENTITY, "id")
 _ROW = operator.attrgetter(*_COLUMNS)
 _encode = json.JSONEncoder(sort_keys=True).encode   # one encoder for thousands of records a round
 _SCALARS = frozenset({str, int, float, bool, type(None)})
+_STR = frozenset({str})
 _encode_str = json.encoder.encode_basestring_ascii   # what the encoder above writes for a str
 
 
@@ -352,10 +354,14 @@ def _copy(x: Any) -> Any:
     if t in _SCALARS:
         return x
     if t is dict:
-        if all(type(k) is str for k in x):
+        if _STR.issuperset(map(type, x)):
+            if _SCALARS.issuperset(map(type, x.values())):   # flat (a genome): copied in C
+                return x.copy()
             return {k: v if type(v) in _SCALARS else _copy(v) for k, v in x.items()}
         return json.loads(json.dumps(x))   # JSON's own key conversion
     if t is list or t is tuple:
+        if _SCALARS.issuperset(map(type, x)):
+            return list(x)
         return [v if type(v) in _SCALARS else _copy(v) for v in x]
     return json.loads(json.dumps(x))
 
@@ -464,6 +470,7 @@ class Records:
         # Genome of a genome dict, by the dict's identity (the records replace genomes, never
         # change them in place); the dict is held, so its id is not reused while cached
         self._genomes: dict[int, tuple[dict, Genome]] = {}
+        self._archs: dict[int, tuple[dict, dict]] = {}   # the same for Genome.architecture()
         # each member's history as the strategy sees it: (record, its history list, the tuple)
         self._views: dict[int, tuple[MemberRecord, list, tuple]] = {}
         self._view_of: dict[int, tuple[MemberRecord, tuple, MemberView]] = {}   # the last view, its key
@@ -639,7 +646,7 @@ class Records:
         another parent's for a merge crossover) at ``step``: its schedule becomes src's up to
         ``step``, then ``genome``."""
         rec = self.members[m]
-        if merged or self.genome(genome).architecture() != self.genome(src.genome).architecture():
+        if merged or self._architecture(genome) != self._architecture(src.genome):
             rec.since_change = 0                      # a new shape, or merged weights: its grace period starts
         elif src.id != m:
             rec.since_change = src.since_change       # the donor's weights, as recently changed as they are
@@ -740,6 +747,18 @@ class Records:
         self._genomes[id(d)] = (d, g)
         return g
 
+    def _architecture(self, d: dict) -> dict:
+        """``self.genome(d).architecture()``, built once per genome dict (an exploit compares
+        the receiver's new genome with its donor's, a donor's again for each of its receivers)."""
+        hit = self._archs.get(id(d))
+        if hit is not None and hit[0] is d:
+            return hit[1]
+        if len(self._archs) > 4 * len(self.ids) + 64:   # genomes no record holds any more
+            self._archs = {}
+        arch = self.genome(d).architecture()
+        self._archs[id(d)] = (d, arch)
+        return arch
+
     def genome_dict(self, genome: Genome) -> dict:
         """``plain(genome.as_dict())``, a new dict whose ``self.genome`` is ``genome`` (no
         Genome built again for it)."""
@@ -826,6 +845,8 @@ class Records:
             "updated": time.time(),
         }
         cols = dict(zip(_COLUMNS, map(list, zip(*map(_ROW, recs))))) if recs else {f: [] for f in _COLUMNS}
+        cols["history"] = hists = [r.history for r in recs]   # (what the next delta compares with, as they are now)
+        cols["history_len"] = list(map(len, hists))
         named = set(cols["checkpoint"])
         named.discard(None)
         named.discard("")
@@ -876,30 +897,34 @@ class Records:
 
         for f in _BY_VALUE:
             new = now[f]
-            if new == cols[f] and list(map(type, new)) == list(map(type, cols[f])):
-                continue   # none changed (compared in C)
+            if all(map(operator.is_, new, cols[f])) or (new == cols[f] and list(map(type, new)) == list(map(type, cols[f]))):
+                continue   # none changed (the same objects, else equal values of the same types; compared in C)
             if all(map(operator.ne, new, cols[f])):   # every member's (step, age, a round's checkpoints): in C
                 changes[f] = [None, new]
                 continue
-            changed = [i for i, a, b in zip(range(n), new, cols[f])
-                       if a is not b and (a != b or type(a) is not type(b))]
+            old = cols[f]
+            changed = [i for i in compress(range(n), map(operator.is_not, new, old))   # (the candidates found in C)
+                       if new[i] != old[i] or type(new[i]) is not type(old[i])]
             if changed:
                 changes[f] = spec(changed, new)
         for f in _BY_IDENTITY:
             new = now[f]
             if all(map(operator.is_, new, cols[f])):
                 continue
-            changed = [i for i, a, b in zip(range(n), new, cols[f]) if a is not b]
+            changed = list(compress(range(n), map(operator.is_not, new, cols[f])))
             if changed:
                 changes[f] = spec(changed, new)
         added, replaced = [], []
-        for i, r, h, k in zip(range(n), recs, self._hist, self._hist_len):
-            now = r.history
-            if now is h and len(now) >= k:
-                if len(now) > k:
-                    added.append(i)
-            else:
-                replaced.append(i)
+        hists, lens = now["history"], now["history_len"]
+        if all(map(operator.is_, hists, self._hist)) and all(map(operator.ge, lens, self._hist_len)):
+            added = list(compress(range(n), map(operator.gt, lens, self._hist_len)))   # (every list appended to only: in C)
+        else:
+            for i, h_now, h, k in zip(range(n), hists, self._hist, self._hist_len):
+                if h_now is h and len(h_now) >= k:
+                    if len(h_now) > k:
+                        added.append(i)
+                else:
+                    replaced.append(i)
         obj = changes.get("objectives")
         if obj is not None:   # dicts of the same keys (every member's figures): as columns, encoded far faster
             values = obj[1]
@@ -941,8 +966,8 @@ class Records:
         """The member values just committed, by reference (what the next delta compares with,
         and what ``set_back`` returns to)."""
         self._cols = cols
-        self._hist = [r.history for r in recs]
-        self._hist_len = [len(h) for h in self._hist]
+        self._hist = cols["history"]
+        self._hist_len = cols["history_len"]
         self._pos = {m: i for i, m in enumerate(self.ids)} if self._base_ids != self.ids else self._pos
         self._base_ids = list(self.ids)
         self._latencies = (self.exploit_latencies, len(self.exploit_latencies))

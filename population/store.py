@@ -1273,9 +1273,20 @@ def _encode_state(state: dict) -> bytes:
             inner = b",\n".join(v.encode() if isinstance(v, RawJSON) else dumps(v) for v in value)
             text = b"[\n" + inner + b"\n]"
         else:
-            text = dumps(value)
+            text = _dumps_parts(value, 2)
         lines.append(json.dumps(str(key)).encode() + b": " + text)
     return b"{\n" + b",\n".join(lines) + b"\n}\n"
+
+
+def _dumps_parts(value: Any, depth: int) -> bytes:
+    """``dumps(value)``; a dict of str keys (a delta, its members' changes) item by item down
+    to ``depth`` levels, so that only the items whose text holds a null (a None, or a NaN
+    orjson wrote as one) are searched for a NaN, not the whole value (a round's delta holds a
+    None in most of its parts, but not in its largest: the strategy's state, the schedules)."""
+    if depth and orjson is not None and type(value) is dict and all(type(k) is str for k in value):
+        return b"{" + b",".join(orjson.dumps(k) + b":" + _dumps_parts(value[k], depth - 1)
+                                for k in sorted(value)) + b"}"
+    return dumps(value)
 
 
 class _Hashing:
