@@ -28,7 +28,7 @@ class Progress:
     def update(self, round: int, steps: int) -> None:
         records, pop = self.records, self.records.pop
         total_rounds = round + math.ceil(max(0, pop.total_steps - steps) / pop.interval_steps)
-        fits = [r.fitness for r in records.members.values() if r.history]
+        fits = [h[-1][1] for r in records.members.values() if (h := r.history)]   # (each one's fitness)
         best = records.best()
         r0, t0 = self.session
         done = round - r0
