@@ -87,18 +87,19 @@ def breed_all(
     chosen = np.flatnonzero(breeds).tolist()
     if not chosen:
         return [Keep(m.id) for m in members]
-    encoded: dict[int, np.ndarray] = {}   # each parent's coordinates, once
+    encoded: dict[int, list[float]] = {}   # each parent's coordinates, once
 
-    def coordinates(g: Genome) -> np.ndarray:
+    def coordinates(g: Genome) -> list[float]:
         x = encoded.get(id(g))
         if x is None:
-            x = encoded[id(g)] = space.encode(g)
+            x = encoded[id(g)] = space.encode_list(g)
         return x
 
-    xa = np.stack([coordinates(pool[p1[i]].genome) for i in chosen])   # (k, G)
+    genes = len(space.genes)   # (a (k, 0) array when there are none, as np.stack made)
+    xa = np.array([coordinates(pool[p1[i]].genome) for i in chosen], dtype=np.float64).reshape(-1, genes)   # (k, G)
     crossed = cross[chosen]
     if crossed.any():
-        xb = np.stack([coordinates(pool[p2[i]].genome) for i in chosen])
+        xb = np.array([coordinates(pool[p2[i]].genome) for i in chosen], dtype=np.float64).reshape(-1, genes)
         xa = np.where(crossed[:, None], _crossover_coordinates(xa, xb, space, config.crossover, rng), xa)
     mutated = _polynomial_coordinates(xa, space, config.mutation_probability, rng, grow=config.grow_only)
     out: list[Decision] = [Keep(m.id) for m in members]
@@ -188,7 +189,7 @@ def _polynomial_coordinates(x: np.ndarray, space: SearchSpace, probability: floa
 
 def unlike(child: Genome, source: Genome, space: SearchSpace, rng: np.random.Generator,
            grow_only: bool = False, tries_per_gene: int = 8,
-           source_coordinates: np.ndarray | None = None) -> Genome:
+           source_coordinates: np.ndarray | list[float] | None = None) -> Genome:
     """`child` brought inside the space (`inside`; with `grow_only` no architecture gene below
     `source`'s), or when that is `source` itself (the genome whose weights it takes: crossover of
     two near-identical parents, a mutation that drew no gene, a shrink that `grow_only` turned back
@@ -198,12 +199,15 @@ def unlike(child: Genome, source: Genome, space: SearchSpace, rng: np.random.Gen
     that can still move). With `grow_only` that gene, if it is an architecture gene, only
     moves up (`mut_polynomial(grow=True)`), so the redraw is a growth or a change of another gene,
     never a shrink turned back into a clone; a clone is left only when no gene can move.
-    `source_coordinates`: `space.encode(source)`, when the caller has it."""
+    `source_coordinates`: `space.encode(source)` (array or list), when the caller has it."""
     n = len(space.genes)
-    xs = (space.encode(source) if source_coordinates is None else source_coordinates).tolist()
+    if source_coordinates is None:
+        xs = space.encode_list(source)
+    else:
+        xs = source_coordinates.tolist() if isinstance(source_coordinates, np.ndarray) else list(source_coordinates)
     genome = inside(space, child, source, grow_only)
     for _ in range(tries_per_gene * n):
-        if not _close(space.encode(genome).tolist(), xs, 1e-9):
+        if not _close(space.encode_list(genome), xs, 1e-9):
             return genome
         child = mut_polynomial(source, space, rng, only=int(rng.integers(n)), grow=grow_only)
         genome = inside(space, child, source, grow_only)

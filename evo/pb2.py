@@ -101,16 +101,19 @@ class PB2(Strategy):
         for i in [i for i in intervals if i not in alive]:
             del intervals[i]  # gone from the population
         ended = []  # (interval, end step, fitness now) of each interval that ended, in member order
-        for m in snapshot.members:
-            if not m.history or not math.isfinite(m.history[-1][1]):
+        isfinite = math.isfinite
+        for m in snapshot.members:   # (_end inlined: thousands of members a round)
+            history = m.history
+            if not history or not isfinite(history[-1][1]):
                 intervals.pop(m.id, None)  # no fitness (yet, or after a restart) or diverged
                 continue
-            end = _end(m)
+            step, fitness = history[-1]
+            end = [int(step), float(fitness)]
             interval = intervals.get(m.id)
-            if interval is not None and end in interval["seen"]:
-                continue  # not evaluated since the interval started
             if interval is not None:
-                ended.append((interval, end[0], m.history[-1][1]))
+                if end in interval["seen"]:
+                    continue  # not evaluated since the interval started
+                ended.append((interval, end[0], fitness))
             intervals[m.id] = {"seen": [end], "start": end[1], "params": m.genome.hyperparameters()}
         # only the last MAX_OBSERVATIONS are kept: build no more than those
         self.observations.extend({"params": interval["params"], "step": step, "improvement": interval["start"] - f}
