@@ -43,7 +43,7 @@ from evo.mutation import mut_polynomial
 from evo.selection import truncation_count
 from evo.space import ChoiceGene, IntGene, SearchSpace
 from evo.strategy import Crossover, Decision, Exploit, Keep, MemberView, Snapshot, Strategy
-from evo.strategies import StrategyConfig, fitness_key, inside, ranked, ready_members
+from evo.strategies import StrategyConfig, fitness_key, inside, ranked_keys, ready_members
 
 
 def breed_all(
@@ -95,25 +95,28 @@ def breed_all(
             x = encoded[id(g)] = space.encode_list(g)
         return x
 
+    # the draws as Python ints and bools from here on: a loop over thousands of children
+    first_parent, second_parent, weights_from = p1.tolist(), p2.tolist(), source.tolist()
     genes = len(space.genes)   # (a (k, 0) array when there are none, as np.stack made)
-    xa = np.array([coordinates(pool[p1[i]].genome) for i in chosen], dtype=np.float64).reshape(-1, genes)   # (k, G)
+    xa = np.array([coordinates(pool[first_parent[i]].genome) for i in chosen], dtype=np.float64).reshape(-1, genes)   # (k, G)
     crossed = cross[chosen]
     if crossed.any():
-        xb = np.array([coordinates(pool[p2[i]].genome) for i in chosen], dtype=np.float64).reshape(-1, genes)
+        xb = np.array([coordinates(pool[second_parent[i]].genome) for i in chosen],
+                      dtype=np.float64).reshape(-1, genes)
         xa = np.where(crossed[:, None], _crossover_coordinates(xa, xb, space, config.crossover, rng), xa)
     mutated = _polynomial_coordinates(xa, space, config.mutation_probability, rng, grow=config.grow_only)
-    out: list[Decision] = [Keep(m.id) for m in members]
+    out: list[Decision | None] = [None] * n
     children = space.decode_rows(mutated)   # the decodes draw nothing: the same rng order as one at a time
-    for row, i in enumerate(chosen):
-        m, parent = members[i], pool[p1[i]]
-        src = pool[source[i]]
+    for row, (i, was_crossed) in enumerate(zip(chosen, crossed.tolist())):
+        m, parent = members[i], pool[first_parent[i]]
+        src = pool[weights_from[i]]
         genome = unlike(children[row], src.genome, space, rng, config.grow_only,
                         source_coordinates=coordinates(src.genome))
-        if crossed[row]:
-            out[i] = Crossover(m.id, (parent.id, pool[p2[i]].id), src.id, genome)
+        if was_crossed:
+            out[i] = Crossover(m.id, (parent.id, pool[second_parent[i]].id), src.id, genome)
         else:
             out[i] = Exploit(m.id, parent.id, genome, "perturb")
-    return out
+    return [Keep(m.id) if d is None else d for m, d in zip(members, out)]
 
 
 def _crossover_coordinates(xa: np.ndarray, xb: np.ndarray, space: SearchSpace, kind: str,
@@ -204,7 +207,7 @@ def unlike(child: Genome, source: Genome, space: SearchSpace, rng: np.random.Gen
     if source_coordinates is None:
         xs = space.encode_list(source)
     else:
-        xs = source_coordinates.tolist() if isinstance(source_coordinates, np.ndarray) else list(source_coordinates)
+        xs = source_coordinates.tolist() if isinstance(source_coordinates, np.ndarray) else source_coordinates
     genome = inside(space, child, source, grow_only)
     for _ in range(tries_per_gene * n):
         if not _close(space.encode_list(genome), xs, 1e-9):
@@ -234,12 +237,12 @@ class GA(Strategy):
         self, snapshot: Snapshot, rng: np.random.Generator, ready: Sequence[int] | None = None
     ) -> list[Decision]:
         members = ready_members(snapshot, ready)
-        population = ranked(snapshot)
+        population, keys = ranked_keys(snapshot)   # keys: each one's fitness_key
         n = len(population)
         n_replace = max(min(truncation_count(n, self.config.quantile), n - self.config.elitism), 0)
         survivors = population[: n - n_replace]
         survivor_ids = {m.id for m in survivors}
-        scores = np.array([fitness_key(p) for p in survivors], dtype=np.float64)
+        scores = np.array(keys[: n - n_replace], dtype=np.float64)
         # the members replaced, each breeding from all the survivors
         bred = [m for m in members if m.history and m.id not in survivor_ids]
         children = iter(breed_all(bred, np.array([fitness_key(m) for m in bred], dtype=np.float64), survivors,

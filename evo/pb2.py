@@ -68,11 +68,11 @@ class PB2(Strategy):
         members = ready_members(snapshot, ready)
         self._observe(snapshot)
         donors = truncation_donors(snapshot, self.config.quantile)
-        chosen: dict[int, MemberView] = {}
-        for m in members:
-            candidates = donors.get(m.id, [])
-            if candidates:
-                chosen[m.id] = candidates[rng.integers(len(candidates))]
+        with_donors = [(m.id, c) for m in members if (c := donors.get(m.id))]
+        # one draw per receiver, uniform over its candidates, as one array draw (the same
+        # numbers as a scalar draw each, in member order)
+        drawn = rng.integers(np.array([len(c) for _, c in with_donors], dtype=np.int64)).tolist() if with_donors else []
+        chosen: dict[int, MemberView] = {i: c[j] for (i, c), j in zip(with_donors, drawn)}
         proposals = iter(self._propose(min(len(chosen), MAX_PROPOSALS), rng) if chosen else [])
         explored = iter(explore([chosen[m.id].genome for m in members if m.id in chosen], self.space, rng,
                                 self.config.resample_probability, self.config.perturb_factors))
