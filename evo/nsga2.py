@@ -79,7 +79,7 @@ class NSGA2(Strategy):
         members, objectives = self._eligible(snapshot)
         if not members:
             return {}
-        return {m.id: int(r) for m, r in zip(members, front_ranks(objectives))}
+        return {m.id: r for m, r in zip(members, front_ranks(objectives).tolist())}
 
     def pareto_front(self, snapshot: Snapshot) -> list[int]:
         """Ids of the non-dominated members (the report's Pareto front), sorted."""
@@ -95,7 +95,7 @@ class NSGA2(Strategy):
         if n_replace == 0:
             return [Keep(m.id) for m in todo]
         fronts = front_ranks(objectives)
-        rank = {m.id: int(r) for m, r in zip(members, fronts)}
+        rank = {m.id: r for m, r in zip(members, fronts.tolist())}
         selected, _ = sel_nsga2(objectives, n - n_replace, fronts)
         survivors = [members[i] for i in selected]   # by front, best first
         survivor_ids = {m.id for m in survivors}
