@@ -43,7 +43,7 @@ from evo.mutation import mut_polynomial
 from evo.selection import truncation_count
 from evo.space import ChoiceGene, IntGene, SearchSpace
 from evo.strategy import Crossover, Decision, Exploit, Keep, MemberView, Snapshot, Strategy
-from evo.strategies import StrategyConfig, fitness_key, inside, ranked, ready_members
+from evo.strategies import StrategyConfig, fitness_key, inside, ranked_keys, ready_members
 
 
 def breed_all(
@@ -87,32 +87,36 @@ def breed_all(
     chosen = np.flatnonzero(breeds).tolist()
     if not chosen:
         return [Keep(m.id) for m in members]
-    encoded: dict[int, np.ndarray] = {}   # each parent's coordinates, once
+    encoded: dict[int, list[float]] = {}   # each parent's coordinates, once
 
-    def coordinates(g: Genome) -> np.ndarray:
+    def coordinates(g: Genome) -> list[float]:
         x = encoded.get(id(g))
         if x is None:
-            x = encoded[id(g)] = space.encode(g)
+            x = encoded[id(g)] = space.encode_list(g)
         return x
 
-    xa = np.stack([coordinates(pool[p1[i]].genome) for i in chosen])   # (k, G)
+    # the draws as Python ints and bools from here on: a loop over thousands of children
+    first_parent, second_parent, weights_from = p1.tolist(), p2.tolist(), source.tolist()
+    genes = len(space.genes)   # (a (k, 0) array when there are none, as np.stack made)
+    xa = np.array([coordinates(pool[first_parent[i]].genome) for i in chosen], dtype=np.float64).reshape(-1, genes)   # (k, G)
     crossed = cross[chosen]
     if crossed.any():
-        xb = np.stack([coordinates(pool[p2[i]].genome) for i in chosen])
+        xb = np.array([coordinates(pool[second_parent[i]].genome) for i in chosen],
+                      dtype=np.float64).reshape(-1, genes)
         xa = np.where(crossed[:, None], _crossover_coordinates(xa, xb, space, config.crossover, rng), xa)
     mutated = _polynomial_coordinates(xa, space, config.mutation_probability, rng, grow=config.grow_only)
-    out: list[Decision] = [Keep(m.id) for m in members]
+    out: list[Decision | None] = [None] * n
     children = space.decode_rows(mutated)   # the decodes draw nothing: the same rng order as one at a time
-    for row, i in enumerate(chosen):
-        m, parent = members[i], pool[p1[i]]
-        src = pool[source[i]]
+    for row, (i, was_crossed) in enumerate(zip(chosen, crossed.tolist())):
+        m, parent = members[i], pool[first_parent[i]]
+        src = pool[weights_from[i]]
         genome = unlike(children[row], src.genome, space, rng, config.grow_only,
                         source_coordinates=coordinates(src.genome))
-        if crossed[row]:
-            out[i] = Crossover(m.id, (parent.id, pool[p2[i]].id), src.id, genome)
+        if was_crossed:
+            out[i] = Crossover(m.id, (parent.id, pool[second_parent[i]].id), src.id, genome)
         else:
             out[i] = Exploit(m.id, parent.id, genome, "perturb")
-    return out
+    return [Keep(m.id) if d is None else d for m, d in zip(members, out)]
 
 
 def _crossover_coordinates(xa: np.ndarray, xb: np.ndarray, space: SearchSpace, kind: str,
@@ -188,7 +192,7 @@ def _polynomial_coordinates(x: np.ndarray, space: SearchSpace, probability: floa
 
 def unlike(child: Genome, source: Genome, space: SearchSpace, rng: np.random.Generator,
            grow_only: bool = False, tries_per_gene: int = 8,
-           source_coordinates: np.ndarray | None = None) -> Genome:
+           source_coordinates: np.ndarray | list[float] | None = None) -> Genome:
     """`child` brought inside the space (`inside`; with `grow_only` no architecture gene below
     `source`'s), or when that is `source` itself (the genome whose weights it takes: crossover of
     two near-identical parents, a mutation that drew no gene, a shrink that `grow_only` turned back
@@ -198,12 +202,15 @@ def unlike(child: Genome, source: Genome, space: SearchSpace, rng: np.random.Gen
     that can still move). With `grow_only` that gene, if it is an architecture gene, only
     moves up (`mut_polynomial(grow=True)`), so the redraw is a growth or a change of another gene,
     never a shrink turned back into a clone; a clone is left only when no gene can move.
-    `source_coordinates`: `space.encode(source)`, when the caller has it."""
+    `source_coordinates`: `space.encode(source)` (array or list), when the caller has it."""
     n = len(space.genes)
-    xs = (space.encode(source) if source_coordinates is None else source_coordinates).tolist()
+    if source_coordinates is None:
+        xs = space.encode_list(source)
+    else:
+        xs = source_coordinates.tolist() if isinstance(source_coordinates, np.ndarray) else source_coordinates
     genome = inside(space, child, source, grow_only)
     for _ in range(tries_per_gene * n):
-        if not _close(space.encode(genome).tolist(), xs, 1e-9):
+        if not _close(space.encode_list(genome), xs, 1e-9):
             return genome
         child = mut_polynomial(source, space, rng, only=int(rng.integers(n)), grow=grow_only)
         genome = inside(space, child, source, grow_only)
@@ -230,12 +237,12 @@ class GA(Strategy):
         self, snapshot: Snapshot, rng: np.random.Generator, ready: Sequence[int] | None = None
     ) -> list[Decision]:
         members = ready_members(snapshot, ready)
-        population = ranked(snapshot)
+        population, keys = ranked_keys(snapshot)   # keys: each one's fitness_key
         n = len(population)
         n_replace = max(min(truncation_count(n, self.config.quantile), n - self.config.elitism), 0)
         survivors = population[: n - n_replace]
         survivor_ids = {m.id for m in survivors}
-        scores = np.array([fitness_key(p) for p in survivors], dtype=np.float64)
+        scores = np.array(keys[: n - n_replace], dtype=np.float64)
         # the members replaced, each breeding from all the survivors
         bred = [m for m in members if m.history and m.id not in survivor_ids]
         children = iter(breed_all(bred, np.array([fitness_key(m) for m in bred], dtype=np.float64), survivors,

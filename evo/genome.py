@@ -103,7 +103,12 @@ class Genome:
 
     def hyperparameters(self) -> dict[str, Any]:
         """The genes that can change in place (every path not under `model.`), full paths."""
-        return {p: v for p, v in self.values if not p.startswith(ARCHITECTURE_PREFIX)}
+        return dict(self._hyperparameter_items)   # a new dict each call
+
+    @functools.cached_property
+    def _hyperparameter_items(self) -> tuple[tuple[str, Any], ...]:
+        # found once per genome: PB2 asks every member's, every round, of genomes that persist
+        return tuple((p, v) for p, v in self.values if not p.startswith(ARCHITECTURE_PREFIX))
 
     def architecture(self) -> dict[str, Any]:
         """The `model.*` genes (changing them changes the model's shape), full paths."""

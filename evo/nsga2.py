@@ -38,6 +38,16 @@ def objective_vector(member: MemberView, objectives: Sequence[str],
                      senses: Mapping[str, str] | None = None) -> np.ndarray | None:
     """The member's objectives as a minimised vector [m], or None if one is missing (``senses``:
     the run's declared ones, Snapshot.senses)."""
+    values = _objective_values(member, objectives, senses)
+    return None if values is None else np.array(values)
+
+
+def _objective_values(member: MemberView, objectives: Sequence[str],
+                      senses: Mapping[str, str] | None = None,
+                      maximised: dict[str, bool] | None = None) -> list[float] | None:
+    """`objective_vector` as a list of floats (NSGA-II stacks thousands of them at once);
+    `maximised`: {name: whether its sense is "max"}, filled as the names are first met, when one
+    dict serves every member of a snapshot."""
     if not member.history:
         return None
     values = []
@@ -51,8 +61,14 @@ def objective_vector(member: MemberView, objectives: Sequence[str],
         if not math.isfinite(v):
             values.append(math.inf)  # diverged or unmeasured: the worst, whatever the sense
         else:
-            values.append(-v if objective_sense(name, senses) == "max" else v)
-    return np.array(values)
+            if maximised is None:
+                flip = objective_sense(name, senses) == "max"
+            else:
+                flip = maximised.get(name)
+                if flip is None:
+                    flip = maximised[name] = objective_sense(name, senses) == "max"
+            values.append(-v if flip else v)
+    return values
 
 
 class NSGA2(Strategy):
@@ -63,7 +79,7 @@ class NSGA2(Strategy):
         members, objectives = self._eligible(snapshot)
         if not members:
             return {}
-        return {m.id: int(r) for m, r in zip(members, front_ranks(objectives))}
+        return {m.id: r for m, r in zip(members, front_ranks(objectives).tolist())}
 
     def pareto_front(self, snapshot: Snapshot) -> list[int]:
         """Ids of the non-dominated members (the report's Pareto front), sorted."""
@@ -79,7 +95,7 @@ class NSGA2(Strategy):
         if n_replace == 0:
             return [Keep(m.id) for m in todo]
         fronts = front_ranks(objectives)
-        rank = {m.id: int(r) for m, r in zip(members, fronts)}
+        rank = {m.id: r for m, r in zip(members, fronts.tolist())}
         selected, _ = sel_nsga2(objectives, n - n_replace, fronts)
         survivors = [members[i] for i in selected]   # by front, best first
         survivor_ids = {m.id for m in survivors}
@@ -95,8 +111,9 @@ class NSGA2(Strategy):
     def _eligible(self, snapshot: Snapshot) -> tuple[list[MemberView], np.ndarray]:
         """The members with every objective, and their minimised objectives [n, m]."""
         members, rows = [], []
+        maximised: dict[str, bool] = {}
         for m in snapshot.members:
-            v = objective_vector(m, self.config.objectives, snapshot.senses)
+            v = _objective_values(m, self.config.objectives, snapshot.senses, maximised)
             if v is not None:
                 members.append(m)
                 rows.append(v)

@@ -68,11 +68,11 @@ class PB2(Strategy):
         members = ready_members(snapshot, ready)
         self._observe(snapshot)
         donors = truncation_donors(snapshot, self.config.quantile)
-        chosen: dict[int, MemberView] = {}
-        for m in members:
-            candidates = donors.get(m.id, [])
-            if candidates:
-                chosen[m.id] = candidates[rng.integers(len(candidates))]
+        with_donors = [(m.id, c) for m in members if (c := donors.get(m.id))]
+        # one draw per receiver, uniform over its candidates, as one array draw (the same
+        # numbers as a scalar draw each, in member order)
+        drawn = rng.integers(np.array([len(c) for _, c in with_donors], dtype=np.int64)).tolist() if with_donors else []
+        chosen: dict[int, MemberView] = {i: c[j] for (i, c), j in zip(with_donors, drawn)}
         proposals = iter(self._propose(min(len(chosen), MAX_PROPOSALS), rng) if chosen else [])
         explored = iter(explore([chosen[m.id].genome for m in members if m.id in chosen], self.space, rng,
                                 self.config.resample_probability, self.config.perturb_factors))
@@ -101,16 +101,19 @@ class PB2(Strategy):
         for i in [i for i in intervals if i not in alive]:
             del intervals[i]  # gone from the population
         ended = []  # (interval, end step, fitness now) of each interval that ended, in member order
-        for m in snapshot.members:
-            if not m.history or not math.isfinite(m.history[-1][1]):
+        isfinite = math.isfinite
+        for m in snapshot.members:   # (_end inlined: thousands of members a round)
+            history = m.history
+            if not history or not isfinite(history[-1][1]):
                 intervals.pop(m.id, None)  # no fitness (yet, or after a restart) or diverged
                 continue
-            end = _end(m)
+            step, fitness = history[-1]
+            end = [int(step), float(fitness)]
             interval = intervals.get(m.id)
-            if interval is not None and end in interval["seen"]:
-                continue  # not evaluated since the interval started
             if interval is not None:
-                ended.append((interval, end[0], m.history[-1][1]))
+                if end in interval["seen"]:
+                    continue  # not evaluated since the interval started
+                ended.append((interval, end[0], fitness))
             intervals[m.id] = {"seen": [end], "start": end[1], "params": m.genome.hyperparameters()}
         # only the last MAX_OBSERVATIONS are kept: build no more than those
         self.observations.extend({"params": interval["params"], "step": step, "improvement": interval["start"] - f}

@@ -103,10 +103,10 @@ def front_ranks(objectives: np.ndarray) -> np.ndarray:
                 best[f] = y   # y < best[f]
             ranks[i] = f
         return ranks[inverse]
-    fronts: list[_Rows | _Staircase] = []
-    tail = rows[:, 1:]   # the rows are sorted by the first objective: an earlier one is <= in it
     if m == 3:
-        tail = tail.tolist()
+        return np.array(_staircase_ranks(rows[:, 1].tolist(), rows[:, 2].tolist()), dtype=np.int64)[inverse]
+    fronts: list[_Rows] = []
+    tail = rows[:, 1:]   # the rows are sorted by the first objective: an earlier one is <= in it
     for i in range(len(rows)):
         lo, hi = 0, len(fronts)   # the first front in [lo, hi) without a row dominating row i
         while lo < hi:
@@ -116,34 +116,42 @@ def front_ranks(objectives: np.ndarray) -> np.ndarray:
             else:
                 hi = mid
         if lo == len(fronts):
-            fronts.append(_Staircase() if m == 3 else _Rows(m - 1))
+            fronts.append(_Rows(m - 1))
         fronts[lo].add(tail[i])
         ranks[i] = lo
     return ranks[inverse]
 
 
-class _Staircase:
-    """One front's rows for three objectives, without the first: the points (x, y) no other
-    point of the front covers, x ascending and y descending, so that "some row is <= (x, y)"
-    is one bisection."""
-
-    def __init__(self) -> None:
-        self.xs: list[float] = []
-        self.ys: list[float] = []
-
-    def dominates(self, row: list[float]) -> bool:
-        j = bisect.bisect_right(self.xs, row[0]) - 1   # the smallest y among the x <= row's
-        return j >= 0 and self.ys[j] <= row[1]
-
-    def add(self, row: list[float]) -> None:
-        """Add a row no point here is <= (what front_ranks guarantees); drop the points it covers."""
-        x, y = row
-        i = bisect.bisect_left(self.xs, x)
+def _staircase_ranks(xs: list[float], ys: list[float]) -> list[int]:
+    """`front_ranks`' loop for three objectives (the distinct rows sorted, without the first
+    objective: `xs`, `ys`). Each front is a staircase: the points (x, y) no other point of the
+    front covers, x ascending and y descending, so that "some row of the front is <= (x, y)" is
+    one bisection; held as two plain lists and probed inline (populations of thousands)."""
+    front_xs: list[list[float]] = []   # per front: its staircase's x, ascending
+    front_ys: list[list[float]] = []   # per front: its staircase's y, descending
+    bisect_left, bisect_right = bisect.bisect_left, bisect.bisect_right
+    ranks = []
+    for x, y in zip(xs, ys):
+        lo, hi = 0, len(front_xs)   # the first front in [lo, hi) without a row dominating (x, y)
+        while lo < hi:
+            mid = (lo + hi) // 2
+            j = bisect_right(front_xs[mid], x) - 1   # the smallest y among the x <= row's
+            if j >= 0 and front_ys[mid][j] <= y:
+                lo = mid + 1
+            else:
+                hi = mid
+        if lo == len(front_xs):
+            front_xs.append([])
+            front_ys.append([])
+        fx, fy = front_xs[lo], front_ys[lo]   # add (x, y), dropping the points it covers
+        i = bisect_left(fx, x)
         j = i
-        while j < len(self.ys) and self.ys[j] >= y:
+        while j < len(fy) and fy[j] >= y:
             j += 1
-        self.xs[i:j] = [x]
-        self.ys[i:j] = [y]
+        fx[i:j] = [x]
+        fy[i:j] = [y]
+        ranks.append(lo)
+    return ranks
 
 
 class _Rows:

@@ -722,8 +722,13 @@ class SearchSpace:
 
     def encode(self, genome: Genome) -> np.ndarray:
         """Coordinates in `[0, 1]^n`, one per gene in `paths` order."""
+        return np.array(self.encode_list(genome), dtype=np.float64)  # (n,)
+
+    def encode_list(self, genome: Genome) -> list[float]:
+        """`encode` as a list of Python floats (the same numbers, without the array: a GA
+        round compares and stacks thousands of them)."""
         d = self._values(genome)
-        return np.array([g.encode(d[g.path]) for g in self.genes], dtype=np.float64)  # (n,)
+        return [g.encode(d[g.path]) for g in self.genes]
 
     def decode(self, x: np.ndarray) -> Genome:
         """The genome at coordinates `x` (clamped to `[0, 1]`, rounded, repaired into the space)."""
