@@ -283,8 +283,8 @@ def test_status_says_interrupted_when_a_running_run_has_no_live_driver(tmp_path)
 
 def test_records_count_intervals_since_the_weights_changed_shape(tmp_path, cache_dir):
     """The grace period's clock (MemberView.since_change): 0 when a member's weights take a new
-    architecture, +1 per interval trained, the donor's own clock on a copy of the same shape,
-    None after a restart; committed and resumed with the records."""
+    architecture or merged weights (a merge crossover), +1 per interval trained, the donor's own
+    clock on a copy of the same shape, None after a restart; committed and resumed with the records."""
     from evo.strategies import make_strategy
     from population.records import Records
 
@@ -302,10 +302,12 @@ def test_records_count_intervals_since_the_weights_changed_shape(tmp_path, cache
     assert records[1].since_change == 1
     records.took_weights(1, records[0], dict(records[0].genome, **{"train.lr": 1e-3}), 5, 100)
     assert records[1].since_change == 1                                  # hyperparameters only
+    records.took_weights(1, records[0], dict(records[1].genome), 5, 100, merged=True)
+    assert records[1].since_change == 0                                  # merged weights, same shape
     records.commit(1, steps_done=5)
     again = Records(setup, RunStore(tmp_path, "grace"), make_strategy(setup.strategy, setup.space), 1)
     assert again.open() == "resumed"
-    assert [again[m].since_change for m in (0, 1)] == [1, 1]
+    assert [again[m].since_change for m in (0, 1)] == [1, 0]
     again.fresh(0, grown, 7)
     assert again[0].since_change is None
 
