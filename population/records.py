@@ -26,14 +26,14 @@ import operator
 import statistics
 import sys
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Iterator, Sequence
 from itertools import compress
 from dataclasses import dataclass, field
 from typing import Any, Mapping
 
 import numpy as np
 
-from evo.genome import Genome, diff, format_diff, format_float
+from evo.genome import Genome, diff, format_diff
 from evo.strategy import SCORE, MemberView, Snapshot, Strategy
 from population.config import SearchSetup
 from population.store import CorruptRunError, RawJSON, RunStore, StoreError
@@ -258,63 +258,6 @@ class _Encoded:
         return self.text
 
 
-_PLAIN_TYPES = frozenset({int, str, bool, type(None)})   # a gene value format_diff writes as str(v)
-_FLOAT_TEXTS_MAX = 1 << 16
-
-
-class _GenomeDiffs:
-    """A lineage record's ``changed`` and ``diff`` of two genome dicts: ``format_diff`` and
-    ``diff`` of evo.genome, the diff's (old, new) pairs as lists. The usual pair -- the same
-    paths, each value a float, or an int / str / bool / None on both sides -- is compared and
-    written here, each float's 3-digit text kept (a donor's values recur in every child it has,
-    and a child's in its own children); any other pair, or two floats whose 3-digit texts are
-    equal (more digits needed), goes through evo's functions (``genome``: the Genome of a
-    genome dict)."""
-
-    def __init__(self, genome: Callable[[dict], Genome]) -> None:
-        self.genome = genome
-        self.float_texts: dict[float, str] = {}   # format_float(x) of floats seen (-0.0 and 0.0 both "0")
-
-    def __call__(self, a: dict, b: dict) -> tuple[str, dict[str, list]]:
-        if a.keys() != b.keys():
-            return self._evo(a, b)
-        texts, fmt = self.float_texts, format_float
-        if len(texts) > _FLOAT_TEXTS_MAX:
-            texts.clear()
-        parts, out = [], {}
-        for path in sorted(a):
-            va, vb = a[path], b[path]
-            if va is vb:
-                continue
-            ta, tb = type(va), type(vb)
-            if ta is float and tb is float:
-                if float.__repr__(va) == float.__repr__(vb):   # what diff compares (JSON's text)
-                    continue
-                fa = texts.get(va)
-                if fa is None:
-                    fa = texts[va] = fmt(va)
-                fb = texts.get(vb)
-                if fb is None:
-                    fb = texts[vb] = fmt(vb)
-                if fa == fb:   # more digits to show the change: evo's own loop
-                    parts.append(format_diff(self.genome(a), self.genome(b), {path: (va, vb)}))
-                else:
-                    parts.append(f"{path} {fa}→{fb}")
-            elif ta is tb and ta in _PLAIN_TYPES:
-                if va == vb:
-                    continue
-                parts.append(f"{path} {va}→{vb}")
-            else:
-                return self._evo(a, b)
-            out[path] = [va, vb]
-        return ", ".join(parts), out
-
-    def _evo(self, a: dict, b: dict) -> tuple[str, dict[str, list]]:
-        ga, gb = self.genome(a), self.genome(b)
-        changes = diff(ga, gb)
-        return format_diff(ga, gb, changes), {p: _copy(v) for p, v in changes.items()}
-
-
 class MemberDicts(Sequence):
     """A commit's member dicts (``MemberRecord.fields()`` of each record, in order), built when
     first read, then kept: a run without W&B and Optuna reads none of them (thousands of dicts a
@@ -466,7 +409,6 @@ class Records:
         # replaced, never changed in place), what the next delta compares with by identity
         self._strategy_items: dict[str, dict] = {}
         self._genome_texts = _GenomeTexts()
-        self._diffs = _GenomeDiffs(self.genome)   # a lineage record's changed and diff
         # Genome of a genome dict, by the dict's identity (the records replace genomes, never
         # change them in place); the dict is held, so its id is not reused while cached
         self._genomes: dict[int, tuple[dict, Genome]] = {}
@@ -674,7 +616,10 @@ class Records:
         record = {"event": event, "round": round, "member": member, "parents": _copy(parents),
                   "genome": _copy(genome), "step": step, "fitness": fitness, "time": time.time()}
         if changed_from is not None:
-            record["changed"], record["diff"] = self._diffs(changed_from, genome)
+            a, b = self.genome(changed_from), self.genome(genome)
+            changes = diff(a, b)
+            record["changed"] = format_diff(a, b, changes)
+            record["diff"] = {p: _copy(v) for p, v in changes.items()}
         for k, v in extra.items():
             record[k] = v if type(v) in _SCALARS else _copy(v)
         self.pending_lineage.append(record)
