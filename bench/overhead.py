@@ -20,6 +20,9 @@ Two figures:
     .venv/bin/python bench/overhead.py                         # quickstart: 4 members, 500 steps
     .venv/bin/python bench/overhead.py --total-steps 200 --size 4
     .venv/bin/python bench/overhead.py --mode async
+    .venv/bin/python bench/overhead.py --small --vs-all-at-once   # the smoke test's setting
+
+The last line printed is every figure as JSON.
 """
 from __future__ import annotations
 
@@ -43,6 +46,11 @@ from population.driver import run_search  # noqa: E402
 from population.store import RunStore  # noqa: E402
 
 QUICKSTART = Path(__file__).resolve().parents[1] / "experiments" / "quickstart.yaml"
+# --small: 4 members x 6 steps (interval 2, every member judged every round, so exploits happen),
+# a tiny model, 2 slots, 2 Ray CPUs; a smoke test of the code paths, its figures mean nothing
+SMALL_SET = ["model.hidden_size=32", "model.intermediate_size=64", "data.max_bytes=400000", "data.seq_len=32",
+             "data.val_fraction=0.2", "data.eval_batches=1", "data.eval_batch_size=4", "train.batch_size=4",
+             "train.warmup_steps=2", "population.max_concurrent=2", "strategy.ready_intervals=1"]
 
 
 def disk_round_trip(state: dict, repeats: int = 5, durable: bool = False) -> float:
@@ -83,7 +91,13 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--vs-all-at-once", action="store_true",
                    help="run the workload a second time with a slot per member (every member training at "
                         "once, time-sliced by the OS) and compare wall times and results")
+    p.add_argument("--small", action="store_true",
+                   help="the smoke test: 4 members x 6 steps, interval 2, a tiny model, 2 slots, 2 Ray CPUs")
     args = p.parse_args(argv)
+    if args.small:
+        args.size, args.total_steps, args.interval = 4, 6, 2
+        args.num_cpus = 2 if args.num_cpus is None else args.num_cpus
+        args.set = [*SMALL_SET, *args.set]
 
     storage = args.storage or tempfile.mkdtemp(prefix="evo-overhead-")
     name = f"overhead-{int(time.time())}"

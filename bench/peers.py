@@ -441,9 +441,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--tables", nargs="+", choices=sorted(TABLES), default=["A"])
     p.add_argument("--no-equal-wall", dest="equal_wall", action="store_false", help="equal compute only")
     p.add_argument("--small", action="store_true",
-                   help="the smoke test: 2 members x 8 steps, a tiny model, 1 seed, table A, equal compute only")
+                   help="the smoke test: 2 members x 8 steps, a tiny model, 1 seed, table A, equal compute and "
+                        "equal wall (unless --no-equal-wall), 2 methods at once")
     p.add_argument("--jobs", type=int, default=1,
-                   help="methods run at once at equal compute (1 for published figures: they share the cores)")
+                   help="methods run at once at equal compute, and peers at equal wall (1 for published figures: "
+                        "they share the cores)")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="any other config override")
     p.add_argument("--out", type=Path, default=Path("peers-out"))
     p.add_argument("--reuse", type=Path, default=None, metavar="PEERS_JSON",
@@ -452,7 +454,7 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     if args.small:
         args.seeds, args.size, args.total_steps, args.interval, args.tables = [0], 2, 8, 4, ["A"]
-        args.equal_wall, args.jobs = False, 2   # two methods at once: the smoke test times nothing
+        args.jobs = 2   # two methods (at equal wall: both peers) at once: the smoke test times nothing
         args.set = [*SMALL_SET, *args.set]
     methods = list(EVO_ARMS) + [m for m in PEERS if m != "tune_pbt" or tune_available()]
     if not tune_available():
@@ -516,14 +518,23 @@ def main(argv: list[str] | None = None) -> int:
                 if args.equal_wall:
                     budget = arms["equal_compute"]["pbt"][seed]["wall_s"]
                     arms["equal_wall"]["pbt"][seed] = arms["equal_compute"]["pbt"][seed]
+                    how = f"equal wall ({budget:.0f} s): "
+                    todo = []
                     for m in methods[len(EVO_ARMS):]:
-                        r = reused(prior, table, "equal_wall", m, seed)
-                        how = f"equal wall ({budget:.0f} s): " + ("(reused) " if r is not None else "")
-                        if r is None:
-                            run = run_optuna if m == "optuna_tpe_sh" else run_tune
-                            r = dict(run(sets, genomes, seed, args, work, budget), wall_budget_s=budget)
-                        arms["equal_wall"][m][seed] = r
-                        report(table, seed, m, r, how)
+                        if (r := reused(prior, table, "equal_wall", m, seed)) is not None:
+                            arms["equal_wall"][m][seed] = r
+                            report(table, seed, m, r, how + "(reused) ")
+                        else:
+                            todo.append(m)
+
+                    def peer_at_wall(m: str) -> dict:
+                        run = run_optuna if m == "optuna_tpe_sh" else run_tune
+                        return dict(run(sets, genomes, seed, args, work, budget), wall_budget_s=budget)
+
+                    with ThreadPoolExecutor(args.jobs) as pool:   # --jobs 1: one peer at a time
+                        for m, r in zip(todo, pool.map(peer_at_wall, todo)):
+                            arms["equal_wall"][m][seed] = r
+                            report(table, seed, m, r, how)
     finally:
         shutil.rmtree(work, ignore_errors=True)
     print(f"workload: quickstart, {args.size} members x {args.total_steps} steps (interval {args.interval}), "

@@ -22,6 +22,7 @@ from tests.helpers import sigterm_at_round
 from tests.population.conftest import make_setup
 
 ROUNDS = 6   # reference search: 3 members, 6 rounds of 5 steps
+SEED_OF_JUMP = 1   # a seed whose exploits both shrink and grow the depth (test_lineage_records_the_val_loss_jump…)
 
 
 def _quiet() -> Console:
@@ -371,3 +372,55 @@ def test_merge_crossover_of_two_shapes_takes_layers_and_the_child_trains_on(ray_
         m = next(x for x in state["members"] if x["id"] == r["member"])
         assert m["step"] == 8 and any(step > r["step"] for step, _ in m["history"])
         assert all(math.isfinite(v) for _, v in m["history"])
+
+
+@pytest.mark.slow
+def test_lineage_records_the_val_loss_jump_of_a_lossy_change_and_none_for_growth(ray_local, cache_dir, tmp_path):
+    """An exploit whose new genome is shallower than the donor's (a lossy change) writes the
+    validation loss's jump into its lineage record: the loss of the receiver's weights just after
+    the change minus the donor's just before it, both on the run's held-out batches, as a fresh
+    Trainer measures them from the round's checkpoints. An exploit that adds layers keeps the
+    function (new layers start as identities): no jump recorded, and the same loss before and after."""
+    import dataclasses
+
+    from evo.space import SearchSpace
+    from trainers.model import InternLM2Config
+    from trainers.trainer import TrainConfig, Trainer
+
+    # pbt, every gene of a receiver redrawn: depth 1-3 changes both ways on the exploits of rounds 1
+    # and 2 (3 rounds: every kept commit, and the checkpoints they name, are still in the store)
+    setup = make_setup(tmp_path, "jump", cache_dir, size=4, interval=3, total=9, seed=SEED_OF_JUMP)
+    search = {"train.lr": {"type": "float", "low": 1.0e-3, "high": 1.0e-2, "log": True},
+              "model.num_hidden_layers": {"type": "int", "low": 1, "high": 3}}
+    strategy = dataclasses.replace(setup.strategy, resample_probability=1.0)
+    setup = dataclasses.replace(setup, strategy=strategy, space=SearchSpace.from_dict(search, base=setup.space.base),
+                                config=dict(setup.config, strategy=dataclasses.asdict(strategy), search=search))
+    run_search(setup, console=_quiet())
+    store = RunStore(tmp_path, "jump")
+    checkpoints = {}   # (member, round) -> the member's checkpoint of that round (after its decision)
+    for _, state in store.committed_states():
+        for m in state["members"]:
+            checkpoints[m["id"], state["round"]] = m["checkpoint"]
+
+    def val_loss(member: int, round: int) -> float:
+        ckpt = store.load_checkpoint(checkpoints[member, round])
+        trainer = Trainer(InternLM2Config(**ckpt["model_config"]), TrainConfig(**ckpt["train_config"]), setup.data)
+        trainer.load_state_dict(ckpt)
+        return trainer.evaluate()["val_loss"]
+
+    depth = "model.num_hidden_layers"
+    exploits = [r for r in store.read_lineage() if r["event"] == "exploit"]
+    # "diff": the genes that differ from the donor's genome, [donor's, new]
+    shrunk = [r for r in exploits if depth in r["diff"] and r["diff"][depth][1] < r["diff"][depth][0]]
+    grown = [r for r in exploits if depth in r["diff"] and r["diff"][depth][1] > r["diff"][depth][0]]
+    assert shrunk and grown, [(r["round"], r["diff"]) for r in exploits]
+    for r in shrunk:
+        donor = r["parents"][0]
+        before, after = val_loss(donor, r["round"]), val_loss(r["member"], r["round"])
+        assert math.isfinite(r["val_loss_jump"]) and r["val_loss_jump"] != 0
+        assert r["val_loss_jump"] == pytest.approx(after - before, abs=1e-5)
+        # "before" is the donor as it was judged: its fitness in the record, in nats per byte token
+        assert before / math.log(2) == pytest.approx(r["parent_fitness"][0], abs=1e-5)
+    for r in grown:
+        assert "val_loss_jump" not in r
+        assert val_loss(r["member"], r["round"]) == pytest.approx(val_loss(r["parents"][0], r["round"]), abs=1e-5)
