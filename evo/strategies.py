@@ -79,6 +79,11 @@ class StrategyConfig:
     grace_intervals: Annotated[StrictInt, Field(ge=0, description=(
         "intervals after an architecture change (or merge) during which a member is never a "
         "receiver (0: none)"))] = GRACE_DEFAULT
+    grace: Annotated[Literal["intervals", "hurdles"], Field(description=(
+        "how the grace period protects: 'intervals', for all its grace_intervals; 'hurdles' "
+        "(Progressive Dynamic Hurdles, as in the Evolved Transformer), only while the member's val_bpb "
+        "is at or below the mean val_bpb of the other members as many intervals after their own change "
+        "(if there are none, it is protected)"))] = "intervals"
     grow_only: Annotated[StrictBool, Field(description=(
         "ga/nsga2: a child's architecture genes never go below those of the parent whose weights it "
         "takes (a gene proposed below keeps that parent's value, and a child that would be the parent "
@@ -102,6 +107,9 @@ class StrategyConfig:
         if self.ready_intervals != "auto" and (not isinstance(self.ready_intervals, int) or self.ready_intervals < 1):
             raise ValueError(f"strategy.ready_intervals: must be a whole number of intervals >= 1 or 'auto', "
                              f"got {self.ready_intervals!r}")
+        if self.grace == "hurdles" and self.grace_intervals < 1:
+            raise ValueError("strategy.grace: 'hurdles' judges members during their grace period, which "
+                             f"strategy.grace_intervals {self.grace_intervals} turns off; set it to 1 or more")
         if self.name not in STRATEGIES:
             close = difflib.get_close_matches(self.name, STRATEGIES, n=1)
             hint = f"; did you mean {close[0]!r}?" if close else ""

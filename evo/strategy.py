@@ -16,7 +16,13 @@ Conventions every strategy follows (checked by tests/evo/test_strategies.py):
 - a member in its grace period (its weights changed architecture, or were merged, at most
   `strategy.grace_intervals` intervals ago: `in_grace`) is never a receiver:
   its decision is `Keep`, so a lossy change is not judged before it had time to recover. The
-  base class enforces it on every implementation's `plan` (`_with_grace`);
+  base class enforces it on every implementation's `plan` (`_with_grace`). With
+  `strategy.grace: hurdles` (Progressive Dynamic Hurdles, after So et al. 2019, The Evolved
+  Transformer) that protection is earned: a member k >= 1 intervals into its grace period keeps
+  it only while its fitness is at or below its hurdle (`hurdles`), the mean fitness of the other
+  members k intervals into theirs (no such member: protected); one above its hurdle is judged
+  like any other member. The newly changed are compared with their own age, not with members
+  that trained on undisturbed;
 - a member is judged only once every `strategy.ready_intervals` intervals (when its `age` is a
   multiple of it; the driver resolves 'auto' from the run's length): in between its decision is
   `Keep`, also enforced by `_with_grace`. Judging a long run after every interval keeps whatever
@@ -38,6 +44,7 @@ import math
 import re
 from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
+from fractions import Fraction
 from typing import TYPE_CHECKING, Mapping, Sequence
 
 import numpy as np
@@ -225,10 +232,50 @@ def in_grace(member: MemberView, grace_intervals: int) -> bool:
     return grace_intervals > 0 and member.since_change is not None and member.since_change <= grace_intervals
 
 
+def hurdles(snapshot: Snapshot, grace_intervals: int) -> dict[int, Fraction | None]:
+    """Progressive Dynamic Hurdles for the grace period (`strategy.grace: hurdles`): for each
+    member 1..``grace_intervals`` intervals after its change (``since_change`` = k), its hurdle:
+    the mean fitness of the *other* members with ``since_change`` = k, those with a finite one,
+    exact (a Fraction of the floats: a member level with its peers is never put above them by a
+    rounding, and the members' order does not matter); None when there is none (it stays
+    protected: nothing to compare with).
+
+    The peers are the members of its age *now*, each with its latest fitness. A member further
+    on (since_change s > k) is no peer: its fitness at age k cannot be read from its history,
+    which is its own evaluations while since_change follows the weights (an exploit hands the
+    receiver its donor's since_change, not its donor's history; a failed interval counts without
+    an evaluation). In sync mode the peers are the members changed in the same round (and those
+    that took their weights since).
+    Members with ``since_change`` 0 (changed, not trained since: their fitness is the old
+    weights') have no hurdle and are not in the result."""
+    groups: dict[int, list[MemberView]] = {}
+    for m in snapshot.members:
+        k = m.since_change
+        if k is not None and 1 <= k <= grace_intervals:
+            groups.setdefault(k, []).append(m)
+    out: dict[int, Fraction | None] = {}
+    for group in groups.values():
+        fits = {m.id: Fraction(m.fitness) for m in group if m.fitness is not None and math.isfinite(m.fitness)}
+        total = sum(fits.values(), Fraction(0))
+        for m in group:
+            own = fits.get(m.id)
+            n = len(fits) - (own is not None)
+            out[m.id] = (total - (own or 0)) / n if n else None
+    return out
+
+
+def clears_hurdle(member: MemberView, hurdle: Fraction | None) -> bool:
+    """Whether ``member`` keeps its grace period under `strategy.grace: hurdles`: no hurdle (no
+    peer of its age), no fitness yet, or a fitness at or below the hurdle (lower is better)."""
+    f = member.fitness
+    return hurdle is None or f is None or (math.isfinite(f) and Fraction(f) <= hurdle)
+
+
 def _with_grace(plan):
-    """``plan`` with every decision for a member in its grace period, or between two of its
-    judgements (its age not a multiple of `strategy.ready_intervals`), turned into `Keep`, and,
-    with `strategy.merge`, each crossover made a merge (`_merged`)."""
+    """``plan`` with every decision for a member in its grace period (with `strategy.grace:
+    hurdles`, one that clears its hurdle), or between two of its judgements (its age not a
+    multiple of `strategy.ready_intervals`), turned into `Keep`, and, with `strategy.merge`, each
+    crossover made a merge (`_merged`)."""
 
     @functools.wraps(plan)
     def planned(self: Strategy, snapshot: Snapshot, rng: np.random.Generator,
@@ -237,7 +284,12 @@ def _with_grace(plan):
         grace = getattr(self.config, "grace_intervals", 0)
         every = getattr(self.config, "ready_intervals", 1)
         every = every if isinstance(every, int) else 1   # 'auto' unresolved: the run's length is unknown
-        graced = {m.id for m in snapshot.members if in_grace(m, grace) or m.age % every}
+        if getattr(self.config, "grace", "intervals") == "hurdles":
+            hurdle = hurdles(snapshot, grace)
+            graced = {m.id for m in snapshot.members
+                      if (in_grace(m, grace) and clears_hurdle(m, hurdle.get(m.id))) or m.age % every}
+        else:
+            graced = {m.id for m in snapshot.members if in_grace(m, grace) or m.age % every}
         decisions = [Keep(d.member) if d.member in graced and not isinstance(d, Keep) else d for d in decisions]
         if getattr(self.config, "merge", False):
             by = getattr(self.config, "merge_alpha", "uniform")

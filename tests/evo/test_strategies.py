@@ -12,6 +12,7 @@ import dataclasses
 import json
 import math
 import pickle
+from fractions import Fraction
 
 import numpy as np
 import pytest
@@ -21,7 +22,8 @@ from evo.genome import Genome
 from evo.nsga2 import NSGA2
 from evo.pb2 import MIN_OBSERVATIONS
 from evo.space import ChoiceGene, FloatGene, IntGene, SearchSpace
-from evo.strategy import OBJECTIVE_SENSE, Crossover, Exploit, Keep, MemberView, Restart, Snapshot, in_grace, layer_sources
+from evo.strategy import (OBJECTIVE_SENSE, Crossover, Exploit, Keep, MemberView, Restart, Snapshot, clears_hurdle,
+                          hurdles, in_grace, layer_sources)
 from evo.strategies import JUDGEMENTS, StrategyConfig, inside, make_strategy, ready_every
 from evo.toy import toy_space
 from tests.evo.test_space import RULES
@@ -98,6 +100,19 @@ def fitness(m: MemberView) -> float:
     return m.fitness if m.fitness is not None and math.isfinite(m.fitness) else math.inf
 
 
+def protected(member: MemberView, snapshot: Snapshot, config: StrategyConfig) -> bool:
+    """Whether the grace period protects ``member``, from its definition: in grace, and with
+    grace 'hurdles' 1+ intervals into it, either no fitness, no other member of its age
+    (since_change) with a finite fitness, or a fitness at or below their mean (exactly)."""
+    if not in_grace(member, config.grace_intervals):
+        return False
+    if config.grace == "intervals" or member.since_change == 0 or member.fitness is None:
+        return True
+    peers = [Fraction(m.fitness) for m in snapshot.members if m.id != member.id
+             and m.since_change == member.since_change and m.fitness is not None and math.isfinite(m.fitness)]
+    return not peers or (math.isfinite(member.fitness) and Fraction(member.fitness) <= sum(peers) / len(peers))
+
+
 def assert_valid(strategy, space: SearchSpace, snapshot: Snapshot, decisions: list, ready: list[int]) -> None:
     """The decision contract, for any strategy."""
     assert [d.member for d in decisions] == ready
@@ -114,7 +129,7 @@ def assert_valid(strategy, space: SearchSpace, snapshot: Snapshot, decisions: li
         assert isinstance(d, (Keep, Exploit, Crossover, Restart))
         if not receiver.history:
             assert isinstance(d, Keep), f"member {d.member} has no fitness yet but got {d}"
-        if in_grace(receiver, strategy.config.grace_intervals):
+        if protected(receiver, snapshot, strategy.config):
             assert isinstance(d, Keep), f"member {d.member} is in its grace period but got {d}"
         if isinstance(d, Exploit):
             assert d.donor != d.member
@@ -215,6 +230,118 @@ def test_a_member_in_its_grace_period_is_never_a_receiver(kind: str, grace: int)
                 graced = in_grace(snapshot.member(d.member), grace)
                 protected += graced and not isinstance(d, Keep)
     assert protected > 0 or kind == "random"
+
+
+@pytest.mark.parametrize("kind", STRATEGIES)
+@pytest.mark.parametrize("grace", [1, 2])
+def test_hurdles_protect_only_a_member_that_keeps_up_with_its_age(kind: str, grace: int) -> None:
+    """grace 'hurdles': the worse half of each population changed 1..grace+1 intervals ago (sync
+    and async plans, many rngs). A member in grace at or below its hurdle keeps (assert_valid's
+    `protected`), though the same plan without a grace period makes some of them receivers; one
+    above its hurdle is judged, and some of those are receivers (random search always keeps)."""
+    space = arch_space()
+    config = StrategyConfig(**STRATEGIES[kind], grace_intervals=grace, grace="hurdles")
+    kept = exposed = 0
+    for seed in range(30):
+        rng = np.random.default_rng([seed, 19])
+        snapshot = random_snapshot(space, rng, n=int(rng.integers(4, 13)))
+        worse = sorted(snapshot.members, key=fitness)[len(snapshot.members) // 2:]
+        changed = {m.id: int(rng.integers(1, grace + 2)) for m in worse}
+        snapshot = Snapshot(snapshot.round, tuple(dataclasses.replace(m, since_change=changed.get(m.id))
+                                                  for m in snapshot.members))
+        ids = [m.id for m in snapshot.members]
+        for ready in (None, [ids[-1]]):
+            strategy = make_strategy(config, space)
+            decisions = strategy.plan(snapshot, np.random.default_rng(seed), ready)
+            assert_valid(strategy, space, snapshot, decisions, ready or ids)
+            free = make_strategy(StrategyConfig(**STRATEGIES[kind], grace_intervals=0), space)
+            for d, f in zip(decisions, free.plan(snapshot, np.random.default_rng(seed), ready)):
+                m = snapshot.member(d.member)
+                if in_grace(m, grace):
+                    kept += protected(m, snapshot, config) and not isinstance(f, Keep)
+                    exposed += not protected(m, snapshot, config) and not isinstance(d, Keep)
+    assert (kept > 0 and exposed > 0) or kind == "random"
+
+
+@pytest.mark.parametrize("kind", STRATEGIES)
+def test_hurdles_expose_a_member_behind_its_age_and_protect_one_without_peers(kind: str) -> None:
+    """Eight members, val_bpb 1.0 .. 1.7 by id (10 .. 17), one genome. 16 and 17 (the worst)
+    changed one interval ago: 16's hurdle is 17's 1.7, which it clears, so it keeps under every
+    rng; 17's is 1.6, which it does not: it is a receiver under some rng (as without a grace
+    period), while grace 'intervals' keeps it. With 16 two intervals after its change instead,
+    17 has no peer of its age and keeps."""
+    space = shape_space()
+    base = one_genome_snapshot(space.sample(np.random.default_rng(0)), 8, STRATEGIES[kind].get("objectives", ()))
+    pair = Snapshot(3, tuple(dataclasses.replace(m, since_change=1 if m.id in (16, 17) else None)
+                             for m in base.members))
+    alone = Snapshot(3, tuple(dataclasses.replace(m, since_change={16: 2, 17: 1}.get(m.id)) for m in base.members))
+    fit = {m.id: m.fitness for m in base.members}
+    assert hurdles(pair, 2) == {16: Fraction(fit[17]), 17: Fraction(fit[16])}
+    assert hurdles(alone, 2) == {16: None, 17: None}
+    hurdled = StrategyConfig(**STRATEGIES[kind], grace_intervals=2, grace="hurdles")
+    intervals = StrategyConfig(**STRATEGIES[kind], grace_intervals=2)
+    free = StrategyConfig(**STRATEGIES[kind], grace_intervals=0)
+    received = {"hurdles": 0, "free": 0}
+    for seed in range(20):
+        for ready in (None, [17], [16]):
+            for name, config, snapshot in (("hurdles", hurdled, pair), ("intervals", intervals, pair),
+                                           ("alone", hurdled, alone), ("free", free, pair)):
+                strategy, decisions = plan(config, space, snapshot, seed, ready)
+                assert_valid(strategy, space, snapshot, decisions, ready or [m.id for m in snapshot.members])
+                by = {d.member: d for d in decisions}
+                if name != "free" and 16 in by:
+                    assert isinstance(by[16], Keep), (name, seed, by[16])
+                if name in ("intervals", "alone") and 17 in by:
+                    assert isinstance(by[17], Keep), (name, seed, by[17])
+                if name in received and 17 in by:
+                    received[name] += not isinstance(by[17], Keep)
+    if kind == "random":
+        assert received == {"hurdles": 0, "free": 0}
+    else:
+        assert received["hurdles"] > 0 and received["free"] > 0
+
+
+def test_hurdle_is_the_mean_of_the_other_members_of_the_same_age() -> None:
+    """h(k) for each member 1..grace_intervals intervals after its change: the mean val_bpb of the
+    others with the same since_change, non-finite ones left out; None without such a peer. Members
+    at since_change 0 (not yet trained since) or beyond the grace period have none."""
+    genome = toy_space().sample(np.random.default_rng(0))
+    rows = [  # (id, since_change, val_bpb or None)
+        (1, 1, 2.0), (2, 1, 2.5), (3, 1, 3.5), (4, 1, math.nan),
+        (5, 2, 1.0), (6, 2, None),
+        (7, 3, 1.0), (8, None, 1.0), (9, 0, 1.0), (10, 2, math.inf),
+    ]
+    snapshot = Snapshot(4, tuple(MemberView(i, genome, () if f is None else ((80, f),), 4, 80, since_change=k)
+                                 for i, k, f in rows))
+    h = hurdles(snapshot, 2)
+    assert h == {1: Fraction(3), 2: Fraction(11, 4), 3: Fraction(9, 4), 4: Fraction(8, 3),
+                 5: None, 6: Fraction(1), 10: Fraction(1)}
+    assert [clears_hurdle(snapshot.member(i), h.get(i)) for i in range(1, 11)] == [
+        True, True, False, False, True, True, True, True, True, False]
+    # members level with their peers clear their hurdle, whatever their order
+    level = Snapshot(4, tuple(MemberView(i, genome, ((80, 0.1 * 3),), 4, 80, since_change=1) for i in (3, 1, 2)))
+    assert all(clears_hurdle(m, hurdles(level, 1)[m.id]) for m in level.members)
+    # grace 2 vs 1: age 2 is beyond a 1-interval grace period
+    assert hurdles(snapshot, 1) == {i: h[i] for i in (1, 2, 3, 4)}
+
+
+@pytest.mark.parametrize("kind", STRATEGIES)
+def test_grace_intervals_is_the_default_and_ignores_hurdles(kind: str) -> None:
+    """The default grace is 'intervals': every member in its grace period keeps, also the ones
+    that hurdles would expose; the decisions equal those of an explicit 'intervals'."""
+    assert StrategyConfig().grace == "intervals"
+    space = arch_space()
+    for seed in range(10):
+        rng = np.random.default_rng([seed, 23])
+        snapshot = random_snapshot(space, rng, n=int(rng.integers(4, 13)))
+        snapshot = Snapshot(snapshot.round, tuple(dataclasses.replace(m, since_change=int(rng.integers(0, 3)))
+                                                  for m in snapshot.members))
+        default = StrategyConfig(**STRATEGIES[kind], grace_intervals=2)
+        strategy, decisions = plan(default, space, snapshot, seed)
+        assert_valid(strategy, space, snapshot, decisions, [m.id for m in snapshot.members])
+        assert all(isinstance(d, Keep) for d in decisions if in_grace(snapshot.member(d.member), 2))
+        explicit = dataclasses.replace(default, grace="intervals")
+        assert plan(explicit, space, snapshot, seed)[1] == decisions
 
 
 @pytest.mark.parametrize("kind", ["ga-uniform", "ga-sbx", "nsga2"])
@@ -683,6 +810,7 @@ def test_random_search_always_keeps() -> None:
         ("objectives", ("val_bpb.",), "or val_bpb.<held-out set>, got 'val_bpb.'"),
         ("objectives", ("val_bpb", "val_bpb"), "listed twice"),
         ("sampler", "cmaes", "literal_error"),
+        ("grace", "hurdle", "literal_error"),
         ("seed", -1, "greater_than_equal"),
         ("quantil", 0.2, "unexpected_keyword_argument"),
     ],
@@ -698,6 +826,13 @@ def test_config_errors_name_the_field(field: str, value, error: str) -> None:
         assert str(first["ctx"]["error"]).startswith(f"strategy.{field}: ") and error in first["msg"]
     else:
         assert first["loc"][0] == field and first["type"] == error
+
+
+def test_hurdles_need_a_grace_period() -> None:
+    with pytest.raises(ValidationError, match=r"strategy\.grace: 'hurdles' judges members during their grace period, "
+                                              r"which strategy\.grace_intervals 0 turns off; set it to 1 or more"):
+        StrategyConfig(grace="hurdles", grace_intervals=0)
+    assert StrategyConfig(grace="hurdles", grace_intervals=1).grace == "hurdles"
 
 
 def test_config_takes_yaml_lists_and_stays_a_dataclass() -> None:

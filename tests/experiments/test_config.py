@@ -331,6 +331,8 @@ def test_config_error_is_a_value_error():
     ("strategy.objectives=[val_bpb, latency]", "strategy.objectives: must be one of val_bpb, val_loss, params, "
                                                "tokens_per_s, score (fitness.function's) or val_bpb.<held-out set>, got 'latency'"),
     ("strategy.objectives=[]", "--set strategy.objectives=[]: strategy.objectives: must not be empty, got []"),
+    ("strategy.grace=hurdle", "--set strategy.grace=hurdle: strategy.grace: must be one of intervals, hurdles, "
+                              "got 'hurdle' (did you mean 'hurdles'?)"),
     ("data=3", "--set data=3: data: expected a mapping, got a number"),
     ("model.hidden_size=yes", "--set model.hidden_size=yes: model.hidden_size: expected an integer, got True"),
     ("search.max_params=2e5", "--set search.max_params=2e5: search.max_params: expected an integer, got 200000.0"),
@@ -338,6 +340,16 @@ def test_config_error_is_a_value_error():
 ])
 def test_schema_errors_are_one_line_with_key_and_value(tmp_path: Path, override: str, expected: str):
     assert expected in error_of(write(tmp_path, MINIMAL), [override])
+
+
+def test_grace_hurdles_is_an_option_of_the_grace_period(tmp_path: Path):
+    path = write(tmp_path, MINIMAL)
+    assert load_config(path).strategy.grace == "intervals"
+    cfg = load_config(path, ["strategy.grace=hurdles", "strategy.grace_intervals=2"])
+    assert (cfg.strategy.grace, cfg.strategy.grace_intervals) == ("hurdles", 2)
+    assert error_of(path, ["strategy.grace=hurdles", "strategy.grace_intervals=0"]) == (
+        "--set strategy.grace_intervals=0: strategy.grace: 'hurdles' judges members during their grace "
+        "period, which strategy.grace_intervals 0 turns off; set it to 1 or more")
 
 
 def test_yaml_gotchas(tmp_path: Path):
