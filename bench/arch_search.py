@@ -121,18 +121,20 @@ def main() -> None:
     arch_paths = [p for p in space.paths if p.startswith(ARCHITECTURE_PREFIX)]
     largest = space.largest_shape()   # evo/space.py: the most parameters the space allows
     cfg0 = load_config(CONFIG, base_overrides)
+    runs: list[dict] = []
+    if args.combine:   # the seeds the combined runs hold, not the ones this command would run
+        for path in args.combine:
+            runs += [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+        seed_list = sorted({r["seed"] for r in runs})
     print(f"workload: {CONFIG.name}, {cfg0.population.size} members x {cfg0.population.total_steps} steps, "
           f"interval {cfg0.population.interval_steps}, start {cfg0.population.start}, strategy "
-          f"{cfg0.strategy.name} {list(cfg0.strategy.objectives)}, seeds {seed_list}; budget {space.max_params} params")
+          f"{cfg0.strategy.name} {list(cfg0.strategy.objectives)} (grace {cfg0.strategy.grace}, {cfg0.strategy.grace_intervals} "
+          f"intervals), seeds {seed_list}; budget {space.max_params} params")
     print("largest shape: " + ", ".join(f"{p[len(ARCHITECTURE_PREFIX):]}={v}" for p, v in largest.items()))
 
     args.out.mkdir(parents=True, exist_ok=True)
     log = args.out / "arch_search.runs.jsonl"    # one line per finished search, written as it ends
-    runs: list[dict] = []
-    if args.combine:
-        for path in args.combine:
-            runs += [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
-    else:
+    if not args.combine:
         log.write_text("")
         # the cluster RAY_ADDRESS names, else a private local Ray (never one a `ray start` left behind)
         os.environ["RAY_ADDRESS"] = os.environ.get("RAY_ADDRESS") or "local"
