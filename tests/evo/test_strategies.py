@@ -204,6 +204,15 @@ def test_decisions_are_valid_and_reproducible(kind: str, space_name: str) -> Non
         assert_valid(strategy, space, snapshot, decisions, subset)
 
 
+def worse_half_changed(snapshot: Snapshot, rng: np.random.Generator, low: int, high: int) -> Snapshot:
+    """``snapshot`` with the worse half of its members changed architecture ``low``..``high - 1``
+    intervals ago (drawn from ``rng`` in order of fitness); the better half never did."""
+    worse = sorted(snapshot.members, key=fitness)[len(snapshot.members) // 2:]
+    changed = {m.id: int(rng.integers(low, high)) for m in worse}
+    return Snapshot(snapshot.round, tuple(dataclasses.replace(m, since_change=changed.get(m.id))
+                                          for m in snapshot.members))
+
+
 @pytest.mark.parametrize("kind", STRATEGIES)
 @pytest.mark.parametrize("grace", [1, 3])
 def test_a_member_in_its_grace_period_is_never_a_receiver(kind: str, grace: int) -> None:
@@ -216,10 +225,7 @@ def test_a_member_in_its_grace_period_is_never_a_receiver(kind: str, grace: int)
     for seed in range(10):
         rng = np.random.default_rng([seed, 13])
         snapshot = random_snapshot(space, rng, n=int(rng.integers(4, 13)))
-        worse = sorted(snapshot.members, key=fitness)[len(snapshot.members) // 2:]
-        changed = {m.id: int(rng.integers(0, 5)) for m in worse}
-        snapshot = Snapshot(snapshot.round, tuple(dataclasses.replace(m, since_change=changed.get(m.id))
-                                                  for m in snapshot.members))
+        snapshot = worse_half_changed(snapshot, rng, 0, 5)
         ids = [m.id for m in snapshot.members]
         for ready in (None, [ids[-1]]):
             strategy = make_strategy(config, space)
@@ -245,10 +251,7 @@ def test_hurdles_protect_only_a_member_that_keeps_up_with_its_age(kind: str, gra
     for seed in range(30):
         rng = np.random.default_rng([seed, 19])
         snapshot = random_snapshot(space, rng, n=int(rng.integers(4, 13)))
-        worse = sorted(snapshot.members, key=fitness)[len(snapshot.members) // 2:]
-        changed = {m.id: int(rng.integers(1, grace + 2)) for m in worse}
-        snapshot = Snapshot(snapshot.round, tuple(dataclasses.replace(m, since_change=changed.get(m.id))
-                                                  for m in snapshot.members))
+        snapshot = worse_half_changed(snapshot, rng, 1, grace + 2)
         ids = [m.id for m in snapshot.members]
         for ready in (None, [ids[-1]]):
             strategy = make_strategy(config, space)
